@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs what the platform needs on a fresh Debian/Ubuntu machine, then the Python environment.
+# Safe to run again: every step checks first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+if ! command -v uv >/dev/null 2>&1; then
+  say "installing uv (Python package manager)"
+  if python3 -m pip --version >/dev/null 2>&1; then
+    python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+  else
+    echo "uv is missing and so is pip: install uv (https://docs.astral.sh/uv/) and re-run" >&2
+    exit 1
+  fi
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+
+have_pg_server() {
+  command -v initdb >/dev/null 2>&1 && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+have_pgcrypto() {
+  ls /usr/share/postgresql/*/extension/pgcrypto.control >/dev/null 2>&1
+}
+if ! have_pg_server || ! have_pgcrypto; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing the PostgreSQL server and contrib packages"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-contrib >/dev/null
+    # The Debian package starts its own cluster; the platform runs a private one instead.
+    (service postgresql stop >/dev/null 2>&1 || true)
+  else
+    echo "The PostgreSQL server binaries (with pgcrypto) are missing. Install them, e.g.:" >&2
+    echo "  sudo apt-get install postgresql postgresql-contrib" >&2
+    exit 1
+  fi
+fi
+
+say "syncing the Python environment (uv sync --frozen)"
+uv sync --frozen --quiet

@@ -1,0 +1,302 @@
+"""`stripe-platform`: the command line of the platform."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+import shutil
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import psycopg
+import typer
+from rich.console import Console
+
+from stripe_platform.config import Settings, SettingsError, get_settings
+from stripe_platform.docstore.queries import QueryError
+from stripe_platform.docstore.specs import SpecError
+from stripe_platform.oltp.access import AccessError
+from stripe_platform.oltp.migrate import MigrationError
+from stripe_platform.oltp.status import StatusChangeError
+from stripe_platform.runtime.postgres import RuntimeErrorWithHint
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(help="Open data platform for payments.", no_args_is_help=True)
+db_app = typer.Typer(
+    help="The OLTP database: migrations, partitions, status changes, access.", no_args_is_help=True
+)
+mongo_app = typer.Typer(
+    help="The document store: collection specs and the brief's queries.", no_args_is_help=True
+)
+app.add_typer(db_app, name="db")
+app.add_typer(mongo_app, name="mongo")
+
+EXPECTED_ERRORS = (
+    SettingsError,
+    RuntimeErrorWithHint,
+    MigrationError,
+    StatusChangeError,
+    AccessError,
+    SpecError,
+    QueryError,
+    psycopg.OperationalError,
+)
+
+
+def command(group: typer.Typer, name: str | None = None) -> Callable:
+    """Register a command whose expected failures print one clear line and exit 1."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except EXPECTED_ERRORS as exc:
+                err.print(f"[bold red]error:[/bold red] {exc}")
+                raise typer.Exit(1) from None
+
+        return group.command(name)(wrapper)
+
+    return decorate
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+def require_embedded(s: Settings) -> None:
+    if s.profile != "embedded":
+        raise RuntimeErrorWithHint(
+            f"the profile is {s.profile!r}: its PostgreSQL is managed outside the platform "
+            "(STRIPE_PLATFORM_PG_DSN); `up`/`down` only manage the embedded cluster"
+        )
+
+
+# -- runtime ---------------------------------------------------------------------------------------
+@command(app)
+def up() -> None:
+    """Start the embedded runtime (PostgreSQL cluster; the document stand-in needs no process)."""
+    from stripe_platform.oltp.db import embedded_cluster
+
+    s = settings()
+    require_embedded(s)
+    with console.status("starting PostgreSQL"):
+        status = embedded_cluster(s).up()
+    console.print(
+        f"PostgreSQL {status.version} running on 127.0.0.1:{status.port} "
+        f"(pid {status.pid}, data {status.datadir})"
+    )
+
+
+@command(app)
+def down() -> None:
+    """Stop the embedded PostgreSQL cluster (data is kept)."""
+    from stripe_platform.oltp.db import embedded_cluster
+
+    s = settings()
+    require_embedded(s)
+    stopped = embedded_cluster(s).down()
+    console.print("PostgreSQL stopped" if stopped else "PostgreSQL was not running")
+
+
+@command(app)
+def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Say what runs where."""
+    from stripe_platform.oltp.db import embedded_cluster
+
+    s = settings()
+    info: dict[str, Any] = {"profile": s.profile, "home": str(s.home_dir)}
+    if s.profile == "embedded":
+        info["postgres"] = embedded_cluster(s).status().as_dict()
+    else:
+        info["postgres"] = {"dsn": "STRIPE_PLATFORM_PG_DSN (set)"}
+    info["documents"] = (
+        {"backend": "mongodb", "database": s.mongodb_database}
+        if s.mongodb_uri
+        else {"backend": "stand-in (litemongo)", "path": str(s.home_dir / "docstore")}
+    )
+    if as_json:
+        console.print_json(data=info)
+        return
+    pg = info["postgres"]
+    console.print(f"profile   {s.profile}   home {s.home_dir}")
+    if s.profile == "embedded":
+        state = "[green]running[/green]" if pg["running"] else "[yellow]stopped[/yellow]"
+        console.print(
+            f"postgres  {state}  127.0.0.1:{pg['port']}  version {pg['version']}  "
+            f"data {pg['datadir']}  audit log {pg['audit_log_dir']}"
+        )
+    else:
+        console.print("postgres  external (STRIPE_PLATFORM_PG_DSN)")
+    docs = info["documents"]
+    console.print(f"documents {docs['backend']}  {docs.get('path', docs['database'])}")
+
+
+@command(app)
+def psql(database: Annotated[str | None, typer.Option(help="Database name")] = None) -> None:
+    """Open psql on the OLTP database as the superuser (embedded) or the configured DSN."""
+    from stripe_platform.oltp.db import conninfo
+
+    binary = shutil.which("psql")
+    if binary is None:
+        raise RuntimeErrorWithHint(
+            "psql is not installed (Debian: apt-get install postgresql-client)"
+        )
+    os.execv(binary, [binary, conninfo(settings(), database=database)])
+
+
+@command(app)
+def demo() -> None:
+    """The main job: bring everything up, load the sample, run the brief's statements and queries."""
+    from stripe_platform import demo as demo_job
+
+    demo_job.run(settings(), console)
+
+
+# -- OLTP --------------------------------------------------------------------------------------------
+@command(db_app, "migrate")
+def db_migrate() -> None:
+    """Apply pending sql/oltp migrations (each atomically; re-running is a no-op)."""
+    from stripe_platform.oltp import db
+    from stripe_platform.oltp.migrate import migrate
+
+    with db.connect(settings(), autocommit=True) as conn:
+        applied = migrate(conn, on_apply=lambda m: console.print(f"applying {m.path.name}"))
+    console.print(f"{len(applied)} migration(s) applied; schema up to date")
+
+
+@command(db_app, "partitions")
+def db_partitions(
+    start: Annotated[str | None, typer.Option(help="First month to cover, YYYY-MM")] = None,
+    archive: Annotated[bool, typer.Option(help="Detach months past retention")] = True,
+) -> None:
+    """Create monthly Transaction partitions ahead and archive those past retention."""
+    from stripe_platform.oltp import db, partitions
+
+    s = settings()
+    first = None
+    if start:
+        try:
+            first = dt.datetime.strptime(start, "%Y-%m").date()
+        except ValueError:
+            raise typer.BadParameter(f"--start {start!r}: expected YYYY-MM") from None
+    with db.connect(s, autocommit=True) as conn:
+        report = partitions.maintain(
+            conn,
+            today=dt.date.today(),
+            months_ahead=s.partition_months_ahead,
+            retention_months=s.partition_retention_months,
+            start=first,
+            archive=archive,
+        )
+        for name in report.created:
+            moved = report.moved_rows.get(name)
+            console.print(
+                f"created {name}" + (f" (moved {moved} rows from default)" if moved else "")
+            )
+        for name in report.archived:
+            console.print(f"archived {name}")
+        total = len(partitions.existing_partitions(conn))
+    console.print(f"{total} monthly partitions attached (+ default)")
+
+
+@command(db_app, "status-change")
+def db_status_change(
+    transaction_id: int,
+    to_status: Annotated[str, typer.Argument(help="Target status name, e.g. refunded")],
+    reason: Annotated[str, typer.Option(help="Why (kept in the audit trail)")],
+    by: Annotated[str, typer.Option(help="Who asks for it")],
+) -> None:
+    """Change a transaction's status atomically, with its audit row."""
+    from stripe_platform.oltp import db
+    from stripe_platform.oltp.status import change_status
+
+    with db.connect(settings()) as conn:
+        change = change_status(conn, transaction_id, to_status, reason=reason, updated_by=by)
+    console.print(
+        f"transaction {change.transaction_id}: {change.from_status} -> {change.to_status} "
+        f"(state change {change.id})"
+    )
+
+
+@command(db_app, "grant-temporary")
+def db_grant_temporary(
+    user: str,
+    role: Annotated[str, typer.Option(help="developer or readonlyuser")] = "readonlyuser",
+    days: Annotated[int, typer.Option(help="Validity in days")] = 30,
+) -> None:
+    """Create a login for a contractor that expires after --days (VALID UNTIL)."""
+    from stripe_platform.oltp import db
+    from stripe_platform.oltp.access import grant_temporary
+
+    with db.connect(settings(), autocommit=True) as conn:
+        grant, password = grant_temporary(conn, user, role, days=days)
+    console.print(f"{grant.user} ({grant.role}) valid until {grant.valid_until:%Y-%m-%d %H:%M} UTC")
+    console.print(f"password (shown once): {password}")
+
+
+@command(db_app, "grants")
+def db_grants() -> None:
+    """List time-limited logins and whether they have expired."""
+    from stripe_platform.oltp import db
+    from stripe_platform.oltp.access import list_temporary
+
+    with db.connect(settings(), autocommit=True) as conn:
+        grants = list_temporary(conn)
+    for g in grants:
+        state = "[red]expired[/red]" if g.expired else "[green]active[/green]"
+        console.print(f"{g.user:<24} {g.role:<14} until {g.valid_until}  {state}")
+    if not grants:
+        console.print("no temporary access granted")
+
+
+@command(db_app, "revoke-expired")
+def db_revoke_expired() -> None:
+    """Drop the temporary logins whose validity has passed."""
+    from stripe_platform.oltp import db
+    from stripe_platform.oltp.access import revoke_expired
+
+    with db.connect(settings(), autocommit=True) as conn:
+        dropped = revoke_expired(conn)
+    console.print(f"revoked: {', '.join(dropped)}" if dropped else "nothing expired")
+
+
+# -- documents ---------------------------------------------------------------------------------------
+@command(mongo_app, "apply")
+def mongo_apply() -> None:
+    """Create the collections, validators, indexes and views of mongo/collections."""
+    from stripe_platform.docstore.client import connect
+    from stripe_platform.docstore.specs import apply_specs
+
+    for r in apply_specs(connect(settings())):
+        made = "created" if r.created else "exists"
+        console.print(
+            f"{r.collection:<20} {made:<8} indexes +{len(r.indexes_created)}  "
+            f"validator: {r.validator}" + (f"  views: {', '.join(r.views)}" if r.views else "")
+        )
+
+
+@command(mongo_app, "query")
+def mongo_query(
+    name: Annotated[str, typer.Argument(help="A query in mongo/queries")],
+    limit: Annotated[int | None, typer.Option(min=1)] = None,
+) -> None:
+    """Run one of the brief's document queries and print the documents as JSON."""
+    from bson import json_util
+
+    from stripe_platform.docstore.client import connect
+    from stripe_platform.docstore.queries import load_queries, run_query
+
+    queries = load_queries()
+    if name not in queries:
+        raise QueryError(f"unknown query {name!r}; known: {', '.join(queries)}")
+    results = run_query(connect(settings()), queries[name], limit=limit)
+    console.print(f"[cyan]{queries[name].shell}[/cyan]")
+    console.print_json(json_util.dumps(results, json_options=json_util.RELAXED_JSON_OPTIONS))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

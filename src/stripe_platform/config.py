@@ -1,0 +1,111 @@
+"""The one settings object. Every backend choice is made here, from the environment.
+
+Variables use the prefix ``STRIPE_PLATFORM_`` (``STRIPE_PLATFORM_PROFILE=compose``); ``MONGODB_URI`` is
+also read without the prefix because that is what MongoDB users already export.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "STRIPE_PLATFORM_"
+Profile = Literal["embedded", "compose", "prod"]
+
+
+class SettingsError(ValueError):
+    """A setting has a value the platform cannot use; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True
+    )
+
+    profile: Profile = Field("embedded", description="Which runtime backs each concern.")
+    home: Path = Field(Path(".platform"), description="Where the embedded runtime keeps its state.")
+
+    # OLTP ----------------------------------------------------------------------------------------
+    pg_dsn: SecretStr | None = Field(
+        None, description="libpq DSN of the OLTP database (compose/prod; embedded derives it)."
+    )
+    pg_port: int | None = Field(
+        None, ge=1024, le=65535, description="Embedded cluster port (default: a free one)."
+    )
+    pg_database: str = Field("stripe", pattern=r"^[a-z_][a-z0-9_]*$")
+    pg_fsync: bool = Field(True, description="Turn off only for throwaway test clusters.")
+    pg_os_user: str = Field(
+        "postgres", description="Unprivileged OS user that runs the embedded cluster under root."
+    )
+    partition_months_ahead: int = Field(3, ge=0, le=60)
+    partition_retention_months: int = Field(
+        36, ge=1, description="Transaction partitions older than this are detached to `archive`."
+    )
+
+    # Documents -----------------------------------------------------------------------------------
+    mongodb_uri: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices(f"{ENV_PREFIX}MONGODB_URI", "MONGODB_URI"),
+        description="A real MongoDB; unset means the embedded stand-in under `home`.",
+    )
+    mongodb_database: str = Field("stripe", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+    # Keys ----------------------------------------------------------------------------------------
+    pii_key: SecretStr | None = Field(
+        None,
+        min_length=32,
+        description="Key for PII encryption; unset means the local dev keyring under `home`.",
+    )
+
+    @model_validator(mode="after")
+    def _backends_reachable(self) -> Settings:
+        if self.profile in ("compose", "prod") and self.pg_dsn is None:
+            raise ValueError(
+                f"{ENV_PREFIX}PG_DSN is required when {ENV_PREFIX}PROFILE={self.profile} "
+                "(the embedded cluster only runs on the `embedded` profile)"
+            )
+        if self.profile == "prod" and self.mongodb_uri is None:
+            raise ValueError(f"MONGODB_URI is required when {ENV_PREFIX}PROFILE=prod")
+        if self.profile == "prod" and self.pii_key is None:
+            raise ValueError(
+                f"{ENV_PREFIX}PII_KEY is required when {ENV_PREFIX}PROFILE=prod "
+                "(the local keyring is for development only)"
+            )
+        return self
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+
+def _describe(error: dict) -> str:
+    field = str(error["loc"][0]) if error["loc"] else ""
+    variable = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+    if field == "mongodb_uri":
+        variable = "MONGODB_URI"
+    given = error.get("input")
+    shown = (
+        "" if field.endswith(("_key", "_dsn", "_uri")) or isinstance(given, dict) else f"={given!r}"
+    )
+    ctx = error.get("ctx") or {}
+    if "expected" in ctx:
+        return f"{variable}{shown} is not valid: accepted values are {ctx['expected']}"
+    message = error["msg"].removeprefix("Value error, ")
+    return message if not field else f"{variable}{shown} is not valid: {message}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, turning validation errors into one readable message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
