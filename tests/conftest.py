@@ -1,0 +1,92 @@
+"""Shared fixtures: one real PostgreSQL cluster per test session (started by the platform's own
+runtime code), a migrated template database cloned per test, and a document store that is the
+stand-in unless MONGODB_URI points at a real server."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from stripe_platform.config import Settings, load_settings
+from stripe_platform.docstore import client as docstore
+from stripe_platform.oltp import db
+from stripe_platform.oltp.migrate import migrate
+
+TEMPLATE_DB = "stripe_template"
+_db_counter = itertools.count()
+
+
+def make_home() -> Path:
+    # The cluster runs as an unprivileged OS user under root: its home must be reachable.
+    home = Path(tempfile.mkdtemp(prefix="stripe-platform-test-"))
+    home.chmod(0o755)
+    return home
+
+
+@pytest.fixture
+def fresh_home() -> Iterator[Path]:
+    """An empty platform home for tests that start their own cluster."""
+    home = make_home()
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Iterator[Settings]:
+    home = make_home()
+    s = load_settings(home=home, pg_fsync=False, profile="embedded")
+    cluster = db.embedded_cluster(s)
+    cluster.up()
+    with db.connect(s, database="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    with db.connect(s, database=TEMPLATE_DB, autocommit=True) as conn:
+        migrate(conn)
+    yield s
+    cluster.down()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def database(settings: Settings) -> Iterator[str]:
+    """A fresh, fully migrated database for one test (a clone of the template)."""
+    name = f"test_{os.getpid()}_{next(_db_counter)}"
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
+    yield name
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def conn(settings: Settings, database: str) -> Iterator[psycopg.Connection]:
+    with db.connect(settings, database=database, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def docdb(tmp_path: Path):
+    """A document database: real MongoDB when MONGODB_URI is set, else the stand-in."""
+    s = load_settings(home=tmp_path, mongodb_database=f"test_{os.getpid()}_{next(_db_counter)}")
+    database = docstore.connect(s)
+    yield database
+    if not docstore.is_standin(database):
+        database.client.drop_database(database.name)
+
+
+@pytest.fixture
+def real_mongodb(docdb):
+    if docstore.is_standin(docdb):
+        pytest.skip("needs a real MongoDB server: set MONGODB_URI")
+    return docdb

@@ -1,0 +1,63 @@
+"""pgcrypto: bcrypt passwords checked as the brief does, personal fields encrypted, email findable."""
+
+import psycopg
+import pytest
+
+from stripe_platform.oltp import db
+from stripe_platform.paths import SQL_EXAMPLES_DIR
+
+
+@pytest.fixture
+def john(conn):
+    conn.execute((SQL_EXAMPLES_DIR / "customer_insert.sql").read_text())
+    return conn
+
+
+def test_brief_password_check_true_and_false(john):
+    assert john.execute((SQL_EXAMPLES_DIR / "password_check.sql").read_text()).fetchall() == [
+        ("John42", True)
+    ]
+    wrong = john.execute(
+        "SELECT (Password = crypt('password_jon', Password)) FROM Customer WHERE UserName = 'John42'"
+    ).fetchone()
+    assert wrong == (False,)
+    stored = john.execute("SELECT Password FROM Customer").fetchone()[0]
+    assert stored.startswith("$2a$") and "password_john" not in stored
+
+
+def test_plaintext_password_is_refused(conn):
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute(
+            "INSERT INTO Customer (UserName, Password, Email) "
+            "VALUES ('plain', 'hunter2', pii_encrypt('p@example.com'))"
+        )
+
+
+def test_personal_fields_are_stored_encrypted_and_decryptable_with_the_key(john):
+    email, name = john.execute("SELECT Email, FullName FROM Customer").fetchone()
+    assert b"john.doe" not in bytes(email) and b"John Doe" not in bytes(name)
+    assert john.execute("SELECT pii_decrypt(FullName) FROM Customer").fetchone() == ("John Doe",)
+
+
+def test_email_is_findable_through_its_keyed_hash(john):
+    found = john.execute(
+        "SELECT UserName FROM Customer WHERE EmailHash = pii_lookup_hash(' John.Doe@Stripe.com ')"
+    ).fetchall()
+    assert found == [("John42",)]
+
+
+def test_without_the_key_nothing_decrypts(john, settings, database):
+    plain = db.conninfo(settings, database=database, with_key=False)
+    with psycopg.connect(plain) as c, pytest.raises(
+        psycopg.errors.InsufficientPrivilege, match="no PII key"
+    ):
+        c.execute("SELECT pii_decrypt(FullName) FROM Customer")
+
+
+def test_a_different_key_cannot_decrypt(john, settings, database):
+    other = db.conninfo(settings, database=database, with_key=False,
+                        options="-c stripe.pii_key=" + "x" * 40)
+    with psycopg.connect(other) as c, pytest.raises(
+        psycopg.errors.ExternalRoutineInvocationException, match="Wrong key"
+    ):
+        c.execute("SELECT pii_decrypt(FullName) FROM Customer")

@@ -1,0 +1,136 @@
+"""RBAC, checked by logging in as members of each role."""
+
+import datetime as dt
+import itertools
+import secrets
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from stripe_platform import sample
+from stripe_platform.oltp import db, partitions
+from stripe_platform.oltp.access import (
+    AccessError,
+    grant_temporary,
+    list_temporary,
+    revoke_expired,
+)
+
+_users = itertools.count()
+
+
+@pytest.fixture
+def loaded(conn):
+    partitions.maintain(conn, today=dt.date.today(), months_ahead=1, retention_months=36)
+    sample.load_oltp(conn)
+    return conn
+
+
+@pytest.fixture
+def login_as(settings, database, conn):
+    """Connect as a fresh login role that is a member of the given group role."""
+    created = []
+
+    def connect(role: str) -> psycopg.Connection:
+        user = f"{role}_{secrets.token_hex(3)}_{next(_users)}"
+        password = secrets.token_urlsafe(12)
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(user), sql.Literal(password), sql.Identifier(role)
+            )
+        )
+        created.append(user)
+        return psycopg.connect(
+            db.conninfo(settings, database=database, user=user, password=password), autocommit=True
+        )
+
+    yield connect
+    for user in created:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(user)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(user)))
+
+
+def test_readonly_user_reads_but_cannot_write(loaded, login_as):
+    with login_as("readonlyuser") as c:
+        assert c.execute("SELECT count(*) FROM Merchant").fetchone()[0] > 0
+        assert c.execute("SELECT sum(Amount) FROM Transaction").fetchone()[0] > 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("INSERT INTO Merchant (Name, IndustryID, MerchantSizeID) VALUES ('x', 1, 1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("UPDATE Merchant SET Rating = 1")
+
+
+def test_developer_cannot_read_pii_or_passwords(loaded, login_as):
+    with login_as("developer") as c:
+        assert c.execute("SELECT count(UserName) FROM Customer").fetchone()[0] == 6
+        for column in ("Email", "FullName", "Password", "EmailHash", "Phone"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                c.execute(f"SELECT {column} FROM Customer")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT * FROM Customer")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT IPAddress FROM Transaction")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT PAN FROM PaymentInstrument")
+
+
+def test_pii_stays_hidden_in_partitions_read_directly(loaded, login_as):
+    with login_as("developer") as c:
+        assert c.execute("SELECT count(Amount) FROM transaction_default").fetchone()[0] >= 1
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT IPAddress FROM transaction_default")
+
+
+def test_developer_writes_data_but_not_reference_tables_or_the_audit_trail(loaded, login_as):
+    with login_as("developer") as c:
+        c.execute("UPDATE Merchant SET Rating = 4.9 WHERE ID = 3")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("UPDATE TransactionStatus SET Name = 'paid' WHERE ID = 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DELETE FROM TransactionStateChanges")
+
+
+def test_admin_reads_everything(loaded, login_as):
+    with login_as("admin") as c:
+        assert c.execute("SELECT count(Email) FROM Customer").fetchone()[0] == 6
+
+
+def test_contractor_access_expires(loaded, settings, database):
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    expired, expired_pw = grant_temporary(loaded, f"contractor_old_{next(_users)}", "readonlyuser",
+                                          days=1, now=past)
+    active, active_pw = grant_temporary(loaded, f"contractor_new_{next(_users)}", "developer", days=7)
+
+    def login(user, password):
+        return psycopg.connect(db.conninfo(settings, database=database, user=user, password=password))
+
+    with login(active.user, active_pw) as c:
+        assert c.execute("SELECT current_user").fetchone() == (active.user,)
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        login(expired.user, expired_pw)
+
+    listed = {g.user: g.expired for g in list_temporary(loaded)}
+    assert listed[expired.user] is True and listed[active.user] is False
+    assert expired.user in revoke_expired(loaded)
+    remaining = {g.user for g in list_temporary(loaded)}
+    assert expired.user not in remaining and active.user in remaining
+    loaded.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(active.user)))
+
+
+def test_password_never_appears_in_the_audit_log(loaded, settings):
+    grant, password = grant_temporary(loaded, f"contractor_log_{next(_users)}", "readonlyuser", days=1)
+    log_dir = db.embedded_cluster(settings).status().audit_log_dir
+    text = "".join(p.read_text() for p in log_dir.glob("*.json"))
+    assert grant.user in text and password not in text
+    loaded.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(grant.user)))
+
+
+@pytest.mark.parametrize(
+    ("user", "role", "days", "message"),
+    [("Bad Name", "readonlyuser", 5, "user name"), ("okname", "admin", 5, "role must be one of"),
+     ("okname", "developer", 0, "days must be between")],
+)
+def test_bad_grant_requests_are_refused(conn, user, role, days, message):
+    with pytest.raises(AccessError, match=message):
+        grant_temporary(conn, user, role, days=days)
