@@ -4,6 +4,7 @@ stand-in unless MONGODB_URI points at a real server."""
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import os
 import shutil
@@ -15,9 +16,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from stripe_platform import sample
 from stripe_platform.config import Settings, load_settings
 from stripe_platform.docstore import client as docstore
-from stripe_platform.oltp import db
+from stripe_platform.oltp import db, partitions
 from stripe_platform.oltp.migrate import migrate
 
 TEMPLATE_DB = "stripe_template"
@@ -60,7 +62,7 @@ def database(settings: Settings) -> Iterator[str]:
     name = f"test_{os.getpid()}_{next(_db_counter)}"
     with db.connect(settings, database="postgres", autocommit=True) as conn:
         conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
                 sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
             )
         )
@@ -73,6 +75,14 @@ def database(settings: Settings) -> Iterator[str]:
 def conn(settings: Settings, database: str) -> Iterator[psycopg.Connection]:
     with db.connect(settings, database=database, autocommit=True) as connection:
         yield connection
+
+
+@pytest.fixture
+def loaded(conn: psycopg.Connection) -> psycopg.Connection:
+    """A migrated database with this month's partitions and the demo sample."""
+    partitions.maintain(conn, today=dt.date.today(), months_ahead=1, retention_months=36)
+    sample.load_oltp(conn)
+    return conn
 
 
 @pytest.fixture

@@ -49,7 +49,11 @@ def test_cli_fails_at_start_with_a_clear_message(tmp_path):
     env = {"PATH": "/usr/bin:/bin", "STRIPE_PLATFORM_PROFILE": "cloud", "HOME": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "stripe_platform.cli", "status"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=False,
     )
     assert result.returncode == 1
     assert "STRIPE_PLATFORM_PROFILE='cloud' is not valid" in result.stderr

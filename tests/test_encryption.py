@@ -48,16 +48,19 @@ def test_email_is_findable_through_its_keyed_hash(john):
 
 def test_without_the_key_nothing_decrypts(john, settings, database):
     plain = db.conninfo(settings, database=database, with_key=False)
-    with psycopg.connect(plain) as c, pytest.raises(
-        psycopg.errors.InsufficientPrivilege, match="no PII key"
+    with (
+        psycopg.connect(plain) as c,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="no PII key"),
     ):
         c.execute("SELECT pii_decrypt(FullName) FROM Customer")
 
 
 def test_a_different_key_cannot_decrypt(john, settings, database):
-    other = db.conninfo(settings, database=database, with_key=False,
-                        options="-c stripe.pii_key=" + "x" * 40)
-    with psycopg.connect(other) as c, pytest.raises(
-        psycopg.errors.ExternalRoutineInvocationException, match="Wrong key"
+    other = db.conninfo(
+        settings, database=database, with_key=False, options="-c stripe.pii_key=" + "x" * 40
+    )
+    with (
+        psycopg.connect(other) as c,
+        pytest.raises(psycopg.errors.ExternalRoutineInvocationException, match="Wrong key"),
     ):
         c.execute("SELECT pii_decrypt(FullName) FROM Customer")

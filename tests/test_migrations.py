@@ -15,12 +15,24 @@ def test_all_migrations_apply_and_rerun_is_a_no_op(conn):
 
 
 def test_brief_tables_exist(conn):
-    tables = {r[0] for r in conn.execute(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-    )}
-    for name in ("customer", "merchant", "currency", "paymentmethod", "device", "address",
-                 "location", "transactionstatus", "transaction_default",
-                 "transactionstatechanges", "industry", "merchantsize", "paymentinstrument"):
+    tables = {
+        r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    }
+    for name in (
+        "customer",
+        "merchant",
+        "currency",
+        "paymentmethod",
+        "device",
+        "address",
+        "location",
+        "transactionstatus",
+        "transaction_default",
+        "transactionstatechanges",
+        "industry",
+        "merchantsize",
+        "paymentinstrument",
+    ):
         assert name in tables
     kind = conn.execute("SELECT relkind FROM pg_class WHERE relname = 'transaction'").fetchone()
     assert kind == ("p",)  # partitioned
@@ -39,7 +51,9 @@ def test_failing_migration_leaves_nothing_half_applied(conn, tmp_path):
     with pytest.raises(MigrationError, match="0901_half.sql failed and was rolled back"):
         migrate(conn, discover(good))
     assert conn.execute("SELECT to_regclass('half_applied')").fetchone() == (None,)
-    assert conn.execute("SELECT count(*) FROM schema_migrations WHERE version = 901").fetchone() == (0,)
+    assert conn.execute(
+        "SELECT count(*) FROM schema_migrations WHERE version = 901"
+    ).fetchone() == (0,)
 
 
 def test_editing_an_applied_migration_is_refused(conn, tmp_path):

@@ -10,8 +10,12 @@ TODAY = dt.date(2026, 11, 26)
 
 @pytest.fixture
 def parties(conn):
-    conn.execute("INSERT INTO Location (ID, City, Country, CountryCode) VALUES (1, 'Lille', 'France', 'FR')")
-    conn.execute("INSERT INTO Merchant (ID, Name, IndustryID, MerchantSizeID) VALUES (1, 'Amazon', 1, 3)")
+    conn.execute(
+        "INSERT INTO Location (ID, City, Country, CountryCode) VALUES (1, 'Lille', 'France', 'FR')"
+    )
+    conn.execute(
+        "INSERT INTO Merchant (ID, Name, IndustryID, MerchantSizeID) VALUES (1, 'Amazon', 1, 3)"
+    )
     conn.execute(
         "INSERT INTO Customer (ID, UserName, Password, Email) "
         "VALUES (1, 'John42', crypt('pw', gen_salt('bf')), pii_encrypt('john@example.com'))"
@@ -61,7 +65,11 @@ def test_new_month_takes_its_rows_out_of_default(parties):
     report = maintain(parties, today=dt.date(2027, 3, 1), months_ahead=0, retention_months=12)
     assert report.moved_rows == {"transaction_y2027m03": 2}
     where = dict(parties.execute("SELECT ID, tableoid::regclass::text FROM Transaction").fetchall())
-    assert where == {10: "transaction_y2027m03", 11: "transaction_y2027m03", 12: "transaction_default"}
+    assert where == {
+        10: "transaction_y2027m03",
+        11: "transaction_y2027m03",
+        12: "transaction_default",
+    }
 
 
 def test_partitions_past_retention_are_archived_not_lost(parties):

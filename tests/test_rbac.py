@@ -8,8 +8,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from stripe_platform import sample
-from stripe_platform.oltp import db, partitions
+from stripe_platform.oltp import db
 from stripe_platform.oltp.access import (
     AccessError,
     grant_temporary,
@@ -18,13 +17,6 @@ from stripe_platform.oltp.access import (
 )
 
 _users = itertools.count()
-
-
-@pytest.fixture
-def loaded(conn):
-    partitions.maintain(conn, today=dt.date.today(), months_ahead=1, retention_months=36)
-    sample.load_oltp(conn)
-    return conn
 
 
 @pytest.fixture
@@ -98,12 +90,17 @@ def test_admin_reads_everything(loaded, login_as):
 
 def test_contractor_access_expires(loaded, settings, database):
     past = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
-    expired, expired_pw = grant_temporary(loaded, f"contractor_old_{next(_users)}", "readonlyuser",
-                                          days=1, now=past)
-    active, active_pw = grant_temporary(loaded, f"contractor_new_{next(_users)}", "developer", days=7)
+    expired, expired_pw = grant_temporary(
+        loaded, f"contractor_old_{next(_users)}", "readonlyuser", days=1, now=past
+    )
+    active, active_pw = grant_temporary(
+        loaded, f"contractor_new_{next(_users)}", "developer", days=7
+    )
 
     def login(user, password):
-        return psycopg.connect(db.conninfo(settings, database=database, user=user, password=password))
+        return psycopg.connect(
+            db.conninfo(settings, database=database, user=user, password=password)
+        )
 
     with login(active.user, active_pw) as c:
         assert c.execute("SELECT current_user").fetchone() == (active.user,)
@@ -119,7 +116,9 @@ def test_contractor_access_expires(loaded, settings, database):
 
 
 def test_password_never_appears_in_the_audit_log(loaded, settings):
-    grant, password = grant_temporary(loaded, f"contractor_log_{next(_users)}", "readonlyuser", days=1)
+    grant, password = grant_temporary(
+        loaded, f"contractor_log_{next(_users)}", "readonlyuser", days=1
+    )
     log_dir = db.embedded_cluster(settings).status().audit_log_dir
     text = "".join(p.read_text() for p in log_dir.glob("*.json"))
     assert grant.user in text and password not in text
@@ -128,8 +127,11 @@ def test_password_never_appears_in_the_audit_log(loaded, settings):
 
 @pytest.mark.parametrize(
     ("user", "role", "days", "message"),
-    [("Bad Name", "readonlyuser", 5, "user name"), ("okname", "admin", 5, "role must be one of"),
-     ("okname", "developer", 0, "days must be between")],
+    [
+        ("Bad Name", "readonlyuser", 5, "user name"),
+        ("okname", "admin", 5, "role must be one of"),
+        ("okname", "developer", 0, "days must be between"),
+    ],
 )
 def test_bad_grant_requests_are_refused(conn, user, role, days, message):
     with pytest.raises(AccessError, match=message):

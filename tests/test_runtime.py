@@ -45,14 +45,29 @@ def test_server_settings_for_cdc_tls_and_audit(settings):
         values = dict(
             conn.execute(
                 "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
-                (["wal_level", "ssl", "log_connections", "log_disconnections", "log_statement",
-                  "log_destination", "password_encryption", "listen_addresses"],),
+                (
+                    [
+                        "wal_level",
+                        "ssl",
+                        "log_connections",
+                        "log_disconnections",
+                        "log_statement",
+                        "log_destination",
+                        "password_encryption",
+                        "listen_addresses",
+                    ],
+                ),
             ).fetchall()
         )
     assert values == {
-        "wal_level": "logical", "ssl": "on", "log_connections": "on",
-        "log_disconnections": "on", "log_statement": "all", "log_destination": "jsonlog",
-        "password_encryption": "scram-sha-256", "listen_addresses": "127.0.0.1",
+        "wal_level": "logical",
+        "ssl": "on",
+        "log_connections": "on",
+        "log_disconnections": "on",
+        "log_statement": "all",
+        "log_destination": "jsonlog",
+        "password_encryption": "scram-sha-256",
+        "listen_addresses": "127.0.0.1",
     }
 
 
@@ -74,8 +89,9 @@ def test_password_authentication_is_enforced(settings):
 
 
 def test_audit_log_is_json_with_session_metadata(settings):
-    with db.connect(settings, application_name="audit-probe") as conn, pytest.raises(
-        psycopg.errors.UndefinedTable
+    with (
+        db.connect(settings, application_name="audit-probe") as conn,
+        pytest.raises(psycopg.errors.UndefinedTable),
     ):
         conn.execute("SELECT * FROM CustomerInteractions")
     log_dir = db.embedded_cluster(settings).status().audit_log_dir
@@ -85,9 +101,10 @@ def test_audit_log_is_json_with_session_metadata(settings):
         for path in sorted(log_dir.glob("*.json")):
             for line in path.read_text().splitlines():
                 record = json.loads(line)
-                if record.get("application_name") == "audit-probe" and record.get(
-                    "error_severity"
-                ) == "ERROR":
+                if (
+                    record.get("application_name") == "audit-probe"
+                    and record.get("error_severity") == "ERROR"
+                ):
                     entry = record
         time.sleep(0.1)
     assert entry is not None, "the failing statement was not logged"

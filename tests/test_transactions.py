@@ -1,35 +1,27 @@
 """The brief's ACID example, the atomic status-change operation and the append-only audit trail."""
 
-import datetime as dt
-
 import psycopg
 import pytest
 
 from stripe_platform import sample
 from stripe_platform.demo import run_brief_acid_example
-from stripe_platform.oltp import partitions
 from stripe_platform.oltp.status import StatusChangeError, change_status
 from stripe_platform.paths import SQL_EXAMPLES_DIR
-
-
-@pytest.fixture
-def loaded(conn):
-    partitions.maintain(conn, today=dt.date.today(), months_ahead=1, retention_months=36)
-    sample.load_oltp(conn)
-    return conn
 
 
 def status_of(conn, tx_id):
     return conn.execute(
         "SELECT s.Name FROM Transaction t JOIN TransactionStatus s ON s.ID = t.TransactionStatusID "
-        "WHERE t.ID = %s", (tx_id,)
+        "WHERE t.ID = %s",
+        (tx_id,),
     ).fetchone()[0]
 
 
 def changes_of(conn, tx_id):
     return conn.execute(
         "SELECT FromStatusID, ToStatusID, Reason, UpdatedBy FROM TransactionStateChanges "
-        "WHERE TransactionID = %s ORDER BY ID", (tx_id,)
+        "WHERE TransactionID = %s ORDER BY ID",
+        (tx_id,),
     ).fetchall()
 
 
@@ -62,9 +54,7 @@ def test_service_changes_status_and_records_it(loaded):
     assert (change.from_status, change.to_status) == ("completed", "disputed")
     change_status(loaded, 12345, "charged_back", reason="lost", updated_by="ops")
     assert status_of(loaded, 12345) == "charged_back"
-    assert changes_of(loaded, 12345) == [
-        (1, 5, "customer dispute", "ops"), (5, 6, "lost", "ops")
-    ]
+    assert changes_of(loaded, 12345) == [(1, 5, "customer dispute", "ops"), (5, 6, "lost", "ops")]
 
 
 def test_invalid_transition_is_rejected_and_changes_nothing(loaded):
@@ -99,9 +89,11 @@ def test_audit_row_for_a_missing_transaction_is_refused(loaded):
 
 @pytest.mark.parametrize(
     "statement",
-    ["UPDATE TransactionStateChanges SET Reason = 'rewritten'",
-     "DELETE FROM TransactionStateChanges",
-     "TRUNCATE TransactionStateChanges"],
+    [
+        "UPDATE TransactionStateChanges SET Reason = 'rewritten'",
+        "DELETE FROM TransactionStateChanges",
+        "TRUNCATE TransactionStateChanges",
+    ],
 )
 def test_state_changes_are_append_only_even_for_the_owner(loaded, statement):
     change_status(loaded, 12345, "refunded", reason="refund", updated_by="ops")
