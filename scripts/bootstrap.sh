@@ -9,7 +9,9 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 if ! command -v uv >/dev/null 2>&1; then
   say "installing uv (Python package manager)"
   if python3 -m pip --version >/dev/null 2>&1; then
-    python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+    python3 -m pip install --quiet --user uv 2>/dev/null \
+      || python3 -m pip install --quiet uv 2>/dev/null \
+      || python3 -m pip install --quiet --user --break-system-packages uv
   else
     echo "uv is missing and so is pip: install uv (https://docs.astral.sh/uv/) and re-run" >&2
     exit 1
