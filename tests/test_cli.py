@@ -54,6 +54,8 @@ def test_main_job_end_to_end_and_again(cli):
 
     status = json.loads(cli("status", "--json").stdout)
     assert status["postgres"]["running"] is True
+    plain = cli("status").stdout
+    assert "running" in plain and "stand-in" in plain
     assert cli("down").stdout.strip() == "PostgreSQL stopped"
     assert json.loads(cli("status", "--json").stdout)["postgres"]["running"] is False
 

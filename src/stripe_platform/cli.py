@@ -132,7 +132,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     else:
         console.print("postgres  external (STRIPE_PLATFORM_PG_DSN)")
     docs = info["documents"]
-    console.print(f"documents {docs['backend']}  {docs.get('path', docs['database'])}")
+    console.print(f"documents {docs['backend']}  {docs.get('path') or docs.get('database')}")
 
 
 @command(app)
