@@ -131,7 +131,7 @@ def _statement_lines(at: int, statement: str, error: tuple[str, str] | None) -> 
 
 def log_documents(spec: SeedSpec, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
     n_total = spec.cap(spec.n_logs)
-    n_anomalous = max(3, round(0.02 * n_total))
+    n_anomalous = max(9, round(0.02 * n_total))
     end_ms = to_ms(spec.end)
     window_start = end_ms - 90 * 86_400_000  # the document store keeps 90 days of logs
     share = np.array([a[3] for a in ACTORS])
@@ -166,11 +166,11 @@ def log_documents(spec: SeedSpec, rng: np.random.Generator) -> Iterator[dict[str
         )
 
     # Anomalies, in bursts.
-    kinds = rng.choice(3, n_anomalous)
-    left = n_anomalous
+    left, burst_number = n_anomalous, 0
     while left > 0:
-        kind = int(kinds[left - 1])
-        burst = int(min(left, rng.integers(3, 12)))
+        kind = burst_number % 3  # every kind is present, even at the smallest scale
+        burst_number += 1
+        burst = int(min(left, rng.integers(3, 12), max(3, n_anomalous // 3)))
         day = int(rng.integers(0, 90))
         pid = int(rng.integers(1000, 60000))
         if kind == 0:
