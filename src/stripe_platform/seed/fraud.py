@@ -15,12 +15,11 @@ from stripe_platform.seed import reference as ref
 from stripe_platform.seed.generate import (
     MS_PER_HOUR,
     Population,
-    convert,
     country_ips,
-    currency_of,
     device_rows,
     offsets,
     to_ms,
+    transaction_columns,
     wrap_days,
 )
 
@@ -52,40 +51,6 @@ def _merchants_in(
         np.isin(pop.merchant_industry, industries) & np.isin(pop.merchant_size, sizes)
     )
     return found if len(found) else np.arange(len(pop.merchant_id))
-
-
-def _columns(
-    pop: Population,
-    cust,
-    merchant,
-    when,
-    amount_eur,
-    method,
-    instrument,
-    device,
-    location,
-    ip,
-    pattern: str,
-) -> dict[str, np.ndarray]:
-    currency = currency_of(pop.merchant_country[merchant])
-    n = len(cust)
-    return {
-        "customer": cust,
-        "merchant": merchant,
-        "datetime": when,
-        "amount": convert(amount_eur, currency),
-        "currencyid": currency,
-        "paymentmethodid": method,
-        "paymentinstrumentid": instrument,
-        "deviceid": device,
-        "customerid": pop.customer_id[cust],
-        "billingaddressid": pop.customer_address[cust],
-        "transactionlocationid": location,
-        "ipaddress": ip,
-        "merchantid": pop.merchant_id[merchant],
-        "is_fraud": np.ones(n, dtype=np.int8),
-        "fraud_pattern": np.full(n, pattern, dtype=object),
-    }
 
 
 def _card_of(pop: Population, cust: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +114,7 @@ def plant(
         loc = np.array([rng.choice(pop.locations_by_country[c]) for c in abroad])
         ip = country_ips(rng, abroad)
         parts.append(
-            _columns(
+            transaction_columns(
                 pop,
                 victim[episode],
                 shop[episode],
@@ -181,7 +146,7 @@ def plant(
         loc = np.array([rng.choice(pop.locations_by_country[c]) for c in abroad])
         ip = country_ips(rng, abroad)
         parts.append(
-            _columns(
+            transaction_columns(
                 pop,
                 victim[episode],
                 shop,
@@ -214,7 +179,7 @@ def plant(
         shop = rng.choice(merchants, n)
         method, card = _card_of(pop, victim)
         parts.append(
-            _columns(
+            transaction_columns(
                 pop,
                 victim,
                 shop,
@@ -240,7 +205,7 @@ def plant(
         method, card = _card_of(pop, victim)
         mcountry = pop.merchant_country[shop]
         parts.append(
-            _columns(
+            transaction_columns(
                 pop,
                 victim,
                 shop,

@@ -423,7 +423,6 @@ def legit_transactions(
     industry = pop.merchant_industry[merchant]
     mu = np.array([i[3] for i in ref.INDUSTRIES])[industry - 1]
     amount_eur = np.maximum(0.5, rng.lognormal(mu, 0.85) * np.sqrt(pop.customer_spend[cust]))
-    currency = currency_of(pop.merchant_country[merchant])
 
     method = np.where(
         rng.random(n) < 0.6,
@@ -455,6 +454,27 @@ def legit_transactions(
     away = (rng.random(n) < 0.15) | travelling
     ip[away] = country_ips(rng, pop.location_country[location[away] - 1])
 
+    return transaction_columns(
+        pop, cust, merchant, when, amount_eur, method, instrument, device, location, ip, None
+    )
+
+
+def transaction_columns(
+    pop: Population,
+    cust: np.ndarray,
+    merchant: np.ndarray,
+    when: np.ndarray,
+    amount_eur: np.ndarray,
+    method: np.ndarray,
+    instrument: np.ndarray,
+    device: np.ndarray,
+    location: np.ndarray,
+    ip: np.ndarray,
+    fraud_pattern: str | None,
+) -> dict[str, np.ndarray]:
+    """Transaction columns keyed like the table, plus the positions and the fraud label."""
+    n = len(cust)
+    currency = currency_of(pop.merchant_country[merchant])
     return {
         "customer": cust,
         "merchant": merchant,
@@ -469,6 +489,6 @@ def legit_transactions(
         "transactionlocationid": location,
         "ipaddress": ip,
         "merchantid": pop.merchant_id[merchant],
-        "is_fraud": np.zeros(n, dtype=np.int8),
-        "fraud_pattern": np.full(n, None, dtype=object),
+        "is_fraud": np.full(n, fraud_pattern is not None, dtype=np.int8),
+        "fraud_pattern": np.full(n, fraud_pattern, dtype=object),
     }

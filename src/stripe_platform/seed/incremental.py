@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import psycopg
-import pyarrow as pa
 
 from stripe_platform.config import Settings
 from stripe_platform.oltp import db, partitions
 from stripe_platform.seed import reference as ref
-from stripe_platform.seed.dataset import null_if_zero
+from stripe_platform.seed.dataset import transaction_table
 from stripe_platform.seed.documents import CURRENCY_CODES, METHOD_NAMES, oid, utc
 from stripe_platform.seed.generate import (
     Population,
@@ -140,25 +139,7 @@ def _tick(
             ],
             dtype=np.int64,
         )
-        ts = pa.array(times_ms, pa.int64()).cast(pa.timestamp("ms", tz="UTC"))
-        rows = pa.table(
-            {
-                "id": ids,
-                "transactionstatusid": np.full(n, 3, dtype=np.int16),
-                "merchantid": cols["merchantid"],
-                "amount": cols["amount"],
-                "currencyid": cols["currencyid"],
-                "paymentmethodid": cols["paymentmethodid"],
-                "paymentinstrumentid": null_if_zero(cols["paymentinstrumentid"]),
-                "deviceid": null_if_zero(cols["deviceid"]),
-                "customerid": cols["customerid"],
-                "billingaddressid": cols["billingaddressid"],
-                "transactionlocationid": cols["transactionlocationid"],
-                "ipaddress": pa.array(cols["ipaddress"], pa.string()),
-                "datetime": ts,
-                "createdat": ts,
-            }
-        )
+        rows = transaction_table(ids, cols, np.full(n, 3), times_ms)
         conn.execute("SET LOCAL TIME ZONE 'UTC'")
         copy_rows(conn, "transaction", rows)
         report.add("inserted", "transaction", n)
