@@ -141,6 +141,8 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
 @command(app)
 def psql(database: Annotated[str | None, typer.Option(help="Database name")] = None) -> None:
     """Open psql on the OLTP database as the superuser (embedded) or the configured DSN."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     from stripe_platform.oltp.db import conninfo
 
     binary = shutil.which("psql")
@@ -148,7 +150,14 @@ def psql(database: Annotated[str | None, typer.Option(help="Database name")] = N
         raise RuntimeErrorWithHint(
             "psql is not installed (Debian: apt-get install postgresql-client)"
         )
-    os.execv(binary, [binary, conninfo(settings(), database=database)])
+    params = conninfo_to_dict(conninfo(settings(), database=database))
+    # Secrets go through the environment: command lines are visible to every user in `ps`.
+    env = {
+        **os.environ,
+        "PGPASSWORD": str(params.pop("password", "")),
+        "PGOPTIONS": str(params.pop("options", "")),
+    }
+    os.execve(binary, [binary, make_conninfo(**params)], env)
 
 
 @command(app)
