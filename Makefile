@@ -1,7 +1,7 @@
 # The README's two commands are `make demo` and `make test`; both bootstrap a fresh machine first.
 SHELL := /bin/bash
-UV ?= uv
-export PATH := $(HOME)/.local/bin:$(PATH)
+# uv on PATH, else the copy bootstrap installed with pip (recursive `=`: decided after bootstrap ran).
+UV = $(shell command -v uv >/dev/null 2>&1 && echo uv || echo python3 -m uv)
 
 .PHONY: demo test bootstrap lint format up down status clean
 

@@ -6,7 +6,11 @@ cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 
-if ! command -v uv >/dev/null 2>&1; then
+uv_cmd() {
+  if command -v uv >/dev/null 2>&1; then uv "$@"; else python3 -m uv "$@"; fi
+}
+
+if ! command -v uv >/dev/null 2>&1 && ! python3 -m uv --version >/dev/null 2>&1; then
   say "installing uv (Python package manager)"
   if python3 -m pip --version >/dev/null 2>&1; then
     python3 -m pip install --quiet --user uv 2>/dev/null \
@@ -16,7 +20,6 @@ if ! command -v uv >/dev/null 2>&1; then
     echo "uv is missing and so is pip: install uv (https://docs.astral.sh/uv/) and re-run" >&2
     exit 1
   fi
-  export PATH="$HOME/.local/bin:$PATH"
 fi
 
 have_pg_server() {
@@ -41,4 +44,4 @@ if ! have_pg_server || ! have_pgcrypto; then
 fi
 
 say "syncing the Python environment (uv sync --frozen)"
-uv sync --frozen --quiet
+uv_cmd sync --frozen --quiet
