@@ -1,0 +1,357 @@
+"""The raw layer: Airbyte Destinations V2 tables, written by the embedded sync engine.
+
+Each stream lands in ``<namespace>.<stream>`` with its typed columns plus Airbyte's metadata columns
+(``_airbyte_raw_id``, ``_airbyte_extracted_at``, ``_airbyte_meta``, ``_airbyte_generation_id``, and
+for CDC streams ``_ab_cdc_lsn``/``_ab_cdc_cursor``, ``_ab_cdc_updated_at``, ``_ab_cdc_deleted_at``),
+so dbt reads the same shape whether Airbyte or this engine loaded it (ARCHITECTURE §4).
+
+A batch is written in one database transaction together with the stream's sync state, so the state
+(LSN, cursor, resume token) is never ahead of the data it covers. Deduplicated streams keep one row
+per primary key, the latest by LSN/cursor, and keep deletions as tombstones
+(``_ab_cdc_deleted_at``) for the staging models to drop. A value that does not fit its column is
+nulled and recorded in ``_airbyte_meta.changes`` rather than failing the sync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+Mode = Literal["append", "append_dedup", "overwrite"]
+CDC = Literal["postgres", "mongodb"]
+
+# Source-neutral column types and how each destination stores them.
+ARROW = {
+    "integer": pa.int64(),
+    "number": pa.float64(),
+    "decimal": pa.decimal128(38, 9),
+    "string": pa.string(),
+    "boolean": pa.bool_(),
+    "timestamp_tz": pa.timestamp("us", tz="UTC"),
+    "timestamp": pa.timestamp("us"),
+    "date": pa.date32(),
+    "json": pa.string(),
+    "binary": pa.binary(),
+}
+DUCKDB = {
+    "integer": "BIGINT",
+    "number": "DOUBLE",
+    "decimal": "DECIMAL(38,9)",
+    "string": "VARCHAR",
+    "boolean": "BOOLEAN",
+    "timestamp_tz": "TIMESTAMPTZ",
+    "timestamp": "TIMESTAMP",
+    "date": "DATE",
+    "json": "JSON",
+    "binary": "BLOB",
+}
+# Changes a destination column may take without losing data; anything else is incompatible.
+WIDENINGS = {
+    ("integer", "number"),
+    ("integer", "decimal"),
+    ("decimal", "number"),
+    ("date", "timestamp"),
+    ("date", "timestamp_tz"),
+    ("timestamp", "timestamp_tz"),
+}
+WIDENINGS |= {(t, "string") for t in ARROW if t not in ("string", "binary")}
+WIDENINGS |= {("json", "string"), ("string", "json")}
+
+STATE_TABLE = "airbyte_internal.stripe_platform_sync_state"
+
+
+class SchemaChangeError(RuntimeError):
+    """A source change the destination cannot take without corrupting data; the stream stops."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+
+    def __post_init__(self) -> None:
+        if self.type not in ARROW:
+            raise ValueError(
+                f"column {self.name}: unknown type {self.type!r}; known: {', '.join(ARROW)}"
+            )
+
+
+@dataclass(frozen=True)
+class RawStream:
+    namespace: str
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...] = ()
+    cursor: str | None = None
+    mode: Mode = "append"
+    cdc: CDC | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}.{self.name}"
+
+    @property
+    def meta_columns(self) -> tuple[Column, ...]:
+        cols = [
+            Column("_airbyte_raw_id", "string"),
+            Column("_airbyte_extracted_at", "timestamp_tz"),
+            Column("_airbyte_meta", "json"),
+            Column("_airbyte_generation_id", "integer"),
+        ]
+        if self.cdc == "postgres":
+            cols.append(Column("_ab_cdc_lsn", "integer"))
+        if self.cdc == "mongodb":
+            cols.append(Column("_ab_cdc_cursor", "integer"))
+        if self.cdc:
+            cols += [
+                Column("_ab_cdc_updated_at", "timestamp_tz"),
+                Column("_ab_cdc_deleted_at", "timestamp_tz"),
+            ]
+        return tuple(cols)
+
+    @property
+    def order_by(self) -> str | None:
+        """What "latest" means when deduplicating."""
+        if self.cdc == "postgres":
+            return "_ab_cdc_lsn"
+        if self.cdc == "mongodb":
+            return "_ab_cdc_cursor"
+        return self.cursor
+
+
+@dataclass
+class WriteResult:
+    rows: int
+    nulled: dict[str, int] = field(default_factory=dict)  # column -> values that did not fit
+    added_columns: list[str] = field(default_factory=list)
+
+
+def _cast_column(
+    values: pa.ChunkedArray | pa.Array, target: pa.DataType
+) -> tuple[pa.Array, list[int]]:
+    """Cast, nulling (and reporting) each value that does not fit instead of failing the batch."""
+    array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if array.type == target:
+        return array, []
+    try:
+        return pc.cast(array, target, safe=True), []
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        pass
+    out, bad = [], []
+    for i, value in enumerate(array.to_pylist()):
+        try:
+            out.append(
+                pc.cast(pa.array([value]), target, safe=True)[0].as_py()
+                if value is not None
+                else None
+            )
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError):
+            out.append(None)
+            bad.append(i)
+    return pa.array(out, target), bad
+
+
+def prepare(
+    stream: RawStream,
+    batch: pa.Table,
+    *,
+    sync_id: str,
+    generation_id: int,
+    extracted_at: dt.datetime | None = None,
+) -> tuple[pa.Table, dict[str, int]]:
+    """Type the batch to the stream's columns and add the metadata columns."""
+    n = batch.num_rows
+    changes: list[list[dict[str, str]]] = [[] for _ in range(n)]
+    nulled: dict[str, int] = {}
+    arrays, names = [], []
+    for column in stream.columns:
+        source = batch.column(column.name) if column.name in batch.column_names else pa.nulls(n)
+        if column.type == "json" and not pa.types.is_string(source.type):
+            source = pa.array(
+                [None if v is None else json.dumps(v, default=str) for v in source.to_pylist()],
+                pa.string(),
+            )
+        typed, bad = _cast_column(source, ARROW[column.type])
+        for i in bad:
+            changes[i].append(
+                {"field": column.name, "change": "NULLED", "reason": "DESTINATION_TYPECAST_ERROR"}
+            )
+        if bad:
+            nulled[column.name] = len(bad)
+        arrays.append(typed)
+        names.append(column.name)
+    extracted = extracted_at or dt.datetime.now(dt.UTC)
+    meta = {
+        "_airbyte_raw_id": pa.array([str(uuid.uuid4()) for _ in range(n)], pa.string()),
+        "_airbyte_extracted_at": pa.array([extracted] * n, ARROW["timestamp_tz"]),
+        "_airbyte_meta": pa.array(
+            [json.dumps({"sync_id": sync_id, "changes": c}) for c in changes], pa.string()
+        ),
+        "_airbyte_generation_id": pa.array([generation_id] * n, pa.int64()),
+    }
+    for column in stream.meta_columns[4:]:
+        source = batch.column(column.name) if column.name in batch.column_names else pa.nulls(n)
+        meta[column.name] = _cast_column(source, ARROW[column.type])[0]
+    return pa.table(dict(zip(names, arrays, strict=True)) | meta), nulled
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class DuckDBRaw:
+    """Destinations V2 tables in a DuckDB file (the embedded warehouse)."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+        self.conn = connection
+        self.conn.execute("CREATE SCHEMA IF NOT EXISTS airbyte_internal")
+        self.conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (stream VARCHAR PRIMARY KEY, state JSON, "
+            "primary_key JSON, updated_at TIMESTAMPTZ)"
+        )
+
+    def _existing(self, stream: RawStream) -> dict[str, str]:
+        rows = self.conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+            [stream.namespace, stream.name],
+        ).fetchall()
+        reverse = {v.split("(")[0]: k for k, v in DUCKDB.items()}
+        reverse["TIMESTAMP WITH TIME ZONE"] = "timestamp_tz"
+        return {name: reverse.get(kind.split("(")[0], kind) for name, kind in rows}
+
+    def ensure(self, stream: RawStream) -> list[str]:
+        """Create the table, or evolve it: add new columns, widen compatible types, refuse the rest."""
+        table = f"{_q(stream.namespace)}.{_q(stream.name)}"
+        self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_q(stream.namespace)}")
+        existing = self._existing(stream)
+        recorded = self.conn.execute(
+            f"SELECT primary_key FROM {STATE_TABLE} WHERE stream = ?", [stream.key]
+        ).fetchone()
+        if (
+            recorded
+            and recorded[0] is not None
+            and tuple(json.loads(recorded[0])) != stream.primary_key
+        ):
+            raise SchemaChangeError(
+                f"stream {stream.key}: primary key changed from {json.loads(recorded[0])} to "
+                f"{list(stream.primary_key)}; deduplicated history would be corrupted: reset the stream"
+            )
+        all_columns = (*stream.columns, *stream.meta_columns)
+        if not existing:
+            cols = ", ".join(f"{_q(c.name)} {DUCKDB[c.type]}" for c in all_columns)
+            self.conn.execute(f"CREATE TABLE {table} ({cols})")
+            added = []
+        else:
+            added = []
+            for column in all_columns:
+                current = existing.get(column.name)
+                if current is None:
+                    self.conn.execute(
+                        f"ALTER TABLE {table} ADD COLUMN {_q(column.name)} {DUCKDB[column.type]}"
+                    )
+                    added.append(column.name)
+                elif current != column.type:
+                    if (current, column.type) not in WIDENINGS:
+                        raise SchemaChangeError(
+                            f"stream {stream.key}: column {column.name} changed type {current} -> "
+                            f"{column.type}, which would lose data; the stream is stopped"
+                        )
+                    self.conn.execute(
+                        f"ALTER TABLE {table} ALTER {_q(column.name)} TYPE {DUCKDB[column.type]}"
+                    )
+        self.conn.execute(
+            f"INSERT INTO {STATE_TABLE} (stream, primary_key, updated_at) VALUES (?, ?, now()) "
+            "ON CONFLICT (stream) DO UPDATE SET primary_key = excluded.primary_key",
+            [stream.key, json.dumps(list(stream.primary_key))],
+        )
+        return added
+
+    def state(self, stream: RawStream) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            f"SELECT state FROM {STATE_TABLE} WHERE stream = ?", [stream.key]
+        ).fetchone()
+        return json.loads(row[0]) if row and row[0] is not None else None
+
+    def write(
+        self,
+        stream: RawStream,
+        batch: pa.Table,
+        *,
+        sync_id: str,
+        generation_id: int,
+        state: dict[str, Any] | None,
+    ) -> WriteResult:
+        """Write one batch and the state that covers it, atomically."""
+        added = self.ensure(stream)
+        typed, nulled = prepare(stream, batch, sync_id=sync_id, generation_id=generation_id)
+        table = f"{_q(stream.namespace)}.{_q(stream.name)}"
+        cols = [c.name for c in (*stream.columns, *stream.meta_columns)]
+        col_list = ", ".join(_q(c) for c in cols)
+        self.conn.execute("BEGIN TRANSACTION")
+        try:
+            self.conn.register("_raw_batch", typed)
+            if stream.mode == "append_dedup" and stream.primary_key:
+                keys = ", ".join(_q(k) for k in stream.primary_key)
+                order = f"{_q(stream.order_by)} DESC NULLS LAST, " if stream.order_by else ""
+                latest = (
+                    f"SELECT * FROM _raw_batch QUALIFY row_number() OVER (PARTITION BY {keys} "
+                    f"ORDER BY {order}_airbyte_extracted_at DESC) = 1"
+                )
+                on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in stream.primary_key)
+                newer = (
+                    f"s.{_q(stream.order_by)} >= t.{_q(stream.order_by)} OR t.{_q(stream.order_by)} IS NULL"
+                    if stream.order_by
+                    else "true"
+                )
+                updates = ", ".join(f"{_q(c)} = s.{_q(c)}" for c in cols)
+                values = ", ".join(f"s.{_q(c)}" for c in cols)
+                self.conn.execute(
+                    f"MERGE INTO {table} t USING ({latest}) s ON {on} "
+                    f"WHEN MATCHED AND ({newer}) THEN UPDATE SET {updates} "
+                    f"WHEN NOT MATCHED THEN INSERT ({col_list}) VALUES ({values})"
+                )
+            else:
+                self.conn.execute(
+                    f"INSERT INTO {table} ({col_list}) SELECT {col_list} FROM _raw_batch"
+                )
+            if state is not None:
+                self.conn.execute(
+                    f"UPDATE {STATE_TABLE} SET state = ?, updated_at = now() WHERE stream = ?",
+                    [json.dumps(state, default=str), stream.key],
+                )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        finally:
+            self.conn.unregister("_raw_batch")
+        return WriteResult(typed.num_rows, nulled, added)
+
+    def finish_overwrite(
+        self, stream: RawStream, generation_id: int, state: dict[str, Any] | None
+    ) -> int:
+        """End of a full refresh: drop the previous generations, with the final state, atomically."""
+        table = f"{_q(stream.namespace)}.{_q(stream.name)}"
+        self.conn.execute("BEGIN TRANSACTION")
+        try:
+            removed = self.conn.execute(
+                f"DELETE FROM {table} WHERE _airbyte_generation_id < ?", [generation_id]
+            ).fetchone()[0]
+            if state is not None:
+                self.conn.execute(
+                    f"UPDATE {STATE_TABLE} SET state = ?, updated_at = now() WHERE stream = ?",
+                    [json.dumps(state, default=str), stream.key],
+                )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return int(removed)

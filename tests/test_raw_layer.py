@@ -1,0 +1,210 @@
+"""The Destinations V2 raw layer in DuckDB: typing, dedup, tombstones, drift, state atomicity."""
+
+import json
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from stripe_platform.warehouse.raw import Column, DuckDBRaw, RawStream, SchemaChangeError
+
+MERCHANT = RawStream(
+    namespace="raw_postgres",
+    name="merchant",
+    columns=(Column("id", "integer"), Column("name", "string"), Column("rating", "number")),
+    primary_key=("id",),
+    mode="append_dedup",
+    cdc="postgres",
+)
+
+
+@pytest.fixture
+def raw(tmp_path):
+    conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    yield DuckDBRaw(conn)
+    conn.close()
+
+
+def rows(raw, sql):
+    return raw.conn.execute(sql).fetchall()
+
+
+def batch(**columns):
+    return pa.table(columns)
+
+
+def test_dedup_keeps_the_latest_version_by_lsn_and_state_follows(raw):
+    raw.write(
+        MERCHANT,
+        batch(
+            id=[1, 2, 1], name=["a", "b", "a2"], rating=[4.0, 3.0, 4.5], _ab_cdc_lsn=[10, 11, 12]
+        ),
+        sync_id="s1",
+        generation_id=1,
+        state={"lsn": 12},
+    )
+    # A re-delivered older change must not overwrite the newer row.
+    raw.write(
+        MERCHANT,
+        batch(id=[1], name=["stale"], rating=[1.0], _ab_cdc_lsn=[10]),
+        sync_id="s2",
+        generation_id=1,
+        state={"lsn": 12},
+    )
+    assert rows(raw, "SELECT id, name, _ab_cdc_lsn FROM raw_postgres.merchant ORDER BY id") == [
+        (1, "a2", 12),
+        (2, "b", 11),
+    ]
+    assert raw.state(MERCHANT) == {"lsn": 12}
+    meta = json.loads(
+        rows(raw, "SELECT _airbyte_meta FROM raw_postgres.merchant WHERE id = 2")[0][0]
+    )
+    assert meta == {"sync_id": "s1", "changes": []}
+
+
+def test_deletes_are_kept_as_tombstones(raw):
+    raw.write(
+        MERCHANT,
+        batch(id=[1], name=["a"], rating=[4.0], _ab_cdc_lsn=[10]),
+        sync_id="s1",
+        generation_id=1,
+        state=None,
+    )
+    raw.write(
+        MERCHANT,
+        batch(
+            id=[1],
+            _ab_cdc_lsn=[20],
+            _ab_cdc_deleted_at=pa.array(["2026-11-01T00:00:00+00:00"]).cast(
+                pa.timestamp("us", tz="UTC")
+            ),
+        ),
+        sync_id="s2",
+        generation_id=1,
+        state=None,
+    )
+    assert rows(
+        raw, "SELECT id, name, _ab_cdc_deleted_at IS NOT NULL FROM raw_postgres.merchant"
+    ) == [(1, None, True)]
+
+
+def test_value_that_does_not_fit_is_nulled_and_recorded(raw):
+    result = raw.write(
+        MERCHANT,
+        batch(id=[1, 2], name=["a", "b"], rating=["4.5", "excellent"], _ab_cdc_lsn=[1, 2]),
+        sync_id="s1",
+        generation_id=1,
+        state=None,
+    )
+    assert result.nulled == {"rating": 1}
+    got = rows(raw, "SELECT id, rating, _airbyte_meta FROM raw_postgres.merchant ORDER BY id")
+    assert got[0][1] == 4.5 and got[1][1] is None
+    assert json.loads(got[1][2])["changes"] == [
+        {"field": "rating", "change": "NULLED", "reason": "DESTINATION_TYPECAST_ERROR"}
+    ]
+
+
+def test_new_nullable_column_is_added_and_filled_from_then_on(raw):
+    raw.write(
+        MERCHANT,
+        batch(id=[1], name=["a"], rating=[4.0], _ab_cdc_lsn=[1]),
+        sync_id="s1",
+        generation_id=1,
+        state=None,
+    )
+    grown = RawStream(
+        **{**MERCHANT.__dict__, "columns": (*MERCHANT.columns, Column("website", "string"))}
+    )
+    result = raw.write(
+        grown,
+        batch(id=[2], name=["b"], rating=[3.0], website=["b.example"], _ab_cdc_lsn=[2]),
+        sync_id="s2",
+        generation_id=1,
+        state=None,
+    )
+    assert result.added_columns == ["website"]
+    assert rows(raw, "SELECT id, website FROM raw_postgres.merchant ORDER BY id") == [
+        (1, None),
+        (2, "b.example"),
+    ]
+
+
+def test_incompatible_changes_stop_only_that_stream(raw):
+    other = RawStream(
+        namespace="raw_postgres", name="currency", columns=(Column("code", "string"),)
+    )
+    raw.write(
+        MERCHANT,
+        batch(id=[1], name=["a"], rating=[4.0], _ab_cdc_lsn=[1]),
+        sync_id="s1",
+        generation_id=1,
+        state=None,
+    )
+    narrowed = RawStream(
+        **{
+            **MERCHANT.__dict__,
+            "columns": (
+                Column("id", "integer"),
+                Column("name", "string"),
+                Column("rating", "integer"),
+            ),
+        }
+    )
+    with pytest.raises(
+        SchemaChangeError,
+        match=r"raw_postgres.merchant: column rating changed type number -> integer",
+    ):
+        raw.write(
+            narrowed,
+            batch(id=[2], name=["b"], rating=[3], _ab_cdc_lsn=[2]),
+            sync_id="s2",
+            generation_id=1,
+            state=None,
+        )
+    no_key = RawStream(**{**MERCHANT.__dict__, "primary_key": ()})
+    with pytest.raises(SchemaChangeError, match="primary key changed"):
+        raw.write(
+            no_key,
+            batch(id=[2], name=["b"], rating=[3.0]),
+            sync_id="s3",
+            generation_id=1,
+            state=None,
+        )
+    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant") == [(1,)]
+    raw.write(other, batch(code=["EUR"]), sync_id="s4", generation_id=1, state=None)
+    assert rows(raw, "SELECT code FROM raw_postgres.currency") == [("EUR",)]
+
+
+def test_failed_write_leaves_neither_data_nor_state(raw, monkeypatch):
+    raw.write(
+        MERCHANT,
+        batch(id=[1], name=["a"], rating=[4.0], _ab_cdc_lsn=[1]),
+        sync_id="s1",
+        generation_id=1,
+        state={"lsn": 1},
+    )
+    with pytest.raises(duckdb.ConstraintException):
+        raw.conn.execute("CREATE UNIQUE INDEX merchant_name ON raw_postgres.merchant (name)")
+        raw.write(
+            MERCHANT,
+            batch(id=[2, 3], name=["a", "a"], rating=[1.0, 2.0], _ab_cdc_lsn=[2, 3]),
+            sync_id="s2",
+            generation_id=1,
+            state={"lsn": 3},
+        )
+    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant") == [(1,)]
+    assert raw.state(MERCHANT) == {"lsn": 1}
+
+
+def test_full_refresh_replaces_the_previous_generation(raw):
+    ref = RawStream(
+        namespace="raw_postgres",
+        name="currency",
+        columns=(Column("code", "string"),),
+        mode="overwrite",
+    )
+    raw.write(ref, batch(code=["EUR", "USD"]), sync_id="s1", generation_id=1, state=None)
+    raw.finish_overwrite(ref, 1, None)
+    raw.write(ref, batch(code=["EUR", "GBP"]), sync_id="s2", generation_id=2, state=None)
+    assert raw.finish_overwrite(ref, 2, {"done": True}) == 2
+    assert sorted(rows(raw, "SELECT code FROM raw_postgres.currency")) == [("EUR",), ("GBP",)]
