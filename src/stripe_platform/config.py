@@ -54,6 +54,36 @@ class Settings(BaseSettings):
     )
     mongodb_database: str = Field("stripe", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
+    # Ingestion, warehouse and lake -----------------------------------------------------------------
+    ingestion: Literal["embedded", "airbyte"] | None = Field(
+        None,
+        description="Who runs syncs (default: airbyte on prod, the embedded engine elsewhere).",
+    )
+    warehouse: Literal["duckdb", "postgres", "snowflake"] | None = Field(
+        None, description="Raw layer and marts (default: snowflake on prod, duckdb elsewhere)."
+    )
+    warehouse_path: Path | None = Field(
+        None, description="DuckDB file (default <home>/warehouse.duckdb)."
+    )
+    warehouse_dsn: SecretStr | None = Field(None, description="libpq DSN when warehouse=postgres.")
+    snowflake_account: str | None = None
+    snowflake_user: str | None = None
+    snowflake_password: SecretStr | None = None
+    snowflake_database: str = "ANALYTICS"
+    snowflake_warehouse: str | None = None
+    snowflake_role: str | None = None
+    snowflake_host: str | None = Field(None, description="Only for a local Snowflake stand-in.")
+    snowflake_port: int | None = None
+    snowflake_protocol: Literal["https", "http"] = "https"
+    lake_uri: str | None = Field(None, description="Lake root: a directory or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, a stand-in)."
+    )
+    airbyte_api_url: str = "http://localhost:8000/api/public/v1"
+    airbyte_client_id: str | None = None
+    airbyte_client_secret: SecretStr | None = None
+    airbyte_workspace_id: str | None = None
+
     # Keys ----------------------------------------------------------------------------------------
     pii_key: SecretStr | None = Field(
         None,
@@ -70,6 +100,17 @@ class Settings(BaseSettings):
             )
         if self.profile == "prod" and self.mongodb_uri is None:
             raise ValueError(f"MONGODB_URI is required when {ENV_PREFIX}PROFILE=prod")
+        if self.warehouse_backend == "postgres" and self.warehouse_dsn is None:
+            raise ValueError(
+                f"{ENV_PREFIX}WAREHOUSE_DSN is required when {ENV_PREFIX}WAREHOUSE=postgres"
+            )
+        if self.warehouse_backend == "snowflake" and not (
+            self.snowflake_account and self.snowflake_user
+        ):
+            raise ValueError(
+                f"{ENV_PREFIX}SNOWFLAKE_ACCOUNT and {ENV_PREFIX}SNOWFLAKE_USER are required when the "
+                "warehouse is snowflake"
+            )
         if self.profile == "prod" and self.pii_key is None:
             raise ValueError(
                 f"{ENV_PREFIX}PII_KEY is required when {ENV_PREFIX}PROFILE=prod "
@@ -80,6 +121,22 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def ingestion_backend(self) -> str:
+        return self.ingestion or ("airbyte" if self.profile == "prod" else "embedded")
+
+    @property
+    def warehouse_backend(self) -> str:
+        return self.warehouse or ("snowflake" if self.profile == "prod" else "duckdb")
+
+    @property
+    def warehouse_file(self) -> Path:
+        return (self.warehouse_path or self.home_dir / "warehouse.duckdb").expanduser().resolve()
+
+    @property
+    def lake_root(self) -> str:
+        return self.lake_uri or str(self.home_dir / "lake")
 
 
 def _describe(error: dict) -> str:
