@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -313,7 +314,11 @@ def run(
 
         assert tps is not None
         stop = {"now": False}
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+        # SIGTERM ends the loop between ticks (only the main thread may install handlers).
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = (
+            signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True)) if in_main else None
+        )
         started = time.monotonic()
         try:
             while not stop["now"] and (duration is None or time.monotonic() - started < duration):
@@ -328,5 +333,6 @@ def run(
         except KeyboardInterrupt:
             pass  # the tick in progress either committed whole or not at all
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
     return report

@@ -275,10 +275,21 @@ class DuckDBRaw:
         return added
 
     def state(self, stream: RawStream) -> dict[str, Any] | None:
+        return self.load_state(stream.key)
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        """State under any key (a stream, or a whole connection such as its CDC position)."""
         row = self.conn.execute(
-            f"SELECT state FROM {STATE_TABLE} WHERE stream = ?", [stream.key]
+            f"SELECT state FROM {STATE_TABLE} WHERE stream = ?", [key]
         ).fetchone()
         return json.loads(row[0]) if row and row[0] is not None else None
+
+    def save_state(self, key: str, state: dict[str, Any]) -> None:
+        self.conn.execute(
+            f"INSERT INTO {STATE_TABLE} (stream, state, updated_at) VALUES (?, ?, now()) "
+            "ON CONFLICT (stream) DO UPDATE SET state = excluded.state, updated_at = now()",
+            [key, json.dumps(state, default=str)],
+        )
 
     def write(
         self,

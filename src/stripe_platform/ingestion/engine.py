@@ -1,0 +1,385 @@
+"""The embedded sync engine: runs a connection of the airbyte/ catalog without Airbyte.
+
+PostgreSQL sources: full-refresh streams are re-read whole; incremental streams start with a
+snapshot consistent with a fresh logical replication slot (cdc.consistent_snapshot) and then read
+the slot's changes (pgoutput), mapping inserts, updates and deletes to the ``_ab_cdc_*`` columns.
+The slot is advanced only after the destination committed the changes, so a crash (even
+``kill -9``) re-delivers and the merge on primary key makes re-delivery harmless. A snapshot
+interrupted half-way is started again: its slot is dropped and recreated.
+
+MongoDB sources: a full read, then incremental reads by cursor field (or change streams on a
+server that has them), the cursor saved with each batch.
+
+Destinations: the warehouse raw layer (warehouse/raw.py) for warehouse connections. Each slot
+belongs to one connection, so connections to different destinations advance independently.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+
+from stripe_platform.config import Settings
+from stripe_platform.ingestion import cdc, mongo_source
+from stripe_platform.ingestion.catalog import (
+    Catalog,
+    Connection,
+    MongoSource,
+    PostgresSource,
+    Stream,
+)
+from stripe_platform.ingestion.pgoutput import UNCHANGED
+from stripe_platform.oltp import db
+from stripe_platform.warehouse.raw import Column, RawStream, SchemaChangeError
+
+BATCH_ROWS = 50_000
+PG_TYPES = {
+    "int2": "integer",
+    "int4": "integer",
+    "int8": "integer",
+    "numeric": "decimal",
+    "float4": "number",
+    "float8": "number",
+    "bool": "boolean",
+    "text": "string",
+    "varchar": "string",
+    "bpchar": "string",
+    "inet": "string",
+    "uuid": "string",
+    "name": "string",
+    "timestamptz": "timestamp_tz",
+    "timestamp": "timestamp",
+    "date": "date",
+    "json": "json",
+    "jsonb": "json",
+    "bytea": "binary",
+}
+
+Progress = Callable[[str, int], None]  # (stream, rows just written)
+
+
+class SyncError(RuntimeError):
+    """A sync failed; the message names the connection and stream."""
+
+
+@dataclass
+class StreamReport:
+    rows: int = 0
+    nulled: dict[str, int] = field(default_factory=dict)
+    added_columns: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class SyncReport:
+    connection: str
+    sync_id: str
+    phase: str = "incremental"
+    streams: dict[str, StreamReport] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.streams.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "connection": self.connection,
+            "sync_id": self.sync_id,
+            "phase": self.phase,
+            "rows": self.rows,
+            "seconds": round(self.seconds, 3),
+            "streams": {k: v.__dict__ for k, v in self.streams.items()},
+        }
+
+
+def slot_name(base: str, connection: str) -> str:
+    """One slot per connection: each destination confirms its own position."""
+    return re.sub(r"[^a-z0-9_]", "_", f"{base}_{connection}".lower())[:63]
+
+
+def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+class Engine:
+    """Runs one connection against one raw-layer writer (DuckDBRaw, PostgresRaw, SnowflakeRaw)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        writer: Any,
+        progress: Progress = lambda stream, rows: None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.writer = writer
+        self.progress = progress
+
+    # -- shared ------------------------------------------------------------------------------------
+    def _raw_stream(
+        self,
+        connection: Connection,
+        stream: Stream,
+        columns: tuple[Column, ...],
+        cdc_kind: str | None,
+    ) -> RawStream:
+        return RawStream(
+            namespace=connection.namespace.lower(),
+            name=f"{connection.prefix}{stream.name}".lower(),
+            columns=columns,
+            primary_key=tuple(stream.primary_key),
+            cursor=stream.cursor_field,
+            mode=stream.sync_mode.destination_sync_mode,
+            cdc=cdc_kind if stream.sync_mode.incremental else None,  # type: ignore[arg-type]
+        )
+
+    def _write(
+        self,
+        report: SyncReport,
+        raw: RawStream,
+        stream: str,
+        table: pa.Table,
+        state: dict[str, Any] | None,
+        generation: int = 0,
+    ) -> None:
+        result = self.writer.write(
+            raw, table, sync_id=report.sync_id, generation_id=generation, state=state
+        )
+        entry = report.streams.setdefault(stream, StreamReport())
+        entry.rows += result.rows
+        for column, n in result.nulled.items():
+            entry.nulled[column] = entry.nulled.get(column, 0) + n
+        entry.added_columns += result.added_columns
+        self.progress(stream, result.rows)
+
+    def sync(self, connection_name: str) -> SyncReport:
+        try:
+            connection = self.catalog.connection(connection_name)
+        except StopIteration:
+            known = ", ".join(c.name for c in self.catalog.connections)
+            raise SyncError(f"unknown connection {connection_name!r}; known: {known}") from None
+        source = self.catalog.source(connection.source)
+        report = SyncReport(connection.name, sync_id=uuid.uuid4().hex[:12])
+        started = time.monotonic()
+        try:
+            if isinstance(source, PostgresSource):
+                self._sync_postgres(connection, source, report)
+            elif isinstance(source, MongoSource):
+                self._sync_mongo(connection, report)
+        except SchemaChangeError as exc:
+            # Nothing was written for the batch that hit it, and the slot did not move.
+            raise SyncError(f"connection {connection.name}: {exc}") from exc
+        report.seconds = time.monotonic() - started
+        failed = {name: r.error for name, r in report.streams.items() if r.error}
+        if failed:
+            details = "; ".join(f"{e}" for e in failed.values())
+            raise SyncError(
+                f"connection {connection.name}: {len(failed)} stream(s) stopped: {details}"
+            )
+        return report
+
+    # -- PostgreSQL ------------------------------------------------------------------------------
+    def _pg_columns(self, conn: psycopg.Connection, stream: Stream) -> tuple[Column, ...]:
+        rows = conn.execute(
+            """SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+               WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+               ORDER BY a.attnum""",
+            (f"public.{stream.name}",),
+        ).fetchall()
+        if not rows:
+            raise SyncError(f"stream {stream.name}: table public.{stream.name} does not exist")
+        excluded = set(stream.exclude_columns)
+        return tuple(
+            Column(name, PG_TYPES.get(kind, "string"))
+            for name, kind in rows
+            if name not in excluded
+        )
+
+    def _sync_postgres(
+        self, connection: Connection, source: PostgresSource, report: SyncReport
+    ) -> None:
+        conninfo = db.conninfo(self.settings, with_key=False)
+        streams = self.catalog.connection_streams(connection)
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            raw = {
+                s.name: self._raw_stream(connection, s, self._pg_columns(conn, s), "postgres")
+                for s in streams
+            }
+            for stream in streams:
+                if not stream.sync_mode.incremental:
+                    try:
+                        self._full_refresh(conn, report, stream, raw[stream.name])
+                    except SchemaChangeError as exc:  # stop this stream, keep the others going
+                        report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
+            incremental = [s for s in streams if s.sync_mode.incremental]
+            if incremental:
+                self._cdc(conn, conninfo, connection, source, report, incremental, raw)
+
+    def _full_refresh(
+        self, conn: psycopg.Connection, report: SyncReport, stream: Stream, raw: RawStream
+    ) -> None:
+        previous = self.writer.state(raw) or {}
+        generation = int(previous.get("generation", 0)) + 1
+        columns = ", ".join(f'"{c.name}"' for c in raw.columns)
+        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            rows = cur.execute(f"SELECT {columns} FROM public.{stream.name}").fetchall()
+        for chunk in _batches(rows, BATCH_ROWS):
+            self._write(report, raw, stream.name, pa.Table.from_pylist(chunk), None, generation)
+        if not rows:
+            self.writer.ensure(raw)
+        self.writer.finish_overwrite(raw, generation, {"generation": generation})
+
+    def _cdc(
+        self,
+        conn: psycopg.Connection,
+        conninfo: str,
+        connection: Connection,
+        source: PostgresSource,
+        report: SyncReport,
+        streams: list[Stream],
+        raw: dict[str, RawStream],
+    ) -> None:
+        slot = slot_name(source.cdc.replication_slot, connection.name)
+        publication = source.cdc.publication
+        state_key = f"connection:{connection.name}"
+        state = self.writer.load_state(state_key) or {}
+        if (
+            cdc.slot_info(conn, slot) is None
+            or state.get("slot") != slot
+            or "snapshot_lsn" not in state
+        ):
+            # No slot, or a snapshot that never finished: (re)take a snapshot consistent with a new slot.
+            cdc.drop_slot(conn, slot)
+            report.phase = "snapshot"
+            with cdc.consistent_snapshot(
+                conninfo, slot, publication, [s.name for s in streams]
+            ) as snap:
+                taken = dt.datetime.now(dt.UTC)
+                for stream in streams:
+                    names = [c.name for c in raw[stream.name].columns]
+                    for chunk in _batches(
+                        snap.rows(stream.name, batch_size=BATCH_ROWS), BATCH_ROWS
+                    ):
+                        table = pa.Table.from_pylist([{k: r.get(k) for k in names} for r in chunk])
+                        n = table.num_rows
+                        table = table.append_column(
+                            "_ab_cdc_lsn", pa.array([snap.lsn] * n, pa.int64())
+                        )
+                        table = table.append_column(
+                            "_ab_cdc_updated_at",
+                            pa.array([taken] * n, pa.timestamp("us", tz="UTC")),
+                        )
+                        self._write(report, raw[stream.name], stream.name, table, None)
+                    if stream.name not in report.streams:
+                        self.writer.ensure(raw[stream.name])
+                state = {"slot": slot, "snapshot_lsn": snap.lsn, "lsn": snap.lsn}
+                self.writer.save_state(state_key, state)
+        _wait_for_flush(conn)
+        while True:
+            batch = cdc.read_changes(conn, slot, publication, max_changes=BATCH_ROWS)
+            by_table: dict[str, list[cdc.Change]] = defaultdict(list)
+            for change in batch.changes:
+                if change.op != "truncate":
+                    by_table[change.table].append(change)
+            for table_name, changes in by_table.items():
+                if table_name not in raw:
+                    continue
+                self._write(
+                    report,
+                    raw[table_name],
+                    table_name,
+                    _change_table(raw[table_name], changes),
+                    None,
+                )
+            # Only now, with the changes durable in the destination, may the slot move on.
+            state = {**state, "lsn": batch.resume_lsn}
+            self.writer.save_state(state_key, state)
+            cdc.advance(conn, slot, batch.resume_lsn)
+            if batch.caught_up:
+                break
+
+    # -- MongoDB ---------------------------------------------------------------------------------
+    def _sync_mongo(self, connection: Connection, report: SyncReport) -> None:
+        from stripe_platform.docstore.client import connect
+
+        docs = connect(self.settings)
+        change_streams = mongo_source.supports_change_streams(docs)
+        for stream in self.catalog.connection_streams(connection):
+            columns = mongo_source.collection_columns(stream.name)
+            raw = self._raw_stream(connection, stream, columns, "mongodb")
+            state = self.writer.state(raw)
+            if change_streams and state and state.get("mode") == "change_stream":
+                reader = mongo_source.read_change_stream(
+                    docs, stream.name, columns, state, BATCH_ROWS
+                )
+            else:
+                reader = mongo_source.read_by_cursor(
+                    docs,
+                    stream.name,
+                    stream.cursor_field or "_id",
+                    columns,
+                    state,
+                    batch_size=BATCH_ROWS,
+                )
+            try:
+                wrote = False
+                for batch in reader:
+                    self._write(report, raw, stream.name, batch.table, batch.state)
+                    wrote = True
+                if not wrote:
+                    self.writer.ensure(raw)
+                    report.streams.setdefault(stream.name, StreamReport())
+            except SchemaChangeError as exc:  # stop this stream, keep the others going
+                report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
+
+
+def _wait_for_flush(conn: psycopg.Connection, timeout: float = 5.0) -> None:
+    """Make a sync include every commit made before it started: with asynchronous commit the
+    WAL writer flushes within a few hundred milliseconds, and only flushed WAL is decoded."""
+    target = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if conn.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (target,)).fetchone()[0]:
+            return
+        time.sleep(0.02)
+
+
+def _change_table(raw: RawStream, changes: list[cdc.Change]) -> pa.Table:
+    """Change events as rows: new values for inserts/updates, the key plus a deletion time for deletes."""
+    names = [c.name for c in raw.columns]
+    rows = []
+    for change in changes:
+        values = {k: (None if v is UNCHANGED else v) for k, v in change.row.items()}
+        row = {k: values.get(k) for k in names}
+        row["_ab_cdc_lsn"] = change.lsn
+        row["_ab_cdc_updated_at"] = change.commit_time
+        row["_ab_cdc_deleted_at"] = change.commit_time if change.op == "delete" else None
+        rows.append(row)
+    return pa.Table.from_pylist(rows)
+
+
+def run_sync(
+    settings: Settings,
+    catalog: Catalog,
+    writer: Any,
+    connection: str,
+    progress: Progress = lambda stream, rows: None,
+) -> SyncReport:
+    try:
+        return Engine(settings, catalog, writer, progress).sync(connection)
+    except SchemaChangeError as exc:
+        raise SyncError(f"connection {connection}: {exc}") from exc

@@ -1,0 +1,337 @@
+"""The raw layer on PostgreSQL (the ``compose`` profile's warehouse): the same contract as ``DuckDBRaw``.
+
+Names are the stream's own (lower-case, quoted), as in DuckDB, so the dbt sources are the same on
+both; the sync state lives in ``airbyte_internal.stripe_platform_sync_state`` (``raw.STATE_TABLE``).
+
+Load path: the typed batch is streamed with ``COPY ... FROM STDIN (FORMAT csv)`` into a temporary
+table (pyarrow renders the CSV in C++, far faster than building Python rows for COPY binary), then a
+PostgreSQL 15 ``MERGE`` applies the "latest wins" rule. Airbyte's final tables carry no unique
+index on the primary key, and none is needed: the source side is reduced to one row per key with
+``DISTINCT ON`` first. PostgreSQL DDL is transactional, so schema evolution runs in one
+transaction and each batch (temporary table, COPY, MERGE, state) in another.
+
+Every method runs inside ``connection.transaction()``: on an autocommit or idle connection it
+commits before returning; inside a caller's open transaction it becomes a savepoint and the caller
+owns the commit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from typing import Any
+
+import psycopg
+import pyarrow as pa
+import pyarrow.csv as pacsv
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from stripe_platform.warehouse.raw import (
+    STATE_TABLE,
+    WIDENINGS,
+    Column,
+    RawStream,
+    SchemaChangeError,
+    WriteResult,
+    prepare,
+)
+
+POSTGRES = {
+    "integer": "bigint",
+    "number": "double precision",
+    "decimal": "numeric(38,9)",
+    "string": "text",
+    "boolean": "boolean",
+    "timestamp_tz": "timestamptz",
+    "timestamp": "timestamp",
+    "date": "date",
+    "json": "jsonb",
+    "binary": "bytea",
+}
+# information_schema.columns.data_type -> source-neutral type.
+_REVERSE = {
+    "bigint": "integer",
+    "double precision": "number",
+    "numeric": "decimal",
+    "text": "string",
+    "character varying": "string",
+    "boolean": "boolean",
+    "timestamp with time zone": "timestamp_tz",
+    "timestamp without time zone": "timestamp",
+    "date": "date",
+    "jsonb": "json",
+    "json": "json",
+    "bytea": "binary",
+}
+STATE_SCHEMA, STATE_NAME = STATE_TABLE.split(".")
+_COPY_ROWS = 65_536  # rows per CSV chunk handed to COPY: bounds the memory of one batch
+# A text that is not JSON becomes a JSON string rather than failing the type change
+# (PostgreSQL 15 has no pg_input_is_valid).
+_TEXT_TO_JSONB = sql.SQL(
+    "CREATE OR REPLACE FUNCTION pg_temp.stripe_platform_text_to_jsonb(value text) RETURNS jsonb "
+    "LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN RETURN value::jsonb; "
+    "EXCEPTION WHEN invalid_text_representation THEN RETURN to_jsonb(value); END $$"
+)
+
+
+def _csv_ready(table: pa.Table, columns: list[Column]) -> pa.Table:
+    """bytea's text input is hex (``\\x..``); pyarrow would write raw bytes."""
+    arrays = []
+    for column in columns:
+        values = table.column(column.name)
+        if column.type == "binary":
+            values = pa.array(
+                [None if v is None else "\\x" + v.hex() for v in values.to_pylist()], pa.string()
+            )
+        arrays.append(values)
+    return pa.table(arrays, names=[c.name for c in columns])
+
+
+def _jsonb(value: Any) -> Jsonb:
+    return Jsonb(value, dumps=lambda v: json.dumps(v, default=str))
+
+
+def _widen_expr(column: sql.Composable, current: str, new: str) -> sql.Composable:
+    if new == "json" and current == "string":
+        return sql.SQL("pg_temp.stripe_platform_text_to_jsonb({})").format(column)
+    return sql.SQL("{}::{}").format(column, sql.SQL(POSTGRES[new]))
+
+
+class PostgresRaw:
+    """Destinations V2 tables in PostgreSQL 15+, written over a psycopg 3 connection."""
+
+    def __init__(self, connection: psycopg.Connection[Any]) -> None:
+        self.conn = connection
+        self.state_table = sql.Identifier(STATE_SCHEMA, STATE_NAME)
+        with self.conn.transaction():
+            self.conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(STATE_SCHEMA))
+            )
+            self.conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (stream text PRIMARY KEY, state jsonb, "
+                    "primary_key jsonb, updated_at timestamptz)"
+                ).format(self.state_table)
+            )
+
+    @staticmethod
+    def table(stream: RawStream) -> sql.Identifier:
+        return sql.Identifier(stream.namespace, stream.name)
+
+    def _existing(self, stream: RawStream) -> dict[str, str]:
+        rows = self.conn.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position",
+            [stream.namespace, stream.name],
+        ).fetchall()
+        return {name: _REVERSE.get(kind, kind) for name, kind in rows}
+
+    def _update_state(self, stream: RawStream, state: dict[str, Any]) -> None:
+        """The state of a batch, inside its transaction (``ensure`` created the row)."""
+        self.conn.execute(
+            sql.SQL("UPDATE {} SET state = %s, updated_at = now() WHERE stream = %s").format(
+                self.state_table
+            ),
+            [_jsonb(state), stream.key],
+        )
+
+    def ensure(self, stream: RawStream) -> list[str]:
+        """Create the table, or evolve it: add new columns, widen compatible types, refuse the rest."""
+        table = self.table(stream)
+        all_columns = (*stream.columns, *stream.meta_columns)
+        added: list[str] = []
+        with self.conn.transaction():
+            recorded = self.conn.execute(
+                sql.SQL("SELECT primary_key FROM {} WHERE stream = %s").format(self.state_table),
+                [stream.key],
+            ).fetchone()
+            if recorded and recorded[0] is not None and tuple(recorded[0]) != stream.primary_key:
+                raise SchemaChangeError(
+                    f"stream {stream.key}: primary key changed from {recorded[0]} to "
+                    f"{list(stream.primary_key)}; deduplicated history would be corrupted: reset "
+                    "the stream"
+                )
+            self.conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(stream.namespace))
+            )
+            existing = self._existing(stream)
+            if not existing:
+                self.conn.execute(
+                    sql.SQL("CREATE TABLE {} ({})").format(
+                        table,
+                        sql.SQL(", ").join(
+                            sql.SQL("{} {}").format(
+                                sql.Identifier(c.name), sql.SQL(POSTGRES[c.type])
+                            )
+                            for c in all_columns
+                        ),
+                    )
+                )
+            else:
+                changes: list[sql.Composable] = []
+                for column in all_columns:
+                    current = existing.get(column.name)
+                    ident = sql.Identifier(column.name)
+                    kind = sql.SQL(POSTGRES[column.type])
+                    if current is None:
+                        changes.append(sql.SQL("ADD COLUMN {} {}").format(ident, kind))
+                        added.append(column.name)
+                    elif current != column.type:
+                        if (current, column.type) not in WIDENINGS:
+                            raise SchemaChangeError(
+                                f"stream {stream.key}: column {column.name} changed type "
+                                f"{current} -> {column.type}, which would lose data; the stream "
+                                "is stopped"
+                            )
+                        if column.type == "json":
+                            self.conn.execute(_TEXT_TO_JSONB)
+                        changes.append(
+                            sql.SQL("ALTER COLUMN {} TYPE {} USING {}").format(
+                                ident, kind, _widen_expr(ident, current, column.type)
+                            )
+                        )
+                if changes:
+                    self.conn.execute(
+                        sql.SQL("ALTER TABLE {} {}").format(table, sql.SQL(", ").join(changes))
+                    )
+            self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (stream, primary_key, updated_at) VALUES (%s, %s, now()) "
+                    "ON CONFLICT (stream) DO UPDATE SET primary_key = excluded.primary_key"
+                ).format(self.state_table),
+                [stream.key, Jsonb(list(stream.primary_key))],
+            )
+        return added
+
+    def state(self, stream: RawStream) -> dict[str, Any] | None:
+        return self.load_state(stream.key)
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        """State under any key (a stream, or a whole connection such as its CDC position)."""
+        with self.conn.transaction():
+            row = self.conn.execute(
+                sql.SQL("SELECT state FROM {} WHERE stream = %s").format(self.state_table), [key]
+            ).fetchone()
+        return row[0] if row and row[0] is not None else None
+
+    def save_state(self, key: str, state: dict[str, Any]) -> None:
+        """State that covers no batch of its own (e.g. a connection's CDC position), upserted."""
+        with self.conn.transaction():
+            self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (stream, state, updated_at) VALUES (%s, %s, now()) "
+                    "ON CONFLICT (stream) DO UPDATE SET state = excluded.state, updated_at = now()"
+                ).format(self.state_table),
+                [key, _jsonb(state)],
+            )
+
+    def _copy(self, staging: sql.Identifier, columns: list[Column], typed: pa.Table) -> None:
+        names = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+        ready = _csv_ready(typed, columns)
+        options = pacsv.WriteOptions(include_header=False)
+        with (
+            self.conn.cursor() as cur,
+            cur.copy(
+                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(staging, names)
+            ) as copy,
+        ):
+            for chunk in ready.to_batches(max_chunksize=_COPY_ROWS):
+                buffer = io.BytesIO()
+                pacsv.write_csv(chunk, buffer, options)
+                copy.write(buffer.getvalue())
+
+    def write(
+        self,
+        stream: RawStream,
+        batch: pa.Table,
+        *,
+        sync_id: str,
+        generation_id: int,
+        state: dict[str, Any] | None,
+    ) -> WriteResult:
+        """Write one batch and the state that covers it, atomically."""
+        added = self.ensure(stream)
+        typed, nulled = prepare(stream, batch, sync_id=sync_id, generation_id=generation_id)
+        table = self.table(stream)
+        columns = [*stream.columns, *stream.meta_columns]
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
+        staging = sql.Identifier(f"_stripe_platform_load_{uuid.uuid4().hex}")
+        with self.conn.transaction():
+            if typed.num_rows:
+                self.conn.execute(
+                    sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP").format(
+                        staging,
+                        sql.SQL(", ").join(
+                            sql.SQL("{} {}").format(
+                                sql.Identifier(c.name), sql.SQL(POSTGRES[c.type])
+                            )
+                            for c in columns
+                        ),
+                    )
+                )
+                self._copy(staging, columns, typed)
+                if stream.mode == "append_dedup" and stream.primary_key:
+                    self._merge(stream, table, staging, columns)
+                else:
+                    self.conn.execute(
+                        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {}").format(
+                            table, cols, cols, staging
+                        )
+                    )
+                self.conn.execute(sql.SQL("DROP TABLE {}").format(staging))
+            if state is not None:
+                self._update_state(stream, state)
+        return WriteResult(typed.num_rows, nulled, added)
+
+    def _merge(
+        self,
+        stream: RawStream,
+        table: sql.Identifier,
+        staging: sql.Identifier,
+        columns: list[Column],
+    ) -> None:
+        keys = [sql.Identifier(k) for k in stream.primary_key]
+        extracted = sql.Identifier("_airbyte_extracted_at")
+        order = sql.Identifier(stream.order_by) if stream.order_by else None
+        ordering = [*keys, *([sql.SQL("{} DESC NULLS LAST").format(order)] if order else [])]
+        ordering.append(sql.SQL("{} DESC").format(extracted))
+        latest = sql.SQL("SELECT DISTINCT ON ({}) * FROM {} ORDER BY {}").format(
+            sql.SQL(", ").join(keys), staging, sql.SQL(", ").join(ordering)
+        )
+        on = sql.SQL(" AND ").join(sql.SQL("t.{k} = s.{k}").format(k=k) for k in keys)
+        newer = (
+            sql.SQL("s.{o} >= t.{o} OR t.{o} IS NULL").format(o=order) if order else sql.SQL("true")
+        )
+        idents = [sql.Identifier(c.name) for c in columns]
+        self.conn.execute(
+            sql.SQL(
+                "MERGE INTO {table} t USING ({latest}) s ON {on} "
+                "WHEN MATCHED AND ({newer}) THEN UPDATE SET {updates} "
+                "WHEN NOT MATCHED THEN INSERT ({cols}) VALUES ({values})"
+            ).format(
+                table=table,
+                latest=latest,
+                on=on,
+                newer=newer,
+                updates=sql.SQL(", ").join(sql.SQL("{c} = s.{c}").format(c=c) for c in idents),
+                cols=sql.SQL(", ").join(idents),
+                values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in idents),
+            )
+        )
+
+    def finish_overwrite(
+        self, stream: RawStream, generation_id: int, state: dict[str, Any] | None
+    ) -> int:
+        """End of a full refresh: drop the previous generations, with the final state, atomically."""
+        with self.conn.transaction():
+            removed = self.conn.execute(
+                sql.SQL("DELETE FROM {} WHERE _airbyte_generation_id < %s").format(
+                    self.table(stream)
+                ),
+                [generation_id],
+            ).rowcount
+            if state is not None:
+                self._update_state(stream, state)
+        return int(removed)

@@ -1,0 +1,216 @@
+"""The embedded sync engine end to end: real PostgreSQL (snapshot + pgoutput CDC), the document
+stand-in, and the DuckDB raw layer."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from stripe_platform.docstore.client import connect as connect_docs
+from stripe_platform.ingestion import cdc
+from stripe_platform.ingestion.catalog import load_catalog
+from stripe_platform.ingestion.engine import Engine, SyncError, slot_name
+from stripe_platform.oltp import db
+from stripe_platform.seed import load as seed_load
+from stripe_platform.seed.dataset import build
+from stripe_platform.seed.spec import make_spec
+from stripe_platform.warehouse.raw import DuckDBRaw
+
+PG = "postgres-to-snowflake"
+END = dt.date(2026, 11, 1)
+
+
+@pytest.fixture
+def platform(settings, database, tmp_path):
+    """A seeded database, its document store and an empty DuckDB warehouse."""
+    s = settings.model_copy(update={"pg_database": database, "mongodb_database": database})
+    docs = connect_docs(s)
+    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docs)
+    catalog = load_catalog()
+    warehouse = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    yield s, docs, catalog, DuckDBRaw(warehouse)
+    with db.connect(s, autocommit=True) as conn:
+        for c in catalog.connections:
+            cdc.drop_slot(conn, slot_name("stripe_platform", c.name))
+    warehouse.close()
+
+
+def live_rows(writer, table, columns="id"):
+    return writer.conn.execute(
+        f"SELECT {columns} FROM raw.{table} WHERE _ab_cdc_deleted_at IS NULL ORDER BY 1"
+    ).fetchall()
+
+
+def source_rows(s, query):
+    with db.connect(s) as conn:
+        return conn.execute(query).fetchall()
+
+
+def test_initial_sync_then_changes_land_deduplicated(platform):
+    s, _, catalog, raw = platform
+    report = Engine(s, catalog, raw).sync(PG)
+    assert report.phase == "snapshot"
+    for table in ("transaction", "customer", "merchant", "device", "transactionstatechanges"):
+        assert (
+            len(live_rows(raw, f"postgres_{table}"))
+            == source_rows(s, f"SELECT count(*) FROM {table}")[0][0]
+        ), table
+    columns = {
+        r[0]
+        for r in raw.conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'postgres_customer'"
+        ).fetchall()
+    }
+    assert "password" not in columns and {"_ab_cdc_lsn", "_airbyte_meta", "email"} <= columns
+    assert "pan" not in {
+        r[0]
+        for r in raw.conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'postgres_paymentinstrument'"
+        ).fetchall()
+    }
+    currencies = raw.conn.execute("SELECT count(*) FROM raw.postgres_currency").fetchone()
+    assert currencies == (8,)  # a full-refresh stream
+
+    with db.connect(s, autocommit=True) as conn:
+        conn.execute(
+            "SELECT change_transaction_status(1, 2::smallint, 'refund', 'test')"
+            if conn.execute("SELECT TransactionStatusID FROM Transaction WHERE ID = 1").fetchone()[
+                0
+            ]
+            == 1
+            else "SELECT 1"
+        )
+        conn.execute("UPDATE Merchant SET Rating = 1.5 WHERE ID = 1")
+        unused = conn.execute(
+            "SELECT d.ID FROM Device d WHERE NOT EXISTS "
+            "(SELECT FROM Transaction t WHERE t.DeviceID = d.ID) LIMIT 1"
+        ).fetchone()[0]
+        conn.execute("DELETE FROM Device WHERE ID = %s", (unused,))
+    again = Engine(s, catalog, raw).sync(PG)
+    assert again.phase == "incremental" and again.rows >= 3
+    assert (
+        raw.conn.execute("SELECT rating FROM raw.postgres_merchant WHERE id = 1").fetchone()[0]
+        == 1.5
+    )
+    tomb = raw.conn.execute(
+        "SELECT _ab_cdc_deleted_at FROM raw.postgres_device WHERE id = ?", [unused]
+    ).fetchone()
+    assert tomb[0] is not None  # the delete arrived as a tombstone
+    dupes = raw.conn.execute(
+        "SELECT count(*) - count(DISTINCT (id, datetime)) FROM raw.postgres_transaction"
+    )
+    assert dupes.fetchone() == (0,)
+
+
+def test_snapshot_and_stream_equal_the_source_under_concurrent_writes(platform):
+    s, _, catalog, raw = platform
+    env = {
+        **os.environ,
+        "STRIPE_PLATFORM_HOME": str(s.home_dir),
+        "STRIPE_PLATFORM_PG_DATABASE": s.pg_database,
+        "STRIPE_PLATFORM_MONGODB_DATABASE": s.mongodb_database,
+    }
+    env.pop("MONGODB_URI", None)
+    # Another process inserts, updates and deletes while the snapshot and the stream run.
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "stripe_platform.cli", "seed", "--tps", "40", "--duration", "6"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)
+    syncs = 0
+    while writer.poll() is None:
+        Engine(s, catalog, raw).sync(PG)
+        syncs += 1
+    assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
+    assert syncs >= 2
+    Engine(s, catalog, raw).sync(PG)
+    expected = source_rows(
+        s, "SELECT ID, TransactionStatusID, Amount::float8 FROM Transaction ORDER BY 1"
+    )
+    got = live_rows(raw, "postgres_transaction", "id, transactionstatusid, amount::double")
+    assert got == expected
+    assert live_rows(raw, "postgres_device") == source_rows(s, "SELECT ID FROM Device ORDER BY 1")
+    assert (
+        len(live_rows(raw, "postgres_transactionstatechanges"))
+        == source_rows(s, "SELECT count(*) FROM TransactionStateChanges")[0][0]
+    )
+
+
+def test_a_crash_mid_sync_redelivers_without_loss_or_duplicates(platform, monkeypatch):
+    s, _, catalog, raw = platform
+    Engine(s, catalog, raw).sync(PG)
+    with db.connect(s, autocommit=True) as conn:
+        conn.execute("UPDATE Merchant SET Rating = 2.5")
+        conn.execute("UPDATE Customer SET PreferredDevice = 'Desktop'")
+    real_write = raw.write
+    calls = {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the process dies after one stream was written
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(raw, "write", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        Engine(s, catalog, raw).sync(PG)
+    monkeypatch.setattr(raw, "write", real_write)
+    Engine(s, catalog, raw).sync(PG)
+    assert {r[0] for r in live_rows(raw, "postgres_merchant", "rating")} == {2.5}
+    assert {r[0] for r in live_rows(raw, "postgres_customer", "preferreddevice")} == {"Desktop"}
+    assert raw.conn.execute(
+        "SELECT count(*) - count(DISTINCT id) FROM raw.postgres_merchant"
+    ).fetchone() == (0,)
+
+
+def test_schema_drift_new_column_and_incompatible_change(platform):
+    s, _, catalog, raw = platform
+    Engine(s, catalog, raw).sync(PG)
+    with db.connect(s, autocommit=True) as conn:
+        conn.execute("ALTER TABLE Merchant ADD COLUMN Website text")
+        conn.execute("UPDATE Merchant SET Website = 'https://m1.example' WHERE ID = 1")
+    report = Engine(s, catalog, raw).sync(PG)
+    assert "website" in report.streams["merchant"].added_columns
+    assert raw.conn.execute(
+        "SELECT website FROM raw.postgres_merchant WHERE id = 1"
+    ).fetchone() == ("https://m1.example",)
+    before = raw.conn.execute("SELECT count(*) FROM raw.postgres_merchant").fetchone()
+    with db.connect(s, autocommit=True) as conn:
+        conn.execute("ALTER TABLE Merchant ALTER COLUMN Rating TYPE integer USING round(Rating)")
+        conn.execute("UPDATE Merchant SET Rating = 3 WHERE ID = 2")
+    with pytest.raises(
+        SyncError, match=r"raw.postgres_merchant: column rating changed type decimal -> integer"
+    ):
+        Engine(s, catalog, raw).sync(PG)
+    # The stopped stream kept its rows, and other connections go on.
+    assert raw.conn.execute("SELECT count(*) FROM raw.postgres_merchant").fetchone() == before
+    assert Engine(s, catalog, raw).sync("mongodb-to-snowflake").rows > 0
+
+
+def test_documents_sync_full_then_incremental(platform):
+    s, docs, catalog, raw = platform
+    first = Engine(s, catalog, raw).sync("mongodb-to-snowflake")
+    assert first.streams["Customer"].rows == docs.Customer.count_documents({})
+    assert raw.conn.execute("SELECT count(*) FROM raw.mongodb_transaction").fetchone()[0] == 300
+    docs.Merchant.update_one(
+        {}, {"$set": {"lastUpdated": dt.datetime.now(dt.UTC), "name": "Renamed"}}
+    )
+    second = Engine(s, catalog, raw).sync("mongodb-to-snowflake")
+    assert second.streams["Merchant"].rows >= 1 and second.streams["Customer"].rows <= 1
+    assert raw.conn.execute(
+        "SELECT count(*) FROM raw.mongodb_merchant WHERE name = 'Renamed'"
+    ).fetchone() == (1,)
+
+
+def test_unknown_connection_is_a_clear_error(platform):
+    s, _, catalog, raw = platform
+    with pytest.raises(SyncError, match="unknown connection 'nope'; known: postgres-to-snowflake"):
+        Engine(s, catalog, raw).sync("nope")
