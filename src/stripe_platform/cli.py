@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -30,11 +31,15 @@ app = typer.Typer(help="Open data platform for payments.", no_args_is_help=True)
 db_app = typer.Typer(
     help="The OLTP database: migrations, partitions, status changes, access.", no_args_is_help=True
 )
+airbyte_app = typer.Typer(
+    help="Airbyte connections as code (airbyte/): plan and apply.", no_args_is_help=True
+)
 mongo_app = typer.Typer(
     help="The document store: collection specs and the brief's queries.", no_args_is_help=True
 )
 app.add_typer(db_app, name="db")
 app.add_typer(mongo_app, name="mongo")
+app.add_typer(airbyte_app, name="airbyte")
 
 EXPECTED_ERRORS = (
     SettingsError,
@@ -49,6 +54,26 @@ EXPECTED_ERRORS = (
 )
 
 
+# Errors of modules too heavy to import at start (the Airbyte SDK takes seconds): if a module was
+# never imported, its errors cannot have been raised.
+LAZY_ERRORS = {
+    "stripe_platform.ingestion.airbyte_api": ("PlanError", "SyncError"),
+    "stripe_platform.ingestion.catalog": ("CatalogError",),
+    "stripe_platform.ingestion.engine": ("SyncError",),
+    "stripe_platform.ingestion.cdc": ("CDCError",),
+}
+
+
+def _expected(exc: BaseException) -> bool:
+    if isinstance(exc, EXPECTED_ERRORS):
+        return True
+    for module, names in LAZY_ERRORS.items():
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, tuple(getattr(loaded, n) for n in names)):
+            return True
+    return False
+
+
 def command(group: typer.Typer, name: str | None = None) -> Callable:
     """Register a command whose expected failures print one clear line and exit 1."""
 
@@ -57,7 +82,9 @@ def command(group: typer.Typer, name: str | None = None) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except EXPECTED_ERRORS as exc:
+            except Exception as exc:
+                if not _expected(exc):
+                    raise
                 err.print(f"[bold red]error:[/bold red] {exc}")
                 raise typer.Exit(1) from None
 
@@ -375,6 +402,100 @@ def seed(
         )
     if report.resumed_batches:
         console.print(f"resumed: {report.resumed_batches} batch(es) were already committed")
+
+
+# -- ingestion ---------------------------------------------------------------------------------------
+@command(app)
+def sync(
+    connection: Annotated[str, typer.Argument(help="A connection of airbyte/connections.yaml")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON report on stdout")] = False,
+) -> None:
+    """Run a connection: through Airbyte on prod, with the embedded engine elsewhere."""
+    from stripe_platform.ingestion.catalog import load_catalog
+
+    s = settings()
+    catalog = load_catalog()
+    if s.ingestion_backend == "airbyte":
+        from stripe_platform.ingestion.airbyte_api import connect_from_env, trigger_sync
+
+        job = trigger_sync(
+            connect_from_env(catalog),
+            connection,
+            on_progress=lambda j: err.print(
+                f"job {j.job_id}: {j.status.value if j.status else '?'} rows {j.rows_synced or 0}"
+            ),
+        )
+        result = {
+            "connection": connection,
+            "job_id": job.job_id,
+            "status": str(job.status),
+            "rows": job.rows_synced,
+            "bytes": job.bytes_synced,
+        }
+        console.print_json(data=result) if as_json else console.print(result)
+        return
+    from rich.progress import Progress, TextColumn
+
+    from stripe_platform.ingestion.engine import open_writer, run_sync
+
+    started = time.monotonic()
+    with Progress(TextColumn("{task.description}"), console=err, disable=as_json) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stream: str, rows: int) -> None:
+            if stream not in tasks:
+                tasks[stream] = bar.add_task(stream, total=None, rows=0)
+            task = bar.tasks[tasks[stream]]
+            done = task.fields["rows"] + rows
+            rate = done / max(time.monotonic() - started, 1e-6)
+            bar.update(
+                tasks[stream],
+                rows=done,
+                description=f"{stream:<28} {done:>10,} rows {rate:>10,.0f}/s",
+            )
+
+        report = run_sync(s, catalog, open_writer(s, catalog, connection), connection, progress)
+    if as_json:
+        console.print_json(data=report.as_dict())
+        return
+    console.print(
+        f"{report.connection}: {report.phase}, {report.rows:,} rows in {report.seconds:.1f}s "
+        f"(sync {report.sync_id})"
+    )
+    for name, stream in report.streams.items():
+        extra = f"  nulled {stream.nulled}" if stream.nulled else ""
+        extra += f"  new columns {stream.added_columns}" if stream.added_columns else ""
+        console.print(f"  {name:<28} {stream.rows:>10,}{extra}")
+
+
+@command(airbyte_app, "plan")
+def airbyte_plan() -> None:
+    """Show what `airbyte apply` would create or update in the Airbyte workspace."""
+    from stripe_platform.ingestion import airbyte_api
+    from stripe_platform.ingestion.catalog import load_catalog
+
+    catalog = load_catalog()
+    console.print(airbyte_api.plan(airbyte_api.connect_from_env(catalog), catalog).render())
+
+
+@command(airbyte_app, "apply")
+def airbyte_apply(
+    yes: Annotated[bool, typer.Option("--yes", help="Apply without asking")] = False,
+) -> None:
+    """Create or update sources, destinations and connections, matched by name (idempotent)."""
+    from stripe_platform.ingestion import airbyte_api
+    from stripe_platform.ingestion.catalog import load_catalog
+
+    catalog = load_catalog()
+    client = airbyte_api.connect_from_env(catalog)
+    plan = airbyte_api.plan(client, catalog)
+    console.print(plan.render())
+    if not plan.pending:
+        return
+    if not yes and not typer.confirm("apply these changes?"):
+        raise typer.Exit(1)
+    applied = airbyte_api.apply(client, plan)
+    console.print(f"applied: { {k: len(v) for k, v in applied.items()} }")
 
 
 # -- documents ---------------------------------------------------------------------------------------

@@ -79,10 +79,6 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (MinIO, a stand-in)."
     )
-    airbyte_api_url: str = "http://localhost:8000/api/public/v1"
-    airbyte_client_id: str | None = None
-    airbyte_client_secret: SecretStr | None = None
-    airbyte_workspace_id: str | None = None
 
     # Keys ----------------------------------------------------------------------------------------
     pii_key: SecretStr | None = Field(

@@ -372,6 +372,24 @@ def _change_table(raw: RawStream, changes: list[cdc.Change]) -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
+def open_writer(settings: Settings, catalog: Catalog, connection_name: str) -> Any:
+    """Where a connection writes on the embedded engine: the lake for S3 connections, else the
+    configured warehouse's raw layer."""
+    from stripe_platform.ingestion.catalog import S3Destination
+    from stripe_platform.lake.target import LakeRaw
+    from stripe_platform.lake.writer import LakeWriter
+    from stripe_platform.warehouse import open_raw_writer
+
+    try:
+        connection = catalog.connection(connection_name)
+    except StopIteration:
+        known = ", ".join(c.name for c in catalog.connections)
+        raise SyncError(f"unknown connection {connection_name!r}; known: {known}") from None
+    if isinstance(catalog.destination(connection.destination), S3Destination):
+        return LakeRaw(LakeWriter.from_settings(settings), connection.namespace)
+    return open_raw_writer(settings)
+
+
 def run_sync(
     settings: Settings,
     catalog: Catalog,

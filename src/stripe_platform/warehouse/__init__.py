@@ -1,0 +1,51 @@
+"""The warehouse: the one place that opens the configured backend's raw-layer writer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stripe_platform.config import Settings
+
+
+def open_raw_writer(settings: Settings) -> Any:
+    """DuckDBRaw (embedded default), PostgresRaw or SnowflakeRaw, per STRIPE_PLATFORM_WAREHOUSE."""
+    backend = settings.warehouse_backend
+    if backend == "duckdb":
+        import duckdb
+
+        from stripe_platform.warehouse.raw import DuckDBRaw
+
+        settings.warehouse_file.parent.mkdir(parents=True, exist_ok=True)
+        return DuckDBRaw(duckdb.connect(str(settings.warehouse_file)))
+    if backend == "postgres":
+        import psycopg
+
+        from stripe_platform.warehouse.postgres import PostgresRaw
+
+        assert settings.warehouse_dsn is not None  # checked by Settings
+        return PostgresRaw(
+            psycopg.connect(settings.warehouse_dsn.get_secret_value(), autocommit=True)
+        )
+    import snowflake.connector
+
+    from stripe_platform.warehouse.snowflake import SnowflakeRaw
+
+    params: dict[str, Any] = {
+        "account": settings.snowflake_account,
+        "user": settings.snowflake_user,
+        "database": settings.snowflake_database,
+        "warehouse": settings.snowflake_warehouse,
+        "role": settings.snowflake_role,
+        "login_timeout": 30,
+        "network_timeout": 120,
+    }
+    if settings.snowflake_password is not None:
+        params["password"] = settings.snowflake_password.get_secret_value()
+    if settings.snowflake_host:
+        params.update(
+            host=settings.snowflake_host,
+            port=settings.snowflake_port,
+            protocol=settings.snowflake_protocol,
+        )
+    conn = snowflake.connector.connect(**{k: v for k, v in params.items() if v is not None})
+    return SnowflakeRaw(conn, database=settings.snowflake_database)

@@ -1,0 +1,75 @@
+"""The lake as a sync destination: the raw-writer interface of warehouse/raw.py over LakeWriter.
+
+The lake keeps history (append only, one parquet file per batch); sync state sits beside the data
+in ``<root>/_stripe_platform/state/<key>.json``, written after the batch's file is durable, so a
+crash in between re-delivers that batch as a new file: readers that want one row per key
+deduplicate on the primary key and ``_ab_cdc_lsn``/``_ab_cdc_cursor``, as the staging models do.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from stripe_platform.lake.writer import LakeWriter
+from stripe_platform.warehouse.raw import RawStream, WriteResult
+
+
+class LakeRaw:
+    def __init__(self, writer: LakeWriter, source: str) -> None:
+        self.lake = writer
+        self.source = source
+        self._parts: dict[str, int] = {}
+
+    def _state_path(self, key: str) -> str:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
+        return f"{self.lake.base}/_stripe_platform/state/{safe}.json"
+
+    def ensure(self, stream: RawStream) -> list[str]:
+        return []  # parquet files carry their own schema; readers union by name
+
+    def load_state(self, key: str) -> dict[str, Any] | None:
+        path = self._state_path(key)
+        if self.lake.filesystem.get_file_info(path).type.name == "NotFound":
+            return None
+        with self.lake.filesystem.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    def save_state(self, key: str, state: dict[str, Any]) -> None:
+        path = self._state_path(key)
+        self.lake.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp"
+        with self.lake.filesystem.open_output_stream(tmp) as f:
+            f.write(json.dumps(state, default=str).encode())
+        self.lake.filesystem.move(tmp, path)
+
+    def state(self, stream: RawStream) -> dict[str, Any] | None:
+        return self.load_state(f"{self.source}.{stream.name}")
+
+    def write(
+        self,
+        stream: RawStream,
+        batch: pa.Table,
+        *,
+        sync_id: str,
+        generation_id: int,
+        state: dict[str, Any] | None,
+    ) -> WriteResult:
+        part = self._parts.get(stream.name, 0)
+        self._parts[stream.name] = part + 1
+        written = self.lake.write(
+            self.source, stream, batch, sync_id=sync_id, generation_id=generation_id, part=part
+        )
+        if state is not None:
+            self.save_state(f"{self.source}.{stream.name}", state)
+        return WriteResult(written.rows, written.nulled, [])
+
+    def finish_overwrite(
+        self, stream: RawStream, generation_id: int, state: dict[str, Any] | None
+    ) -> int:
+        # The lake keeps every generation (partitioned by extraction date) for exploration.
+        if state is not None:
+            self.save_state(f"{self.source}.{stream.name}", state)
+        return 0
