@@ -215,6 +215,8 @@ class Engine:
         conninfo = db.conninfo(self.settings, with_key=False)
         streams = self.catalog.connection_streams(connection)
         with psycopg.connect(conninfo, autocommit=True) as conn:
+            cdc.use_cdc_types(conn)  # full-refresh rows typed like change rows (inet as text, ...)
+            conn.execute("SET TIME ZONE 'UTC'")
             raw = {
                 s.name: self._raw_stream(connection, s, self._pg_columns(conn, s), "postgres")
                 for s in streams
@@ -302,7 +304,11 @@ class Engine:
                     report,
                     raw[table_name],
                     table_name,
-                    _change_table(raw[table_name], changes),
+                    _change_table(
+                        raw[table_name],
+                        changes,
+                        _toasted_values(conn, raw[table_name], table_name, changes),
+                    ),
                     None,
                 )
             # Only now, with the changes durable in the destination, may the slot move on.
@@ -358,12 +364,40 @@ def _wait_for_flush(conn: psycopg.Connection, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def _change_table(raw: RawStream, changes: list[cdc.Change]) -> pa.Table:
+def _toasted_values(
+    conn: psycopg.Connection, raw: RawStream, table: str, changes: list[cdc.Change]
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Current source values of rows whose update left a large (TOASTed) column unchanged:
+    pgoutput does not resend it, and writing NULL would erase the stored value."""
+    keys = {
+        tuple(c.row.get(k) for k in raw.primary_key)
+        for c in changes
+        if c.op == "update" and any(v is UNCHANGED for v in c.row.values())
+    }
+    if not keys or not raw.primary_key:
+        return {}
+    columns = ", ".join(f'"{c.name}"' for c in raw.columns)
+    key_list = ", ".join(f'"{k}"' for k in raw.primary_key)
+    placeholders = ", ".join("(" + ", ".join(["%s"] * len(raw.primary_key)) + ")" for _ in keys)
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        rows = cur.execute(
+            f"SELECT {columns} FROM public.{table} WHERE ({key_list}) IN ({placeholders})",
+            [v for key in keys for v in key],
+        ).fetchall()
+    return {tuple(r[k] for k in raw.primary_key): r for r in rows}
+
+
+def _change_table(
+    raw: RawStream, changes: list[cdc.Change], current: dict[tuple[Any, ...], dict[str, Any]]
+) -> pa.Table:
     """Change events as rows: new values for inserts/updates, the key plus a deletion time for deletes."""
     names = [c.name for c in raw.columns]
     rows = []
     for change in changes:
-        values = {k: (None if v is UNCHANGED else v) for k, v in change.row.items()}
+        values = dict(change.row)
+        if any(v is UNCHANGED for v in values.values()):
+            stored = current.get(tuple(values.get(k) for k in raw.primary_key), {})
+            values = {k: (stored.get(k) if v is UNCHANGED else v) for k, v in values.items()}
         row = {k: values.get(k) for k in names}
         row["_ab_cdc_lsn"] = change.lsn
         row["_ab_cdc_updated_at"] = change.commit_time
