@@ -234,8 +234,7 @@ class Engine:
     def _full_refresh(
         self, conn: psycopg.Connection, report: SyncReport, stream: Stream, raw: RawStream
     ) -> None:
-        previous = self.writer.state(raw) or {}
-        generation = int(previous.get("generation", 0)) + 1
+        generation = _new_generation()
         columns = ", ".join(f'"{c.name}"' for c in raw.columns)
         with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
             rows = cur.execute(f"SELECT {columns} FROM public.{stream.name}").fetchall()
@@ -267,6 +266,9 @@ class Engine:
             # No slot, or a snapshot that never finished: (re)take a snapshot consistent with a new slot.
             cdc.drop_slot(conn, slot)
             report.phase = "snapshot"
+            # A new generation: rows an interrupted earlier snapshot left behind, that the source
+            # no longer has, are removed once this snapshot is complete.
+            generation = _new_generation()
             with cdc.consistent_snapshot(
                 conninfo, slot, publication, [s.name for s in streams]
             ) as snap:
@@ -285,10 +287,17 @@ class Engine:
                             "_ab_cdc_updated_at",
                             pa.array([taken] * n, pa.timestamp("us", tz="UTC")),
                         )
-                        self._write(report, raw[stream.name], stream.name, table, None)
+                        self._write(report, raw[stream.name], stream.name, table, None, generation)
                     if stream.name not in report.streams:
                         self.writer.ensure(raw[stream.name])
-                state = {"slot": slot, "snapshot_lsn": snap.lsn, "lsn": snap.lsn}
+                for stream in streams:
+                    self.writer.finish_overwrite(raw[stream.name], generation, None)
+                state = {
+                    "slot": slot,
+                    "snapshot_lsn": snap.lsn,
+                    "lsn": snap.lsn,
+                    "generation": generation,
+                }
                 self.writer.save_state(state_key, state)
         _wait_for_flush(conn)
         while True:
@@ -310,6 +319,7 @@ class Engine:
                         _toasted_values(conn, raw[table_name], table_name, changes),
                     ),
                     None,
+                    int(state.get("generation", 0)),
                 )
             # Only now, with the changes durable in the destination, may the slot move on.
             state = {**state, "lsn": batch.resume_lsn}
@@ -351,6 +361,12 @@ class Engine:
                     report.streams.setdefault(stream.name, StreamReport())
             except SchemaChangeError as exc:  # stop this stream, keep the others going
                 report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
+
+
+def _new_generation() -> int:
+    """A generation id greater than any earlier attempt's, including attempts that died before
+    recording anything (their rows must not survive the next complete read)."""
+    return time.time_ns() // 1_000_000
 
 
 def _wait_for_flush(conn: psycopg.Connection, timeout: float = 5.0) -> None:
