@@ -130,7 +130,9 @@ def test_snapshot_and_stream_equal_the_source_under_concurrent_writes(platform):
     while writer.poll() is None:
         Engine(s, catalog, raw).sync(PG)
         syncs += 1
-    assert writer.returncode == 0, writer.stderr.read() if writer.stderr else ""
+    assert writer.returncode == 0, (
+        f"the writer failed: {writer.stderr.read() if writer.stderr else ''}"
+    )
     assert syncs >= 1  # at least one sync (the snapshot) ran while the writer was writing
     Engine(s, catalog, raw).sync(PG)
     expected = source_rows(

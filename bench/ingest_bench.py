@@ -1,0 +1,319 @@
+"""Benchmark: extracting Transaction from PostgreSQL, beside its floor and peers, and CDC.
+
+    uv run python bench/ingest_bench.py --scale 1 [--runs 3] [--no-peer]
+
+In one run on the embedded profile, in a database `bench_ingest` seeded at the given scale:
+- floor: COPY (binary) of the table drained to nothing;
+- peers doing the same extract into parquet: COPY csv -> pyarrow csv reader -> parquet, and
+  connectorx in its own virtualenv (skipped with --no-peer or when it cannot be installed);
+- the platform's full-refresh sync (snapshot) of the transaction stream into the lake (parquet) and
+  into DuckDB;
+- CDC: changes/s of a sync after a 100,000-row update, and commit-to-warehouse latency p50/p95/p99
+  under a steady write load (`seed --tps`).
+Prints a markdown table and writes bench/results/ingest-<UTC time>.json. Medians of --runs runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from stripe_platform.config import load_settings
+from stripe_platform.docstore.client import connect as connect_docs
+from stripe_platform.ingestion import cdc
+from stripe_platform.ingestion.catalog import load_catalog
+from stripe_platform.ingestion.engine import Engine, slot_name
+from stripe_platform.lake.target import LakeRaw
+from stripe_platform.lake.writer import LakeWriter
+from stripe_platform.oltp import db
+from stripe_platform.oltp.migrate import migrate
+from stripe_platform.seed.dataset import build
+from stripe_platform.seed.load import seed
+from stripe_platform.seed.spec import make_spec
+from stripe_platform.warehouse.raw import DuckDBRaw
+
+DATABASE = "bench_ingest"
+QUERY = "SELECT * FROM transaction"
+
+
+def prepare_database(settings, scale: float):
+    s = settings.model_copy(update={"pg_database": DATABASE, "mongodb_database": DATABASE})
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+        ).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+    with db.connect(s, autocommit=True) as conn:
+        migrate(conn)
+    spec = make_spec(scale=scale, end=dt.date(2026, 11, 1), max_documents=1000)
+    print(
+        f"seeding {spec.n_transactions:,} transactions (resumes if already there) ...", flush=True
+    )
+    seed(s, build(spec), connect_docs(s), reset_first=False)
+    return s
+
+
+def timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def floor_copy_binary(s) -> tuple[int, int]:
+    rows = nbytes = 0
+    with (
+        db.connect(s) as conn,
+        conn.cursor().copy(f"COPY ({QUERY}) TO STDOUT (FORMAT binary)") as copy,
+    ):
+        for chunk in copy:
+            nbytes += len(chunk)
+    with db.connect(s) as conn:
+        rows = conn.execute("SELECT count(*) FROM transaction").fetchone()[0]
+    return rows, nbytes
+
+
+def peer_csv_arrow(s, out: Path) -> int:
+    buf = io.BytesIO()
+    with (
+        db.connect(s) as conn,
+        conn.cursor().copy(f"COPY ({QUERY}) TO STDOUT (FORMAT csv, HEADER)") as copy,
+    ):
+        for chunk in copy:
+            buf.write(chunk)
+    buf.seek(0)
+    table = pacsv.read_csv(buf)
+    pq.write_table(table, out)
+    return table.num_rows
+
+
+CONNECTORX = """
+import sys, time, connectorx as cx, pyarrow.parquet as pq
+t = time.perf_counter()
+table = cx.read_sql(sys.argv[1], sys.argv[2], return_type="arrow")
+pq.write_table(table, sys.argv[3])
+print(table.num_rows, time.perf_counter() - t)
+"""
+
+
+def peer_connectorx(s, out: Path) -> tuple[float, int] | str:
+    venv = Path(tempfile.gettempdir()) / "stripe-platform-bench-connectorx"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        made = subprocess.run(
+            ["uv", "venv", "-q", "-p", sys.executable, str(venv)], capture_output=True, check=False
+        )
+        pip = subprocess.run(
+            ["uv", "pip", "install", "-q", "-p", str(python), "connectorx", "pyarrow"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if made.returncode or pip.returncode:
+            return f"not run: could not install connectorx ({pip.stderr.strip()[:120]})"
+    info = conninfo_to_dict(db.conninfo(s, with_key=False))
+    url = (
+        f"postgresql://{info['user']}:{info['password']}@{info['host']}:{info['port']}/{info['dbname']}"
+        "?sslmode=require"
+    )
+    run = subprocess.run(
+        [str(python), "-c", CONNECTORX, url, QUERY, str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if run.returncode:
+        return f"not run: {run.stderr.strip().splitlines()[-1][:160] if run.stderr else 'failed'}"
+    rows, seconds = run.stdout.split()
+    return float(seconds), int(rows)
+
+
+def only_transaction(catalog, connection: str):
+    conn = catalog.connection(connection).model_copy(update={"streams": ("transaction",)})
+    return dataclasses.replace(catalog, connections=(conn,))
+
+
+def platform_snapshot(s, catalog, connection: str, writer) -> tuple[float, int]:
+    with db.connect(s, autocommit=True) as conn:
+        cdc.drop_slot(conn, slot_name("stripe_platform", connection))
+    seconds, report = timed(lambda: Engine(s, catalog, writer).sync(connection))
+    return seconds, report.streams["transaction"].rows
+
+
+def cdc_throughput(s, catalog, writer) -> tuple[float, int]:
+    with db.connect(s, autocommit=True) as conn:
+        conn.execute("SET synchronous_commit = on")
+        conn.execute("UPDATE transaction SET updatedat = now() WHERE id <= 100000")
+    seconds, report = timed(lambda: Engine(s, catalog, writer).sync("postgres-to-snowflake"))
+    return seconds, report.streams.get("transaction").rows if report.streams.get(
+        "transaction"
+    ) else 0
+
+
+def cdc_latency(s, catalog, writer, seconds: float = 20.0, tps: int = 50) -> list[float]:
+    env = {
+        **os.environ,
+        "STRIPE_PLATFORM_HOME": str(s.home_dir),
+        "STRIPE_PLATFORM_PG_DATABASE": DATABASE,
+        "STRIPE_PLATFORM_MONGODB_DATABASE": DATABASE,
+    }
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stripe_platform.cli",
+            "seed",
+            "--tps",
+            str(tps),
+            "--duration",
+            str(seconds),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    latencies: list[float] = []
+    seen = writer.conn.execute(
+        "SELECT coalesce(max(id), 0) FROM raw.postgres_transaction"
+    ).fetchone()[0]
+    while load.poll() is None:
+        Engine(s, catalog, writer).sync("postgres-to-snowflake")
+        landed = dt.datetime.now(dt.UTC)
+        rows = writer.conn.execute(
+            "SELECT id, createdat FROM raw.postgres_transaction WHERE id > ?", [seen]
+        ).fetchall()
+        for tx_id, created in rows:
+            latencies.append((landed - created).total_seconds())
+            seen = max(seen, tx_id)
+    return latencies
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--no-peer", action="store_true")
+    args = parser.parse_args()
+    settings = load_settings()
+    db.embedded_cluster(settings).up()
+    s = prepare_database(settings, args.scale)
+    work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    catalog = load_catalog()
+    results: dict[str, list] = {
+        k: [] for k in ("floor", "csv_arrow", "connectorx", "lake", "duckdb")
+    }
+    rows = nbytes = 0
+    for _ in range(args.runs):
+        t, (rows, nbytes) = timed(lambda: floor_copy_binary(s))
+        results["floor"].append(t)
+        results["csv_arrow"].append(timed(lambda: peer_csv_arrow(s, work / "peer.parquet"))[0])
+        if not args.no_peer:
+            cx = peer_connectorx(s, work / "cx.parquet")
+            results["connectorx"].append(cx[0] if isinstance(cx, tuple) else cx)
+        lake = LakeRaw(LakeWriter(str(work / "lake")), "postgres")
+        results["lake"].append(
+            platform_snapshot(
+                s, only_transaction(catalog, "postgres-to-s3"), "postgres-to-s3", lake
+            )[0]
+        )
+        shutil.rmtree(work / "lake", ignore_errors=True)
+        (work / "w.duckdb").unlink(missing_ok=True)
+        warehouse = DuckDBRaw(duckdb.connect(str(work / "w.duckdb")))
+        results["duckdb"].append(
+            platform_snapshot(
+                s,
+                only_transaction(catalog, "postgres-to-snowflake"),
+                "postgres-to-snowflake",
+                warehouse,
+            )[0]
+        )
+    wh_catalog = only_transaction(catalog, "postgres-to-snowflake")
+    cdc_seconds, changes = cdc_throughput(s, wh_catalog, warehouse)
+    latencies = cdc_latency(s, wh_catalog, warehouse)
+
+    def line(name: str, key: str) -> str:
+        values = [v for v in results[key] if isinstance(v, float)]
+        if not values:
+            return f"| {name} | {results[key][0] if results[key] else 'not run'} | | | |"
+        med = statistics.median(values)
+        return (
+            f"| {name} | {rows / med:,.0f} | {nbytes / med / 1e6:,.0f} | {med:.2f} "
+            f"(min {min(values):.2f}, max {max(values):.2f}) | {results['floor'][0] and med / statistics.median(results['floor']):.1f}x floor |"
+        )
+
+    print(
+        f"\n## extract of transaction ({rows:,} rows, {nbytes / 1e6:,.0f} MB as COPY binary), "
+        f"{args.runs} run(s)\n"
+    )
+    print("| what | rows/s | MB/s | seconds | vs floor |\n|---|---:|---:|---:|---:|")
+    print(line("floor: COPY binary drained", "floor"))
+    print(line("peer: COPY csv -> pyarrow -> parquet", "csv_arrow"))
+    print(line("peer: connectorx -> parquet (own venv)", "connectorx"))
+    print(line("platform: snapshot sync -> lake parquet", "lake"))
+    print(line("platform: snapshot sync -> DuckDB raw", "duckdb"))
+    print(
+        f"\nCDC: {changes:,} changes synced in {cdc_seconds:.2f}s = {changes / cdc_seconds:,.0f} changes/s"
+    )
+    print(
+        f"CDC commit-to-warehouse latency under 50 tps ({len(latencies)} transactions, sync loop): "
+        f"p50 {pct(latencies, 0.5):.2f}s p95 {pct(latencies, 0.95):.2f}s p99 {pct(latencies, 0.99):.2f}s"
+    )
+    out = (
+        Path(__file__).parent / "results" / f"ingest-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    )
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "ingest",
+                "scale": args.scale,
+                "rows": rows,
+                "copy_binary_bytes": nbytes,
+                "seconds": results,
+                "cdc": {"changes": changes, "seconds": cdc_seconds},
+                "latency_s": {
+                    "n": len(latencies),
+                    "p50": pct(latencies, 0.5),
+                    "p95": pct(latencies, 0.95),
+                    "p99": pct(latencies, 0.99),
+                },
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    print(f"\nwritten {out}")
+    with db.connect(s, autocommit=True) as conn:
+        for name in ("postgres-to-s3", "postgres-to-snowflake"):
+            cdc.drop_slot(conn, slot_name("stripe_platform", name))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
