@@ -17,6 +17,7 @@ belongs to one connection, so connections to different destinations advance inde
 from __future__ import annotations
 
 import datetime as dt
+import io
 import re
 import time
 import uuid
@@ -28,6 +29,7 @@ from typing import Any
 
 import psycopg
 import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from stripe_platform.config import Settings
 from stripe_platform.ingestion import cdc, mongo_source
@@ -40,7 +42,7 @@ from stripe_platform.ingestion.catalog import (
 )
 from stripe_platform.ingestion.pgoutput import UNCHANGED
 from stripe_platform.oltp import db
-from stripe_platform.warehouse.raw import Column, RawStream, SchemaChangeError
+from stripe_platform.warehouse.raw import ARROW, Column, RawStream, SchemaChangeError
 
 BATCH_ROWS = 50_000
 PG_TYPES = {
@@ -274,11 +276,7 @@ class Engine:
             ) as snap:
                 taken = dt.datetime.now(dt.UTC)
                 for stream in streams:
-                    names = [c.name for c in raw[stream.name].columns]
-                    for chunk in _batches(
-                        snap.rows(stream.name, batch_size=BATCH_ROWS), BATCH_ROWS
-                    ):
-                        table = pa.Table.from_pylist([{k: r.get(k) for k in names} for r in chunk])
+                    for table in _snapshot_batches(snap, stream.name, raw[stream.name].columns):
                         n = table.num_rows
                         table = table.append_column(
                             "_ab_cdc_lsn", pa.array([snap.lsn] * n, pa.int64())
@@ -361,6 +359,73 @@ class Engine:
                     report.streams.setdefault(stream.name, StreamReport())
             except SchemaChangeError as exc:  # stop this stream, keep the others going
                 report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
+
+
+class _CopyStream(io.RawIOBase):
+    """A file-like view of a COPY TO STDOUT, for pyarrow's streaming CSV reader."""
+
+    def __init__(self, copy: psycopg.Copy) -> None:
+        self._chunks = iter(copy)
+        self._buffer = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, target: Any) -> int:
+        while not self._buffer:
+            try:
+                self._buffer = bytes(next(self._chunks))
+            except StopIteration:
+                return 0
+        n = min(len(target), len(self._buffer))
+        target[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+def _snapshot_batches(
+    snap: cdc.Snapshot, table: str, columns: tuple[Column, ...]
+) -> Iterator[pa.Table]:
+    """A table of the snapshot as typed Arrow batches: COPY (CSV) parsed by pyarrow, several times
+    faster than building Python rows."""
+    names = [c.name for c in columns]
+    binary = [c.name for c in columns if c.type == "binary"]
+    types = {c.name: ARROW[c.type] for c in columns if c.type != "binary"}
+    options = pacsv.ConvertOptions(
+        column_types=types,
+        include_columns=names,
+        true_values=["t"],
+        false_values=["f"],
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=False,
+    )
+    with snap.copy(table, binary=False) as copy:
+        reader = pacsv.open_csv(
+            io.BufferedReader(_CopyStream(copy), 1 << 20),
+            read_options=pacsv.ReadOptions(block_size=8 << 20),
+            convert_options=options,
+        )
+        pending: list[pa.RecordBatch] = []
+        rows = 0
+        for batch in reader:
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= BATCH_ROWS:
+                yield _decode_bytea(pa.Table.from_batches(pending), binary)
+                pending, rows = [], 0
+        if pending:
+            yield _decode_bytea(pa.Table.from_batches(pending), binary)
+
+
+def _decode_bytea(table: pa.Table, columns: list[str]) -> pa.Table:
+    """bytea arrives as text in its hex form (\\x...)."""
+    for name in columns:
+        values = table.column(name).to_pylist()
+        decoded = pa.array(
+            [None if v is None else bytes.fromhex(v[2:]) for v in values], pa.binary()
+        )
+        table = table.set_column(table.column_names.index(name), name, decoded)
+    return table
 
 
 def _new_generation() -> int:
