@@ -196,6 +196,12 @@ def _tick(
             (int(device_ids[0]), max(1, len(who) // 2)),
         ).fetchall()
         report.add("deleted", "device", len(removed))
+        # Removed devices are never paid with again (the owner falls back to their other one).
+        gone = np.array([r[0] for r in removed], dtype=np.int64)
+        primary_gone = np.isin(pop.customer_primary_device, gone)
+        pop.customer_primary_device[primary_gone] = pop.customer_second_device[primary_gone]
+        pop.customer_second_device[np.isin(pop.customer_second_device, gone)] = 0
+        pop.customer_primary_device[np.isin(pop.customer_primary_device, gone)] = 0
         # Preferences change: an update on Customer (and its document below).
         changed = pop.customer_id[rng.choice(len(pop.customer_id), max(1, n // 100))]
         new_device = np.array(ref.DEVICE_TYPES, dtype=object)[rng.choice(3, len(changed))]
