@@ -32,7 +32,6 @@ from stripe_platform.seed.generate import (
     device_rows,
     legit_transactions,
 )
-from stripe_platform.seed.load import copy_rows
 from stripe_platform.seed.spec import SeedError
 
 COUNTRY_INDEX = {c.code: i for i, c in enumerate(ref.COUNTRIES)}
@@ -141,8 +140,7 @@ def _tick(
             dtype=np.int64,
         )
         rows = transaction_table(ids, cols, np.full(n, 3), times_ms)
-        conn.execute("SET LOCAL TIME ZONE 'UTC'")
-        copy_rows(conn, "transaction", rows)
+        db.copy_arrow(conn, "transaction", rows)
         report.add("inserted", "transaction", n)
 
         # Most new payments settle within the tick; a few stay pending for a later one.
@@ -174,7 +172,7 @@ def _tick(
         who = rng.choice(len(pop.customer_id), max(1, n // 100))
         next_device = conn.execute("SELECT coalesce(max(ID), 0) + 1 FROM Device").fetchone()[0]
         device_ids = np.arange(next_device, next_device + len(who))
-        copy_rows(
+        db.copy_arrow(
             conn,
             "device",
             device_rows(

@@ -16,7 +16,6 @@ interruption is completed with upserts.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,8 +27,6 @@ from typing import Any
 import numpy as np
 import psycopg
 import pyarrow as pa
-import pyarrow.csv as pacsv
-from psycopg import sql
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from stripe_platform.config import Settings
@@ -76,32 +73,12 @@ class SeedReport:
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------
-def _csv(table: pa.Table) -> bytes:
-    # Zone-less UTC timestamps format ~10x faster; _bulk() sets the session to UTC to read them.
-    for i, column in enumerate(table.columns):
-        if pa.types.is_timestamp(column.type) and column.type.tz is not None:
-            table = table.set_column(
-                i, table.field(i).name, column.cast(pa.timestamp(column.type.unit))
-            )
-    buf = io.BytesIO()
-    pacsv.write_csv(table, buf, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
-    return buf.getvalue()
-
-
-def copy_rows(conn: psycopg.Connection, target: str, table: pa.Table) -> None:
-    columns = sql.SQL(", ").join(sql.Identifier(c) for c in table.column_names)
-    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.SQL(target), columns)
-    with conn.cursor().copy(statement) as copy:
-        copy.write(_csv(table))
-
-
 def _bulk(conn: psycopg.Connection) -> None:
     if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
         raise SeedError(
             "seeding bulk-loads with triggers deferred and needs a superuser connection"
         )
     conn.execute("SET LOCAL session_replication_role = replica")
-    conn.execute("SET LOCAL TIME ZONE 'UTC'")
 
 
 def _violations(conn: psycopg.Connection, checks: dict[str, str], params: dict[str, Any]) -> None:
@@ -222,7 +199,7 @@ def _staging(conn: psycopg.Connection, target: str, plain_columns: tuple[str, ..
 def _customer_writer(part: pa.Table) -> Callable[[psycopg.Connection], None]:
     def write(conn: psycopg.Connection) -> None:
         staging = _staging(conn, "customer", ("email", "fullname", "phone", "emailhash"))
-        copy_rows(conn, staging, part)
+        db.copy_arrow(conn, staging, part)
         # bcrypt at its minimum cost: these are synthetic accounts, and cost 6 would dominate the run.
         conn.execute(f"""
             INSERT INTO Customer (ID, UserName, Password, Email, EmailHash, FullName, Phone,
@@ -241,7 +218,7 @@ def _encrypting_writer(
 ) -> Callable[[psycopg.Connection], None]:
     def write(conn: psycopg.Connection) -> None:
         staging = _staging(conn, target, (encrypted,))
-        copy_rows(conn, staging, part)
+        db.copy_arrow(conn, staging, part)
         cols = ", ".join(part.column_names)
         values = ", ".join(f"pii_encrypt({c})" if c == encrypted else c for c in part.column_names)
         conn.execute(f"INSERT INTO {target} ({cols}) SELECT {values} FROM {staging}")
@@ -253,8 +230,8 @@ def _transaction_writer(tx: pa.Table, changes: pa.Table) -> Callable[[psycopg.Co
     lo, hi = tx.column("id")[0].as_py(), tx.column("id")[-1].as_py()
 
     def write(conn: psycopg.Connection) -> None:
-        copy_rows(conn, "transaction", tx)
-        copy_rows(conn, "transactionstatechanges", changes)
+        db.copy_arrow(conn, "transaction", tx)
+        db.copy_arrow(conn, "transactionstatechanges", changes)
         _violations(conn, TRANSACTION_CHECKS, {"lo": lo, "hi": hi})
 
     return write
@@ -275,7 +252,10 @@ def _oltp_batches(data: Dataset) -> list[tuple[list[Batch], int]]:
         (
             [
                 Batch(
-                    "location", 0, locations.num_rows, lambda c: copy_rows(c, "location", locations)
+                    "location",
+                    0,
+                    locations.num_rows,
+                    lambda c: db.copy_arrow(c, "location", locations),
                 )
             ],
             1,
@@ -286,7 +266,7 @@ def _oltp_batches(data: Dataset) -> list[tuple[list[Batch], int]]:
                     "merchant",
                     0,
                     ent.merchants.num_rows,
-                    lambda c: copy_rows(c, "merchant", ent.merchants),
+                    lambda c: db.copy_arrow(c, "merchant", ent.merchants),
                 )
             ],
             1,
@@ -312,7 +292,10 @@ def _oltp_batches(data: Dataset) -> list[tuple[list[Batch], int]]:
         (
             [
                 Batch(
-                    "device", 0, ent.devices.num_rows, lambda c: copy_rows(c, "device", ent.devices)
+                    "device",
+                    0,
+                    ent.devices.num_rows,
+                    lambda c: db.copy_arrow(c, "device", ent.devices),
                 )
             ],
             1,

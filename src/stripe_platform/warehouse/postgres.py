@@ -17,17 +17,16 @@ owns the commit.
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 from typing import Any
 
 import psycopg
 import pyarrow as pa
-import pyarrow.csv as pacsv
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from stripe_platform.oltp.db import copy_arrow
 from stripe_platform.warehouse.raw import (
     STATE_TABLE,
     WIDENINGS,
@@ -66,7 +65,6 @@ _REVERSE = {
     "bytea": "binary",
 }
 STATE_SCHEMA, STATE_NAME = STATE_TABLE.split(".")
-_COPY_ROWS = 65_536  # rows per CSV chunk handed to COPY: bounds the memory of one batch
 # A text that is not JSON becomes a JSON string rather than failing the type change
 # (PostgreSQL 15 has no pg_input_is_valid).
 _TEXT_TO_JSONB = sql.SQL(
@@ -74,19 +72,6 @@ _TEXT_TO_JSONB = sql.SQL(
     "LANGUAGE plpgsql IMMUTABLE AS $$ BEGIN RETURN value::jsonb; "
     "EXCEPTION WHEN invalid_text_representation THEN RETURN to_jsonb(value); END $$"
 )
-
-
-def _csv_ready(table: pa.Table, columns: list[Column]) -> pa.Table:
-    """bytea's text input is hex (``\\x..``); pyarrow would write raw bytes."""
-    arrays = []
-    for column in columns:
-        values = table.column(column.name)
-        if column.type == "binary":
-            values = pa.array(
-                [None if v is None else "\\x" + v.hex() for v in values.to_pylist()], pa.string()
-            )
-        arrays.append(values)
-    return pa.table(arrays, names=[c.name for c in columns])
 
 
 def _jsonb(value: Any) -> Jsonb:
@@ -228,19 +213,7 @@ class PostgresRaw:
             )
 
     def _copy(self, staging: sql.Identifier, columns: list[Column], typed: pa.Table) -> None:
-        names = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
-        ready = _csv_ready(typed, columns)
-        options = pacsv.WriteOptions(include_header=False)
-        with (
-            self.conn.cursor() as cur,
-            cur.copy(
-                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(staging, names)
-            ) as copy,
-        ):
-            for chunk in ready.to_batches(max_chunksize=_COPY_ROWS):
-                buffer = io.BytesIO()
-                pacsv.write_csv(chunk, buffer, options)
-                copy.write(buffer.getvalue())
+        copy_arrow(self.conn, staging, typed.select([c.name for c in columns]))
 
     def write(
         self,
