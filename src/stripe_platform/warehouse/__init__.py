@@ -30,6 +30,12 @@ def open_raw_writer(settings: Settings) -> Any:
 
     from stripe_platform.warehouse.snowflake import SnowflakeRaw
 
+    conn = snowflake.connector.connect(**snowflake_params(settings))
+    return SnowflakeRaw(conn, database=settings.snowflake_database)
+
+
+def snowflake_params(settings: Settings) -> dict[str, Any]:
+    """snowflake-connector-python arguments for the configured account (or local stand-in)."""
     params: dict[str, Any] = {
         "account": settings.snowflake_account,
         "user": settings.snowflake_user,
@@ -47,5 +53,4 @@ def open_raw_writer(settings: Settings) -> Any:
             port=settings.snowflake_port,
             protocol=settings.snowflake_protocol,
         )
-    conn = snowflake.connector.connect(**{k: v for k, v in params.items() if v is not None})
-    return SnowflakeRaw(conn, database=settings.snowflake_database)
+    return {k: v for k, v in params.items() if v is not None}

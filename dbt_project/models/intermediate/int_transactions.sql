@@ -1,0 +1,68 @@
+-- One row per payment with everything the facts share: its current status, its UTC date, the
+-- fraud label of its scored document, the consumption-tax rate of the country it happened in, and
+-- its amount in the reporting currency (EUR). `extracted_at` is the latest arrival of any of its
+-- inputs: the incremental facts use it as their watermark.
+with transactions as (
+    select * from {{ ref('stg_postgres__transactions') }}
+),
+
+statuses as (
+    select * from {{ ref('stg_postgres__transaction_statuses') }}
+),
+
+currencies as (
+    select * from {{ ref('stg_postgres__currencies') }}
+),
+
+rates as (
+    select * from {{ ref('currency_rates') }}
+),
+
+locations as (
+    select * from {{ ref('stg_postgres__locations') }}
+),
+
+tax_rates as (
+    select * from {{ ref('country_tax_rates') }}
+),
+
+scored as (
+    select * from {{ ref('stg_mongodb__transactions') }}
+)
+
+select
+    t.transaction_id,
+    t.transacted_at,
+    t.transaction_date,
+    {{ date_key('t.transaction_date') }} as date_key,
+    t.customer_id,
+    t.merchant_id,
+    t.location_id,
+    t.payment_method_id,
+    t.currency_id,
+    t.device_id,
+    s.status_name,
+    s.status_name = 'completed' as is_completed,
+    s.status_name = 'charged_back' as is_charged_back,
+    coalesce(scored.is_fraud, false) as is_fraud,
+    scored.transaction_id is not null as has_scored_document,
+    scored.anomaly_score,
+    t.amount as local_amount,
+    c.currency_code,
+    cast(t.amount * r.eur_per_unit as {{ dbt.type_numeric() }}) as amount_eur,
+    coalesce(tax.tax_rate, 0) as tax_rate,
+    cast(t.amount * r.eur_per_unit * coalesce(tax.tax_rate, 0) / (1 + coalesce(tax.tax_rate, 0))
+         as {{ dbt.type_numeric() }}) as tax_amount_eur,
+    l.country_code,
+    t.updated_at,
+    case
+        when scored.extracted_at > t.extracted_at then scored.extracted_at
+        else t.extracted_at
+    end as extracted_at
+from transactions as t
+inner join statuses as s on t.status_id = s.status_id
+inner join currencies as c on t.currency_id = c.currency_id
+left join rates as r on c.currency_code = r.currency_code
+left join locations as l on t.location_id = l.location_id
+left join tax_rates as tax on l.country_code = tax.country_code
+left join scored on t.transaction_id = scored.transaction_id

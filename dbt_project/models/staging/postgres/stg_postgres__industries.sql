@@ -1,0 +1,4 @@
+select
+    id as industry_id,
+    name as industry_name
+from {{ source('postgres', 'industry') }}
