@@ -61,6 +61,8 @@ LAZY_ERRORS = {
     "stripe_platform.ingestion.catalog": ("CatalogError",),
     "stripe_platform.ingestion.engine": ("SyncError",),
     "stripe_platform.ingestion.cdc": ("CDCError",),
+    "stripe_platform.transform.dbt": ("TransformError",),
+    "stripe_platform.transform.analyses": ("AnalysisError",),
 }
 
 
@@ -496,6 +498,89 @@ def airbyte_apply(
         raise typer.Exit(1)
     applied = airbyte_api.apply(client, plan)
     console.print(f"applied: { {k: len(v) for k, v in applied.items()} }")
+
+
+# -- transformation (dbt) ----------------------------------------------------------------------------
+@command(app)
+def transform(
+    select: Annotated[
+        str | None, typer.Option(help="dbt node selection, e.g. 'tag:fraud' or 'FACT_Revenue+'")
+    ] = None,
+    full_refresh: Annotated[
+        bool, typer.Option("--full-refresh", help="Rebuild incremental models from scratch")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON summary on stdout")] = False,
+) -> None:
+    """Build the star schema: one `dbt build` (seeds, snapshots, models, tests) on the warehouse."""
+    from stripe_platform.transform.dbt import NodeResult, TransformError, build
+
+    s = settings()
+    colours = {"success": "green", "pass": "green", "error": "red", "fail": "red", "warn": "yellow"}
+
+    def show(node: NodeResult) -> None:
+        # One line per built node; tests only when they do not pass (the summary counts them).
+        if as_json or (node.resource_type == "test" and node.status == "pass"):
+            return
+        colour = colours.get(node.status, "white")
+        err.print(
+            f"[{colour}]{node.status:<7}[/{colour}] {node.resource_type:<8} {node.name:<36} "
+            f"{node.seconds:6.2f}s"
+        )
+
+    err.print(f"dbt build on the {s.warehouse_backend} warehouse...")
+    summary = build(s, select=select, full_refresh=full_refresh, on_node=show)
+    if as_json:
+        console.print_json(data=summary.as_dict())
+    else:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()))
+        console.print(f"dbt build ({summary.target}): {counts} in {summary.seconds:.1f}s")
+        for node in summary.failures:
+            console.print(f"[red]{node.resource_type} {node.name}[/red]: {node.message}")
+    if not summary.success:
+        raise TransformError(f"dbt build failed: {len(summary.failures)} node(s) failed")
+
+
+@command(app)
+def query(
+    name: Annotated[str, typer.Argument(help="One of the brief's analytics queries")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run one of the brief's OLAP queries (dbt_project/analyses) on the marts and print it."""
+    from rich.table import Table
+
+    from stripe_platform.transform.analyses import run_analysis
+
+    result = run_analysis(settings(), name)
+    if as_json:
+        console.print_json(
+            data={
+                "query": name,
+                "columns": result.columns,
+                "rows": [list(r) for r in result.rows],
+                "seconds": result.seconds,
+            },
+            default=str,
+        )
+        return
+    table = Table(
+        *result.columns, title=f"{name} ({len(result.rows)} rows, {result.seconds * 1000:.0f} ms)"
+    )
+    for row in result.rows:
+        table.add_row(*(str(v) for v in row))
+    console.print(f"[cyan]{result.sql}[/cyan]")
+    console.print(table)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def dbt(ctx: typer.Context) -> None:
+    """Any dbt command on the platform's project and generated profile, e.g. `dbt docs generate`."""
+    from stripe_platform.transform.dbt import run_dbt
+
+    if not ctx.args:
+        err.print("usage: stripe-platform dbt <dbt command> [args], e.g. dbt docs generate")
+        raise typer.Exit(2)
+    summary = run_dbt(settings(), *ctx.args)
+    raise typer.Exit(0 if summary.success else 1)
 
 
 # -- documents ---------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ one invocation does the whole ``dbt build``.
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ def dbt_dir(settings: Settings) -> Path:
     return settings.home_dir / "dbt"
 
 
+def _secret(variable: str) -> str:
+    """A profile value dbt reads from the environment when it runs (never written to the file)."""
+    return "{{ env_var('" + variable + "', '') }}"
+
+
 def profile_target(settings: Settings) -> dict[str, Any]:
     """The dbt output for the configured warehouse backend."""
     backend = settings.warehouse_backend
@@ -64,7 +70,7 @@ def profile_target(settings: Settings) -> dict[str, Any]:
             "host": params.get("host", "127.0.0.1"),
             "port": int(params.get("port", 5432)),
             "user": params.get("user", "postgres"),
-            "password": "{{ env_var('%s', '') }}" % PG_PASSWORD_VAR,
+            "password": _secret(PG_PASSWORD_VAR),
             "dbname": params.get("dbname", "postgres"),
             "schema": MARTS_SCHEMA,
             "threads": 2,
@@ -78,7 +84,7 @@ def profile_target(settings: Settings) -> dict[str, Any]:
         "type": "snowflake",
         "account": params.get("account"),
         "user": params.get("user"),
-        "password": "{{ env_var('%s', '') }}" % SF_PASSWORD_VAR,
+        "password": _secret(SF_PASSWORD_VAR),
         "database": settings.snowflake_database,
         "schema": MARTS_SCHEMA.upper(),
         "threads": 2,
@@ -117,11 +123,11 @@ def write_profiles(settings: Settings) -> Path:
     return directory
 
 
-def dbt_args(settings: Settings, command: str, *extra: str) -> list[str]:
+def dbt_args(settings: Settings, *args: str) -> list[str]:
     """Command-line arguments for one dbt invocation on the platform's project and profile."""
     directory = write_profiles(settings)
     return [
-        command,
+        *args,
         "--project-dir",
         str(DBT_PROJECT_DIR),
         "--profiles-dir",
@@ -130,7 +136,6 @@ def dbt_args(settings: Settings, command: str, *extra: str) -> list[str]:
         str(directory / "target"),
         "--log-path",
         str(directory / "logs"),
-        *extra,
     ]
 
 
@@ -186,11 +191,11 @@ class RunSummary:
 
 def run_dbt(
     settings: Settings,
-    command: str,
-    *extra: str,
+    *args: str,
     on_node: Callable[[NodeResult], None] | None = None,
 ) -> RunSummary:
-    """Runs one dbt command in-process; ``on_node`` is called as each node finishes."""
+    """Runs one dbt command in-process (``args`` as on dbt's command line, e.g. "docs",
+    "generate"); ``on_node`` is called as each node finishes."""
     import time
 
     from dbt.cli.main import dbtRunner
@@ -210,11 +215,14 @@ def run_dbt(
             )
         )
 
+    command = args[0] if args else "dbt"
     env = dbt_env(settings)
-    args = dbt_args(settings, command, *extra)
+    argv = dbt_args(settings, *args)
     started = time.monotonic()
-    with _environment(env):
-        outcome = dbtRunner(callbacks=[callback]).invoke(args)
+    # With a node callback the caller owns stdout (progress, --json); dbt's own lines go to stderr.
+    output = redirect_stdout(sys.stderr) if on_node else nullcontext()
+    with _environment(env), output:
+        outcome = dbtRunner(callbacks=[callback]).invoke(argv)
     elapsed = time.monotonic() - started
     if outcome.exception is not None:
         raise TransformError(f"dbt {command} could not run: {outcome.exception}")
@@ -241,7 +249,8 @@ def build(
     on_node: Callable[[NodeResult], None] | None = None,
 ) -> RunSummary:
     """One `dbt build` (seeds, snapshots, models and tests in dependency order)."""
-    extra: list[str] = []
+    # dbt's own log lines would repeat what on_node reports; errors are still printed.
+    extra: list[str] = ["--quiet"] if on_node else []
     if select:
         extra += ["--select", select]
     if full_refresh:

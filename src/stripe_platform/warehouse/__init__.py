@@ -54,3 +54,27 @@ def snowflake_params(settings: Settings) -> dict[str, Any]:
             protocol=settings.snowflake_protocol,
         )
     return {k: v for k, v in params.items() if v is not None}
+
+
+def open_marts_connection(settings: Settings, schema: str) -> Any:
+    """A DB-API connection to the warehouse whose unqualified names resolve in ``schema`` (the
+    marts), so the brief's queries run as written. DuckDB opens read-only: several readers at once."""
+    backend = settings.warehouse_backend
+    if backend == "duckdb":
+        import duckdb
+
+        conn = duckdb.connect(str(settings.warehouse_file), read_only=True)
+        conn.execute(f"SET schema = '{schema}'")
+        return conn
+    if backend == "postgres":
+        import psycopg
+
+        assert settings.warehouse_dsn is not None  # checked by Settings
+        return psycopg.connect(
+            settings.warehouse_dsn.get_secret_value(),
+            autocommit=True,
+            options=f"-c search_path={schema}",
+        )
+    import snowflake.connector
+
+    return snowflake.connector.connect(**snowflake_params(settings), schema=schema.upper())
