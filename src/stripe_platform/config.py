@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         None, description="S3-compatible endpoint (MinIO, a stand-in)."
     )
 
+    # Orchestration -------------------------------------------------------------------------------
+    alert_webhook_url: SecretStr | None = Field(
+        None, description="Failed Airflow tasks are POSTed here as JSON (unset: logged only)."
+    )
+
     # Keys ----------------------------------------------------------------------------------------
     pii_key: SecretStr | None = Field(
         None,

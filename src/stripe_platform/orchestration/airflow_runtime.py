@@ -1,0 +1,135 @@
+"""Airflow on the platform's profiles.
+
+Embedded (no services): ``AIRFLOW_HOME`` is ``<platform home>/airflow`` with SQLite metadata, the
+repository's dags/ and no examples; :func:`migrate_airflow_db` prepares it (once per Airflow
+version) and :func:`run_airflow_standalone` starts ``airflow standalone`` on 127.0.0.1.
+
+docker compose: the environment comes from docker-compose.yml; its ``airflow-init`` service runs
+``python -m stripe_platform.orchestration.airflow_runtime init`` (migrate + pools).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from importlib.metadata import version
+from pathlib import Path
+
+from stripe_platform.config import Settings, load_settings
+from stripe_platform.orchestration.defaults import pools_file
+from stripe_platform.paths import REPO_ROOT
+
+DAGS_DIR = REPO_ROOT / "dags"
+DEFAULT_PORT = 8080
+AIRFLOW = [sys.executable, "-m", "airflow"]
+
+
+class AirflowSetupError(RuntimeError):
+    """An Airflow command the platform runs failed; the message carries its output's end."""
+
+
+def airflow_home(settings: Settings) -> Path:
+    return settings.home_dir / "airflow"
+
+
+def airflow_env(
+    settings: Settings, base: Mapping[str, str] | None = None, *, port: int = DEFAULT_PORT
+) -> dict[str, str]:
+    """The environment of every Airflow process of the embedded Airflow (CLI, standalone, tests).
+
+    The platform's own variables are passed through, with the home made absolute so tasks find
+    the same cluster, documents and warehouse whatever their working directory.
+    """
+    home = airflow_home(settings)
+    env = dict(os.environ if base is None else base)
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_DIR),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__COSMOS__CACHE_DIR": str(home / "cosmos"),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "STRIPE_PLATFORM_HOME": str(settings.home_dir),
+            "STRIPE_PLATFORM_PROFILE": settings.profile,
+        }
+    )
+    if "AIRFLOW_CONN_AIRBYTE_DEFAULT" not in env and settings.ingestion_backend == "airbyte":
+        from stripe_platform.orchestration.airbyte import airflow_connection_from_env
+
+        if conn := airflow_connection_from_env(env):
+            env["AIRFLOW_CONN_AIRBYTE_DEFAULT"] = conn
+    return env
+
+
+def _run(args: list[str], env: Mapping[str, str], what: str) -> None:
+    done = subprocess.run(
+        [*AIRFLOW, *args], env=dict(env), capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise AirflowSetupError(f"`airflow {' '.join(args)}` ({what}) failed:\n{tail}")
+
+
+def _setup(settings: Settings, env: Mapping[str, str], workdir: Path) -> None:
+    _run(["db", "migrate"], env, "metadata schema")
+    pools = workdir / "pools.json"
+    pools.write_text(json.dumps(pools_file(settings), indent=2))
+    _run(["pools", "import", str(pools)], env, "pools")
+
+
+def migrate_airflow_db(
+    settings: Settings, *, env: Mapping[str, str] | None = None, force: bool = False
+) -> bool:
+    """``airflow db migrate`` and the pools for the embedded Airflow; True if it ran.
+
+    Skipped (in milliseconds) when the SQLite database exists and was migrated by this Airflow
+    version: a run takes ~15 s. An upgrade of Airflow migrates again.
+    """
+    home = airflow_home(settings)
+    stamp = home / f".migrated-{version('apache-airflow')}"
+    if not force and stamp.exists() and (home / "airflow.db").exists():
+        return False
+    home.mkdir(parents=True, exist_ok=True)
+    _setup(settings, env or airflow_env(settings), home)
+    stamp.write_text("airflow db migrate and pools import done\n")
+    return True
+
+
+def run_airflow_standalone(settings: Settings, *, port: int = DEFAULT_PORT) -> int:
+    """Prepare the embedded Airflow and run ``airflow standalone`` (api-server on
+    http://127.0.0.1:<port>, scheduler, dag-processor, triggerer) until Ctrl-C; its exit code.
+
+    The UI login is ``admin``; its generated password is in
+    ``<home>/airflow/simple_auth_manager_passwords.json.generated``.
+    """
+    env = airflow_env(settings, port=port)
+    migrate_airflow_db(settings, env=env)
+    try:
+        return subprocess.call([*AIRFLOW, "standalone"], env=env)
+    except KeyboardInterrupt:  # standalone stops its components itself
+        return 130
+
+
+def init_from_environment() -> None:
+    """docker compose's ``airflow-init``: migrate the metadata DB the environment names, then the
+    pools. Both are idempotent, so every ``docker compose up`` can run it."""
+    settings = load_settings()
+    workdir = Path(os.environ.get("AIRFLOW_HOME", "/tmp"))  # noqa: S108 - only a pools.json
+    workdir.mkdir(parents=True, exist_ok=True)
+    _setup(settings, os.environ, workdir)
+    print("airflow metadata database migrated; pools:", ", ".join(pools_file(settings)))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["init"]:
+        sys.exit("usage: python -m stripe_platform.orchestration.airflow_runtime init")
+    init_from_environment()

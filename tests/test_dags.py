@@ -1,0 +1,365 @@
+"""Orchestration: the DAGs load cleanly and fast, run end to end with real Airflow (SQLite
+metadata, `dag.test()`) against the session's real PostgreSQL cluster, alert a webhook when a task
+fails, and drive Airbyte's API (the local fake) through the provider's deferrable operator on prod.
+The defaults, alert and Airflow-environment helpers are also tested without Airflow."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airbyte_fake import FakeAirbyte
+from stripe_platform import sample
+from stripe_platform.config import load_settings
+from stripe_platform.docstore import client as docstore
+from stripe_platform.ingestion import cdc
+from stripe_platform.ingestion.engine import slot_name
+from stripe_platform.oltp import db, partitions
+from stripe_platform.orchestration import alerts, defaults
+from stripe_platform.orchestration.airflow_runtime import (
+    DAGS_DIR,
+    airflow_env,
+    migrate_airflow_db,
+)
+
+# Airflow reads its configuration when first imported: point it at a throwaway home (SQLite
+# metadata, the repository's dags/) before anything in this process imports it.
+_AIRFLOW_PARENT = Path(tempfile.mkdtemp(prefix="stripe-platform-airflow-"))
+_AIRFLOW_SETTINGS = load_settings(home=_AIRFLOW_PARENT, profile="embedded")
+os.environ.update(
+    {
+        k: v
+        for k, v in airflow_env(_AIRFLOW_SETTINGS, base={}).items()
+        if k.startswith(("AIRFLOW", "MLFLOW"))
+    }
+)
+DAG_IDS = {"oltp_maintenance", "elt_lake_daily"}
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> float:
+    """`airflow db migrate` (and the pools) once per session; returns how long it took."""
+    started = time.monotonic()
+    assert migrate_airflow_db(_AIRFLOW_SETTINGS) is True
+    return time.monotonic() - started
+
+
+def dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS_DIR))
+
+
+class Webhook:
+    """A webhook receiver on 127.0.0.1 recording every JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                received.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+
+    def __enter__(self) -> Webhook:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    with Webhook() as hook:
+        yield hook
+
+
+def clear_platform_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("STRIPE_PLATFORM_") or key == "MONGODB_URI":
+            monkeypatch.delenv(key)
+
+
+# --- without Airflow --------------------------------------------------------------------------
+
+
+def test_default_args_carry_the_production_habits():
+    args = defaults.default_args(execution_timeout=dt.timedelta(minutes=5))
+    assert args["owner"] == "data-platform"
+    assert args["retries"] == 2 and args["retry_exponential_backoff"] == 2.0
+    assert args["max_retry_delay"] == dt.timedelta(minutes=30)
+    assert args["execution_timeout"] == dt.timedelta(minutes=5)
+    assert args["on_failure_callback"] is alerts.on_failure_callback
+    duckdb = load_settings(profile="embedded")
+    assert defaults.pool_slots(duckdb) == {"warehouse": 1}  # one DuckDB writer at a time
+    pg = load_settings(profile="embedded", warehouse="postgres", warehouse_dsn="host=x")
+    assert defaults.pools_file(pg)["warehouse"]["slots"] == 4
+
+
+def test_alert_is_posted_as_json_to_the_webhook(webhook):
+    s = load_settings(alert_webhook_url=webhook.url)
+    payload = {"event": "task_failed", "text": "x failed", "dag_id": "d"}
+    assert alerts.send_alert(payload, s) is True
+    assert webhook.bodies == [payload]
+    # Unset, empty (what docker compose passes) or unreachable: logged, never raised.
+    assert alerts.send_alert(payload, load_settings()) is False
+    assert alerts.webhook_url(load_settings(alert_webhook_url=" ")) is None
+    dead = load_settings(alert_webhook_url="http://127.0.0.1:9/nothing")
+    assert alerts.send_alert(payload, dead) is False
+
+
+def test_airflow_env_is_private_to_the_platform_home(tmp_path):
+    s = load_settings(home=tmp_path, profile="embedded")
+    env = airflow_env(s, base={"PATH": "/bin"}, port=8099)
+    assert env["AIRFLOW_HOME"] == str(tmp_path / "airflow")
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == f"sqlite:///{tmp_path}/airflow/airflow.db"
+    assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(DAGS_DIR)
+    assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
+    assert env["AIRFLOW__COSMOS__CACHE_DIR"] == str(tmp_path / "airflow" / "cosmos")
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert (env["AIRFLOW__API__HOST"], env["AIRFLOW__API__PORT"]) == ("127.0.0.1", "8099")
+    assert env["STRIPE_PLATFORM_HOME"] == str(tmp_path) and env["PATH"] == "/bin"
+
+
+# --- DAG integrity ----------------------------------------------------------------------------
+
+
+def test_dags_load_without_errors_with_owners_retries_and_tags():
+    bag = dagbag()
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) >= DAG_IDS
+    for dag_id in DAG_IDS:
+        dag = bag.dags[dag_id]
+        assert dag.tags, dag_id
+        assert dag.max_active_runs == 1
+        for t in dag.tasks:
+            assert t.owner == defaults.OWNER, t.task_id
+            assert t.retries >= 1 and t.retry_exponential_backoff, t.task_id
+            assert t.execution_timeout is not None, t.task_id
+            assert t.on_failure_callback, t.task_id
+            assert t.outlets, f"{t.task_id} publishes no Asset"
+    lake = bag.dags["elt_lake_daily"]
+    assert {t.task_id for t in lake.tasks} == {"sync_postgres_to_s3", "sync_mongodb_to_s3"}
+    assert {a.name for t in lake.tasks for a in t.outlets} == {
+        "lake.raw.postgres",
+        "lake.raw.mongodb",
+    }
+
+
+def test_each_dag_file_imports_in_under_a_second():
+    """Measured in a fresh interpreter once Airflow itself (and its providers' URI handlers) are
+    loaded, as in the dag-processor: what the file adds."""
+    script = (
+        "import sys, time, runpy, airflow.sdk\n"
+        "airflow.sdk.Asset(name='warm', uri='s3://warm/up')\n"
+        "for path in sys.argv[1:]:\n"
+        "    t = time.perf_counter(); runpy.run_path(path)\n"
+        "    print(path, time.perf_counter() - t)\n"
+    )
+    for path in sorted(DAGS_DIR.glob("*.py")):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        seconds = float(done.stdout.split()[-1])
+        assert seconds < 1.5, f"{path.name} took {seconds:.2f}s to import"  # goal: < 1 s
+
+
+# --- end to end with real Airflow -------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded_env(settings, loaded, database, tmp_path, monkeypatch):
+    """The platform env a task sees: the session cluster, a fresh database with the demo sample
+    (OLTP and documents), a private lake."""
+    clear_platform_env(monkeypatch)
+    env = {
+        "STRIPE_PLATFORM_PROFILE": "embedded",
+        "STRIPE_PLATFORM_HOME": str(settings.home_dir),
+        "STRIPE_PLATFORM_PG_DATABASE": database,
+        "STRIPE_PLATFORM_MONGODB_DATABASE": database,
+        "STRIPE_PLATFORM_LAKE_URI": str(tmp_path / "lake"),
+        "STRIPE_PLATFORM_WAREHOUSE_PATH": str(tmp_path / "warehouse.duckdb"),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = load_settings()
+    sample.load_documents(docstore.connect(s))
+    yield s
+    with db.connect(s, autocommit=True) as conn:
+        for name in ("postgres-to-s3", "mongodb-to-s3"):
+            cdc.drop_slot(conn, slot_name("stripe_platform", name))
+
+
+def test_elt_lake_daily_runs_end_to_end_on_the_embedded_profile(airflow_db, embedded_env):
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState
+
+    dag = dagbag().dags["elt_lake_daily"]
+    started = time.monotonic()
+    run = dag.test()
+    elapsed = time.monotonic() - started
+    assert run.state == DagRunState.SUCCESS, f"run ended {run.state}"
+    lake = Path(embedded_env.lake_root)
+    tx = list((lake / "raw" / "postgres" / "transaction").glob("extracted_date=*/*.parquet"))
+    assert tx, "no Transaction parquet in the lake"
+    assert list((lake / "raw" / "mongodb").glob("*/extracted_date=*/*.parquet"))
+    import duckdb
+
+    count = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*) FROM read_parquet('{lake}/raw/postgres/transaction/*/*.parquet')"
+        )
+        .fetchone()[0]
+    )
+    with db.connect(embedded_env) as conn:
+        assert count == conn.execute("SELECT count(*) FROM Transaction").fetchone()[0]
+    with create_session() as session:
+        events = session.query(AssetEvent).filter(AssetEvent.source_run_id == run.run_id).all()
+        assert {e.asset.name for e in events} == {"lake.raw.postgres", "lake.raw.mongodb"}
+    print(f"elt_lake_daily dag.test: {elapsed:.1f}s, {count} transactions")
+
+
+def test_oltp_maintenance_runs_end_to_end(airflow_db, embedded_env):
+    from airflow.utils.state import DagRunState
+
+    with db.connect(embedded_env, autocommit=True) as conn:
+        before = set(partitions.existing_partitions(conn))
+    run = dagbag().dags["oltp_maintenance"].test()
+    assert run.state == DagRunState.SUCCESS
+    with db.connect(embedded_env, autocommit=True) as conn:
+        after = set(partitions.existing_partitions(conn))
+    ahead = partitions.add_months(
+        partitions.month_start(dt.date.today()), embedded_env.partition_months_ahead
+    )
+    assert ahead in after and ahead not in before  # created ahead by the DAG
+
+
+def test_a_failing_task_alerts_the_webhook(airflow_db, embedded_env, webhook, monkeypatch):
+    """The OLTP database is gone: the partitions task fails and the alert reaches the webhook."""
+    from airflow.utils.state import DagRunState
+
+    monkeypatch.setenv("STRIPE_PLATFORM_PG_DATABASE", "no_such_database")
+    monkeypatch.setenv("STRIPE_PLATFORM_ALERT_WEBHOOK_URL", webhook.url)
+    dag = dagbag().dags["oltp_maintenance"]
+    for t in dag.tasks:
+        t.retries = 0  # the alert follows the last try; no need to wait out the backoff
+    run = dag.test()
+    assert run.state == DagRunState.FAILED
+    assert len(webhook.bodies) == 1, webhook.bodies
+    alert = webhook.bodies[0]
+    assert (alert["event"], alert["dag_id"], alert["task_id"]) == (
+        "task_failed",
+        "oltp_maintenance",
+        "partitions",
+    )
+    assert alert["run_id"] == run.run_id and alert["owner"] == "data-platform"
+    assert "no_such_database" in alert["error"]
+    assert "oltp_maintenance.partitions failed" in alert["text"]
+
+
+# --- prod: Airbyte through the provider's deferrable operator -----------------------------------
+
+
+@pytest.fixture
+def prod_env(monkeypatch, tmp_path):
+    clear_platform_env(monkeypatch)
+    with FakeAirbyte() as fake:
+        env = {
+            "STRIPE_PLATFORM_PROFILE": "prod",
+            "STRIPE_PLATFORM_HOME": str(tmp_path),
+            "STRIPE_PLATFORM_PG_DSN": "host=oltp.invalid dbname=stripe",
+            "MONGODB_URI": "mongodb://docstore.invalid:27017",
+            "STRIPE_PLATFORM_PII_KEY": "k" * 32,
+            "STRIPE_PLATFORM_SNOWFLAKE_ACCOUNT": "acct",
+            "STRIPE_PLATFORM_SNOWFLAKE_USER": "loader",
+            "STRIPE_PLATFORM_LAKE_URI": "s3://stripe-platform-lake",
+            "STRIPE_PLATFORM_AIRBYTE_URL": fake.url,
+            "STRIPE_PLATFORM_AIRBYTE_WORKSPACE_ID": fake.workspace_id,
+            "STRIPE_PLATFORM_AIRBYTE_CLIENT_ID": fake.client_id,
+            "STRIPE_PLATFORM_AIRBYTE_CLIENT_SECRET": fake.client_secret,
+        }
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        # The Airflow connection the provider's hook and trigger read, built as airflow_env does.
+        conn = airflow_env(load_settings(), base=dict(os.environ))["AIRFLOW_CONN_AIRBYTE_DEFAULT"]
+        monkeypatch.setenv("AIRFLOW_CONN_AIRBYTE_DEFAULT", conn)
+        yield fake
+
+
+def prod_lake_dag():
+    dag = dagbag().dags["elt_lake_daily"]
+    for t in dag.tasks:
+        t.poll_interval = 0.2  # the fake finishes a job in two polls
+    return dag
+
+
+def test_prod_syncs_go_through_airbytes_api_deferred(airflow_db, prod_env):
+    from airflow.utils.state import DagRunState
+
+    from stripe_platform.orchestration.airbyte import CatalogAirbyteSyncOperator
+
+    ids = {name: prod_env.add_connection(name) for name in ("postgres-to-s3", "mongodb-to-s3")}
+    dag = prod_lake_dag()
+    assert all(isinstance(t, CatalogAirbyteSyncOperator) and t.deferrable for t in dag.tasks)
+    run = dag.test()
+    assert run.state == DagRunState.SUCCESS
+    jobs = {j["connectionId"]: j for j in prod_env.jobs.values()}
+    assert set(jobs) == set(ids.values())  # each connection resolved by its name
+    assert all(j["status"] == "succeeded" and j["jobType"] == "sync" for j in jobs.values())
+    polls = [p for m, p in prod_env.requests if m == "GET" and p.startswith("/jobs/")]
+    assert len(polls) >= 4  # the trigger polled each job to completion
+
+
+def test_prod_failed_airbyte_job_fails_the_task(airflow_db, prod_env):
+    from airflow.utils.state import DagRunState, TaskInstanceState
+
+    for name in ("postgres-to-s3", "mongodb-to-s3"):
+        prod_env.add_connection(name)
+    prod_env.job_outcome = "failed"
+    dag = prod_lake_dag()
+    for t in dag.tasks:
+        t.retries = 0
+    run = dag.test()
+    assert run.state == DagRunState.FAILED
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert set(states.values()) == {TaskInstanceState.FAILED}
+
+
+def test_migrate_is_idempotent_and_fast_the_second_time(airflow_db):
+    started = time.monotonic()
+    assert migrate_airflow_db(_AIRFLOW_SETTINGS) is False
+    assert time.monotonic() - started < 1
+    print(f"airflow db migrate + pools: {airflow_db:.1f}s")
