@@ -22,7 +22,7 @@ with transactions as (
 )
 
 select
-    {{ dbt.hash(dbt.concat(["cast(date_key as " ~ dbt.type_string() ~ ")", "'|'", "cast(customer_id as " ~ dbt.type_string() ~ ")", "'|'", "cast(merchant_id as " ~ dbt.type_string() ~ ")", "'|'", "cast(location_id as " ~ dbt.type_string() ~ ")", "'|'", "cast(payment_method_id as " ~ dbt.type_string() ~ ")"])) }} as ID,
+    cast({{ dbt.hash(dbt.concat(["cast(date_key as " ~ dbt.type_string() ~ ")", "'|'", "cast(customer_id as " ~ dbt.type_string() ~ ")", "'|'", "cast(merchant_id as " ~ dbt.type_string() ~ ")", "'|'", "cast(location_id as " ~ dbt.type_string() ~ ")", "'|'", "cast(payment_method_id as " ~ dbt.type_string() ~ ")"])) }} as varchar) as ID,
     date_key as DateKey,
     customer_id as CustomerKey,
     merchant_id as MerchantKey,

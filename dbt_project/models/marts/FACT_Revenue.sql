@@ -22,7 +22,7 @@ select
     customer_id as CustomerKey,
     payment_method_id as PaymentMethodKey,
     currency_id as CurrencyKey,
-    status_name as Status,
+    cast(status_name as varchar) as Status,
     cast(local_amount as numeric(18, 2)) as LocalAmount,
     cast(amount_eur as numeric(18, 2)) as GrossAmount,
     cast(case when is_completed then amount_eur else 0 end as numeric(18, 2)) as Amount,

@@ -57,10 +57,8 @@ def profile_target(settings: Settings) -> dict[str, Any]:
             "path": str(settings.warehouse_file),
             "schema": MARTS_SCHEMA,
             "threads": 2,
-            # Dates of timestamps are UTC dates whatever the machine's zone. Unquoted names fold to
-            # lower case as on PostgreSQL: dbt looks relations up case-insensitively and would
-            # otherwise refuse a DIM_Date it created itself as an "approximate match".
-            "settings": {"TimeZone": "UTC", "preserve_identifier_case": False},
+            # Dates of timestamps are UTC dates whatever the machine's zone.
+            "settings": {"TimeZone": "UTC"},
         }
     if backend == "postgres":
         assert settings.warehouse_dsn is not None  # checked by Settings
