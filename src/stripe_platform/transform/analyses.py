@@ -42,9 +42,26 @@ def query_sql(name: str) -> str:
     return "\n".join(lines).strip().rstrip(";")
 
 
-def run_analysis(settings: Settings, name: str, connection: Any | None = None) -> QueryResult:
+def _not_built(settings: Settings, name: str, exc: Exception) -> AnalysisError:
+    return AnalysisError(
+        f"{name}: the marts are not built on the {settings.warehouse_backend} warehouse yet "
+        f"(run `stripe-platform transform`): {exc}"
+    )
+
+
+def _missing(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "does not exist" in text or "not found" in text or "no catalog" in text
+
+
+def run_analysis(settings: Settings, name: str) -> QueryResult:
     sql = query_sql(name)
-    conn = connection or open_marts_connection(settings, MARTS_SCHEMA)
+    try:
+        conn = open_marts_connection(settings, MARTS_SCHEMA)
+    except Exception as exc:
+        if _missing(exc):
+            raise _not_built(settings, name, exc) from exc
+        raise
     try:
         started = time.perf_counter()
         try:
@@ -52,16 +69,12 @@ def run_analysis(settings: Settings, name: str, connection: Any | None = None) -
             # session without the schema setting); Snowflake's only through a cursor.
             cursor = conn.execute(sql) if hasattr(conn, "execute") else conn.cursor().execute(sql)
         except Exception as exc:
-            if "does not exist" in str(exc) or "not found" in str(exc).lower():
-                raise AnalysisError(
-                    f"{name}: the marts are not built on the {settings.warehouse_backend} "
-                    f"warehouse yet (run `stripe-platform transform`): {exc}"
-                ) from exc
+            if _missing(exc):
+                raise _not_built(settings, name, exc) from exc
             raise
         rows = [tuple(r) for r in cursor.fetchall()]
         elapsed = time.perf_counter() - started
         columns = [d[0] for d in cursor.description]
     finally:
-        if connection is None:
-            conn.close()
+        conn.close()
     return QueryResult(name, sql, columns, rows, elapsed)
