@@ -27,6 +27,7 @@ import contextlib
 import datetime as dt
 import itertools
 import re
+import select
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -624,6 +625,7 @@ class Snapshot:
         lsn: int,
         snapshot_name: str,
         tables: Sequence[TableRef],
+        conninfo: str | None = None,
     ) -> None:
         self.conn = conn
         self.slot = slot
@@ -631,6 +633,7 @@ class Snapshot:
         self.lsn = lsn
         self.snapshot_name = snapshot_name
         self.tables = tuple(tables)
+        self.conninfo = conninfo
         self._cursors = itertools.count()
 
     def table(self, table: TableName | TableRef) -> TableRef:
@@ -649,10 +652,67 @@ class Snapshot:
         ).fetchall()
         return [ColumnInfo(name, oid) for name, oid in rows]
 
-    def _select(self, ref: TableRef) -> sql.Composed:
-        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in self.columns(ref))
+    def _select(self, ref: TableRef, columns: Sequence[str] | None = None) -> sql.Composed:
+        names = [c.name for c in self.columns(ref)] if columns is None else list(columns)
+        cols = sql.SQL(", ").join(sql.Identifier(name) for name in names)
         only = sql.SQL("" if ref.partitioned else "ONLY ")  # partitions are read via the root
         return sql.SQL("SELECT {} FROM {}{}").format(cols, only, ref.identifier)
+
+    def leaves(self, table: TableName | TableRef) -> list[tuple[TableRef, int]]:
+        """Pieces to read a table in parallel: the leaf partitions of a partitioned table (each a
+        plain table), else the table itself; with their size in bytes, largest first.
+
+        Reading every leaf under this snapshot gives exactly the rows of the root under it.
+        """
+        ref = self.table(table)
+        if not ref.partitioned:
+            return [(ref, 0)]
+        rows = self.conn.execute(
+            "SELECT c.oid, n.nspname, c.relname, pg_relation_size(c.oid) "
+            "FROM pg_partition_tree(%s::regclass) t JOIN pg_class c ON c.oid = t.relid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.isleaf AND c.relkind = 'r'",
+            (ref.oid,),
+        ).fetchall()
+        leaves = [(TableRef(oid, schema, name, False), size) for oid, schema, name, size in rows]
+        return sorted(leaves, key=lambda leaf: -leaf[1]) or [(ref, 0)]
+
+    @contextmanager
+    def attach(self) -> Iterator[Snapshot]:
+        """Another connection reading this very snapshot (``SET TRANSACTION SNAPSHOT``), for
+        parallel reads: valid while the snapshot's block is open. Use one per thread."""
+        if self.conninfo is None:
+            raise CDCError(f"slot {self.slot!r}: this snapshot has no conninfo to attach with")
+        with psycopg.connect(self.conninfo) as conn:
+            _import_snapshot(conn, self.snapshot_name)
+            yield Snapshot(
+                conn,
+                self.slot,
+                self.publication,
+                self.lsn,
+                self.snapshot_name,
+                self.tables,
+                self.conninfo,
+            )
+            if not conn.closed:  # a reader stopped mid-COPY closes its connection
+                conn.rollback()  # read-only: nothing to commit
+
+    def copy_blocks(
+        self,
+        table: TableName | TableRef,
+        columns: Sequence[str] | None = None,
+        *,
+        block_bytes: int = 16 << 20,
+    ) -> Iterator[memoryview]:
+        """``COPY (SELECT columns ...) TO STDOUT (FORMAT csv)`` without header, as blocks of whole
+        rows of about ``block_bytes``: for bulk parsers, with no Python work per row beyond one
+        copy into the block (psycopg's ``Copy`` costs several times more per row).
+
+        Each block is a fresh buffer the caller may keep. A row never spans two blocks
+        (PostgreSQL sends one CopyData message per row), so quoted newlines stay intact.
+        """
+        ref = self.table(table)
+        query = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(self._select(ref, columns))
+        yield from _copy_out_blocks(self.conn, query.as_bytes(self.conn), block_bytes)
 
     def rows(
         self, table: TableName | TableRef, *, batch_size: int = 10_000
@@ -676,6 +736,86 @@ class Snapshot:
             yield copy
 
 
+def _copy_out_blocks(
+    conn: psycopg.Connection, query: bytes, block_bytes: int
+) -> Iterator[memoryview]:
+    """Run a COPY ... TO STDOUT on ``conn`` (idle, possibly inside a transaction) straight through
+    libpq, gathering rows into blocks. The connection's lock is held throughout; if the consumer
+    stops early the connection is closed (it is mid-COPY and cannot be reused)."""
+    pgconn = conn.pgconn
+    with conn.lock:
+        pgconn.send_query(query)  # raises OperationalError if it cannot be sent
+        finished = False
+        try:
+            result = _next_result(pgconn)
+            if result is None or result.status != pq.ExecStatus.COPY_OUT:
+                _drain_results(pgconn)
+                raise _result_error(conn, result, "COPY TO STDOUT did not start")
+            get, consume, sock = pgconn.get_copy_data, pgconn.consume_input, pgconn.socket
+            block = bytearray(block_bytes)
+            view = memoryview(block)
+            used = 0
+            while True:
+                size, data = get(1)
+                if size > 0:
+                    end = used + size
+                    if end > block_bytes:
+                        if used:
+                            yield view[:used]
+                        if size > block_bytes:  # one row larger than a block: a block of its own
+                            yield memoryview(bytes(data))
+                            block = bytearray(block_bytes)
+                            view = memoryview(block)
+                            used = 0
+                            continue
+                        block = bytearray(block_bytes)
+                        view = memoryview(block)
+                        used, end = 0, size
+                    view[used:end] = data
+                    used = end
+                elif size == 0:  # nothing complete buffered: wait for the socket
+                    select.select([sock], [], [])
+                    consume()
+                else:  # -1: done; -2: error (reported by the final result)
+                    break
+            if used:
+                yield view[:used]
+            result = _next_result(pgconn)
+            _drain_results(pgconn)
+            finished = True
+            if result is None or result.status != pq.ExecStatus.COMMAND_OK:
+                raise _result_error(conn, result, "COPY TO STDOUT failed")
+        finally:
+            if not finished:
+                conn.close()  # mid-COPY (consumer stopped, or an error): unusable
+
+
+def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    """The next result, waiting on the socket without blocking inside libpq (keeps the GIL free)."""
+    while True:
+        pgconn.consume_input()
+        if not pgconn.is_busy():
+            return pgconn.get_result()
+        select.select([pgconn.socket], [], [])
+
+
+def _drain_results(pgconn: pq.abc.PGconn) -> None:
+    while _next_result(pgconn) is not None:
+        pass
+
+
+def _result_error(
+    conn: psycopg.Connection, result: pq.abc.PGresult | None, what: str
+) -> psycopg.Error:
+    if result is not None and result.status in (
+        pq.ExecStatus.FATAL_ERROR,
+        pq.ExecStatus.NONFATAL_ERROR,
+    ):
+        return psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+    status = "no result" if result is None else pq.ExecStatus(result.status).name
+    return psycopg.OperationalError(f"{what}: {status}")
+
+
 def use_cdc_types(conn: psycopg.Connection) -> None:
     """Make ``conn`` load values with the Python types change rows have: every type the CDC
     decoder keeps as text is loaded as text here too (psycopg would turn inet into ipaddress,
@@ -685,6 +825,16 @@ def use_cdc_types(conn: psycopg.Connection) -> None:
         for oid in (info.oid, info.array_oid):
             if oid and oid not in TYPED_OIDS:
                 conn.adapters.register_loader(oid, TextLoader)
+
+
+def _import_snapshot(conn: psycopg.Connection, snapshot_name: str) -> None:
+    """Make ``conn``'s transaction read exactly the exported snapshot, typed like change rows."""
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    conn.read_only = True
+    # Must be the transaction's first statement (psycopg has just sent BEGIN).
+    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+    conn.execute(_SESSION_SETTINGS)
+    use_cdc_types(conn)
 
 
 def _replication_connect(conninfo: str, slot: str) -> pq.PGconn:
@@ -752,15 +902,8 @@ def consistent_snapshot(
             lsn, snapshot_name = _create_slot_exporting_snapshot(repl, slot)
             created = True
             with psycopg.connect(conninfo) as conn:
-                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-                conn.read_only = True
-                # Must be the transaction's first statement (psycopg has just sent BEGIN).
-                conn.execute(
-                    sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
-                )
-                conn.execute(_SESSION_SETTINGS)
-                use_cdc_types(conn)
-                yield Snapshot(conn, slot, publication, lsn, snapshot_name, refs)
+                _import_snapshot(conn, snapshot_name)
+                yield Snapshot(conn, slot, publication, lsn, snapshot_name, refs, conninfo)
                 conn.rollback()  # read-only: nothing to commit
         except BaseException:
             repl.finish()

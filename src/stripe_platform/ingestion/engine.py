@@ -16,9 +16,12 @@ belongs to one connection, so connections to different destinations advance inde
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import io
+import os
+import queue
 import re
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -45,6 +48,12 @@ from stripe_platform.oltp import db
 from stripe_platform.warehouse.raw import ARROW, Column, RawStream, SchemaChangeError
 
 BATCH_ROWS = 50_000
+# Snapshots: rows per destination write (fewer, larger lake files), parallel COPY readers (each a
+# connection sharing the slot's exported snapshot; a partitioned table is read partition by
+# partition) and the CSV block each reader hands to pyarrow.
+SNAPSHOT_BATCH_ROWS = 250_000
+SNAPSHOT_READERS = max(2, min(4, os.cpu_count() or 2))
+PARSE_BLOCK_BYTES = 16 << 20
 PG_TYPES = {
     "int2": "integer",
     "int4": "integer",
@@ -271,19 +280,21 @@ class Engine:
             # A new generation: rows an interrupted earlier snapshot left behind, that the source
             # no longer has, are removed once this snapshot is complete.
             generation = _new_generation()
-            with cdc.consistent_snapshot(
-                conninfo, slot, publication, [s.name for s in streams]
-            ) as snap:
+            with contextlib.ExitStack() as stack:
+                snap = stack.enter_context(
+                    cdc.consistent_snapshot(conninfo, slot, publication, [s.name for s in streams])
+                )
                 taken = dt.datetime.now(dt.UTC)
+                reader = stack.enter_context(_SnapshotReader(snap, SNAPSHOT_READERS))
                 for stream in streams:
-                    for table in _snapshot_batches(snap, stream.name, raw[stream.name].columns):
+                    for table in reader.tables(stream.name, raw[stream.name].columns):
                         n = table.num_rows
                         table = table.append_column(
-                            "_ab_cdc_lsn", pa.array([snap.lsn] * n, pa.int64())
+                            "_ab_cdc_lsn", pa.repeat(pa.scalar(snap.lsn, pa.int64()), n)
                         )
                         table = table.append_column(
                             "_ab_cdc_updated_at",
-                            pa.array([taken] * n, pa.timestamp("us", tz="UTC")),
+                            pa.repeat(pa.scalar(taken, pa.timestamp("us", tz="UTC")), n),
                         )
                         self._write(report, raw[stream.name], stream.name, table, None, generation)
                     if stream.name not in report.streams:
@@ -361,60 +372,117 @@ class Engine:
                 report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
 
 
-class _CopyStream(io.RawIOBase):
-    """A file-like view of a COPY TO STDOUT, for pyarrow's streaming CSV reader."""
+class _SnapshotReader:
+    """Reads the tables of a consistent snapshot as typed Arrow tables, in parallel.
 
-    def __init__(self, copy: psycopg.Copy) -> None:
-        self._chunks = iter(copy)
-        self._buffer = b""
+    ``readers`` connections import the slot's exported snapshot (``Snapshot.attach``), so every
+    one of them sees exactly the rows the slot starts after. A partitioned table is split into
+    its leaf partitions, read concurrently, largest first; each reader COPYs CSV straight from
+    libpq into large blocks that pyarrow parses (GIL released), while the calling thread types
+    and writes the previous batch. Batches come out in no particular order.
+    """
 
-    def readable(self) -> bool:
-        return True
+    def __init__(self, snap: cdc.Snapshot, readers: int) -> None:
+        self.snap = snap
+        self.readers = max(1, readers)
+        self._stack = contextlib.ExitStack()
+        self._attached: list[cdc.Snapshot] = []
 
-    def readinto(self, target: Any) -> int:
-        while not self._buffer:
-            try:
-                self._buffer = bytes(next(self._chunks))
-            except StopIteration:
-                return 0
-        n = min(len(target), len(self._buffer))
-        target[:n] = self._buffer[:n]
-        self._buffer = self._buffer[n:]
-        return n
+    def __enter__(self) -> _SnapshotReader:
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
-def _snapshot_batches(
-    snap: cdc.Snapshot, table: str, columns: tuple[Column, ...]
-) -> Iterator[pa.Table]:
-    """A table of the snapshot as typed Arrow batches: COPY (CSV) parsed by pyarrow, several times
-    faster than building Python rows."""
-    names = [c.name for c in columns]
-    binary = [c.name for c in columns if c.type == "binary"]
-    types = {c.name: ARROW[c.type] for c in columns if c.type != "binary"}
-    options = pacsv.ConvertOptions(
-        column_types=types,
-        include_columns=names,
-        true_values=["t"],
-        false_values=["f"],
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=False,
-    )
-    with snap.copy(table, binary=False) as copy:
-        reader = pacsv.open_csv(
-            io.BufferedReader(_CopyStream(copy), 1 << 20),
-            read_options=pacsv.ReadOptions(block_size=8 << 20),
-            convert_options=options,
+    def _connections(self, n: int) -> list[cdc.Snapshot]:
+        while len(self._attached) < n:
+            self._attached.append(self._stack.enter_context(self.snap.attach()))
+        return self._attached[:n]
+
+    def tables(
+        self, table: str, columns: tuple[Column, ...], batch_rows: int = SNAPSHOT_BATCH_ROWS
+    ) -> Iterator[pa.Table]:
+        names = [c.name for c in columns]
+        binary = [c.name for c in columns if c.type == "binary"]
+        read_options = pacsv.ReadOptions(column_names=names, use_threads=True)
+        # Each block holds whole rows, so a quoted newline inside a value is safe to allow.
+        parse_options = pacsv.ParseOptions(newlines_in_values=True)
+        convert_options = pacsv.ConvertOptions(
+            column_types={c.name: ARROW[c.type] for c in columns if c.type != "binary"},
+            true_values=["t"],
+            false_values=["f"],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
         )
-        pending: list[pa.RecordBatch] = []
-        rows = 0
-        for batch in reader:
-            pending.append(batch)
-            rows += batch.num_rows
-            if rows >= BATCH_ROWS:
-                yield _decode_bytea(pa.Table.from_batches(pending), binary)
-                pending, rows = [], 0
-        if pending:
-            yield _decode_bytea(pa.Table.from_batches(pending), binary)
+
+        def parse(block: memoryview) -> pa.Table:
+            return pacsv.read_csv(
+                pa.py_buffer(block),
+                read_options=read_options,
+                parse_options=parse_options,
+                convert_options=convert_options,
+            )
+
+        pieces: queue.SimpleQueue[cdc.TableRef] = queue.SimpleQueue()
+        leaves = self.snap.leaves(table)
+        for ref, _ in leaves:
+            pieces.put(ref)
+        readers = self._connections(min(self.readers, len(leaves)))
+        out: queue.Queue[pa.Table | BaseException | None] = queue.Queue(maxsize=2 * len(readers))
+        stop = threading.Event()
+
+        def put(item: pa.Table | BaseException | None) -> None:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def work(reader: cdc.Snapshot) -> None:
+            try:
+                while not stop.is_set():
+                    try:
+                        ref = pieces.get_nowait()
+                    except queue.Empty:
+                        break
+                    for block in reader.copy_blocks(ref, names, block_bytes=PARSE_BLOCK_BYTES):
+                        if stop.is_set():
+                            break  # closing the generator closes this mid-COPY connection
+                        put(parse(block))
+            except BaseException as exc:  # handed to the consuming thread, which raises it
+                put(exc)
+            finally:
+                put(None)
+
+        threads = [
+            threading.Thread(target=work, args=(r,), name=f"snapshot-{i}", daemon=True)
+            for i, r in enumerate(readers)
+        ]
+        for thread in threads:
+            thread.start()
+        try:
+            running, pending, rows = len(threads), [], 0
+            while running:
+                item = out.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                pending.append(item)
+                rows += item.num_rows
+                if rows >= batch_rows:
+                    yield _decode_bytea(pa.concat_tables(pending), binary)
+                    pending, rows = [], 0
+            if pending:
+                yield _decode_bytea(pa.concat_tables(pending), binary)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+            # A reader stopped mid-COPY closed its connection: attach anew next time.
+            self._attached = [r for r in self._attached if not r.conn.closed]
 
 
 def _decode_bytea(table: pa.Table, columns: list[str]) -> pa.Table:
