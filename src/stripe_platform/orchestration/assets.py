@@ -1,8 +1,9 @@
 """The Assets the DAGs publish, named once here so producers and consumers agree.
 
-Lake assets carry the lake's real location (``s3://...`` or ``file://...``). Assets without one
-stable address (a database table reached through a profile-specific DSN) use the platform's own
-``stripe-platform://`` scheme; their names are what downstream DAGs schedule on.
+An Asset names a logical data set, the same on every profile and deployment, so a downstream DAG
+schedules on it whatever the lake root or the DSNs are (Airflow also treats one name with two URIs
+as a conflict). URIs use the platform's own ``stripe-platform://`` scheme; where the data physically
+is comes from the settings (``lake_location`` for the lake).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from stripe_platform.config import Settings
 SCHEME = "stripe-platform"
 
 
-def _lake_uri(settings: Settings) -> str:
+def lake_location(settings: Settings, source: str) -> str:
+    """Where one source's raw parquet is: ``s3://bucket/raw/<source>`` or ``file:///.../raw/<source>``."""
     root = settings.lake_root.rstrip("/")
-    return root if "://" in root else Path(root).resolve().as_uri()
+    root = root if "://" in root else Path(root).resolve().as_uri()
+    return f"{root}/raw/{source}"
 
 
-def lake_asset(settings: Settings, source: str) -> Asset:
-    """Raw parquet of one source in the lake: ``<lake>/raw/<source>``."""
-    return Asset(name=f"lake.raw.{source}", uri=f"{_lake_uri(settings)}/raw/{source}")
+def lake_asset(source: str) -> Asset:
+    """Raw parquet of one source in the lake (see :func:`lake_location`)."""
+    return Asset(name=f"lake.raw.{source}", uri=f"{SCHEME}://lake/raw/{source}")
 
 
 def warehouse_raw_asset(namespace: str, source: str) -> Asset:
@@ -40,3 +43,8 @@ def oltp_partitions_asset() -> Asset:
 def document_indexes_asset() -> Asset:
     """The document store's collections and indexes, checked against mongo/collections."""
     return Asset(name="docstore.indexes", uri=f"{SCHEME}://docstore/indexes")
+
+
+def mart_asset(name: str) -> Asset:
+    """A mart of the star schema (dbt_project/models/marts), e.g. ``FACT_Revenue``."""
+    return Asset(name=f"warehouse.analytics.{name}", uri=f"{SCHEME}://warehouse/analytics/{name}")

@@ -33,7 +33,7 @@ def task_id_for(connection: str) -> str:
     return "sync_" + connection.replace("-", "_")
 
 
-def connection_asset(settings: Settings, connection: str) -> Any:
+def connection_asset(connection: str) -> Any:
     """What a connection produces: its source in the lake, or its raw tables in the warehouse."""
     from stripe_platform.ingestion.catalog import S3Destination
     from stripe_platform.orchestration.assets import lake_asset, warehouse_raw_asset
@@ -41,7 +41,7 @@ def connection_asset(settings: Settings, connection: str) -> Any:
     catalog = _catalog()
     conn = catalog.connection(connection)
     if isinstance(catalog.destination(conn.destination), S3Destination):
-        return lake_asset(settings, conn.namespace)
+        return lake_asset(conn.namespace)
     return warehouse_raw_asset(conn.namespace, conn.source)
 
 
@@ -101,7 +101,7 @@ def sync_task(
     """
     settings = settings or load_settings()
     task_id = task_id or task_id_for(connection)
-    outlets = outlets if outlets is not None else [connection_asset(settings, connection)]
+    outlets = outlets if outlets is not None else [connection_asset(connection)]
     if writes_warehouse(connection):
         task_kwargs.setdefault("pool", WAREHOUSE_POOL)
     if settings.ingestion_backend == "airbyte":
