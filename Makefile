@@ -8,8 +8,11 @@ UV = $(shell command -v uv >/dev/null 2>&1 && echo uv || echo python3 -m uv)
 bootstrap:
 	@bash scripts/bootstrap.sh
 
+# SCALE: synthetic data size of the main job (1 = 1M payments), e.g. `make demo SCALE=1`.
+SCALE ?= 0.05
+
 demo: bootstrap
-	$(UV) run --frozen stripe-platform demo
+	$(UV) run --frozen stripe-platform demo --scale $(SCALE)
 
 test: bootstrap
 	$(UV) run --frozen ruff check .

@@ -174,10 +174,16 @@ def main() -> None:
 
     print(f"\n| measure (scale {args.scale}, {transactions:,} transactions) | median |")
     print("|---|---|")
-    print(f"| dbt build, full (`transform --full-refresh`), wall | {fmt(results['full_build_seconds'])} |")
+    print(
+        f"| dbt build, full (`transform --full-refresh`), wall | {fmt(results['full_build_seconds'])} |"
+    )
     print(f"| dbt build, full, dbt's own time | {fmt(results['full_build_dbt_seconds'])} |")
-    print(f"| dbt build, incremental after 30 min of activity, wall | {fmt(results['incremental_build_seconds'])} |")
-    print(f"| dbt build, incremental, dbt's own time | {fmt(results['incremental_build_dbt_seconds'])} |")
+    print(
+        f"| dbt build, incremental after 30 min of activity, wall | {fmt(results['incremental_build_seconds'])} |"
+    )
+    print(
+        f"| dbt build, incremental, dbt's own time | {fmt(results['incremental_build_dbt_seconds'])} |"
+    )
     for name, s in queries.items():
         print(f"| query `{name}` | {fmt(s, 'ms', 2)} |")
 

@@ -26,7 +26,7 @@ def cli(fresh_home):
             text=True,
             env=env,
             check=False,
-            timeout=240,
+            timeout=1200,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
@@ -37,8 +37,14 @@ def cli(fresh_home):
 
 
 def test_main_job_end_to_end_and_again(cli):
-    first = cli("demo")
+    """`make demo`: the brief's statements, then seed -> Airflow (`airflow dags test` of the ELT
+    DAGs: syncs, dbt through cosmos) -> the brief's OLAP queries answered from the marts."""
+    first = cli("demo", "--scale", "0.005")
     out = first.stdout
+    assert "elt_warehouse_daily: success" in out and "elt_lake_daily: success" in out
+    for name in ("revenue-tax-fr", "fraud-daily-small-credit", "premium-spend-fr"):
+        answer = json.loads(cli("query", name, "--json").stdout)
+        assert answer["rows"], f"{name} returned no rows"
     assert "ACID example (sql/examples/acid_status_change.sql): committed" in out
     assert "refunded -> pending is refused" in out
     assert "John42 │ True" in out and "False (wrong password)" in out
@@ -47,8 +53,11 @@ def test_main_job_end_to_end_and_again(cli):
     assert "iPadOS" in out  # top operating systems
     assert "The product was not what I wanted" in out
 
-    second = cli("demo")  # idempotent: nothing applied twice, nothing duplicated
+    # Again: idempotent (nothing applied twice, nothing duplicated) and incremental.
+    second = cli("demo", "--scale", "0.005")
     assert "0 migration(s) applied now" in second.stdout
+    assert "appended 60 minutes of activity" in second.stdout
+    assert "elt_warehouse_daily: success" in second.stdout
     assert "refunded by an earlier run" in second.stdout
     assert second.stdout.count("Exceptional refund") == 1
 

@@ -63,6 +63,7 @@ LAZY_ERRORS = {
     "stripe_platform.ingestion.cdc": ("CDCError",),
     "stripe_platform.transform.dbt": ("TransformError",),
     "stripe_platform.transform.analyses": ("AnalysisError",),
+    "stripe_platform.orchestration.airflow_runtime": ("AirflowSetupError",),
 }
 
 
@@ -190,11 +191,35 @@ def psql(database: Annotated[str | None, typer.Option(help="Database name")] = N
 
 
 @command(app)
-def demo() -> None:
-    """The main job: bring everything up, load the sample, run the brief's statements and queries."""
+def demo(
+    scale: Annotated[
+        float, typer.Option(min=0.001, max=10, help="Synthetic data size; 1 = 1M payments")
+    ] = 0.05,
+) -> None:
+    """The main job: runtime up, the brief's statements, seed, Airflow runs the ELT DAGs (sync,
+    dbt), then the brief's queries answered."""
     from stripe_platform import demo as demo_job
 
-    demo_job.run(settings(), console)
+    demo_job.run(settings(), console, scale=scale)
+
+
+@command(app)
+def airflow(
+    port: Annotated[int, typer.Option(help="Port of the UI and API on 127.0.0.1")] = 8080,
+) -> None:
+    """Start Airflow on this machine (`airflow standalone`: UI, scheduler, DAG processor,
+    triggerer) with the platform's DAGs, until Ctrl-C."""
+    from stripe_platform.orchestration.airflow_runtime import run_airflow_standalone
+    from stripe_platform.transform.dbt import TransformError, run_dbt
+
+    s = settings()
+    if not run_dbt(s, "parse", "--quiet").success:  # the manifest cosmos renders the DAGs from
+        raise TransformError("dbt parse failed: see <home>/dbt/logs/dbt.log")
+    err.print(
+        f"Airflow on http://127.0.0.1:{port} (user admin; password in "
+        f"{s.home_dir / 'airflow' / 'simple_auth_manager_passwords.json.generated'})"
+    )
+    raise typer.Exit(run_airflow_standalone(s, port=port))
 
 
 # -- OLTP --------------------------------------------------------------------------------------------

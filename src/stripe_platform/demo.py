@@ -1,15 +1,25 @@
-"""The main job on the embedded profile: runtime up, schema and collections applied, the sample
-loaded, then the brief's OLTP statements and document queries run and printed."""
+"""The main job on the embedded profile, the whole pipeline:
+
+1. the runtime up, the schema and collections applied;
+2. the brief's OLTP statements and document queries on its own example records (the sample, in the
+   `<database>_brief` databases, so they never mix with the synthetic data);
+3. synthetic data seeded at ``scale`` (a re-run appends an hour of activity instead);
+4. real Airflow runs ``elt_warehouse_daily`` (sync to the warehouse, dbt through cosmos, mart
+   Assets) and ``elt_lake_daily`` (sync to the lake) with ``airflow dags test``;
+5. the brief's three OLAP queries answered from the marts, and where everything is.
+Every stage is idempotent, so Ctrl-C and a re-run leave everything consistent."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from rich.console import Console
 from rich.table import Table
 
@@ -50,17 +60,181 @@ def audit_log_tail(log_dir: Path, n: int = 3) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]
 
 
-def run(settings: Settings, console: Console) -> None:
+DEFAULT_SCALE = 0.05  # 50,000 payments: a first run takes a few minutes
+ACTIVITY_MINUTES = 60  # appended by a re-run, so its syncs and builds are incremental
+DAGS = ("elt_warehouse_daily", "elt_lake_daily")
+
+
+def brief_settings(settings: Settings) -> Settings:
+    """The databases holding the brief's example records (the sample)."""
+    return settings.model_copy(
+        update={
+            "pg_database": f"{settings.pg_database}_brief",
+            "mongodb_database": f"{settings.mongodb_database}_brief",
+        }
+    )
+
+
+def ensure_database(settings: Settings) -> None:
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        if not conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (settings.pg_database,)
+        ).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(settings.pg_database)))
+
+
+def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -> dict[str, float]:
+    """The main job; returns the seconds spent per stage."""
     started = time.monotonic()
+    stages: dict[str, float] = {}
+    stage_started = [started]
 
     def step(message: str) -> None:
         console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {message}")
+
+    def stage_done(name: str) -> None:
+        now = time.monotonic()
+        stages[name] = now - stage_started[0]
+        stage_started[0] = now
 
     if settings.profile == "embedded":
         step("starting the embedded PostgreSQL cluster")
         status = db.embedded_cluster(settings).up()
         step(f"PostgreSQL {status.version} on 127.0.0.1:{status.port} (data {status.datadir})")
+    stage_done("runtime")
 
+    brief = brief_settings(settings)
+    console.rule(f"[bold]The brief's example records (databases {brief.pg_database})")
+    ensure_database(brief)
+    showcase_brief(brief, console, step)
+    stage_done("brief statements")
+
+    console.rule(f"[bold]The pipeline (database {settings.pg_database}, scale {scale})")
+    seed_or_append(settings, scale, step)
+    stage_done("seed")
+
+    orchestrate(settings, console, step, stages, stage_done)
+
+    console.rule("[bold]The brief's OLAP queries, answered from the marts")
+    answer_brief_queries(settings, console)
+    stage_done("queries")
+    where_things_are(settings, console)
+    step("done: " + ", ".join(f"{name} {secs:.0f}s" for name, secs in stages.items()))
+    return stages
+
+
+def seed_or_append(settings: Settings, scale: float, step: Callable[[str], None]) -> None:
+    """Seed the synthetic data, or resume an interrupted seed, or (when an earlier run finished)
+    append an hour of activity: inserts, status changes, updates and deletes for CDC."""
+    from stripe_platform.seed import incremental
+    from stripe_platform.seed.dataset import build
+    from stripe_platform.seed.load import seed
+    from stripe_platform.seed.spec import make_spec
+
+    documents = docstore.connect(settings)
+    apply_specs(documents)
+    with db.connect(settings, autocommit=True) as conn:
+        migrate(conn, on_apply=lambda m: step(f"applying {m.path.name}"))
+        previous = {k for (k,) in conn.execute("SELECT run_key FROM platform.seed_run")}
+    spec = make_spec(scale=scale)
+    if not previous or spec.run_key in previous:
+        # First run, or the same seed again (it resumes where an interrupted run stopped).
+        step(f"seeding scale {scale}")
+        report = seed(settings, build(spec), documents)
+        if report.resumed_batches == 0 and not previous:
+            rows = {name: t.rows for name, t in report.oltp.items()}
+            step(
+                f"seeded in {report.oltp_seconds:.1f}s: "
+                + ", ".join(f"{n:,} {name}" for name, n in rows.items() if n)
+            )
+            return
+    # The data was seeded by an earlier run: new activity makes this run's syncs and builds
+    # incremental, as they are in production.
+    activity = incremental.run(settings, documents, seed=int(time.time()), minutes=ACTIVITY_MINUTES)
+    changes = {
+        kind: sum(getattr(activity, kind).values()) for kind in ("inserted", "updated", "deleted")
+    }
+    step(
+        f"appended {ACTIVITY_MINUTES} minutes of activity: "
+        + ", ".join(f"{n:,} rows {kind}" for kind, n in changes.items())
+    )
+
+
+def orchestrate(
+    settings: Settings,
+    console: Console,
+    step: Callable[[str], None],
+    stages: dict[str, float],
+    stage_done: Callable[[str], None],
+) -> None:
+    from stripe_platform.orchestration.airflow_runtime import airflow_home, migrate_airflow_db
+    from stripe_platform.orchestration.dag_runs import dags_test
+    from stripe_platform.transform.dbt import TransformError, run_dbt
+
+    step(f"Airflow metadata (SQLite) under {airflow_home(settings)}")
+    if migrate_airflow_db(settings):
+        step("airflow db migrate: done (once per Airflow version)")
+    parsed = run_dbt(settings, "parse", "--quiet")
+    if not parsed.success:
+        raise TransformError("dbt parse failed: see <home>/dbt/logs/dbt.log")
+    step("dbt manifest written (cosmos renders the DAG from it)")
+    stage_done("airflow setup")
+    for dag_id in DAGS:
+        step(f"airflow dags test {dag_id}")
+        result = dags_test(
+            settings,
+            dag_id,
+            on_task=lambda t: console.print(
+                f"         [green]✓[/green] {t.task_id:<58} {t.seconds:5.1f}s"
+            ),
+        )
+        step(
+            f"{dag_id}: {result.state} in {result.seconds:.0f}s, {len(result.tasks)} tasks (log {result.log})"
+        )
+        stage_done(dag_id)
+
+
+def answer_brief_queries(settings: Settings, console: Console) -> None:
+    from stripe_platform.transform.analyses import available, run_analysis
+
+    for name in available():
+        result = run_analysis(settings, name)
+        console.print(f"[cyan]{result.sql}[/cyan]")
+        rows = (
+            result.rows if len(result.rows) <= 14 else [*result.rows[:6], ("…",), *result.rows[-6:]]
+        )
+        console.print(
+            table(
+                f"{name}: {len(result.rows)} rows in {result.seconds * 1000:.0f} ms",
+                result.columns,
+                rows,
+            )
+        )
+
+
+def where_things_are(settings: Settings, console: Console) -> None:
+    from stripe_platform.orchestration.airflow_runtime import airflow_home
+
+    console.rule("[bold]Where things are")
+    lines = [
+        ("OLTP", f"`stripe-platform psql` (database {settings.pg_database})"),
+        ("documents", f"{settings.home_dir / 'docstore'} (`stripe-platform mongo query NAME`)"),
+        ("warehouse", f"{settings.warehouse_file} (DuckDB; marts in schema analytics)"),
+        ("lake", f"{settings.lake_root}/raw/<source>/<stream>/extracted_date=…/*.parquet"),
+        (
+            "dbt",
+            "`stripe-platform transform`, `stripe-platform query NAME`, `stripe-platform dbt docs generate`",
+        ),
+        (
+            "Airflow",
+            f"`stripe-platform airflow` → http://127.0.0.1:8080 (home {airflow_home(settings)})",
+        ),
+    ]
+    console.print(table("", ["what", "where"], lines))
+
+
+def showcase_brief(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
+    """The brief's OLTP statements and document queries, on its example records."""
     with db.connect(settings, autocommit=True) as conn:
         applied = migrate(conn, on_apply=lambda m: step(f"applying {m.path.name}"))
         step(f"schema up to date ({len(applied)} migration(s) applied now)")
@@ -186,4 +360,3 @@ def run(settings: Settings, console: Console) -> None:
         console.print(f"Audit log (jsonlog): {log_dir}")
         for entry in audit_log_tail(log_dir, 1):
             console.print_json(data=entry)
-    step("done. Next: `stripe-platform psql`, `stripe-platform status`, `stripe-platform down`")

@@ -58,6 +58,11 @@ def airflow_env(
             "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
             "MLFLOW_DISABLE_TELEMETRY": "true",
+            # No usage reporting to third parties (cosmos and Airflow both phone home otherwise).
+            "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
+            "AIRFLOW__USAGE_DATA_COLLECTION__ENABLED": "False",
+            "SCARF_NO_ANALYTICS": "true",
+            "DO_NOT_TRACK": "true",
             "STRIPE_PLATFORM_HOME": str(settings.home_dir),
             "STRIPE_PLATFORM_PROFILE": settings.profile,
         }

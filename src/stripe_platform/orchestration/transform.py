@@ -1,0 +1,117 @@
+"""The dbt project rendered as Airflow tasks with astronomer-cosmos: one task per model, seed and
+snapshot, then one task running all the tests, on the active profile's warehouse, in the warehouse
+pool.
+
+Rendering reads dbt's manifest (``<home>/dbt/target/manifest.json``, written by
+``stripe-platform dbt parse``) instead of running ``dbt ls`` while the DAG file is parsed: dbt's
+imports alone take seconds, and a DAG file must parse in well under one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from stripe_platform.config import Settings, load_settings
+from stripe_platform.orchestration.defaults import WAREHOUSE_POOL
+from stripe_platform.transform.dbt import (
+    DBT_PROJECT_DIR,
+    PROFILE,
+    TransformError,
+    dbt_dir,
+    dbt_env,
+    write_profiles,
+)
+
+# The marts the brief's queries read: published as Assets when a build finishes.
+MARTS = (
+    "DIM_Date",
+    "DIM_Customer",
+    "DIM_Merchant",
+    "DIM_Location",
+    "DIM_PaymentMethod",
+    "DIM_Currency",
+    "DIM_Device",
+    "FACT_Revenue",
+    "FACT_FraudAnalysis",
+    "FACT_CustomerSegmentation",
+    "FACT_CustomerReview",
+    "FACT_Session",
+)
+
+
+def manifest_path(settings: Settings) -> Path:
+    return dbt_dir(settings) / "target" / "manifest.json"
+
+
+def dbt_task_group(
+    *,
+    group_id: str = "transform",
+    select: list[str] | None = None,
+    settings: Settings | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A cosmos DbtTaskGroup of the project (or the ``select``ed part of it)."""
+    from cosmos import DbtTaskGroup, ExecutionConfig, ProfileConfig, ProjectConfig, RenderConfig
+    from cosmos.constants import (
+        ExecutionMode,
+        InvocationMode,
+        LoadMode,
+        TestBehavior,
+    )
+
+    settings = settings or load_settings()
+    manifest = manifest_path(settings)
+    if not manifest.exists():
+        raise TransformError(
+            f"no dbt manifest at {manifest}: run `stripe-platform dbt parse` (make demo does)"
+        )
+    # The profile's secrets reach dbt through this process's environment, never through the
+    # serialized DAG (task arguments are stored in Airflow's metadata database).
+    os.environ.update(dbt_env(settings))
+    profiles = write_profiles(settings) / "profiles.yml"
+    return DbtTaskGroup(
+        group_id=group_id,
+        project_config=ProjectConfig(
+            dbt_project_path=DBT_PROJECT_DIR, manifest_path=manifest, install_dbt_deps=False
+        ),
+        profile_config=ProfileConfig(
+            profile_name=PROFILE,
+            target_name=settings.warehouse_backend,
+            profiles_yml_filepath=profiles,
+        ),
+        execution_config=ExecutionConfig(
+            execution_mode=ExecutionMode.LOCAL,
+            invocation_mode=InvocationMode.DBT_RUNNER,
+        ),
+        render_config=RenderConfig(
+            load_method=LoadMode.DBT_MANIFEST,
+            # One task runs every test once all nodes are built: many tests join several models
+            # (relationships, reconciliations), and one dbt invocation costs seconds of start-up.
+            # The marts are published only if it passes.
+            test_behavior=TestBehavior.AFTER_ALL,
+            select=select or [],
+            emit_datasets=False,  # the platform publishes its own mart Assets (mart_assets)
+        ),
+        operator_args={"pool": WAREHOUSE_POOL, "install_deps": False},
+        **kwargs,
+    )
+
+
+def mart_assets(names: tuple[str, ...] = MARTS) -> list[Any]:
+    from stripe_platform.orchestration.assets import mart_asset
+
+    return [mart_asset(name) for name in names]
+
+
+def publish_marts_task(names: tuple[str, ...] = MARTS, task_id: str = "publish_marts") -> Any:
+    """A task (inside a DAG definition) marking the marts updated once the build before it
+    succeeded: DAGs scheduled on their Assets start."""
+    from airflow.sdk import task
+
+    @task(task_id=task_id, outlets=mart_assets(names))
+    def publish() -> list[str]:
+        return list(names)
+
+    return publish()
