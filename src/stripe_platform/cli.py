@@ -210,11 +210,10 @@ def airflow(
     """Start Airflow on this machine (`airflow standalone`: UI, scheduler, DAG processor,
     triggerer) with the platform's DAGs, until Ctrl-C."""
     from stripe_platform.orchestration.airflow_runtime import run_airflow_standalone
-    from stripe_platform.transform.dbt import TransformError, run_dbt
+    from stripe_platform.transform.dbt import ensure_manifest
 
     s = settings()
-    if not run_dbt(s, "parse", "--quiet").success:  # the manifest cosmos renders the DAGs from
-        raise TransformError("dbt parse failed: see <home>/dbt/logs/dbt.log")
+    ensure_manifest(s)  # what cosmos renders the DAGs from
     err.print(
         f"Airflow on http://127.0.0.1:{port} (user admin; password in "
         f"{s.home_dir / 'airflow' / 'simple_auth_manager_passwords.json.generated'})"

@@ -169,14 +169,12 @@ def orchestrate(
 ) -> None:
     from stripe_platform.orchestration.airflow_runtime import airflow_home, migrate_airflow_db
     from stripe_platform.orchestration.dag_runs import dags_test
-    from stripe_platform.transform.dbt import TransformError, run_dbt
+    from stripe_platform.transform.dbt import ensure_manifest
 
     step(f"Airflow metadata (SQLite) under {airflow_home(settings)}")
     if migrate_airflow_db(settings):
         step("airflow db migrate: done (once per Airflow version)")
-    parsed = run_dbt(settings, "parse", "--quiet")
-    if not parsed.success:
-        raise TransformError("dbt parse failed: see <home>/dbt/logs/dbt.log")
+    ensure_manifest(settings)
     step("dbt manifest written (cosmos renders the DAG from it)")
     stage_done("airflow setup")
     for dag_id in DAGS:

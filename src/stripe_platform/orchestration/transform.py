@@ -2,15 +2,14 @@
 snapshot, then one task running all the tests, on the active profile's warehouse, in the warehouse
 pool.
 
-Rendering reads dbt's manifest (``<home>/dbt/target/manifest.json``, written by
-``stripe-platform dbt parse``) instead of running ``dbt ls`` while the DAG file is parsed: dbt's
+Rendering reads dbt's manifest (``dbt_project/target/manifest.json``, see
+``transform.dbt.ensure_manifest``) instead of running ``dbt ls`` while the DAG file is parsed: dbt's
 imports alone take seconds, and a DAG file must parse in well under one.
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from stripe_platform.config import Settings, load_settings
@@ -18,9 +17,8 @@ from stripe_platform.orchestration.defaults import WAREHOUSE_POOL
 from stripe_platform.transform.dbt import (
     DBT_PROJECT_DIR,
     PROFILE,
-    TransformError,
-    dbt_dir,
     dbt_env,
+    ensure_manifest,
     write_profiles,
 )
 
@@ -41,10 +39,6 @@ MARTS = (
 )
 
 
-def manifest_path(settings: Settings) -> Path:
-    return dbt_dir(settings) / "target" / "manifest.json"
-
-
 def dbt_task_group(
     *,
     group_id: str = "transform",
@@ -62,11 +56,8 @@ def dbt_task_group(
     )
 
     settings = settings or load_settings()
-    manifest = manifest_path(settings)
-    if not manifest.exists():
-        raise TransformError(
-            f"no dbt manifest at {manifest}: run `stripe-platform dbt parse` (make demo does)"
-        )
+    # Fresh in milliseconds; only a changed project (or a new checkout) pays for a `dbt parse`.
+    manifest = ensure_manifest(settings)
     # The profile's secrets reach dbt through this process's environment, never through the
     # serialized DAG (task arguments are stored in Airflow's metadata database).
     os.environ.update(dbt_env(settings))
@@ -94,7 +85,7 @@ def dbt_task_group(
             select=select or [],
             emit_datasets=False,  # the platform publishes its own mart Assets (mart_assets)
         ),
-        operator_args={"pool": WAREHOUSE_POOL, "install_deps": False},
+        operator_args={"pool": WAREHOUSE_POOL},
         **kwargs,
     )
 

@@ -254,3 +254,40 @@ def build(
     if full_refresh:
         extra.append("--full-refresh")
     return run_dbt(settings, "build", *extra, on_node=on_node)
+
+
+# The manifest cosmos renders the DAGs from. It describes the project (nodes and their
+# dependencies), not a warehouse, so one copy beside the project serves every profile and home.
+MANIFEST = DBT_PROJECT_DIR / "target" / "manifest.json"
+
+
+def _project_files() -> list[Path]:
+    return [
+        p
+        for p in DBT_PROJECT_DIR.rglob("*")
+        if p.is_file()
+        and p.suffix in {".sql", ".yml", ".yaml", ".csv"}
+        and "target" not in p.relative_to(DBT_PROJECT_DIR).parts
+    ]
+
+
+def manifest_is_fresh() -> bool:
+    if not MANIFEST.exists():
+        return False
+    built = MANIFEST.stat().st_mtime
+    return all(p.stat().st_mtime <= built for p in _project_files())
+
+
+def ensure_manifest(settings: Settings) -> Path:
+    """``dbt parse`` when the manifest is missing or older than a project file; returns it."""
+    if manifest_is_fresh():
+        return MANIFEST
+    summary = run_dbt(settings, "parse", "--quiet")
+    written = dbt_dir(settings) / "target" / "manifest.json"
+    if not summary.success or not written.exists():
+        raise TransformError(f"dbt parse failed: see {dbt_dir(settings) / 'logs' / 'dbt.log'}")
+    MANIFEST.parent.mkdir(parents=True, exist_ok=True)
+    tmp = MANIFEST.with_suffix(".tmp")
+    tmp.write_bytes(written.read_bytes())
+    tmp.replace(MANIFEST)
+    return MANIFEST
