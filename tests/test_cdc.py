@@ -578,3 +578,55 @@ class _FakeConn:
 def test_wal_level_error_names_the_slot() -> None:
     with pytest.raises(cdc.WalLevelError, match=r"'stripe_slot'.*wal_level = logical"):
         cdc.check_wal_level(_FakeConn(), "stripe_slot")  # type: ignore[arg-type]
+
+
+def test_snapshot_leaves_attach_and_blocks_of_whole_rows(
+    sync_conn: psycopg.Connection, dsn: str, slot: str
+) -> None:
+    """A partitioned table read leaf by leaf, from a second connection on the same snapshot, as
+    CSV blocks that each hold whole rows (quoted newlines, NULL vs '', rows over a block)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    sync_conn.execute(
+        "CREATE TABLE parts (id int, part int, v text, PRIMARY KEY (id, part)) "
+        "PARTITION BY LIST (part)"
+    )
+    for name, value in (("parts_a", 1), ("parts_b", 2), ("parts_c", 3)):
+        sync_conn.execute(f"CREATE TABLE {name} PARTITION OF parts FOR VALUES IN ({value})")
+    values = ["plain", 'a "quoted"\nmulti-line, value', None, "", "x" * 5000]
+    rows = [(i, 1 + i % 2, values[i % len(values)]) for i in range(300)]
+    with sync_conn.cursor() as cur:
+        cur.executemany("INSERT INTO parts VALUES (%s, %s, %s)", rows)
+    names = ["id", "part", "v"]
+    options = {
+        "read_options": pacsv.ReadOptions(column_names=names),
+        "parse_options": pacsv.ParseOptions(newlines_in_values=True),
+        "convert_options": pacsv.ConvertOptions(
+            column_types={"v": pa.string()},
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
+    }
+    got: list[tuple[Any, ...]] = []
+    with cdc.consistent_snapshot(dsn, slot, unique("pub"), ["parts"]) as snap:
+        sync_conn.execute("INSERT INTO parts VALUES (10000, 1, 'after the snapshot')")
+        leaves = snap.leaves("parts")
+        assert {ref.qualified for ref, _ in leaves} == {
+            "public.parts_a",
+            "public.parts_b",
+            "public.parts_c",
+        }
+        assert [size for _, size in leaves] == sorted((s for _, s in leaves), reverse=True)
+        assert snap.leaves("parts_a") == [(snap.table("parts_a"), 0)]  # a plain table: itself
+        with snap.attach() as other:
+            for ref, _ in leaves:
+                blocks = list(other.copy_blocks(ref, names, block_bytes=4096))
+                if ref.name != "parts_c":
+                    assert len(blocks) > 1
+                for block in blocks:
+                    table = pacsv.read_csv(pa.py_buffer(block), **options)
+                    got += [(r["id"], r["part"], r["v"]) for r in table.to_pylist()]
+            with pytest.raises(psycopg.errors.UndefinedColumn):
+                list(other.copy_blocks("parts_a", ["nope"]))
+    assert sorted(got) == sorted(rows)

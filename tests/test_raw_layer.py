@@ -208,3 +208,83 @@ def test_full_refresh_replaces_the_previous_generation(raw):
     raw.write(ref, batch(code=["EUR", "GBP"]), sync_id="s2", generation_id=2, state=None)
     assert raw.finish_overwrite(ref, 2, {"done": True}) == 2
     assert sorted(rows(raw, "SELECT code FROM raw_postgres.currency")) == [("EUR",), ("GBP",)]
+
+
+def test_metadata_columns_are_built_in_bulk(raw, monkeypatch):
+    """Raw ids are distinct version-4 UUID text (also across int32-offset chunks), and only the
+    rows whose value did not fit carry changes in their _airbyte_meta."""
+    import uuid
+
+    from stripe_platform.warehouse import raw as raw_module
+
+    ids = raw_module._uuid4_strings(1000).to_pylist()
+    assert len(set(ids)) == 1000
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
+    assert raw_module._uuid4_strings(0).to_pylist() == []
+    monkeypatch.setattr(raw_module, "_MAX_STRING_BYTES", 36 * 3)  # 3 ids per chunk
+    chunked = raw_module._uuid4_strings(7)
+    assert isinstance(chunked, pa.ChunkedArray) and chunked.num_chunks == 3
+    assert all(uuid.UUID(t).version == 4 for t in chunked.to_pylist())
+    assert raw_module._repeat_string("{}", 4).to_pylist() == ["{}"] * 4
+
+    typed, nulled = raw_module.prepare(
+        MERCHANT,
+        batch(id=[1, 2, 3], name=["a", "b", "c"], rating=["4.5", "oops", "3"]),
+        sync_id="s9",
+        generation_id=7,
+    )
+    assert nulled == {"rating": 1}
+    assert typed.column("rating").to_pylist() == [4.5, None, 3.0]
+    metas = [json.loads(m) for m in typed.column("_airbyte_meta").to_pylist()]
+    assert metas[0] == metas[2] == {"sync_id": "s9", "changes": []}
+    assert metas[1]["changes"] == [
+        {"field": "rating", "change": "NULLED", "reason": "DESTINATION_TYPECAST_ERROR"}
+    ]
+    assert typed.column("_airbyte_generation_id").to_pylist() == [7, 7, 7]
+    assert len(set(typed.column("_airbyte_extracted_at").to_pylist())) == 1
+
+
+def test_a_snapshot_into_an_empty_table_appends_then_dedupes(raw):
+    """begin_snapshot on an empty table: batches are appended, not merged; finish_overwrite still
+    leaves one row per key (the latest), so a source with a repeated key cannot duplicate it."""
+    raw.begin_snapshot(MERCHANT, 5)
+    for ids, lsn in (([1, 2], 10), ([2, 3], 11)):
+        raw.write(
+            MERCHANT,
+            batch(id=ids, name=[f"n{i}" for i in ids], rating=[1.0] * 2, _ab_cdc_lsn=[lsn] * 2),
+            sync_id="s1",
+            generation_id=5,
+            state=None,
+        )
+    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant") == [(4,)]  # appended
+    raw.finish_overwrite(MERCHANT, 5, {"lsn": 11})
+    assert rows(raw, "SELECT id, _ab_cdc_lsn FROM raw_postgres.merchant ORDER BY id") == [
+        (1, 10),
+        (2, 11),
+        (3, 11),
+    ]
+    # Later writes of the same generation (the change stream) merge again.
+    raw.write(
+        MERCHANT,
+        batch(id=[3], name=["n3b"], rating=[2.0], _ab_cdc_lsn=[12]),
+        sync_id="s2",
+        generation_id=5,
+        state=None,
+    )
+    assert rows(raw, "SELECT count(*), max(name) FROM raw_postgres.merchant WHERE id = 3") == [
+        (1, "n3b")
+    ]
+    # A new snapshot over a table that has rows merges from the start.
+    raw.begin_snapshot(MERCHANT, 6)
+    raw.write(
+        MERCHANT,
+        batch(id=[1], name=["n1b"], rating=[1.0], _ab_cdc_lsn=[13]),
+        sync_id="s3",
+        generation_id=6,
+        state=None,
+    )
+    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant WHERE id = 1") == [(1,)]
+    raw.finish_overwrite(MERCHANT, 6, None)
+    assert rows(raw, "SELECT id, name FROM raw_postgres.merchant") == [(1, "n1b")]

@@ -317,3 +317,91 @@ def test_killed_sync_resumes_to_exactly_the_source(settings, database, tmp_path)
     finally:
         with db.connect(s, autocommit=True) as conn:
             cdc.drop_slot(conn, slot_name("stripe_platform", PG))
+
+
+def test_follow_streams_changes_until_stopped(platform):
+    """engine.follow: a first sync, then one long-lived loop that lands each change (and a column
+    added meanwhile) without being run again; stopping it leaves the state at what landed."""
+    import threading
+
+    from stripe_platform.ingestion.engine import follow
+
+    s, _, catalog, raw = platform
+    stop = threading.Event()
+    out: dict = {}
+
+    def run():
+        try:
+            out["report"] = follow(s, PG, stop, 0.05, catalog=catalog, writer=raw)
+        except BaseException as exc:  # re-raised by the test below
+            out["error"] = exc
+
+    reader = raw.conn.cursor()  # DuckDB: one connection per thread
+
+    def wait_for(query, expected, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and "error" not in out:
+            try:
+                if reader.execute(query).fetchall() == expected:
+                    return
+            except duckdb.Error:  # the table or column is not there yet
+                pass
+            time.sleep(0.1)
+        assert "error" not in out, out["error"]
+        assert reader.execute(query).fetchall() == expected
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        n = source_rows(s, "SELECT count(*) FROM Merchant")[0][0]
+        wait_for(
+            "SELECT count(*) FROM raw.postgres_merchant WHERE _ab_cdc_deleted_at IS NULL", [(n,)]
+        )
+        with db.connect(s, autocommit=True) as conn:
+            conn.execute("UPDATE Merchant SET Rating = 4.4")
+            conn.execute("ALTER TABLE Merchant ADD COLUMN Slogan text")
+            conn.execute("UPDATE Merchant SET Slogan = 'fast'")
+        wait_for(
+            "SELECT count(*), min(rating), min(slogan), max(slogan) FROM raw.postgres_merchant "
+            "WHERE _ab_cdc_deleted_at IS NULL",
+            [(n, Decimal("4.4"), "fast", "fast")],
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert "error" not in out, out["error"]
+    assert out["report"].streams["merchant"].rows >= 3 * n
+    with db.connect(s, autocommit=True) as conn:
+        slot = cdc.slot_info(conn, slot_name("stripe_platform", PG))
+        assert slot is not None and slot.active_pid is None
+    assert raw.load_state(f"connection:{PG}")["lsn"] <= slot.confirmed_flush_lsn
+    reader.close()
+
+
+def test_a_failing_snapshot_reader_fails_the_sync_cleanly(platform, monkeypatch):
+    """An error in one parallel snapshot reader stops the others, fails the sync, drops the slot;
+    the next sync takes a complete snapshot."""
+    s, _, catalog, raw = platform
+    real = cdc.Snapshot.copy_blocks
+
+    def failing(self, table, columns=None, **kwargs):
+        ref = self.table(table)
+        for block in real(self, table, columns, **kwargs):
+            if ref.name.startswith("transaction_"):  # a leaf partition of Transaction
+                raise RuntimeError("reader boom")
+            yield block
+
+    monkeypatch.setattr(cdc.Snapshot, "copy_blocks", failing)
+    with pytest.raises(RuntimeError, match="reader boom"):
+        Engine(s, catalog, raw).sync(PG)
+    with db.connect(s, autocommit=True) as conn:
+        assert cdc.slot_info(conn, slot_name("stripe_platform", PG)) is None
+    monkeypatch.undo()
+    assert Engine(s, catalog, raw).sync(PG).phase == "snapshot"
+    assert live_rows(raw, "postgres_transaction") == source_rows(
+        s, "SELECT ID FROM Transaction ORDER BY 1"
+    )
+    assert raw.conn.execute(
+        "SELECT count(*) - count(DISTINCT (id, datetime)) FROM raw.postgres_transaction"
+    ).fetchone() == (0,)

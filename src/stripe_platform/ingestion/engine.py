@@ -286,7 +286,10 @@ class Engine:
                 )
                 taken = dt.datetime.now(dt.UTC)
                 reader = stack.enter_context(_SnapshotReader(snap, SNAPSHOT_READERS))
+                begin = getattr(self.writer, "begin_snapshot", None)
                 for stream in streams:
+                    if begin is not None:  # lets a warehouse append into an empty table
+                        begin(raw[stream.name], generation)
                     for table in reader.tables(stream.name, raw[stream.name].columns):
                         n = table.num_rows
                         table = table.append_column(
@@ -309,6 +312,25 @@ class Engine:
                 }
                 self.writer.save_state(state_key, state)
         _wait_for_flush(conn)
+        self._drain_changes(conn, connection, slot, publication, state_key, state, raw, report)
+
+    def _drain_changes(
+        self,
+        conn: psycopg.Connection,
+        connection: Connection,
+        slot: str,
+        publication: str,
+        state_key: str,
+        state: dict[str, Any],
+        raw: dict[str, RawStream],
+        report: SyncReport,
+    ) -> dict[str, Any]:
+        """Read the slot until caught up: write each batch, then save the state, then advance the
+        slot (in that order, so a crash anywhere re-delivers). Returns the new state.
+
+        A column added to a source table while this runs shows up in its change rows: the
+        stream's columns are read again before those rows are written (``raw`` is updated)."""
+        streams = {s.name: s for s in self.catalog.connection_streams(connection)}
         while True:
             batch = cdc.read_changes(conn, slot, publication, max_changes=BATCH_ROWS)
             by_table: dict[str, list[cdc.Change]] = defaultdict(list)
@@ -318,6 +340,12 @@ class Engine:
             for table_name, changes in by_table.items():
                 if table_name not in raw:
                     continue
+                stream = streams[table_name]
+                allowed = {c.name for c in raw[table_name].columns} | set(stream.exclude_columns)
+                if not all(allowed.issuperset(c.row) for c in changes):
+                    raw[table_name] = self._raw_stream(
+                        connection, stream, self._pg_columns(conn, stream), "postgres"
+                    )
                 self._write(
                     report,
                     raw[table_name],
@@ -330,12 +358,67 @@ class Engine:
                     None,
                     int(state.get("generation", 0)),
                 )
-            # Only now, with the changes durable in the destination, may the slot move on.
-            state = {**state, "lsn": batch.resume_lsn}
-            self.writer.save_state(state_key, state)
-            cdc.advance(conn, slot, batch.resume_lsn)
+            if batch.changes or batch.resume_lsn != state.get("lsn"):
+                # Only now, with the changes durable in the destination, may the slot move on.
+                state = {**state, "lsn": batch.resume_lsn}
+                self.writer.save_state(state_key, state)
+                cdc.advance(conn, slot, batch.resume_lsn)
             if batch.caught_up:
-                break
+                return state
+
+    def follow(
+        self, connection_name: str, stop: threading.Event, interval: float = 0.2
+    ) -> SyncReport:
+        """Sync once, then keep the connection's change streams flowing until ``stop`` is set.
+
+        PostgreSQL: one connection stays open and the slot is polled every ``interval`` seconds
+        (a backlog is drained at once); each batch is written, then the state saved, then the
+        slot advanced, exactly as in :meth:`sync`, so stopping or killing it anywhere loses
+        nothing. Full-refresh streams are read by the first sync only. Other sources:
+        :meth:`sync` every ``interval`` seconds. Returns the report of everything written.
+        """
+        first = self.sync(connection_name)
+        connection = self.catalog.connection(connection_name)
+        source = self.catalog.source(connection.source)
+        total = SyncReport(connection.name, first.sync_id, first.phase, dict(first.streams))
+        started = time.monotonic() - first.seconds
+        streams = [
+            s for s in self.catalog.connection_streams(connection) if s.sync_mode.incremental
+        ]
+        if not isinstance(source, PostgresSource) or not streams:
+            while not stop.wait(interval):
+                _add_report(total, self.sync(connection_name))
+            total.seconds = time.monotonic() - started
+            return total
+        slot = slot_name(source.cdc.replication_slot, connection.name)
+        state_key = f"connection:{connection.name}"
+        try:
+            with psycopg.connect(
+                db.conninfo(self.settings, with_key=False), autocommit=True
+            ) as conn:
+                cdc.use_cdc_types(conn)
+                conn.execute("SET TIME ZONE 'UTC'")
+                raw = {
+                    s.name: self._raw_stream(connection, s, self._pg_columns(conn, s), "postgres")
+                    for s in streams
+                }
+                state = self.writer.load_state(state_key) or {}
+                while not stop.is_set():
+                    state = self._drain_changes(
+                        conn,
+                        connection,
+                        slot,
+                        source.cdc.publication,
+                        state_key,
+                        state,
+                        raw,
+                        total,
+                    )
+                    stop.wait(interval)
+        except SchemaChangeError as exc:
+            raise SyncError(f"connection {connection.name}: {exc}") from exc
+        total.seconds = time.monotonic() - started
+        return total
 
     # -- MongoDB ---------------------------------------------------------------------------------
     def _sync_mongo(self, connection: Connection, report: SyncReport) -> None:
@@ -372,6 +455,16 @@ class Engine:
                 report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
 
 
+def _add_report(total: SyncReport, more: SyncReport) -> None:
+    for name, part in more.streams.items():
+        entry = total.streams.setdefault(name, StreamReport())
+        entry.rows += part.rows
+        for column, n in part.nulled.items():
+            entry.nulled[column] = entry.nulled.get(column, 0) + n
+        entry.added_columns += part.added_columns
+        entry.error = part.error or entry.error
+
+
 class _SnapshotReader:
     """Reads the tables of a consistent snapshot as typed Arrow tables, in parallel.
 
@@ -404,7 +497,9 @@ class _SnapshotReader:
     ) -> Iterator[pa.Table]:
         names = [c.name for c in columns]
         binary = [c.name for c in columns if c.type == "binary"]
-        read_options = pacsv.ReadOptions(column_names=names, use_threads=True)
+        # One thread per block: the readers already parse in parallel, and pyarrow's own
+        # threads would only add overhead on a machine the readers keep busy.
+        read_options = pacsv.ReadOptions(column_names=names, use_threads=False)
         # Each block holds whole rows, so a quoted newline inside a value is safe to allow.
         parse_options = pacsv.ParseOptions(newlines_in_values=True)
         convert_options = pacsv.ConvertOptions(
@@ -571,6 +666,26 @@ def open_writer(settings: Settings, catalog: Catalog, connection_name: str) -> A
     if isinstance(catalog.destination(connection.destination), S3Destination):
         return LakeRaw(LakeWriter.from_settings(settings), connection.namespace)
     return open_raw_writer(settings)
+
+
+def follow(
+    settings: Settings,
+    connection_name: str,
+    stop_event: threading.Event,
+    interval: float = 0.2,
+    *,
+    catalog: Catalog | None = None,
+    writer: Any | None = None,
+    progress: Progress = lambda stream, rows: None,
+) -> SyncReport:
+    """Run a connection continuously until ``stop_event`` is set (see :meth:`Engine.follow`):
+    change data lands within about ``interval`` seconds of its commit. ``catalog`` defaults to
+    airbyte/, ``writer`` to the connection's destination (:func:`open_writer`)."""
+    from stripe_platform.ingestion.catalog import load_catalog
+
+    catalog = catalog or load_catalog()
+    writer = writer if writer is not None else open_writer(settings, catalog, connection_name)
+    return Engine(settings, catalog, writer, progress).follow(connection_name, stop_event, interval)
 
 
 def run_sync(

@@ -99,6 +99,8 @@ def _write_parquet(table: pa.Table, sink: pa.NativeFile, compression: str) -> No
         allow_truncated_timestamps=False,
         use_deprecated_int96_timestamps=False,
         write_statistics=True,
+        # Dictionary-encoding random ids is wasted work (it falls back to plain after a page).
+        use_dictionary=[name for name in table.column_names if name != "_airbyte_raw_id"],
     )
     try:
         writer.write_table(table)

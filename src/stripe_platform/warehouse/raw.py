@@ -277,6 +277,10 @@ class DuckDBRaw:
 
     def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
         self.conn = connection
+        # stream key -> generation of a snapshot loading into a table that was empty when it
+        # began: its batches are appended (no MERGE) until finish_overwrite, which removes any
+        # duplicate key the source might still have had.
+        self._fresh: dict[str, int] = {}
         self.conn.execute("CREATE SCHEMA IF NOT EXISTS airbyte_internal")
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (stream VARCHAR PRIMARY KEY, state JSON, "
@@ -357,6 +361,17 @@ class DuckDBRaw:
             [key, json.dumps(state, default=str)],
         )
 
+    def begin_snapshot(self, stream: RawStream, generation_id: int) -> None:
+        """A snapshot (a new generation) of ``stream`` starts. Into an empty table its batches
+        are plain appends, much cheaper than merges; otherwise they are merged as usual."""
+        self.ensure(stream)
+        table = f"{_q(stream.namespace)}.{_q(stream.name)}"
+        empty = self.conn.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {table})").fetchone()[0]
+        if empty:
+            self._fresh[stream.key] = generation_id
+        else:
+            self._fresh.pop(stream.key, None)
+
     def write(
         self,
         stream: RawStream,
@@ -368,6 +383,7 @@ class DuckDBRaw:
     ) -> WriteResult:
         """Write one batch and the state that covers it, atomically."""
         added = self.ensure(stream)
+        fresh = self._fresh.get(stream.key) == generation_id
         typed, nulled = prepare(stream, batch, sync_id=sync_id, generation_id=generation_id)
         table = f"{_q(stream.namespace)}.{_q(stream.name)}"
         cols = [c.name for c in (*stream.columns, *stream.meta_columns)]
@@ -375,7 +391,7 @@ class DuckDBRaw:
         self.conn.execute("BEGIN TRANSACTION")
         try:
             self.conn.register("_raw_batch", typed)
-            if stream.mode == "append_dedup" and stream.primary_key:
+            if stream.mode == "append_dedup" and stream.primary_key and not fresh:
                 keys = ", ".join(_q(k) for k in stream.primary_key)
                 order = f"{_q(stream.order_by)} DESC NULLS LAST, " if stream.order_by else ""
                 latest = (
@@ -417,11 +433,14 @@ class DuckDBRaw:
     ) -> int:
         """End of a full refresh: drop the previous generations, with the final state, atomically."""
         table = f"{_q(stream.namespace)}.{_q(stream.name)}"
+        fresh = self._fresh.get(stream.key) == generation_id
         self.conn.execute("BEGIN TRANSACTION")
         try:
             removed = self.conn.execute(
                 f"DELETE FROM {table} WHERE _airbyte_generation_id < ?", [generation_id]
             ).fetchone()[0]
+            if fresh and stream.mode == "append_dedup" and stream.primary_key:
+                self._dedupe(stream, table)
             if state is not None:
                 self.conn.execute(
                     f"UPDATE {STATE_TABLE} SET state = ?, updated_at = now() WHERE stream = ?",
@@ -431,4 +450,21 @@ class DuckDBRaw:
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
+        if fresh:
+            del self._fresh[stream.key]
         return int(removed)
+
+    def _dedupe(self, stream: RawStream, table: str) -> None:
+        """Keep one row per primary key, the latest (appended batches are not merged)."""
+        keys = ", ".join(_q(k) for k in stream.primary_key)
+        duplicated = self.conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM {table} GROUP BY {keys} HAVING count(*) > 1)"
+        ).fetchone()[0]
+        if not duplicated:
+            return
+        order = f"{_q(stream.order_by)} DESC NULLS LAST, " if stream.order_by else ""
+        self.conn.execute(
+            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} QUALIFY "
+            f"row_number() OVER (PARTITION BY {keys} ORDER BY {order}"
+            "_airbyte_extracted_at DESC) > 1)"
+        )
