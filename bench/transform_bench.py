@@ -65,7 +65,12 @@ def prepare(settings, scale: float) -> int:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(settings.pg_database)))
     with db.connect(settings, autocommit=True) as conn:
         migrate(conn)
-        partitions.maintain(conn, today=dt.date.today())
+        partitions.maintain(
+            conn,
+            today=dt.date.today(),
+            months_ahead=settings.partition_months_ahead,
+            retention_months=settings.partition_retention_months,
+        )
         have = conn.execute("SELECT count(*) FROM Transaction").fetchone()[0]
     wanted = int(scale * 1_000_000)
     if have < wanted * 0.99:
