@@ -1,0 +1,182 @@
+"""The benchmarks stay runnable: a smoke run of bench/run_all.py at a tiny scale (seed and mongo: the
+whole path of run_all, from a fresh platform home and its cluster to the table, in about a minute;
+into a temporary home and output directory, never bench/results), and the table rows built from
+each other benchmark's JSON as its script writes it (ingest, transform and demo take minutes even
+at a tiny scale). The real benchmarks never run in `make test`."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run_all = load("run_all")
+demo_bench = load("demo_bench")
+
+
+def positive(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.timeout(420)
+def test_smoke_run_all_writes_json_and_markdown_with_real_numbers(tmp_path: Path) -> None:
+    home = Path(tempfile.mkdtemp(prefix="stripe-platform-bench-test-"))
+    home.chmod(0o755)  # the cluster runs as an unprivileged OS user under root
+    out = tmp_path / "results"
+    started = time.time()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_PLATFORM_")}
+    env.pop("MONGODB_URI", None)
+    env.update(STRIPE_PLATFORM_HOME=str(home), STRIPE_PLATFORM_PG_FSYNC="false")
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(BENCH / "run_all.py"),
+                *("--scale", "0.002", "--runs", "1", "--only", "seed,mongo"),
+                *("--output-dir", str(out)),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    [json_file] = out.glob("*.json")
+    [md_file] = out.glob("*.md")
+    assert json_file.stem == md_file.stem  # YYYY-MM-DD
+    report = json.loads(json_file.read_text())
+    assert report["scale"] == 0.002 and report["runs"] == 1
+    assert set(report["benchmarks"]) == {"seed", "mongo"}
+    assert all(b["ok"] for b in report["benchmarks"].values())
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["memory_gb"] > 0
+    for key in ("python", "postgresql", "duckdb", "dbt", "airflow"):
+        assert machine[key] and machine[key] != "not installed", key
+
+    rows = report["rows"]
+    sections = {r["section"] for r in rows}
+    assert {"seed", "documents"} <= sections
+    assert all(positive(r["value"]) for r in rows), [r for r in rows if not positive(r["value"])]
+    assert sum(r["section"] == "documents" for r in rows) == 3  # the brief's three queries
+    assert any(r["what"].startswith("seed into PostgreSQL: transaction") for r in rows)
+    assert all("scan" in r["ratio"] for r in rows if r["section"] == "documents")
+
+    table = md_file.read_text()
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0].startswith("| measure | median | min – max |")
+    assert len(lines) == 2 + len(rows)
+    assert all(line.count(" | ") == lines[0].count(" | ") for line in lines[2:])
+    assert "scale 0.002" in table and "PostgreSQL" in table
+    assert table in done.stdout  # printed at the end
+    # Nothing of this run lands in the repository (other benchmarks may be writing there).
+    ours = ("seed-*", "mongo-*", "transform-*", f"{json_file.stem}.*")
+    written = [p for g in ours for p in (BENCH / "results").glob(g) if p.stat().st_mtime >= started]
+    assert written == []
+
+
+INGEST = {
+    "benchmark": "ingest",
+    "rows": 1000,
+    "copy_binary_bytes": 2_000_000,
+    "seconds": {
+        "floor": [0.02, 0.01, 0.01, 0.012],
+        "csv_arrow": [0.05, 0.03, 0.02, 0.04],
+        "connectorx": ["not run: could not install connectorx (offline)"],
+        "lake": [0.2, 0.1, 0.1, 0.1],
+        "duckdb": [0.3, 0.2, 0.2, 0.2],
+    },
+    "cdc": {"changes": 500, "seconds": 0.5},
+    "latency_s": {
+        "sync_loop_commit": {"n": 10, "transactions": 5, "p50": 0.2, "p95": 0.5, "p99": 0.6},
+        "follow_commit": {"n": 10, "transactions": 5, "p50": 0.1, "p95": 0.3, "p99": 0.4},
+        "follow_createdat": {"n": 10, "transactions": 5, "p50": 1.0, "p95": 1.3, "p99": 1.4},
+    },
+}
+
+
+def test_ingest_rows_stand_beside_floor_and_peer_with_ratios() -> None:
+    rows = {r.what: r for r in run_all.rows_ingest(INGEST)}
+    lake = rows["full-refresh sync → lake (parquet)"]
+    assert lake.value == pytest.approx(10_000)  # warm-up dropped: 1000 rows / 0.1 s
+    assert lake.median == "10,000 rows/s" and "20.0 MB/s" in lake.size
+    assert lake.reference == (
+        "floor 100,000 rows/s; best peer (COPY csv → pyarrow → parquet) 33,333 rows/s"
+    )
+    assert lake.ratio == "0.10× floor, 0.30× peer"
+    assert rows["extract, peer: connectorx → parquet (own venv)"].median.startswith("not run")
+    cdc = [r for r in rows.values() if r.section == "cdc"]
+    assert [r.median for r in cdc] == ["1,000 changes/s", "p50 0.20 s", "p50 0.10 s"]
+    assert "p99 0.60 s" in cdc[1].spread
+
+
+def test_transform_and_demo_rows() -> None:
+    spread = {"median": 2.0, "min": 1.5, "max": 3.0, "runs": 3}
+    transform = {
+        "transactions": 2000,
+        "full_build_seconds": spread,
+        "full_build_dbt_seconds": {**spread, "median": 1.0},
+        "incremental_build_seconds": spread,
+        "incremental_build_dbt_seconds": {**spread, "median": 0.5},
+        "query_ms": {q: {**spread, "runs": 20} for q in ("a", "b", "c")},
+    }
+    rows = run_all.rows_transform(transform)
+    assert [r.ratio for r in rows[:2]] == ["2.00× dbt's own", "4.00× dbt's own"]
+    assert sum(r.section == "olap" for r in rows) == 3
+
+    output = "  1.0s starting\n 95.2s done: runtime 1s, brief statements 3s, seed 12s, elt_warehouse_daily 70s\n"
+    stages = demo_bench.parse_done(output)
+    assert stages == {"runtime": 1, "brief statements": 3, "seed": 12, "elt_warehouse_daily": 70}
+    run = {
+        "first": {"wall_s": 100.0, "stages_s": stages},
+        "incremental": {"wall_s": 50.0, "stages_s": stages},
+    }
+    demo = {
+        "scale": 0.05,
+        "first": demo_bench.summarise([run], "first"),
+        "incremental": demo_bench.summarise([run], "incremental"),
+    }
+    rows = run_all.rows_demo(demo)
+    assert rows[0].value == 100.0 and "first run" in rows[0].what
+    assert any(r.ratio == "70% of wall" for r in rows)
+    report = {
+        "date": "2026-01-01",
+        "scale": 0.05,
+        "runs": 1,
+        "machine": run_all.machine("15.0"),
+        "load_average_at_end": (0.0, 0.0, 0.0),
+        "rows": [vars(r) for r in rows],
+        "not_measured": [run_all.GAPS["demo"]],
+        "benchmarks": {"demo": {"seconds": 150.0}},
+    }
+    table = run_all.markdown(report)
+    assert "PostgreSQL 15.0" in table and "| `stripe-platform demo --scale 0.05`" in table
+
+
+def test_only_rejects_unknown_names() -> None:
+    assert run_all.parse_only("demo,seed") == ["seed", "demo"]
+    with pytest.raises(SystemExit):
+        run_all.parse_only("seed,nope")
