@@ -36,6 +36,7 @@ def cli(fresh_home):
     run("down", check=False)
 
 
+@pytest.mark.timeout(1800)  # two full pipeline runs with real Airflow and dbt
 def test_main_job_end_to_end_and_again(cli):
     """`make demo`: the brief's statements, then seed -> Airflow (`airflow dags test` of the ELT
     DAGs: syncs, dbt through cosmos) -> the brief's OLAP queries answered from the marts."""
