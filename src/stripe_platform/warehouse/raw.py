@@ -136,11 +136,11 @@ class WriteResult:
 
 def _cast_column(
     values: pa.ChunkedArray | pa.Array, target: pa.DataType
-) -> tuple[pa.Array, list[int]]:
+) -> tuple[pa.Array | pa.ChunkedArray, list[int]]:
     """Cast, nulling (and reporting) each value that does not fit instead of failing the batch."""
+    if values.type == target:  # the usual case: no copy (combining chunks would copy)
+        return values, []
     array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    if array.type == target:
-        return array, []
     try:
         return pc.cast(array, target, safe=True), []
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
