@@ -100,3 +100,14 @@ def real_mongodb(docdb):
     if docstore.is_standin(docdb):
         pytest.skip("needs a real MongoDB server: set MONGODB_URI")
     return docdb
+
+
+@pytest.fixture(scope="session")
+def snowflake_server() -> Iterator[dict]:
+    """fakesnow's HTTP server (Snowflake's wire API on DuckDB) on a free loopback port, once per
+    session: a second server in the same process fails (fakesnow keeps process-wide state).
+    Yields snowflake.connector.connect() keyword arguments; tests use databases of their own."""
+    import fakesnow
+
+    with fakesnow.server(host="127.0.0.1") as kwargs:
+        yield kwargs

@@ -22,11 +22,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fakesnow
 import pytest
 import snowflake.connector
 from pydantic import SecretStr
@@ -54,13 +52,6 @@ END = dt.date(2026, 11, 1)
 CONNECTIONS = ("postgres-to-snowflake", "mongodb-to-snowflake")
 DATABASE = "STRIPE"
 DBT_TIMEOUT = 600  # seconds; a statement fakesnow cannot handle would otherwise hang the build
-
-
-@pytest.fixture(scope="module")
-def snowflake_server() -> Iterator[dict[str, Any]]:
-    """fakesnow's HTTP server on a free loopback port; yields connect() keyword arguments."""
-    with fakesnow.server(host="127.0.0.1") as kwargs:
-        yield kwargs
 
 
 def transform(home: Path, env: dict[str, str]) -> subprocess.Popen[str]:

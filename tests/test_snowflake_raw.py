@@ -15,7 +15,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import fakesnow
 import pyarrow as pa
 import pytest
 import snowflake.connector
@@ -40,13 +39,6 @@ MERCHANT = RawStream(
     cdc="postgres",
 )
 _databases = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def snowflake_server() -> Iterator[dict[str, Any]]:
-    """fakesnow's HTTP server on a free loopback port; yields connect() keyword arguments."""
-    with fakesnow.server(host="127.0.0.1") as kwargs:
-        yield kwargs
 
 
 @pytest.fixture
