@@ -435,6 +435,13 @@ def seed(
 def sync(
     connection: Annotated[str, typer.Argument(help="A connection of airbyte/connections.yaml")],
     as_json: Annotated[bool, typer.Option("--json", help="One JSON report on stdout")] = False,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Embedded engine: keep streaming changes (CDC) until Ctrl-C"),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.05, help="With --follow: seconds between reads of the slot")
+    ] = 0.2,
 ) -> None:
     """Run a connection: through Airbyte on prod, with the embedded engine elsewhere."""
     from stripe_platform.ingestion.catalog import load_catalog
@@ -463,6 +470,30 @@ def sync(
     from rich.progress import Progress, TextColumn
 
     from stripe_platform.ingestion.engine import open_writer, run_sync
+
+    if follow:
+        import threading
+
+        from stripe_platform.ingestion.engine import follow as follow_changes
+
+        stop = threading.Event()
+        err.print(f"{connection}: following changes every {interval}s; Ctrl-C stops cleanly")
+        try:
+            report = follow_changes(
+                s,
+                connection,
+                stop,
+                interval,
+                catalog=catalog,
+                progress=lambda stream, rows: err.print(f"{stream:<28} +{rows:,}"),
+            )
+        except KeyboardInterrupt:  # the batch in flight is re-delivered by the next run
+            stop.set()
+            return
+        console.print_json(data=report.as_dict()) if as_json else console.print(
+            f"{report.connection}: {report.rows:,} rows"
+        )
+        return
 
     started = time.monotonic()
     with Progress(TextColumn("{task.description}"), console=err, disable=as_json) as bar:
