@@ -5,8 +5,9 @@
 On the embedded profile the document store is the stand-in (litemongo under the platform home);
 with MONGODB_URI set it is that server. A document database `bench_mongo_<pid>` is filled with the
 seed's documents at the given scale (the same generator and the same per-collection cap as
-`stripe-platform seed`) plus the brief's sample records (so the two find queries have matches),
-then dropped at the end.
+`stripe-platform seed`) plus the brief's sample records in the queried collections (so the two
+find queries have matches; a sample record clashing with a seeded one on a unique index is left
+out), then dropped at the end.
 
 Per query, after one warm-up: --runs runs of --queries executions each through
 `stripe_platform.docstore.queries.run_query`; the figure is the median over all executions, with
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime as dt
 import json
 import os
@@ -30,6 +32,8 @@ from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
+
+from pymongo.errors import DuplicateKeyError
 
 from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect, is_standin
@@ -69,8 +73,24 @@ def fill(docdb: Any, scale: float, standin: bool) -> dict[str, dict[str, float]]
             rows += len(batch)
         seconds = time.perf_counter() - started
         loaded[name] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / max(seconds, 1e-9)}
-    load_documents(docdb)  # the brief's own records: the find queries have something to find
+    add_brief_records(docdb)
     return loaded
+
+
+def add_brief_records(docdb: Any) -> None:
+    """The brief's own records in the queried collections, so the find queries find something.
+    Loaded into a scratch database first: a sample document that collides with a seeded one on a
+    unique index (a user name, say) is left out."""
+    scratch = docdb.client[f"{docdb.name}_sample"]
+    try:
+        load_documents(scratch)
+        for query in load_queries().values():
+            name = view_sources().get(query.collection, query.collection)  # a view's collection
+            for doc in scratch[name].find({}):
+                with contextlib.suppress(DuplicateKeyError):
+                    docdb[name].insert_one(doc)
+    finally:
+        docdb.client.drop_database(scratch.name)
 
 
 def _matches(doc: dict[str, Any], query: dict[str, Any]) -> bool:

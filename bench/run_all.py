@@ -25,6 +25,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -213,7 +214,7 @@ def rows_ingest(result: dict) -> list[Row]:
         out.append(
             Row(
                 "cdc",
-                "CDC sync after a 100,000-row UPDATE (1 run)",
+                f"CDC sync of a {cdc['changes']:,}-row UPDATE (1 run)",
                 median=f"{_n(cdc['changes'] / cdc['seconds'])} changes/s",
                 spread="1 run",
                 rows=_n(cdc["changes"]),
@@ -390,7 +391,8 @@ def machine(pg_version: str | None) -> dict[str, Any]:
             done = subprocess.run(
                 [str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True
             )
-            pg_version = done.stdout.strip().rsplit(" ", 1)[-1] or "unknown"
+            found = re.search(r"\(PostgreSQL\) (\S+)", done.stdout)
+            pg_version = found.group(1) if found else "unknown"
         except Exception:
             pg_version = "not found"
     return {
@@ -493,6 +495,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def collect(report: dict, name: str, result: dict) -> None:
+    """The rows and the caveats of one benchmark's result, into the report."""
+    report["rows"] += [asdict(r) for r in ROWS[name](result)]
+    report["not_measured"].append(GAPS[name])
+
+
+def render(path: Path) -> int:
+    """Rebuild rows and table from the benchmarks' own results kept in a saved report."""
+    path = path.with_suffix(".json")
+    report = json.loads(path.read_text())
+    report["rows"], report["not_measured"] = [], []
+    for name, entry in report["benchmarks"].items():
+        if entry.get("ok"):
+            collect(report, name, entry["result"])
+        else:
+            report["rows"].append(
+                asdict(Row(name, f"{name}: FAILED", median=entry["error"][-200:]))
+            )
+    path.write_text(json.dumps(report, indent=2, default=str))
+    table = markdown(report)
+    path.with_suffix(".md").write_text(table)
+    print(table)
+    return 0
+
+
 def parse_only(value: str | None) -> list[str]:
     if not value:
         return list(BENCHMARKS)
@@ -515,7 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
     parser.add_argument("--home", type=Path, help="platform home (default STRIPE_PLATFORM_HOME)")
+    parser.add_argument(
+        "--render", type=Path, help="rebuild the rows and table of a saved <date>.json; run nothing"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render)
     if args.runs < 1 or args.scale <= 0 or (args.demo_runs is not None and args.demo_runs < 1):
         parser.error("--runs and --demo-runs must be >= 1 and --scale > 0")
     names = parse_only(args.only)
@@ -562,8 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             if outcome["ok"]:
                 entry["result"] = outcome["result"]
                 try:
-                    report["rows"] += [asdict(r) for r in ROWS[name](outcome["result"])]
-                    report["not_measured"].append(GAPS[name])
+                    collect(report, name, outcome["result"])
                 except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
                     entry["ok"], outcome["error"] = False, f"unreadable result: {exc!r}"
             if not entry["ok"]:

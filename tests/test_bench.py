@@ -92,6 +92,9 @@ def test_smoke_run_all_writes_json_and_markdown_with_real_numbers(tmp_path: Path
     assert all(line.count(" | ") == lines[0].count(" | ") for line in lines[2:])
     assert "scale 0.002" in table and "PostgreSQL" in table
     assert table in done.stdout  # printed at the end
+    assert run_all.render(json_file) == 0  # --render rebuilds the same table from the JSON
+    assert md_file.read_text() == table
+
     # Nothing of this run lands in the repository (others' benchmarks may be writing there now).
     written = [
         p
