@@ -50,8 +50,15 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def ensure_certificates(directory: Path) -> TlsFiles:
-    """Create the CA and a server certificate for 127.0.0.1/localhost unless they already exist."""
+def ensure_certificates(
+    directory: Path,
+    *,
+    names: tuple[str, ...] = ("localhost",),
+    addresses: tuple[str, ...] = ("127.0.0.1",),
+    ca_common_name: str = "stripe-platform local CA",
+) -> TlsFiles:
+    """Create a CA and a server certificate for ``names``/``addresses`` (the embedded cluster's
+    localhost and 127.0.0.1 by default) unless they already exist."""
     files = tls_files(directory)
     if files.exist():
         return files
@@ -59,7 +66,7 @@ def ensure_certificates(directory: Path) -> TlsFiles:
     now = dt.datetime.now(dt.UTC)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("stripe-platform local CA")
+    ca_name = _name(ca_common_name)
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -89,7 +96,7 @@ def ensure_certificates(directory: Path) -> TlsFiles:
     server_key = ec.generate_private_key(ec.SECP256R1())
     server_cert = (
         x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
+        .subject_name(_name(names[0]))
         .issuer_name(ca_name)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
@@ -97,7 +104,8 @@ def ensure_certificates(directory: Path) -> TlsFiles:
         .not_valid_after(now + VALIDITY)
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [x509.DNSName(n) for n in names]
+                + [x509.IPAddress(ipaddress.ip_address(a)) for a in addresses]
             ),
             critical=False,
         )
