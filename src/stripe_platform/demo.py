@@ -113,7 +113,7 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
     seed_or_append(settings, scale, step)
     stage_done("seed")
 
-    orchestrate(settings, console, step, stages, stage_done)
+    orchestrate(settings, console, step, stage_done)
 
     console.rule("[bold]The brief's OLAP queries, answered from the marts")
     answer_brief_queries(settings, console)
@@ -164,7 +164,6 @@ def orchestrate(
     settings: Settings,
     console: Console,
     step: Callable[[str], None],
-    stages: dict[str, float],
     stage_done: Callable[[str], None],
 ) -> None:
     from stripe_platform.orchestration.airflow_runtime import airflow_home, migrate_airflow_db
