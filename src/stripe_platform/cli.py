@@ -593,6 +593,8 @@ def transform(
             console.print(f"[red]{node.resource_type} {node.name}[/red]: {node.message}")
     if not summary.success:
         raise TransformError(f"dbt build failed: {len(summary.failures)} node(s) failed")
+    if select and not summary.nodes:
+        raise TransformError(f"--select {select!r} matched no seed, model, snapshot or test")
 
 
 @command(app)
@@ -632,7 +634,10 @@ def dbt(ctx: typer.Context) -> None:
     from stripe_platform.transform.dbt import run_dbt
 
     if not ctx.args:
-        err.print("usage: stripe-platform dbt <dbt command> [args], e.g. dbt docs generate")
+        err.print(
+            "usage: stripe-platform dbt <dbt command> \\[args], e.g. dbt docs generate",
+            highlight=False,
+        )
         raise typer.Exit(2)
     summary = run_dbt(settings(), *ctx.args)
     raise typer.Exit(0 if summary.success else 1)
