@@ -8,7 +8,12 @@ In one run on the embedded profile, in a database `bench_ingest` seeded at the g
   connectorx in its own virtualenv (skipped with --no-peer or when it cannot be installed);
 - the platform's full-refresh sync (snapshot) of the transaction stream into the lake (parquet) and
   into DuckDB;
-- CDC: changes/s of a sync after a 100,000-row update, and commit-to-warehouse latency p50/p95/p99
+- CDC throughput, --runs rounds: changes/s of a sync into DuckDB after a 100,000-row UPDATE, beside
+  the same changes read by its floor (the server's logical decoding alone: a second pgoutput slot
+  over the same publication peeked with pg_logical_slot_peek_binary_changes and counted in SQL, no
+  row sent) and by a peer (PostgreSQL's own pg_recvlogical streaming a third slot to /dev/null up
+  to the UPDATE's end LSN); the reference slots are made before the UPDATE and dropped after;
+- CDC latency: commit-to-warehouse latency p50/p95/p99 (one run each)
   under a steady write load (`seed --tps 50`), once with back-to-back `Engine.sync` runs and once
   with the long-lived `engine.follow` loop. Latency is measured per source transaction from its
   commit timestamp (as pgoutput reports it) to the moment the destination committed the batch;
@@ -50,6 +55,7 @@ from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
+from stripe_platform.runtime.postgres import find_bindir
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.load import seed
 from stripe_platform.seed.spec import make_spec
@@ -180,16 +186,79 @@ def platform_snapshot(s, catalog, connection: str, writer) -> tuple[float, int]:
     return seconds, report.streams["transaction"].rows
 
 
-def cdc_throughput(s, catalog, writer) -> tuple[float, int]:
+CDC_ROWS = 100_000  # rows of the UPDATE whose changes one CDC round syncs
+
+
+def _peek_floor(s, slot: str, publication: str, end: str) -> tuple[int, int]:
+    """The server's logical decoding alone: pgoutput over `slot` up to `end`, counted in SQL and
+    drained with nothing decoded client-side. Returns (row changes, bytes of pgoutput)."""
     with db.connect(s, autocommit=True) as conn:
-        conn.execute("SET synchronous_commit = on")
-        conn.execute("UPDATE transaction SET updatedat = now() WHERE id <= 100000")
-    seconds, report = timed(
-        lambda: Engine(s, catalog, writer).sync("postgres-to-snowflake"), "cdc throughput"
-    )
-    return seconds, report.streams.get("transaction").rows if report.streams.get(
-        "transaction"
-    ) else 0
+        changes, nbytes = conn.execute(
+            "SELECT count(*) FILTER (WHERE get_byte(data, 0) IN (73, 85, 68)), "  # I, U, D
+            "coalesce(sum(length(data)), 0) FROM pg_logical_slot_peek_binary_changes("
+            "%s, %s::pg_lsn, NULL, 'proto_version', '1', 'publication_names', %s)",
+            (slot, end, publication),
+        ).fetchone()
+    return changes, nbytes
+
+
+def _recvlogical(s, slot: str, publication: str, end: str) -> float | str:
+    """PostgreSQL's own pg_recvlogical streaming the slot's pgoutput to /dev/null, up to `end`
+    (wall time of the process: start, TLS connection and stream)."""
+    try:
+        binary = find_bindir() / "pg_recvlogical"
+    except Exception as exc:  # no PostgreSQL binaries: reported in the result
+        return f"not run: {exc}"[:160]
+    if not binary.is_file():
+        return f"not run: no {binary}"
+    command = [
+        str(binary),
+        *("-d", db.conninfo(s, with_key=False), "--slot", slot, "--start"),
+        *("--endpos", end, "--no-loop", "-f", "/dev/null"),
+        *("-o", "proto_version=1", "-o", f"publication_names={publication}"),
+    ]
+    started = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    seconds = time.perf_counter() - started
+    if run.returncode:
+        return f"not run: pg_recvlogical exit {run.returncode}: {run.stderr.strip()[-160:]}"
+    return seconds
+
+
+def cdc_round(s, catalog, writer, publication: str, number: int) -> dict:
+    """One CDC throughput round: reference slots made, a CDC_ROWS-row UPDATE committed, then the
+    same changes read by the floor (SQL peek of a second pgoutput slot), the peer (pg_recvlogical
+    on a third) and the platform (`Engine.sync` into the warehouse, its own slot)."""
+    floor_slot = f"bench_cdc_floor_{os.getpid()}_{number}"
+    peer_slot = f"bench_cdc_recvlogical_{os.getpid()}_{number}"
+    with db.connect(s, autocommit=True) as conn:
+        for slot in (floor_slot, peer_slot):
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,))
+    try:
+        with db.connect(s, autocommit=True) as conn:
+            conn.execute("SET synchronous_commit = on")  # decoding reads flushed WAL only
+            conn.execute("UPDATE transaction SET updatedat = now() WHERE id <= %s", (CDC_ROWS,))
+            end = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+        floor_s, (floor_changes, pgoutput_bytes) = timed(
+            lambda: _peek_floor(s, floor_slot, publication, end), "cdc floor"
+        )
+        peer = _recvlogical(s, peer_slot, publication, end)
+        seconds, report = timed(
+            lambda: Engine(s, catalog, writer).sync("postgres-to-snowflake"), "cdc throughput"
+        )
+    finally:
+        with db.connect(s, autocommit=True) as conn:
+            for slot in (floor_slot, peer_slot):
+                cdc.drop_slot(conn, slot)
+    stream = report.streams.get("transaction")
+    return {
+        "changes": stream.rows if stream else 0,
+        "seconds": seconds,
+        "floor_changes": floor_changes,
+        "floor_seconds": floor_s,
+        "pgoutput_bytes": pgoutput_bytes,
+        "recvlogical_seconds": peer,
+    }
 
 
 def _load(s, seconds: float, tps: int) -> subprocess.Popen:
@@ -327,7 +396,9 @@ def main() -> None:
             )[0]
         )
     wh_catalog = only_transaction(catalog, "postgres-to-snowflake")
-    cdc_seconds, changes = cdc_throughput(s, wh_catalog, warehouse)
+    source = wh_catalog.source(wh_catalog.connection("postgres-to-snowflake").source)
+    publication = source.cdc.publication
+    rounds = [cdc_round(s, wh_catalog, warehouse, publication, n) for n in range(args.runs)]
     loop = cdc_latency_sync_loop(s, wh_catalog, warehouse)
     followed = cdc_latency_follow(s, wh_catalog, warehouse)
 
@@ -352,8 +423,19 @@ def main() -> None:
     print(line("platform: snapshot sync -> lake parquet", "lake"))
     print(line("platform: snapshot sync -> DuckDB raw", "duckdb"))
     print(
-        f"\nCDC: {changes:,} changes synced in {cdc_seconds:.2f}s = {changes / cdc_seconds:,.0f} changes/s"
+        f"\nCDC of an UPDATE of the rows with id <= {CDC_ROWS:,}, {args.runs} round(s), per round: "
+        "changes/s of the "
+        "platform (Engine.sync into DuckDB), the floor (pgoutput peeked and counted in SQL) and the "
+        "peer (pg_recvlogical to /dev/null)\n"
     )
+    print("| round | changes | platform | floor | pg_recvlogical |\n|---:|---:|---:|---:|---:|")
+    for n, r in enumerate(rounds):
+        peer = r["recvlogical_seconds"]
+        peer = f"{r['floor_changes'] / peer:,.0f}" if isinstance(peer, float) else peer
+        print(
+            f"| {n} | {r['changes']:,} | {r['changes'] / r['seconds']:,.0f} | "
+            f"{r['floor_changes'] / r['floor_seconds']:,.0f} | {peer} |"
+        )
     print("\nCDC latency under 50 tps (seed --tps 50 for 20 s), per changed row:\n")
     print(
         "| loop | measured from | rows (transactions) | p50 s | p95 s | p99 s |\n"
@@ -384,7 +466,17 @@ def main() -> None:
                 "rows": rows,
                 "copy_binary_bytes": nbytes,
                 "seconds": results,
-                "cdc": {"changes": changes, "seconds": cdc_seconds},
+                "cdc": {
+                    "update_rows": CDC_ROWS,
+                    "publication": publication,
+                    "rounds": rounds,
+                    # one list per figure, a value per round (the first is the warm-up under run_all)
+                    "changes": [r["changes"] for r in rounds],
+                    "seconds": [r["seconds"] for r in rounds],
+                    "floor_changes": [r["floor_changes"] for r in rounds],
+                    "floor_seconds": [r["floor_seconds"] for r in rounds],
+                    "recvlogical_seconds": [r["recvlogical_seconds"] for r in rounds],
+                },
                 "latency_s": {
                     f"{loop_name}_{what}": {
                         "n": len(values),

@@ -83,6 +83,8 @@ def test_smoke_run_all_writes_json_and_markdown_with_real_numbers(tmp_path: Path
     assert all(positive(r["value"]) for r in rows), [r for r in rows if not positive(r["value"])]
     assert sum(r["section"] == "documents" for r in rows) == 3  # the brief's three queries
     assert any(r["what"].startswith("seed into PostgreSQL: transaction") for r in rows)
+    oltp = [r for r in rows if r["what"].startswith("seed into PostgreSQL")]
+    assert oltp and all(" floor, " in r["ratio"] and "peer" in r["ratio"] for r in oltp), oltp
     assert all("scan" in r["ratio"] for r in rows if r["section"] == "documents")
 
     table = md_file.read_text()
@@ -115,7 +117,21 @@ INGEST = {
         "lake": [0.2, 0.1, 0.1, 0.1],
         "duckdb": [0.3, 0.2, 0.2, 0.2],
     },
-    "cdc": {"changes": 500, "seconds": 0.5},
+    "cdc": {
+        "update_rows": 100_000,
+        "rounds": [  # the first round is the warm-up
+            {
+                "changes": 500,
+                "seconds": s,
+                "floor_changes": 500,
+                "floor_seconds": 0.05,
+                "pgoutput_bytes": 60_000,
+                "recvlogical_seconds": 0.1,
+            }
+            for s in (0.9, 0.5, 0.4, 0.6)
+        ],
+        "seconds": [0.9, 0.5, 0.4, 0.6],
+    },
     "latency_s": {
         "sync_loop_commit": {"n": 10, "transactions": 5, "p50": 0.2, "p95": 0.5, "p99": 0.6},
         "follow_commit": {"n": 10, "transactions": 5, "p50": 0.1, "p95": 0.3, "p99": 0.4},
@@ -135,8 +151,68 @@ def test_ingest_rows_stand_beside_floor_and_peer_with_ratios() -> None:
     assert lake.ratio == "0.10× floor, 0.30× peer"
     assert rows["extract, peer: connectorx → parquet (own venv)"].median.startswith("not run")
     cdc = [r for r in rows.values() if r.section == "cdc"]
-    assert [r.median for r in cdc] == ["1,000 changes/s", "p50 0.20 s", "p50 0.10 s"]
-    assert "p99 0.60 s" in cdc[1].spread
+    assert [r.median for r in cdc] == [
+        "10,000 changes/s",  # floor: 500 changes / 0.05 s
+        "5,000 changes/s",  # peer: pg_recvlogical, 0.1 s
+        "1,000 changes/s",  # the platform: median of 0.5, 0.4, 0.6 s (warm-up 0.9 s dropped)
+        "p50 0.20 s",
+        "p50 0.10 s",
+    ]
+    sync = cdc[2]
+    assert sync.what == "CDC sync of a 500-row UPDATE into DuckDB (3 runs)"
+    assert sync.spread == "833 – 1,250" and sync.size == "60.0 kB pgoutput"
+    assert sync.reference == "floor 10,000 changes/s; peer (pg_recvlogical) 5,000 changes/s"
+    assert sync.ratio == "0.10× floor, 0.20× peer"
+    assert cdc[1].ratio == "0.50× floor"
+    assert "p99 0.60 s" in cdc[3].spread
+    # an older result (one round, no reference) still renders
+    old = run_all.rows_cdc({"changes": 500, "seconds": 0.5})
+    assert [r.median for r in old] == ["1,000 changes/s"]
+    assert old[0].reference == "no floor or peer measured"
+    # a peer that could not run says so, and the platform keeps its floor
+    failed = [
+        {**r, "recvlogical_seconds": "not run: no pg_recvlogical"} for r in INGEST["cdc"]["rounds"]
+    ]
+    rows = run_all.rows_cdc({**INGEST["cdc"], "rounds": failed})
+    assert rows[1].median == "not run: no pg_recvlogical"
+    assert rows[2].ratio == "0.10× floor"
+
+
+def test_seed_rows_stand_beside_floor_and_peer_with_ratios() -> None:
+    def run(platform_s: float) -> dict:
+        return {
+            "oltp_total_s": 10.0,
+            "state_changes": 2100,
+            "tables": {
+                "transaction": {
+                    "rows": 2000,
+                    "seconds": platform_s,
+                    "rows_per_s": 2000 / platform_s,
+                }
+            },
+            "reference": {
+                "transaction": {
+                    "rows": 2000,
+                    "all_rows": 4100,
+                    "binary_bytes": 3_000_000,
+                    "csv_bytes": 2_000_000,
+                    "floor_s": 0.1,
+                    "psql_s": 0.4,
+                }
+            },
+            "documents": {},
+        }
+
+    rows = run_all.rows_seed({"runs": [run(9.0), run(1.0), run(2.0), run(1.0)]})
+    tx = rows[0]
+    assert tx.what == "seed into PostgreSQL: transaction (+2,100 state changes)"
+    assert tx.median == "2,000 rows/s" and tx.size == "3.0 MB as COPY binary"
+    assert tx.reference == (
+        "floor (COPY binary, same rows) 20,000 rows/s; peer (psql \\copy csv) 5,000 rows/s"
+    )
+    assert tx.ratio == "0.10× floor, 0.40× peer"
+    older = run_all.rows_seed({"runs": [{**run(1.0), "reference": {}}]})
+    assert older[0].reference == "no floor or peer measured" and older[0].ratio == ""
 
 
 def test_transform_and_demo_rows() -> None:
