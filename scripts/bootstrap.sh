@@ -44,4 +44,8 @@ if ! have_pg_server || ! have_pgcrypto; then
 fi
 
 say "syncing the Python environment (uv sync --frozen)"
-uv_cmd sync --frozen --quiet
+# --compile-bytecode writes the .pyc files up front: every CLI call, Airflow task and dbt run
+# imports Airflow or dbt, and where PYTHONDONTWRITEBYTECODE is set they would otherwise be compiled
+# from source at every start (dbt alone: ~6 s instead of ~3 s). Here rather than in pyproject.toml,
+# where uv would re-check all 17k files (~2 s) on every `uv run`.
+uv_cmd sync --frozen --quiet --compile-bytecode
