@@ -154,7 +154,7 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
 
         # 1. A full build.
         first = finish(transform(sf_home, sf_env), "first snowflake build")
-        assert first["counts"].get("success", 0) >= 30 and first["counts"].get("pass", 0) >= 100
+        assert first["counts"].get("success", 0) >= 30 and first["counts"].get("pass", 0) >= 50
         built = time.monotonic()
         before = answers(sf)
         assert all(before.values()), before

@@ -33,7 +33,14 @@ from stripe_platform.transform import dbt as transform
 END = dt.date(2026, 11, 1)
 CONNECTIONS = ("postgres-to-snowflake", "mongodb-to-snowflake")
 QUERIES = ("revenue-tax-fr", "fraud-daily-small-credit", "premium-spend-fr")
-MARTS = ("fact_revenue", "fact_fraudanalysis", "fact_customersegmentation", "dim_customer")
+# Relations an incremental run must leave exactly as a rebuild from scratch would.
+INCREMENTAL = (
+    "analytics.fact_revenue",
+    "analytics.fact_fraudanalysis",
+    "analytics.fact_customersegmentation",
+    "analytics.dim_customer",
+    "intermediate.int_transactions",
+)
 
 
 def cli_env(s: Settings) -> dict[str, str]:
@@ -99,7 +106,7 @@ def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipel
     sync_all(s)
     first = json.loads(cli(s, "transform", "--json").stdout)
     assert first["success"] and first["counts"].get("error", 0) == 0
-    assert first["counts"]["pass"] > 100  # the generic and singular tests ran
+    assert first["counts"]["pass"] > 50  # the generic and singular tests ran
 
     with db.connect(s) as conn:
         source_count = conn.execute("SELECT count(*) FROM Transaction").fetchone()[0]
@@ -113,9 +120,14 @@ def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipel
         result = analyses.run_analysis(s, name)
         assert result.rows, f"{name} returned nothing"
 
-    # Changes at the source: a refund, an hour of new activity, a customer who moved country.
+    # Changes at the source: a refund, a deleted payment, an hour of new activity, a customer who
+    # moved country.
     with db.connect(s, autocommit=True) as conn:
         change_status(conn, completed, "refunded", reason="test refund", updated_by="test")
+        deleted = conn.execute(
+            "SELECT max(ID) FROM Transaction WHERE ID <> %s", (completed,)
+        ).fetchone()[0]
+        conn.execute("DELETE FROM Transaction WHERE ID = %s", (deleted,))
         conn.execute(
             "UPDATE Customer SET CountryCode = 'JP', UpdatedAt = now() WHERE ID = %s", (customer,)
         )
@@ -128,8 +140,13 @@ def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipel
     ) == [("refunded", Decimal("0.00"), Decimal("0.00"))]
     with db.connect(s) as conn:
         grown = conn.execute("SELECT count(*) FROM Transaction").fetchone()[0]
-    assert grown > source_count
+    assert grown > source_count - 1  # the hour added payments; one was deleted
     assert duckdb_rows(s, "SELECT count(*) FROM analytics.fact_revenue")[0][0] == grown
+    for relation, key in (
+        ("analytics.fact_revenue", "ID"),
+        ("intermediate.int_transactions", "transaction_id"),
+    ):
+        assert duckdb_rows(s, f"SELECT count(*) FROM {relation} WHERE {key} = {deleted}") == [(0,)]
     versions = duckdb_rows(
         s,
         "SELECT country_code, dbt_valid_to IS NULL FROM snapshots.customers_snapshot "
@@ -138,13 +155,15 @@ def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipel
     assert len(versions) == 2 and versions[-1] == ("JP", True) and versions[0][1] is False
 
     # The incremental facts must hold exactly what a rebuild from scratch computes.
-    incremental = {
-        m: sorted(duckdb_rows(s, f"SELECT * FROM analytics.{m}"), key=repr) for m in MARTS
-    }
+    incremental = {m: sorted(duckdb_rows(s, f"SELECT * FROM {m}"), key=repr) for m in INCREMENTAL}
     cli(s, "transform", "--full-refresh")
-    rebuilt = {m: sorted(duckdb_rows(s, f"SELECT * FROM analytics.{m}"), key=repr) for m in MARTS}
-    for m in MARTS:
+    rebuilt = {m: sorted(duckdb_rows(s, f"SELECT * FROM {m}"), key=repr) for m in INCREMENTAL}
+    for m in INCREMENTAL:
         assert incremental[m] == rebuilt[m], f"{m} differs after incremental runs"
+
+    # Required mart columns are NOT NULL constraints of the contract: the warehouse rejects a NULL.
+    with duckdb.connect(str(s.warehouse_file)) as conn, pytest.raises(duckdb.ConstraintException):
+        conn.execute("UPDATE analytics.fact_revenue SET Amount = NULL WHERE ID = ?", [completed])
 
 
 def test_postgres_warehouse_gives_the_same_answers_as_duckdb(pipeline, settings):

@@ -2,8 +2,40 @@
 -- fraud label of its scored document, the consumption-tax rate of the country it happened in, and
 -- its amount in the reporting currency (EUR). `extracted_at` is the latest arrival of any of its
 -- inputs: the incremental facts use it as their watermark.
-with transactions as (
+-- Incremental: a run recomputes only the payments whose OLTP row or scored document arrived after
+-- the table's watermark (a pre-hook removes those deleted at the source), so its cost follows the
+-- size of the change, not of the history. Reference data (statuses, currencies, locations, the
+-- rate seeds) is joined as it is at that moment: a change to it reaches older payments on the next
+-- `--full-refresh`.
+-- depends_on: {{ source('postgres', 'transaction') }}
+-- depends_on: {{ source('mongodb', 'transaction') }}
+{{
+    config(
+        materialized='incremental',
+        unique_key='transaction_id',
+        incremental_strategy='delete+insert',
+        on_schema_change='fail',
+        pre_hook="{% if is_incremental() %}delete from {{ this }} where transaction_id in (select id from {{ source('postgres', 'transaction') }} where _ab_cdc_deleted_at is not null and _airbyte_extracted_at > (select max(extracted_at) from {{ this }})){% endif %}"
+    )
+}}
+
+with
+{% if is_incremental() %}
+changed as (
+    select id as transaction_id from {{ source('postgres', 'transaction') }}
+    where _airbyte_extracted_at > (select max(extracted_at) from {{ this }})
+    union
+    select cast({{ raw_col('transaction_id') }} as {{ dbt.type_bigint() }})
+    from {{ source('mongodb', 'transaction') }}
+    where _airbyte_extracted_at > (select max(extracted_at) from {{ this }})
+),
+{% endif %}
+
+transactions as (
     select * from {{ ref('stg_postgres__transactions') }}
+    {% if is_incremental() %}
+    where transaction_id in (select transaction_id from changed)
+    {% endif %}
 ),
 
 statuses as (
