@@ -15,7 +15,7 @@
         unique_key='transaction_id',
         incremental_strategy='delete+insert',
         on_schema_change='fail',
-        pre_hook="{% if is_incremental() %}delete from {{ this }} where transaction_id in (select id from {{ source('postgres', 'transaction') }} where _ab_cdc_deleted_at is not null and _airbyte_extracted_at > (select max(extracted_at) from {{ this }})){% endif %}"
+        pre_hook="{% if is_incremental() %}delete from {{ this }} where transaction_id in (select id from {{ source('postgres', 'transaction') }} where _ab_cdc_deleted_at is not null and _airbyte_extracted_at > {{ watermark('extracted_at') }}){% endif %}"
     )
 }}
 
@@ -23,11 +23,11 @@ with
 {% if is_incremental() %}
 changed as (
     select id as transaction_id from {{ source('postgres', 'transaction') }}
-    where _airbyte_extracted_at > (select max(extracted_at) from {{ this }})
+    where _airbyte_extracted_at > {{ watermark('extracted_at') }}
     union
     select cast({{ raw_col('transaction_id') }} as {{ dbt.type_bigint() }})
     from {{ source('mongodb', 'transaction') }}
-    where _airbyte_extracted_at > (select max(extracted_at) from {{ this }})
+    where _airbyte_extracted_at > {{ watermark('extracted_at') }}
 ),
 {% endif %}
 

@@ -32,5 +32,5 @@ select
     extracted_at as ExtractedAt
 from {{ ref('int_transactions') }}
 {% if is_incremental() %}
-where extracted_at > (select max(ExtractedAt) from {{ this }})
+where extracted_at > {{ watermark('ExtractedAt') }}
 {% endif %}
