@@ -280,7 +280,11 @@ def test_unknown_streams_and_resources_in_a_connection(tmp_path: Path) -> None:
 
 def test_a_cron_airbyte_would_refuse(tmp_path: Path) -> None:
     root = airbyte_copy(tmp_path)
-    edit(root / "connections.yaml", '{cron: "0 0 * * * ?"}', '{cron: "* */5 * * * ?"}')
+    edit(
+        root / "connections.yaml",
+        "schedule: manual  # elt_warehouse_daily, and cdc_fraud_stream every 5 minutes\n",
+        'schedule: {cron: "* */5 * * * ?"}\n',
+    )
     message = load_error(root)
     assert "connections.yaml: invalid" in message
     assert (
