@@ -36,6 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# The demo is measured as users run it: `make demo` without SCALE.
+from stripe_platform.demo import DEFAULT_SCALE as DEMO_SCALE
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BENCHMARKS = ("seed", "ingest", "transform", "mongo", "demo")
@@ -643,6 +646,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--demo-runs", type=int, help="runs of demo_bench (default --runs; each is minutes long)"
     )
+    parser.add_argument(
+        "--demo-scale",
+        type=float,
+        default=DEMO_SCALE,
+        help=f"scale of demo_bench (default {DEMO_SCALE}: what `make demo` runs)",
+    )
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
     parser.add_argument("--home", type=Path, help="platform home (default STRIPE_PLATFORM_HOME)")
     parser.add_argument(
@@ -651,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         return render(args.render)
-    if args.runs < 1 or args.scale <= 0 or (args.demo_runs is not None and args.demo_runs < 1):
-        parser.error("--runs and --demo-runs must be >= 1 and --scale > 0")
+    if args.runs < 1 or min(args.scale, args.demo_scale) <= 0 or (args.demo_runs or 1) < 1:
+        parser.error("--runs and --demo-runs must be >= 1, --scale and --demo-scale > 0")
     names = parse_only(args.only)
 
     env = {k: v for k, v in os.environ.items() if k not in ("STRIPE_PLATFORM_PG_DSN",)}
@@ -680,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "scale": args.scale,
         "runs": args.runs,
         "demo_runs": args.demo_runs or args.runs,
+        "demo_scale": args.demo_scale,
         "profile": "embedded",
         "home": str(settings.home_dir),
         "machine": machine(pg_version),
@@ -692,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in names:
             runs = args.demo_runs if name == "demo" and args.demo_runs else args.runs
-            outcome = run_one(name, work, args.scale, runs, env)
+            scale = args.demo_scale if name == "demo" else args.scale
+            outcome = run_one(name, work, scale, runs, env)
             entry = {"seconds": outcome["seconds"], "ok": outcome["ok"]}
             if outcome["ok"]:
                 entry["result"] = outcome["result"]
