@@ -383,16 +383,15 @@ def test_a_failing_snapshot_reader_fails_the_sync_cleanly(platform, monkeypatch)
     """An error in one parallel snapshot reader stops the others, fails the sync, drops the slot;
     the next sync takes a complete snapshot."""
     s, _, catalog, raw = platform
-    real = cdc.Snapshot.copy_blocks
+    real = cdc.SnapshotReader.batches
 
-    def failing(self, table, columns=None, **kwargs):
-        ref = self.table(table)
-        for block in real(self, table, columns, **kwargs):
-            if ref.name.startswith("transaction_"):  # a leaf partition of Transaction
+    def failing(self, query):
+        for batch in real(self, query):
+            if '."transaction_' in query:  # a leaf partition of Transaction
                 raise RuntimeError("reader boom")
-            yield block
+            yield batch
 
-    monkeypatch.setattr(cdc.Snapshot, "copy_blocks", failing)
+    monkeypatch.setattr(cdc.SnapshotReader, "batches", failing)
     with pytest.raises(RuntimeError, match="reader boom"):
         Engine(s, catalog, raw).sync(PG)
     with db.connect(s, autocommit=True) as conn:

@@ -11,7 +11,10 @@ Typical engine loop::
     ensure_publication(conn, "stripe_cdc", ["transaction", "merchant"])
     with consistent_snapshot(conninfo, "stripe_slot", "stripe_cdc", tables) as snap:
         for table in snap.tables:
-            load(snap.rows(table))            # or snap.copy(table) for bulk
+            load(snap.rows(table))            # small tables; bulk reads take Arrow batches:
+        with snap.attach() as reader:         # (one reader per thread, all in this snapshot)
+            for batch in reader.batches(snap.arrow_query("transaction")):
+                load(batch)
     while True:
         batch = read_changes(conn, "stripe_slot", "stripe_cdc", max_changes=10_000)
         merge(batch.changes)                  # idempotent on primary key, durable on return
@@ -27,13 +30,16 @@ import contextlib
 import datetime as dt
 import itertools
 import re
-import select
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
+import adbc_driver_postgresql.dbapi as adbc_dbapi
+import numpy as np
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
@@ -603,6 +609,15 @@ def advance(conn: psycopg.Connection, slot: str, lsn: int | str) -> int:
 
 
 # -- consistent snapshot ---------------------------------------------------------------------------
+# Types that Snapshot.arrow_query reads in their binary form: the driver decodes each to the Arrow
+# type of the value change rows carry (bool, bytea, int2/4/8, text, float8, bpchar with its
+# padding, varchar, date, timestamp, timestamptz in UTC), inet is formatted by SnapshotReader.
+# All others are read as text.
+_ARROW_NATIVE_OIDS: Final = frozenset(
+    {16, 17, 20, 21, 23, 25, 701, 869, 1042, 1043, 1082, 1114, 1184}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ColumnInfo:
     name: str
@@ -614,7 +629,8 @@ class Snapshot:
 
     ``conn`` is a read-only REPEATABLE READ transaction that imported the snapshot exported by
     the slot's creation. Rows come with the same Python types as :func:`read_changes` values
-    (numbers, timestamps, bytea, json typed; inet and all other types as text).
+    (numbers, timestamps, bytea, json typed; inet and all other types as text). Bulk reads go
+    through :meth:`attach` (Arrow record batches, one reader connection per thread).
     """
 
     def __init__(
@@ -652,9 +668,19 @@ class Snapshot:
         ).fetchall()
         return [ColumnInfo(name, oid) for name, oid in rows]
 
-    def _select(self, ref: TableRef, columns: Sequence[str] | None = None) -> sql.Composed:
-        names = [c.name for c in self.columns(ref)] if columns is None else list(columns)
-        cols = sql.SQL(", ").join(sql.Identifier(name) for name in names)
+    def _select(
+        self, ref: TableRef, columns: Sequence[str] | None = None, *, arrow: bool = False
+    ) -> sql.Composed:
+        types = {c.name: c.type_oid for c in self.columns(ref)} if arrow or columns is None else {}
+        names = list(types) if columns is None else list(columns)
+
+        def column(name: str) -> sql.Composable:
+            ident = sql.Identifier(name)
+            if name not in types or types[name] in _ARROW_NATIVE_OIDS or not arrow:
+                return ident  # an unknown column is left for the server to report
+            return sql.SQL("{}::text AS {}").format(ident, ident)
+
+        cols = sql.SQL(", ").join(column(name) for name in names)
         only = sql.SQL("" if ref.partitioned else "ONLY ")  # partitions are read via the root
         return sql.SQL("SELECT {} FROM {}{}").format(cols, only, ref.identifier)
 
@@ -676,43 +702,38 @@ class Snapshot:
         leaves = [(TableRef(oid, schema, name, False), size) for oid, schema, name, size in rows]
         return sorted(leaves, key=lambda leaf: -leaf[1]) or [(ref, 0)]
 
+    def arrow_query(self, table: TableName | TableRef, columns: Sequence[str] | None = None) -> str:
+        """The SELECT that :meth:`SnapshotReader.batches` runs to read ``table`` as Arrow.
+
+        Columns of the types change rows carry typed, and whose binary form the driver decodes
+        to the same value, are read as they are; every other column as its text output, as
+        pgoutput sends it (the type's output function): numeric keeps every digit, float4 its
+        shortest decimal form (widening it to float8 would add digits), json the server's text,
+        inet/uuid/arrays their text.
+        """
+        return self._select(self.table(table), columns, arrow=True).as_string(self.conn)
+
     @contextmanager
-    def attach(self) -> Iterator[Snapshot]:
-        """Another connection reading this very snapshot (``SET TRANSACTION SNAPSHOT``), for
-        parallel reads: valid while the snapshot's block is open. Use one per thread."""
+    def attach(self) -> Iterator[SnapshotReader]:
+        """Another connection reading this very snapshot (``SET TRANSACTION SNAPSHOT``) into
+        Arrow, for parallel bulk reads: valid while the snapshot's block is open. Use one per
+        thread; give it queries from :meth:`arrow_query`."""
         if self.conninfo is None:
             raise CDCError(f"slot {self.slot!r}: this snapshot has no conninfo to attach with")
-        with psycopg.connect(self.conninfo) as conn:
-            _import_snapshot(conn, self.snapshot_name)
-            yield Snapshot(
-                conn,
-                self.slot,
-                self.publication,
-                self.lsn,
-                self.snapshot_name,
-                self.tables,
-                self.conninfo,
-            )
-            if not conn.closed:  # a reader stopped mid-COPY closes its connection
-                conn.rollback()  # read-only: nothing to commit
-
-    def copy_blocks(
-        self,
-        table: TableName | TableRef,
-        columns: Sequence[str] | None = None,
-        *,
-        block_bytes: int = 16 << 20,
-    ) -> Iterator[memoryview]:
-        """``COPY (SELECT columns ...) TO STDOUT (FORMAT csv)`` without header, as blocks of whole
-        rows of about ``block_bytes``: for bulk parsers, with no Python work per row beyond one
-        copy into the block (psycopg's ``Copy`` costs several times more per row).
-
-        Each block is a fresh buffer the caller may keep. A row never spans two blocks
-        (PostgreSQL sends one CopyData message per row), so quoted newlines stay intact.
-        """
-        ref = self.table(table)
-        query = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(self._select(ref, columns))
-        yield from _copy_out_blocks(self.conn, query.as_bytes(self.conn), block_bytes)
+        # Autocommit, so that the driver sends no BEGIN of its own: the import must be the first
+        # statement of the transaction opened here.
+        conn = adbc_dbapi.connect(self.conninfo, autocommit=True)
+        reader = SnapshotReader(conn)
+        try:
+            with contextlib.closing(conn.cursor()) as cur:
+                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                name = sql.Literal(self.snapshot_name).as_string(self.conn)
+                cur.execute(f"SET TRANSACTION SNAPSHOT {name}")
+                cur.execute(_SESSION_SETTINGS)  # shapes the text of the columns cast to text
+                cur.fetchall()
+            yield reader
+        finally:
+            reader.close()
 
     def rows(
         self, table: TableName | TableRef, *, batch_size: int = 10_000
@@ -736,84 +757,82 @@ class Snapshot:
             yield copy
 
 
-def _copy_out_blocks(
-    conn: psycopg.Connection, query: bytes, block_bytes: int
-) -> Iterator[memoryview]:
-    """Run a COPY ... TO STDOUT on ``conn`` (idle, possibly inside a transaction) straight through
-    libpq, gathering rows into blocks. The connection's lock is held throughout; if the consumer
-    stops early the connection is closed (it is mid-COPY and cannot be reused)."""
-    pgconn = conn.pgconn
-    with conn.lock:
-        pgconn.send_query(query)  # raises OperationalError if it cannot be sent
+class SnapshotReader:
+    """A connection inside a slot's exported snapshot that reads query results as Arrow record
+    batches (ADBC: the driver runs ``COPY ... (FORMAT binary)`` and decodes it in C++, with no
+    Python work per row). Made by :meth:`Snapshot.attach`."""
+
+    def __init__(self, conn: adbc_dbapi.Connection) -> None:
+        self.conn = conn
+        self.closed = False
+
+    def batches(self, query: str) -> Iterator[pa.RecordBatch]:
+        """Run ``query`` and stream its rows as record batches of about 16 MB. Timestamps and
+        dates at ±infinity come out as the bounds change rows use (``datetime.max``/``min``),
+        inet as its text.
+
+        If the consumer stops early (or the read fails) the connection is closed: it is no
+        longer usable inside the snapshot.
+        """
         finished = False
         try:
-            result = _next_result(pgconn)
-            if result is None or result.status != pq.ExecStatus.COPY_OUT:
-                _drain_results(pgconn)
-                raise _result_error(conn, result, "COPY TO STDOUT did not start")
-            get, consume, sock = pgconn.get_copy_data, pgconn.consume_input, pgconn.socket
-            block = bytearray(block_bytes)
-            view = memoryview(block)
-            used = 0
-            while True:
-                size, data = get(1)
-                if size > 0:
-                    end = used + size
-                    if end > block_bytes:
-                        if used:
-                            yield view[:used]
-                        if size > block_bytes:  # one row larger than a block: a block of its own
-                            yield memoryview(bytes(data))
-                            block = bytearray(block_bytes)
-                            view = memoryview(block)
-                            used = 0
-                            continue
-                        block = bytearray(block_bytes)
-                        view = memoryview(block)
-                        used, end = 0, size
-                    view[used:end] = data
-                    used = end
-                elif size == 0:  # nothing complete buffered: wait for the socket
-                    select.select([sock], [], [])
-                    consume()
-                else:  # -1: done; -2: error (reported by the final result)
-                    break
-            if used:
-                yield view[:used]
-            result = _next_result(pgconn)
-            _drain_results(pgconn)
+            with contextlib.closing(self.conn.cursor()) as cur:
+                cur.execute(query)
+                with contextlib.closing(cur.fetch_record_batch()) as stream:
+                    for batch in stream:
+                        yield _like_changes(batch)
             finished = True
-            if result is None or result.status != pq.ExecStatus.COMMAND_OK:
-                raise _result_error(conn, result, "COPY TO STDOUT failed")
         finally:
             if not finished:
-                conn.close()  # mid-COPY (consumer stopped, or an error): unusable
+                self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(adbc_dbapi.Error), contextlib.closing(self.conn.cursor()) as cur:
+            cur.execute("ROLLBACK")  # read-only: nothing to commit
+        # RuntimeError: a statement still open (a generator never closed); the GC ends it.
+        with contextlib.suppress(adbc_dbapi.Error, RuntimeError):
+            self.conn.close()
 
 
-def _next_result(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
-    """The next result, waiting on the socket without blocking inside libpq (keeps the GIL free)."""
-    while True:
-        pgconn.consume_input()
-        if not pgconn.is_busy():
-            return pgconn.get_result()
-        select.select([pgconn.socket], [], [])
+# What the driver (1.13) makes of ±infinity: PostgreSQL stores them as the int64/int32 bounds,
+# which the driver shifts to the Unix epoch without an overflow check. Mapped to the bounds
+# pgoutput.convert_value gives change rows, in microseconds or days since the Unix epoch.
+_US_SHIFT, _DAY_SHIFT = 946_684_800_000_000, 10_957
+_INFINITIES: Final = {
+    "us": (
+        (2**63 - 1 + _US_SHIFT - 2**64, 253_402_300_799_999_999),  # 9999-12-31 23:59:59.999999
+        (-(2**63) + _US_SHIFT, -62_135_596_800_000_000),  # 0001-01-01
+    ),
+    "day": (
+        (2**31 - 1 + _DAY_SHIFT - 2**32, 2_932_896),  # 9999-12-31
+        (-(2**31) + _DAY_SHIFT, -719_162),  # 0001-01-01
+    ),
+}
 
 
-def _drain_results(pgconn: pq.abc.PGconn) -> None:
-    while _next_result(pgconn) is not None:
-        pass
-
-
-def _result_error(
-    conn: psycopg.Connection, result: pq.abc.PGresult | None, what: str
-) -> psycopg.Error:
-    if result is not None and result.status in (
-        pq.ExecStatus.FATAL_ERROR,
-        pq.ExecStatus.NONFATAL_ERROR,
-    ):
-        return psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
-    status = "no result" if result is None else pq.ExecStatus(result.status).name
-    return psycopg.OperationalError(f"{what}: {status}")
+def _like_changes(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """What the driver gives, as change rows have it: ±infinity as the bounds, inet as text."""
+    for i, field in enumerate(batch.schema):
+        if isinstance(field.type, pa.OpaqueType) and field.type.type_name == "inet":
+            batch = batch.set_column(i, field.name, _inet_text(batch.column(i)))
+            continue
+        if pa.types.is_timestamp(field.type) and field.type.unit == "us":
+            storage, (positive, negative) = pa.int64(), _INFINITIES["us"]
+        elif pa.types.is_date32(field.type):
+            storage, (positive, negative) = pa.int32(), _INFINITIES["day"]
+        else:
+            continue
+        values = batch.column(i).view(storage)
+        lowest = pc.min(values).as_py()  # both sentinels lie far below any real value
+        if lowest is None or lowest > max(positive[0], negative[0]):
+            continue
+        for sentinel, bound in (positive, negative):
+            values = pc.if_else(pc.equal(values, sentinel), pa.scalar(bound, storage), values)
+        batch = batch.set_column(i, field, values.view(field.type))
+    return batch
 
 
 def use_cdc_types(conn: psycopg.Connection) -> None:
@@ -912,3 +931,93 @@ def consistent_snapshot(
             raise
         finally:
             repl.finish()
+
+
+# inet is read in its binary form (family, bits, is_cidr, address length, address) and turned
+# into the text inet_out gives, as pgoutput sends it: having the server format it costs the
+# server more CPU than sending all the other columns of a Transaction row.
+_PG_AF_INET, _PG_AF_INET6 = 2, 3
+# Each byte value as its decimal digits, padded with zero bytes (dropped when assembling text).
+_DIGITS: Final = np.array([list(str(i).encode().ljust(3, b"\0")) for i in range(256)], np.uint8)
+
+
+def _inet_text(array: pa.Array) -> pa.Array:
+    """inet values in binary form to their text: IPv4 in bulk with numpy, others one by one."""
+    storage = array.storage if isinstance(array, pa.ExtensionArray) else array
+    n = len(storage)
+    _, offsets_buffer, data_buffer = storage.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, storage.offset * 4)
+    data = (
+        np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
+    )
+    valid = storage.is_valid().to_numpy(zero_copy_only=False)
+    ipv4 = valid & (np.diff(offsets) == 8)
+    ipv4[ipv4] = data[offsets[:-1][ipv4]] == _PG_AF_INET
+    at = offsets[:-1][ipv4]
+    bits = data[at + 1]
+    # "a.b.c.d/bits", three bytes per number: zero bytes mark absent digits (and a /32 mask).
+    text = np.zeros((at.size, 19), np.uint8)
+    for octet in range(4):
+        text[:, 4 * octet : 4 * octet + 3] = _DIGITS[data[at + 4 + octet]]
+        text[:, 4 * octet + 3] = ord(".")
+    masked = bits != 32
+    text[:, 15] = np.where(masked, ord("/"), 0)
+    text[masked, 16:19] = _DIGITS[bits[masked]]
+    keep = text != 0
+    lengths = np.zeros(n, np.int32)
+    lengths[ipv4] = keep.sum(axis=1)
+    ends = np.zeros(n + 1, np.int32)
+    np.cumsum(lengths, out=ends[1:])
+    result = pa.StringArray.from_buffers(
+        n,
+        pa.py_buffer(ends),
+        pa.py_buffer(text[keep]),  # row-major: each row's characters in order, rows in order
+        pa.py_buffer(np.packbits(valid, bitorder="little")),
+    )
+    others = valid & ~ipv4
+    if others.any():  # empty strings so far
+        mask = pa.array(others)
+        values = [_inet_other(v) for v in storage.filter(mask).to_pylist()]
+        result = pc.replace_with_mask(result, mask, pa.array(values, pa.string()))
+    return result
+
+
+def _inet_other(value: bytes) -> str:
+    """inet_out for one value that is not IPv4: IPv6 with the longest (first) run of two or more
+    zero groups written "::", and an IPv4 address embedded after ::ffff: or :: kept dotted."""
+    family, bits, _, size = value[:4]
+    address = value[4:]
+    if family == _PG_AF_INET and size == 4:
+        text = ".".join(map(str, address))
+        return text if bits == 32 else f"{text}/{bits}"
+    if family != _PG_AF_INET6 or size != 16:
+        raise CDCError(f"unexpected binary inet value {value!r}")
+    groups = [int.from_bytes(address[i : i + 2], "big") for i in range(0, 16, 2)]
+    run_start, run_length, i = -1, 0, 0
+    while i < 8:
+        j = i
+        while j < 8 and groups[j] == 0:
+            j += 1
+        if j - i > run_length:
+            run_start, run_length = i, j - i
+        i = max(j, i + 1)
+    if run_length < 2:
+        run_start, run_length = -1, 0
+    text = ""
+    for i in range(8):
+        if run_start <= i < run_start + run_length:
+            text += ":" if i == run_start else ""
+            continue
+        if i:
+            text += ":"
+        if (
+            i == 6
+            and run_start == 0
+            and (run_length == 6 or (run_length == 5 and groups[5] == 0xFFFF))
+        ):
+            text += ".".join(map(str, address[12:]))
+            break
+        text += f"{groups[i]:x}"
+    if run_start != -1 and run_start + run_length == 8:
+        text += ":"
+    return text if bits == 128 else f"{text}/{bits}"

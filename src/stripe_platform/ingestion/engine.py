@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import queue
 import re
@@ -32,7 +33,7 @@ from typing import Any
 
 import psycopg
 import pyarrow as pa
-import pyarrow.csv as pacsv
+import pyarrow.compute as pc
 
 from stripe_platform.config import Settings
 from stripe_platform.ingestion import cdc, mongo_source
@@ -48,12 +49,11 @@ from stripe_platform.oltp import db
 from stripe_platform.warehouse.raw import ARROW, Column, RawStream, SchemaChangeError
 
 BATCH_ROWS = 50_000
-# Snapshots: rows per destination write (fewer, larger lake files), parallel COPY readers (each a
+# Snapshots: rows per destination write (fewer, larger lake files) and parallel readers (each a
 # connection sharing the slot's exported snapshot; a partitioned table is read partition by
-# partition) and the CSV block each reader hands to pyarrow.
+# partition).
 SNAPSHOT_BATCH_ROWS = 250_000
 SNAPSHOT_READERS = max(2, min(4, os.cpu_count() or 2))
-PARSE_BLOCK_BYTES = 16 << 20
 PG_TYPES = {
     "int2": "integer",
     "int4": "integer",
@@ -470,16 +470,17 @@ class _SnapshotReader:
 
     ``readers`` connections import the slot's exported snapshot (``Snapshot.attach``), so every
     one of them sees exactly the rows the slot starts after. A partitioned table is split into
-    its leaf partitions, read concurrently, largest first; each reader COPYs CSV straight from
-    libpq into large blocks that pyarrow parses (GIL released), while the calling thread types
-    and writes the previous batch. Batches come out in no particular order.
+    its leaf partitions, read concurrently, largest first; each reader streams Arrow record
+    batches (the ADBC driver decodes COPY binary in C++) and casts them to the destination
+    types, while the calling thread writes the previous batch. Batches come out in no
+    particular order.
     """
 
     def __init__(self, snap: cdc.Snapshot, readers: int) -> None:
         self.snap = snap
         self.readers = max(1, readers)
         self._stack = contextlib.ExitStack()
-        self._attached: list[cdc.Snapshot] = []
+        self._attached: list[cdc.SnapshotReader] = []
 
     def __enter__(self) -> _SnapshotReader:
         return self
@@ -487,7 +488,7 @@ class _SnapshotReader:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def _connections(self, n: int) -> list[cdc.Snapshot]:
+    def _connections(self, n: int) -> list[cdc.SnapshotReader]:
         while len(self._attached) < n:
             self._attached.append(self._stack.enter_context(self.snap.attach()))
         return self._attached[:n]
@@ -496,37 +497,18 @@ class _SnapshotReader:
         self, table: str, columns: tuple[Column, ...], batch_rows: int = SNAPSHOT_BATCH_ROWS
     ) -> Iterator[pa.Table]:
         names = [c.name for c in columns]
-        binary = [c.name for c in columns if c.type == "binary"]
-        # One thread per block: the readers already parse in parallel, and pyarrow's own
-        # threads would only add overhead on a machine the readers keep busy.
-        read_options = pacsv.ReadOptions(column_names=names, use_threads=False)
-        # Each block holds whole rows, so a quoted newline inside a value is safe to allow.
-        parse_options = pacsv.ParseOptions(newlines_in_values=True)
-        convert_options = pacsv.ConvertOptions(
-            column_types={c.name: ARROW[c.type] for c in columns if c.type != "binary"},
-            true_values=["t"],
-            false_values=["f"],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-        )
-
-        def parse(block: memoryview) -> pa.Table:
-            return pacsv.read_csv(
-                pa.py_buffer(block),
-                read_options=read_options,
-                parse_options=parse_options,
-                convert_options=convert_options,
-            )
-
-        pieces: queue.SimpleQueue[cdc.TableRef] = queue.SimpleQueue()
+        schema = pa.schema([(c.name, ARROW[c.type]) for c in columns])
+        pieces: queue.SimpleQueue[str] = queue.SimpleQueue()
         leaves = self.snap.leaves(table)
-        for ref, _ in leaves:
-            pieces.put(ref)
+        for ref, _ in leaves:  # queries built here: the snapshot's connection is not shared
+            pieces.put(self.snap.arrow_query(ref, names))
         readers = self._connections(min(self.readers, len(leaves)))
-        out: queue.Queue[pa.Table | BaseException | None] = queue.Queue(maxsize=2 * len(readers))
+        out: queue.Queue[pa.RecordBatch | BaseException | None] = queue.Queue(
+            maxsize=2 * len(readers)
+        )
         stop = threading.Event()
 
-        def put(item: pa.Table | BaseException | None) -> None:
+        def put(item: pa.RecordBatch | BaseException | None) -> None:
             while not stop.is_set():
                 try:
                     out.put(item, timeout=0.1)
@@ -534,17 +516,17 @@ class _SnapshotReader:
                 except queue.Full:
                     continue
 
-        def work(reader: cdc.Snapshot) -> None:
+        def work(reader: cdc.SnapshotReader) -> None:
             try:
                 while not stop.is_set():
                     try:
-                        ref = pieces.get_nowait()
+                        query = pieces.get_nowait()
                     except queue.Empty:
                         break
-                    for block in reader.copy_blocks(ref, names, block_bytes=PARSE_BLOCK_BYTES):
+                    for batch in reader.batches(query):
                         if stop.is_set():
-                            break  # closing the generator closes this mid-COPY connection
-                        put(parse(block))
+                            break  # closing the generator closes this mid-read connection
+                        put(_typed(batch, schema))
             except BaseException as exc:  # handed to the consuming thread, which raises it
                 put(exc)
             finally:
@@ -565,30 +547,36 @@ class _SnapshotReader:
                     continue
                 if isinstance(item, BaseException):
                     raise item
+                if not item.schema.equals(schema):  # a value did not fit: the writer nulls it
+                    yield pa.Table.from_batches([item])
+                    continue
                 pending.append(item)
                 rows += item.num_rows
                 if rows >= batch_rows:
-                    yield _decode_bytea(pa.concat_tables(pending), binary)
+                    yield pa.Table.from_batches(pending, schema)
                     pending, rows = [], 0
             if pending:
-                yield _decode_bytea(pa.concat_tables(pending), binary)
+                yield pa.Table.from_batches(pending, schema)
         finally:
             stop.set()
             for thread in threads:
                 thread.join()
-            # A reader stopped mid-COPY closed its connection: attach anew next time.
-            self._attached = [r for r in self._attached if not r.conn.closed]
+            # A reader stopped mid-read closed its connection: attach anew next time.
+            self._attached = [r for r in self._attached if not r.closed]
 
 
-def _decode_bytea(table: pa.Table, columns: list[str]) -> pa.Table:
-    """bytea arrives as text in its hex form (\\x...)."""
-    for name in columns:
-        values = table.column(name).to_pylist()
-        decoded = pa.array(
-            [None if v is None else bytes.fromhex(v[2:]) for v in values], pa.binary()
-        )
-        table = table.set_column(table.column_names.index(name), name, decoded)
-    return table
+def _typed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """Cast a batch to the destination's Arrow types (int2 -> int64, numeric text -> decimal,
+    ...), in the reader's thread. A column with a value that does not fit stays as it came, for
+    the writer to null that value and record it (DESTINATION_TYPECAST_ERROR)."""
+    arrays = []
+    for target in schema:
+        array = batch.column(target.name)
+        if array.type != target.type:
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                array = pc.cast(array, target.type, safe=True)
+        arrays.append(array)
+    return pa.RecordBatch.from_arrays(arrays, names=schema.names)
 
 
 def _new_generation() -> int:
@@ -636,6 +624,8 @@ def _change_table(
 ) -> pa.Table:
     """Change events as rows: new values for inserts/updates, the key plus a deletion time for deletes."""
     names = [c.name for c in raw.columns]
+    json_names = [c.name for c in raw.columns if c.type == "json"]
+    text_names = [c.name for c in raw.columns if c.type == "string"]
     rows = []
     for change in changes:
         values = dict(change.row)
@@ -643,6 +633,12 @@ def _change_table(
             stored = current.get(tuple(values.get(k) for k in raw.primary_key), {})
             values = {k: (stored.get(k) if v is UNCHANGED else v) for k, v in values.items()}
         row = {k: values.get(k) for k in names}
+        for k in json_names:  # as text, like snapshot rows: Arrow would force one shape on all
+            if row[k] is not None:  # rows (adding keys, ints to floats) or fail on mixed shapes
+                row[k] = json.dumps(row[k], default=str)
+        for k in text_names:  # uuid columns are text, as in snapshots (Arrow has no cast)
+            if row[k].__class__ is uuid.UUID:
+                row[k] = str(row[k])
         row["_ab_cdc_lsn"] = change.lsn
         row["_ab_cdc_updated_at"] = change.commit_time
         row["_ab_cdc_deleted_at"] = change.commit_time if change.op == "delete" else None
