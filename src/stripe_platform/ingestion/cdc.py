@@ -937,8 +937,19 @@ def consistent_snapshot(
 # into the text inet_out gives, as pgoutput sends it: having the server format it costs the
 # server more CPU than sending all the other columns of a Transaction row.
 _PG_AF_INET, _PG_AF_INET6 = 2, 3
-# Each byte value as its decimal digits, padded with zero bytes (dropped when assembling text).
-_DIGITS: Final = np.array([list(str(i).encode().ljust(3, b"\0")) for i in range(256)], np.uint8)
+
+
+def _packed(suffix: bytes) -> np.ndarray:
+    """For each byte value: its decimal digits padded with zero bytes to three, then ``suffix``,
+    as the four bytes of one little-endian uint32 (zero bytes are dropped when assembling)."""
+    return np.array(
+        [int.from_bytes(str(i).encode().ljust(3, b"\0") + suffix, "little") for i in range(256)],
+        "<u4",
+    )
+
+
+_WITH_DOT, _WITH_SLASH, _ALONE = _packed(b"."), _packed(b"/"), _packed(b"\0")
+_DIGIT_COUNT = np.array([len(str(i)) for i in range(256)], np.int32)
 
 
 def _inet_text(array: pa.Array) -> pa.Array:
@@ -954,24 +965,28 @@ def _inet_text(array: pa.Array) -> pa.Array:
     ipv4 = valid & (np.diff(offsets) == 8)
     ipv4[ipv4] = data[offsets[:-1][ipv4]] == _PG_AF_INET
     at = offsets[:-1][ipv4]
+    octets = [data[at + 4 + i] for i in range(4)]
     bits = data[at + 1]
-    # "a.b.c.d/bits", three bytes per number: zero bytes mark absent digits (and a /32 mask).
-    text = np.zeros((at.size, 19), np.uint8)
-    for octet in range(4):
-        text[:, 4 * octet : 4 * octet + 3] = _DIGITS[data[at + 4 + octet]]
-        text[:, 4 * octet + 3] = ord(".")
-    masked = bits != 32
-    text[:, 15] = np.where(masked, ord("/"), 0)
-    text[masked, 16:19] = _DIGITS[bits[masked]]
-    keep = text != 0
+    masked = bits != 32  # "/bits" only when not a single host
+    # Per row, 20 bytes: "ddd." three times, "ddd/" or "ddd", then the mask's digits.
+    text = np.empty((at.size, 5), "<u4")
+    for i in range(3):
+        text[:, i] = _WITH_DOT[octets[i]]
+    text[:, 3] = np.where(masked, _WITH_SLASH[octets[3]], _ALONE[octets[3]])
+    text[:, 4] = np.where(masked, _ALONE[bits], 0)
+    chars = text.view(np.uint8)
     lengths = np.zeros(n, np.int32)
-    lengths[ipv4] = keep.sum(axis=1)
+    lengths[ipv4] = (
+        3
+        + sum(_DIGIT_COUNT[octet] for octet in octets)
+        + np.where(masked, 1 + _DIGIT_COUNT[bits], 0)
+    )
     ends = np.zeros(n + 1, np.int32)
     np.cumsum(lengths, out=ends[1:])
     result = pa.StringArray.from_buffers(
         n,
         pa.py_buffer(ends),
-        pa.py_buffer(text[keep]),  # row-major: each row's characters in order, rows in order
+        pa.py_buffer(chars[chars != 0]),  # row-major: each row's characters in order
         pa.py_buffer(np.packbits(valid, bitorder="little")),
     )
     others = valid & ~ipv4
