@@ -179,7 +179,7 @@ def only_transaction(catalog, connection: str):
 
 def platform_snapshot(s, catalog, connection: str, writer) -> tuple[float, int]:
     with db.connect(s, autocommit=True) as conn:
-        cdc.drop_slot(conn, slot_name("stripe_platform", connection))
+        cdc.drop_slot(conn, slot_name("stripe_platform", connection, conn.info.dbname))
     seconds, report = timed(
         lambda: Engine(s, catalog, writer).sync(connection), f"snapshot {connection}"
     )
@@ -503,7 +503,7 @@ def main() -> None:
     print(f"\nwritten {out}")
     with db.connect(s, autocommit=True) as conn:
         for name in ("postgres-to-s3", "postgres-to-snowflake"):
-            cdc.drop_slot(conn, slot_name("stripe_platform", name))
+            cdc.drop_slot(conn, slot_name("stripe_platform", name, conn.info.dbname))
     shutil.rmtree(work, ignore_errors=True)
 
 

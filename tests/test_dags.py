@@ -258,7 +258,7 @@ def embedded_env(settings, loaded, database, tmp_path, monkeypatch):
     yield s
     with db.connect(s, autocommit=True) as conn:
         for name in ("postgres-to-s3", "mongodb-to-s3"):
-            cdc.drop_slot(conn, slot_name("stripe_platform", name))
+            cdc.drop_slot(conn, slot_name("stripe_platform", name, conn.info.dbname))
 
 
 def test_elt_lake_daily_runs_end_to_end_on_the_embedded_profile(airflow_db, embedded_env):

@@ -230,7 +230,7 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
         writer.conn.close()
         with db.connect(s, autocommit=True) as conn:
             for c in catalog.connections:
-                cdc.drop_slot(conn, slot_name("stripe_platform", c.name))
+                cdc.drop_slot(conn, slot_name("stripe_platform", c.name, conn.info.dbname))
     print(
         f"\nsync {synced - started:.0f}s, full snowflake build {built - synced:.0f}s, "
         f"incremental + duckdb {rebuilt - built:.0f}s, total {time.monotonic() - started:.0f}s"

@@ -12,12 +12,14 @@ from decimal import Decimal
 
 import duckdb
 import pytest
+from psycopg import sql
 
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine, SyncError, slot_name
 from stripe_platform.oltp import db
+from stripe_platform.oltp.migrate import migrate
 from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
@@ -38,7 +40,7 @@ def platform(settings, database, tmp_path):
     yield s, docs, catalog, DuckDBRaw(warehouse)
     with db.connect(s, autocommit=True) as conn:
         for c in catalog.connections:
-            cdc.drop_slot(conn, slot_name("stripe_platform", c.name))
+            cdc.drop_slot(conn, slot_name("stripe_platform", c.name, conn.info.dbname))
     warehouse.close()
 
 
@@ -316,7 +318,7 @@ def test_killed_sync_resumes_to_exactly_the_source(settings, database, tmp_path)
         raw.conn.close()
     finally:
         with db.connect(s, autocommit=True) as conn:
-            cdc.drop_slot(conn, slot_name("stripe_platform", PG))
+            cdc.drop_slot(conn, slot_name("stripe_platform", PG, conn.info.dbname))
 
 
 def test_follow_streams_changes_until_stopped(platform):
@@ -373,7 +375,7 @@ def test_follow_streams_changes_until_stopped(platform):
     assert "error" not in out, out["error"]
     assert out["report"].streams["merchant"].rows >= 3 * n
     with db.connect(s, autocommit=True) as conn:
-        slot = cdc.slot_info(conn, slot_name("stripe_platform", PG))
+        slot = cdc.slot_info(conn, slot_name("stripe_platform", PG, conn.info.dbname))
         assert slot is not None and slot.active_pid is None
     assert raw.load_state(f"connection:{PG}")["lsn"] <= slot.confirmed_flush_lsn
     reader.close()
@@ -395,7 +397,7 @@ def test_a_failing_snapshot_reader_fails_the_sync_cleanly(platform, monkeypatch)
     with pytest.raises(RuntimeError, match="reader boom"):
         Engine(s, catalog, raw).sync(PG)
     with db.connect(s, autocommit=True) as conn:
-        assert cdc.slot_info(conn, slot_name("stripe_platform", PG)) is None
+        assert cdc.slot_info(conn, slot_name("stripe_platform", PG, conn.info.dbname)) is None
     monkeypatch.undo()
     assert Engine(s, catalog, raw).sync(PG).phase == "snapshot"
     assert live_rows(raw, "postgres_transaction") == source_rows(
@@ -404,3 +406,44 @@ def test_a_failing_snapshot_reader_fails_the_sync_cleanly(platform, monkeypatch)
     assert raw.conn.execute(
         "SELECT count(*) - count(DISTINCT (id, datetime)) FROM raw.postgres_transaction"
     ).fetchone() == (0,)
+
+
+def test_two_databases_of_one_cluster_keep_their_own_slots(platform, settings, tmp_path):
+    """Slots are cluster-wide: the same connection synced from two databases of one cluster
+    must not share (and drop) one slot. A slot of the earlier naming (without the database)
+    that the state still names is dropped, not left holding WAL."""
+    s, _, catalog, raw = platform
+    other = s.model_copy(update={"pg_database": f"{s.pg_database}_b"})
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other.pg_database)))
+    other_raw = DuckDBRaw(duckdb.connect(str(tmp_path / "other.duckdb")))
+    try:
+        with db.connect(other, autocommit=True) as conn:
+            migrate(conn)
+        assert Engine(s, catalog, raw).sync(PG).phase == "snapshot"
+        assert Engine(other, catalog, other_raw).sync(PG).phase == "snapshot"
+        # Each database's next sync reads its own slot: no new snapshot, nothing dropped.
+        assert Engine(s, catalog, raw).sync(PG).phase == "incremental"
+        assert Engine(other, catalog, other_raw).sync(PG).phase == "incremental"
+        names = {d: slot_name("stripe_platform", PG, d) for d in (s.pg_database, other.pg_database)}
+        assert len(set(names.values())) == 2
+        with db.connect(s, autocommit=True) as conn:
+            for database, name in names.items():
+                assert cdc.slot_info(conn, name).database == database
+
+            # A state written before slots carried the database name.
+            old = "stripe_platform_postgres_to_snowflake"
+            cdc.ensure_slot(conn, old)
+            state = raw.load_state(f"connection:{PG}")
+            raw.save_state(f"connection:{PG}", {**state, "slot": old})
+            Engine(s, catalog, raw).sync(PG)
+            assert cdc.slot_info(conn, old) is None
+            assert cdc.slot_info(conn, names[s.pg_database]) is not None
+    finally:
+        other_raw.conn.close()
+        with db.connect(other, autocommit=True) as conn:
+            cdc.drop_slot(conn, slot_name("stripe_platform", PG, other.pg_database))
+        with db.connect(settings, database="postgres", autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(other.pg_database))
+            )

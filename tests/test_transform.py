@@ -98,7 +98,7 @@ def pipeline(settings, database, tmp_path):
     yield s
     with db.connect(s, autocommit=True) as conn:
         for c in load_catalog().connections:
-            cdc.drop_slot(conn, slot_name("stripe_platform", c.name))
+            cdc.drop_slot(conn, slot_name("stripe_platform", c.name, conn.info.dbname))
 
 
 def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipeline):
@@ -157,7 +157,7 @@ def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipel
     # A lost replication slot makes the next sync take a new snapshot: every payment arrives
     # again, every day changes, and the aggregate facts' pre-hooks empty them before refilling.
     with db.connect(s, autocommit=True) as conn:
-        cdc.drop_slot(conn, slot_name("stripe_platform", "postgres-to-snowflake"))
+        cdc.drop_slot(conn, slot_name("stripe_platform", "postgres-to-snowflake", conn.info.dbname))
     sync_all(s)
     cli(s, "transform")
 

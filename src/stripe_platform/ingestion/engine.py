@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import queue
@@ -114,9 +115,25 @@ class SyncReport:
         }
 
 
-def slot_name(base: str, connection: str) -> str:
-    """One slot per connection: each destination confirms its own position."""
-    return re.sub(r"[^a-z0-9_]", "_", f"{base}_{connection}".lower())[:63]
+def slot_name(base: str, connection: str, database: str) -> str:
+    """One slot per connection (each destination confirms its own position) and per source
+    database: slots are cluster-wide, and two databases of one cluster syncing the same
+    connection (two environments, the benchmarks) must not take each other's slot. A name past
+    PostgreSQL's 63 characters is cut and ends with a hash of the whole."""
+    name = re.sub(r"[^a-z0-9_]", "_", f"{base}_{database}_{connection}".lower())
+    if len(name) > 63:
+        name = f"{name[:54]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _drop_slot_of_older_name(conn: psycopg.Connection, state: dict[str, Any], slot: str) -> None:
+    """A connection's state may name a slot of an earlier naming scheme (without the database):
+    drop it if it is this database's, or it would keep WAL on the server for ever."""
+    old = state.get("slot")
+    if old and old != slot:
+        info = cdc.slot_info(conn, old)
+        if info is not None and info.database == conn.info.dbname:
+            cdc.drop_slot(conn, old)
 
 
 def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -265,10 +282,11 @@ class Engine:
         streams: list[Stream],
         raw: dict[str, RawStream],
     ) -> None:
-        slot = slot_name(source.cdc.replication_slot, connection.name)
+        slot = slot_name(source.cdc.replication_slot, connection.name, conn.info.dbname)
         publication = source.cdc.publication
         state_key = f"connection:{connection.name}"
         state = self.writer.load_state(state_key) or {}
+        _drop_slot_of_older_name(conn, state, slot)
         if (
             cdc.slot_info(conn, slot) is None
             or state.get("slot") != slot
@@ -390,12 +408,12 @@ class Engine:
                 _add_report(total, self.sync(connection_name))
             total.seconds = time.monotonic() - started
             return total
-        slot = slot_name(source.cdc.replication_slot, connection.name)
         state_key = f"connection:{connection.name}"
         try:
             with psycopg.connect(
                 db.conninfo(self.settings, with_key=False), autocommit=True
             ) as conn:
+                slot = slot_name(source.cdc.replication_slot, connection.name, conn.info.dbname)
                 cdc.use_cdc_types(conn)
                 conn.execute("SET TIME ZONE 'UTC'")
                 raw = {
