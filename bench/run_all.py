@@ -660,7 +660,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         return render(args.render)
-    if args.runs < 1 or min(args.scale, args.demo_scale) <= 0 or (args.demo_runs or 1) < 1:
+    if (
+        args.runs < 1
+        or min(args.scale, args.demo_scale) <= 0
+        or (args.demo_runs is not None and args.demo_runs < 1)
+    ):
         parser.error("--runs and --demo-runs must be >= 1, --scale and --demo-scale > 0")
     names = parse_only(args.only)
 
