@@ -13,7 +13,7 @@ In one run on the embedded profile, in a database `bench_ingest` seeded at the g
   over the same publication peeked with pg_logical_slot_peek_binary_changes and counted in SQL, no
   row sent) and by a peer (PostgreSQL's own pg_recvlogical streaming a third slot to /dev/null up
   to the UPDATE's end LSN); the reference slots are made before the UPDATE and dropped after;
-- CDC latency: commit-to-warehouse latency p50/p95/p99 (one run each)
+- CDC latency, --runs rounds: commit-to-warehouse latency p50/p95/p99 of each round
   under a steady write load (`seed --tps 50`), once with back-to-back `Engine.sync` runs and once
   with the long-lived `engine.follow` loop. Latency is measured per source transaction from its
   commit timestamp (as pgoutput reports it) to the moment the destination committed the batch;
@@ -354,6 +354,18 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def percentiles(timing: TimingWriter, what: str) -> dict:
+    """p50/p95/p99 of one round's latencies from the commit or from `createdat`."""
+    values = timing.commit if what == "commit" else timing.created
+    return {
+        "n": len(values),
+        "transactions": len(timing.transactions),
+        "p50": pct(values, 0.5),
+        "p95": pct(values, 0.95),
+        "p99": pct(values, 0.99),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0)
@@ -399,8 +411,13 @@ def main() -> None:
     source = wh_catalog.source(wh_catalog.connection("postgres-to-snowflake").source)
     publication = source.cdc.publication
     rounds = [cdc_round(s, wh_catalog, warehouse, publication, n) for n in range(args.runs)]
-    loop = cdc_latency_sync_loop(s, wh_catalog, warehouse)
-    followed = cdc_latency_follow(s, wh_catalog, warehouse)
+    latency = [
+        {
+            "sync_loop": cdc_latency_sync_loop(s, wh_catalog, warehouse),
+            "follow": cdc_latency_follow(s, wh_catalog, warehouse),
+        }
+        for _ in range(args.runs)
+    ]
 
     def line(name: str, key: str) -> str:
         values = [v for v in results[key] if isinstance(v, float)]
@@ -436,21 +453,25 @@ def main() -> None:
             f"| {n} | {r['changes']:,} | {r['changes'] / r['seconds']:,.0f} | "
             f"{r['floor_changes'] / r['floor_seconds']:,.0f} | {peer} |"
         )
-    print("\nCDC latency under 50 tps (seed --tps 50 for 20 s), per changed row:\n")
     print(
-        "| loop | measured from | rows (transactions) | p50 s | p95 s | p99 s |\n"
-        "|---|---|---:|---:|---:|---:|"
+        f"\nCDC latency under 50 tps (seed --tps 50 for 20 s), per changed row, {args.runs} "
+        "round(s):\n"
     )
-    for name, timing in (
-        ("back-to-back Engine.sync", loop),
-        ("engine.follow, 0.1 s poll", followed),
-    ):
-        for what, values in (("commit", timing.commit), ("createdat", timing.created)):
-            print(
-                f"| {name} | {what} | {len(values)} ({len(timing.transactions)}) | "
-                f"{pct(values, 0.5):.2f} | "
-                f"{pct(values, 0.95):.2f} | {pct(values, 0.99):.2f} |"
-            )
+    print(
+        "| round | loop | measured from | rows (transactions) | p50 s | p95 s | p99 s |\n"
+        "|---:|---|---|---:|---:|---:|---:|"
+    )
+    for n, timings in enumerate(latency):
+        for name, timing in (
+            ("back-to-back Engine.sync", timings["sync_loop"]),
+            ("engine.follow, 0.1 s poll", timings["follow"]),
+        ):
+            for what in ("commit", "created"):
+                figure = percentiles(timing, what)
+                print(
+                    f"| {n} | {name} | {what} | {figure['n']} ({figure['transactions']}) | "
+                    f"{figure['p50']:.2f} | {figure['p95']:.2f} | {figure['p99']:.2f} |"
+                )
     print(
         "\n(createdat is set by the load generator up to 1 s before its transaction even starts; "
         "commit is the source commit time pgoutput reports: the commit-to-warehouse figure.)"
@@ -477,16 +498,13 @@ def main() -> None:
                     "floor_seconds": [r["floor_seconds"] for r in rounds],
                     "recvlogical_seconds": [r["recvlogical_seconds"] for r in rounds],
                 },
+                # per loop and origin, one figure per round (the first is the warm-up under run_all)
                 "latency_s": {
-                    f"{loop_name}_{what}": {
-                        "n": len(values),
-                        "transactions": len(timing.transactions),
-                        "p50": pct(values, 0.5),
-                        "p95": pct(values, 0.95),
-                        "p99": pct(values, 0.99),
+                    f"{loop}_{what}{'at' if what == 'created' else ''}": {
+                        "runs": [percentiles(timings[loop], what) for timings in latency]
                     }
-                    for loop_name, timing in (("sync_loop", loop), ("follow", followed))
-                    for what, values in (("commit", timing.commit), ("createdat", timing.created))
+                    for loop in ("sync_loop", "follow")
+                    for what in ("commit", "created")
                 },
                 "load_average_at_end": os.getloadavg(),
                 "conditions": CONDITIONS,

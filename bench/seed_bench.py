@@ -12,8 +12,15 @@ no indexes, constraints, triggers or partitions), generation and encoding exclud
 - peer: PostgreSQL's own `psql \\copy ... FROM 'file' (FORMAT csv)` of the rows already written
   to a CSV file (by the platform's own CSV encoding), one psql process per table (its start and
   TLS connection included).
-`transaction` includes its state changes, as the platform's own figure does. The document store
-has no reference.
+`transaction` includes its state changes, as the platform's own figure does.
+
+The document store (the embedded stand-in), per collection: the same documents, generated again
+first (timed apart, as "generation"), written by
+- floor: each encoded to BSON (what the stand-in stores) and inserted into a plain SQLite table
+  (id, document) in one transaction, with the stand-in's pragmas (WAL, synchronous=NORMAL);
+- reference: the stand-in's own `insert_many`, in one call, into an empty collection with none
+  of the platform's indexes.
+The platform's own figure includes generation (the seed generates documents as it inserts them).
 
 Prints a markdown table (rows/s per table) and writes bench/results/seed-<UTC time>.json.
 Goal (issue 3): scale 1 into PostgreSQL in under 60 s on a 2-core machine.
@@ -22,18 +29,22 @@ Goal (issue 3): scale 1 into PostgreSQL in under 60 s on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import io
 import json
 import os
 import platform
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+import bson
+import litemongo
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -45,7 +56,7 @@ from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
 from stripe_platform.runtime.postgres import find_bindir
 from stripe_platform.seed.dataset import build
-from stripe_platform.seed.load import seed
+from stripe_platform.seed.load import document_plan, seed
 from stripe_platform.seed.spec import make_spec
 
 DATABASE = "bench_seed"
@@ -184,6 +195,42 @@ def references(settings, data, work: Path) -> dict[str, dict]:
     return out
 
 
+def document_references(data, work: Path) -> dict[str, dict]:
+    """Per collection: the same documents written by the floor (BSON into plain SQLite) and by the
+    stand-in's own bulk insert (see the module's docstring)."""
+    out: dict[str, dict] = {}
+    store = litemongo.connect(str(work / "store"), tz_aware=True)["reference"]
+    for name, _, make in document_plan(data):
+        started = time.perf_counter()
+        docs = list(make())
+        generate_s = time.perf_counter() - started
+        nbytes = 0
+        started = time.perf_counter()
+        with contextlib.closing(sqlite3.connect(work / f"{name}.sqlite")) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            with conn:  # one transaction
+                conn.execute("CREATE TABLE documents (id TEXT PRIMARY KEY, document BLOB)")
+                for doc in docs:
+                    encoded = bson.encode(doc)
+                    nbytes += len(encoded)
+                    conn.execute("INSERT INTO documents VALUES (?, ?)", (str(doc["_id"]), encoded))
+        floor_s = time.perf_counter() - started
+        started = time.perf_counter()
+        store[name].insert_many(docs)
+        bulk_s = time.perf_counter() - started
+        if store[name].count_documents({}) != len(docs):
+            raise RuntimeError(f"reference store: {name} lacks documents")
+        out[name] = {
+            "documents": len(docs),
+            "bson_bytes": nbytes,
+            "generate_s": generate_s,
+            "floor_s": floor_s,
+            "bulk_s": bulk_s,
+        }
+    return out
+
+
 def one_run(settings, scale: float, documents: bool, number: int, reference: bool = True) -> dict:
     fresh_database(settings)
     docs_db = f"{DATABASE}_{os.getpid()}_{number}"  # an empty document database per run
@@ -196,12 +243,14 @@ def one_run(settings, scale: float, documents: bool, number: int, reference: boo
     report = seed(s, data, docs)
     if documents:
         docs.client.drop_database(docs_db)
-    refs = {}
+    refs, doc_refs = {}, {}
     if reference:
         work = Path(tempfile.mkdtemp(prefix="seed-bench-"))
         work.chmod(0o755)
         try:
             refs = references(s, data, work)
+            if documents and not settings.mongodb_uri:
+                doc_refs = document_references(data, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return {
@@ -218,6 +267,7 @@ def one_run(settings, scale: float, documents: bool, number: int, reference: boo
             k: {"rows": t.rows, "seconds": t.seconds, "rows_per_s": t.rows_per_second}
             for k, t in report.documents.items()
         },
+        "document_reference": doc_refs,
     }
 
 
@@ -262,8 +312,12 @@ def main() -> None:
         f"max {max(r['oltp_total_s'] for r in runs):.1f}) | | **{median:.1f}** | | | |"
     )
     for name, t in last["documents"].items() if not args.no_documents else ():
+        ref = last["document_reference"].get(name)
+        floor = f"{ref['documents'] / ref['floor_s']:,.0f}" if ref else ""
+        bulk = f"{ref['documents'] / ref['bulk_s']:,.0f} (store's insert_many)" if ref else ""
         print(
-            f"| documents {name} | {t['rows']:,} | {t['seconds']:.1f} | {t['rows_per_s']:,.0f} | | |"
+            f"| documents {name} | {t['rows']:,} | {t['seconds']:.1f} | {t['rows_per_s']:,.0f} | "
+            f"{floor} | {bulk} |"
         )
     out = Path(__file__).parent / "results" / f"seed-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(

@@ -85,6 +85,10 @@ def test_smoke_run_all_writes_json_and_markdown_with_real_numbers(tmp_path: Path
     assert any(r["what"].startswith("seed into PostgreSQL: transaction") for r in rows)
     oltp = [r for r in rows if r["what"].startswith("seed into PostgreSQL")]
     assert oltp and all(" floor, " in r["ratio"] and "peer" in r["ratio"] for r in oltp), oltp
+    documents = [r for r in rows if r["what"].startswith("seed into the document store")]
+    assert len(documents) == 6 and all(
+        " floor, " in r["ratio"] and "insert_many" in r["ratio"] for r in documents
+    ), documents
     assert all("scan" in r["ratio"] for r in rows if r["section"] == "documents")
 
     table = md_file.read_text()
@@ -165,6 +169,15 @@ def test_ingest_rows_stand_beside_floor_and_peer_with_ratios() -> None:
     assert sync.ratio == "0.10× floor, 0.20× peer"
     assert cdc[1].ratio == "0.50× floor"
     assert "p99 0.60 s" in cdc[3].spread
+    # rounds: the first is the warm-up; each percentile is the median of the others, min – max
+    rounds = [
+        {"n": 10, "transactions": 5, "p50": p, "p95": 2 * p, "p99": 3 * p}
+        for p in (0.9, 0.1, 0.3, 0.2)
+    ]
+    result = {**INGEST, "latency_s": {"follow_commit": {"runs": rounds}}}
+    (latency,) = [r for r in run_all.rows_ingest(result) if "latency" in r.what]
+    assert latency.what.endswith("(3 runs)") and latency.median == "p50 0.20 s"
+    assert "p95 0.40 s (0.20 – 0.60)" in latency.spread
     # an older result (one round, no reference) still renders
     old = run_all.rows_cdc({"changes": 500, "seconds": 0.5})
     assert [r.median for r in old] == ["1,000 changes/s"]
@@ -200,10 +213,29 @@ def test_seed_rows_stand_beside_floor_and_peer_with_ratios() -> None:
                     "psql_s": 0.4,
                 }
             },
-            "documents": {},
+            "documents": {
+                "Log": {"rows": 500, "seconds": platform_s, "rows_per_s": 500 / platform_s}
+            },
+            "document_reference": {
+                "Log": {
+                    "documents": 500,
+                    "bson_bytes": 2_500_000,
+                    "generate_s": 0.05,
+                    "floor_s": 0.1,
+                    "bulk_s": 0.25,
+                }
+            },
         }
 
     rows = run_all.rows_seed({"runs": [run(9.0), run(1.0), run(2.0), run(1.0)]})
+    log = rows[-1]
+    assert log.what == "seed into the document store: Log" and log.median == "500 docs/s"
+    assert log.size == "2.5 MB as BSON"
+    assert log.reference == (
+        "floor (BSON into plain SQLite, same docs) 5,000 docs/s; stand-in's own insert_many "
+        "(no indexes) 2,000 docs/s; generation alone 10,000 docs/s"
+    )
+    assert log.ratio == "0.10× floor, 0.25× insert_many"
     tx = rows[0]
     assert tx.what == "seed into PostgreSQL: transaction (+2,100 state changes)"
     assert tx.median == "2,000 rows/s" and tx.size == "3.0 MB as COPY binary"
@@ -211,8 +243,9 @@ def test_seed_rows_stand_beside_floor_and_peer_with_ratios() -> None:
         "floor (COPY binary, same rows) 20,000 rows/s; peer (psql \\copy csv) 5,000 rows/s"
     )
     assert tx.ratio == "0.10× floor, 0.40× peer"
-    older = run_all.rows_seed({"runs": [{**run(1.0), "reference": {}}]})
+    older = run_all.rows_seed({"runs": [{**run(1.0), "reference": {}, "document_reference": {}}]})
     assert older[0].reference == "no floor or peer measured" and older[0].ratio == ""
+    assert older[-1].reference == "no floor or peer measured"
 
 
 def test_transform_and_demo_rows() -> None:
