@@ -4,8 +4,11 @@
 
 In one run on the embedded profile, in a database `bench_ingest` seeded at the given scale:
 - floor: COPY (binary) of the table drained to nothing;
-- peers doing the same extract into parquet: COPY csv -> pyarrow csv reader -> parquet, and
-  connectorx in its own virtualenv (skipped with --no-peer or when it cannot be installed);
+- peers doing the same extract into parquet: COPY csv -> pyarrow csv reader -> parquet; and, each
+  in a virtualenv of its own (skipped with --no-peer or when they cannot be installed),
+  connectorx over one connection and split over one connection per core (`partition_on` id), and
+  DuckDB's postgres scanner (duckdb 1.5.5 with the extension's wheel from the package registry:
+  duckdb 2.0, which the platform uses, has no offline build of it) with a thread per core;
 - the platform's full-refresh sync (snapshot) of the transaction stream into the lake (parquet) and
   into DuckDB;
 - CDC throughput, --runs rounds: changes/s of a sync into DuckDB after a 100,000-row UPDATE, beside
@@ -44,7 +47,7 @@ import duckdb
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
@@ -131,45 +134,85 @@ def peer_csv_arrow(s, out: Path) -> int:
     return table.num_rows
 
 
+# Each peer script times its own connection and extract (its interpreter's start and imports
+# excluded) and prints "<rows> <seconds>".
 CONNECTORX = """
 import sys, time, connectorx as cx, pyarrow.parquet as pq
+url, query, out, partitions = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+split = {"partition_on": "id", "partition_num": partitions} if partitions > 1 else {}
 t = time.perf_counter()
-table = cx.read_sql(sys.argv[1], sys.argv[2], return_type="arrow")
-pq.write_table(table, sys.argv[3])
+table = cx.read_sql(url, query, return_type="arrow", **split)
+pq.write_table(table, out)
 print(table.num_rows, time.perf_counter() - t)
 """
+DUCKDB_SCANNER = """
+import os, sys, time, duckdb, duckdb_extension_postgres_scanner as ext
+conninfo, table, out = sys.argv[1], sys.argv[2], sys.argv[3]
+path = os.path.join(os.path.dirname(ext.__file__), "extensions", "v" + duckdb.__version__,
+                    "postgres_scanner.duckdb_extension")
+con = duckdb.connect(config={"allow_unsigned_extensions": "true", "threads": os.cpu_count()})
+con.execute("SET enable_progress_bar = false")
+con.execute(f"LOAD '{path}'")
+t = time.perf_counter()
+con.execute(f"ATTACH '{conninfo}' AS pg (TYPE postgres, READ_ONLY)")
+con.execute(f"COPY (SELECT * FROM pg.public.{table}) TO '{out}' (FORMAT parquet)")
+seconds = time.perf_counter() - t
+print(con.execute(f"SELECT count(*) FROM '{out}'").fetchone()[0], seconds)
+"""
+PEER_PACKAGES = {
+    "connectorx": ["connectorx", "pyarrow"],
+    # the extension's wheel is built for one DuckDB release: pin both
+    "duckdb": ["duckdb==1.5.5", "duckdb-extension-postgres-scanner==1.5.5"],
+}
 
 
-def peer_connectorx(s, out: Path) -> tuple[float, int] | str:
-    venv = Path(tempfile.gettempdir()) / "stripe-platform-bench-connectorx"
+def _peer_python(name: str) -> Path | str:
+    """The interpreter of the peer's own virtualenv (made on first use), or why it is missing."""
+    venv = Path(tempfile.gettempdir()) / f"stripe-platform-bench-{name}"
     python = venv / "bin" / "python"
     if not python.exists():
         made = subprocess.run(
             ["uv", "venv", "-q", "-p", sys.executable, str(venv)], capture_output=True, check=False
         )
         pip = subprocess.run(
-            ["uv", "pip", "install", "-q", "-p", str(python), "connectorx", "pyarrow"],
+            ["uv", "pip", "install", "-q", "-p", str(python), *PEER_PACKAGES[name]],
             capture_output=True,
             text=True,
             check=False,
         )
         if made.returncode or pip.returncode:
-            return f"not run: could not install connectorx ({pip.stderr.strip()[:120]})"
+            shutil.rmtree(venv, ignore_errors=True)
+            return f"not run: could not install {name} ({pip.stderr.strip()[:120]})"
+    return python
+
+
+def _run_peer(name: str, script: str, *args: str) -> tuple[float, int] | str:
+    python = _peer_python(name)
+    if isinstance(python, str):
+        return python
+    run = subprocess.run(
+        [str(python), "-c", script, *args], capture_output=True, text=True, check=False
+    )
+    if run.returncode:
+        return f"not run: {run.stderr.strip().splitlines()[-1][:160] if run.stderr else 'failed'}"
+    rows, seconds = run.stdout.splitlines()[-1].split()
+    return float(seconds), int(rows)
+
+
+def peer_connectorx(s, out: Path, partitions: int = 1) -> tuple[float, int] | str:
     info = conninfo_to_dict(db.conninfo(s, with_key=False))
     url = (
         f"postgresql://{info['user']}:{info['password']}@{info['host']}:{info['port']}/{info['dbname']}"
         "?sslmode=require"
     )
-    run = subprocess.run(
-        [str(python), "-c", CONNECTORX, url, QUERY, str(out)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if run.returncode:
-        return f"not run: {run.stderr.strip().splitlines()[-1][:160] if run.stderr else 'failed'}"
-    rows, seconds = run.stdout.split()
-    return float(seconds), int(rows)
+    return _run_peer("connectorx", CONNECTORX, url, QUERY, str(out), str(partitions))
+
+
+def peer_duckdb_scanner(s, out: Path) -> tuple[float, int] | str:
+    info = conninfo_to_dict(db.conninfo(s, with_key=False))
+    keep = {k: info[k] for k in ("host", "port", "user", "password", "dbname")}
+    conninfo = make_conninfo(**keep, sslmode="require")
+    return _run_peer("duckdb", DUCKDB_SCANNER, conninfo, "transaction", str(out))
 
 
 def only_transaction(catalog, connection: str):
@@ -378,7 +421,16 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     catalog = load_catalog()
     results: dict[str, list] = {
-        k: [] for k in ("floor", "csv_arrow", "connectorx", "lake", "duckdb")
+        k: []
+        for k in (
+            "floor",
+            "csv_arrow",
+            "connectorx",
+            "connectorx_partitioned",
+            "duckdb_scanner",
+            "lake",
+            "duckdb",
+        )
     }
     rows = nbytes = 0
     for _ in range(args.runs):
@@ -388,8 +440,16 @@ def main() -> None:
             timed(lambda: peer_csv_arrow(s, work / "peer.parquet"), "csv_arrow")[0]
         )
         if not args.no_peer:
-            cx = peer_connectorx(s, work / "cx.parquet")
-            results["connectorx"].append(cx[0] if isinstance(cx, tuple) else cx)
+            for key, measure in (
+                ("connectorx", lambda: peer_connectorx(s, work / "cx.parquet")),
+                (
+                    "connectorx_partitioned",
+                    lambda: peer_connectorx(s, work / "cx.parquet", os.cpu_count() or 2),
+                ),
+                ("duckdb_scanner", lambda: peer_duckdb_scanner(s, work / "scanner.parquet")),
+            ):
+                done = measure()
+                results[key].append(done[0] if isinstance(done, tuple) else done)
         lake = LakeRaw(LakeWriter(str(work / "lake")), "postgres")
         results["lake"].append(
             platform_snapshot(
@@ -437,6 +497,8 @@ def main() -> None:
     print(line("floor: COPY binary drained", "floor"))
     print(line("peer: COPY csv -> pyarrow -> parquet", "csv_arrow"))
     print(line("peer: connectorx -> parquet (own venv)", "connectorx"))
+    print(line("peer: connectorx, a partition per core -> parquet", "connectorx_partitioned"))
+    print(line("peer: DuckDB postgres scanner -> parquet (own venv)", "duckdb_scanner"))
     print(line("platform: snapshot sync -> lake parquet", "lake"))
     print(line("platform: snapshot sync -> DuckDB raw", "duckdb"))
     print(
