@@ -113,19 +113,15 @@ def rows_seed(result: dict) -> list[Row]:
     runs = _after_warmup(result["runs"])
     out = []
     for table, first in runs[0]["tables"].items():
-        rates = [r["tables"][table]["rows_per_s"] for r in runs]
-        st = _stats(rates)
         extra = f" (+{runs[0]['state_changes']:,} state changes)" if table == "transaction" else ""
-        row = Row(
+        row = _rates_row(
             "seed",
             f"seed into PostgreSQL: {table}{extra}",
-            median=f"{_n(st['median'])} rows/s",
-            spread=f"{_n(st['min'])} – {_n(st['max'])}",
+            [r["tables"][table]["rows_per_s"] for r in runs],
+            "rows/s",
             rows=_n(first["rows"]),
             size=NOT_MEASURED,
             reference="no floor or peer measured",
-            value=st["median"],
-            unit="rows/s",
         )
         refs = [r["reference"][table] for r in runs if table in (r.get("reference") or {})]
         if len(refs) == len(runs):
@@ -136,7 +132,7 @@ def rows_seed(result: dict) -> list[Row]:
                 f"floor (COPY binary, same rows) {_n(floor)} rows/s; "
                 f"peer (psql \\copy csv) {_n(peer)} rows/s"
             )
-            row.ratio = f"{st['median'] / floor:.2f}× floor, {st['median'] / peer:.2f}× peer"
+            row.ratio = f"{row.value / floor:.2f}× floor, {row.value / peer:.2f}× peer"
         out.append(row)
     total = _stats([r["oltp_total_s"] for r in runs])
     out.append(
@@ -151,18 +147,14 @@ def rows_seed(result: dict) -> list[Row]:
         )
     )
     for name, first in (runs[0].get("documents") or {}).items():
-        rates = [r["documents"][name]["rows_per_s"] for r in runs if name in r["documents"]]
-        st = _stats(rates)
-        row = Row(
+        row = _rates_row(
             "seed",
             f"seed into the document store: {name}",
-            median=f"{_n(st['median'])} docs/s",
-            spread=f"{_n(st['min'])} – {_n(st['max'])}",
+            [r["documents"][name]["rows_per_s"] for r in runs if name in r["documents"]],
+            "docs/s",
             rows=_n(first["rows"]),
             size=NOT_MEASURED,
             reference="no floor or peer measured",
-            value=st["median"],
-            unit="docs/s",
         )
         refs = [
             r["document_reference"][name] for r in runs if name in r.get("document_reference", {})
@@ -177,7 +169,7 @@ def rows_seed(result: dict) -> list[Row]:
                 f"floor (BSON into plain SQLite, same docs) {_n(floor)} docs/s; stand-in's own "
                 f"insert_many (no indexes) {_n(bulk)} docs/s; generation alone {_n(generate)} docs/s"
             )
-            row.ratio = f"{st['median'] / floor:.2f}× floor, {st['median'] / bulk:.2f}× insert_many"
+            row.ratio = f"{row.value / floor:.2f}× floor, {row.value / bulk:.2f}× insert_many"
         out.append(row)
     return out
 
