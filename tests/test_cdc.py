@@ -3,7 +3,6 @@ snapshot + change stream under concurrent writes, re-delivery until advance, and
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import itertools
 import json
@@ -594,8 +593,6 @@ def test_snapshot_leaves_and_attached_arrow_readers(
 ) -> None:
     """A partitioned table read leaf by leaf as Arrow record batches, from a second connection
     in the same snapshot (quoted newlines, NULL vs '', large values)."""
-    import adbc_driver_postgresql.dbapi as adbc_dbapi
-
     sync_conn.execute(
         "CREATE TABLE parts (id int, part int, v text, PRIMARY KEY (id, part)) "
         "PARTITION BY LIST (part)"
@@ -629,7 +626,7 @@ def test_snapshot_leaves_and_attached_arrow_readers(
                 for batch in other.batches(snap.arrow_query(ref, names)):
                     assert batch.schema.names == names
                     got += [(r["id"], r["part"], r["v"]) for r in batch.to_pylist()]
-            with pytest.raises(adbc_dbapi.ProgrammingError, match="nope"):
+            with pytest.raises(psycopg.errors.UndefinedColumn, match="nope"):
                 list(other.batches(snap.arrow_query("parts_a", ["nope"])))
             assert other.closed  # a failed read leaves no half-read connection behind
     assert sorted(got) == sorted(rows)
@@ -710,7 +707,7 @@ def test_inet_read_in_binary_form_gets_the_servers_text(dsn: str) -> None:
     must be inet_out's, including IPv6 zero runs, embedded IPv4 and masks."""
     import ipaddress
 
-    import adbc_driver_postgresql.dbapi as adbc_dbapi
+    from stripe_platform.ingestion import pgcopy
 
     rng = random.Random(7)
     values = [
@@ -728,15 +725,55 @@ def test_inet_read_in_binary_form_gets_the_servers_text(dsn: str) -> None:
             mask = f"/{rng.randint(0, 128)}" if rng.random() < 0.3 else ""
             values.append(f"{address}{mask}")
     rows = ", ".join(f"('{v}'::inet)" for v in values)
-    with (
-        contextlib.closing(adbc_dbapi.connect(dsn, autocommit=True)) as conn,
-        contextlib.closing(conn.cursor()) as cur,
-    ):
-        cur.execute(f"SELECT v, abbrev(v) AS text FROM (VALUES {rows}, (NULL)) AS t (v)")
-        table = cur.fetch_arrow_table()
-    for batch in table.to_batches():
-        assert cdc._inet_text(batch.column(0)).to_pylist() == batch.column(1).to_pylist()
-        assert cdc._inet_text(batch.column(0).slice(3, 40)) == batch.column(1).slice(3, 40)
+    query = (
+        f"SELECT v, abbrev(v) AS text, inet_send(v) AS wire FROM (VALUES {rows}, (NULL)) AS t (v)"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (batch,) = pgcopy.read_arrow(conn, query)
+    assert batch.column("v").to_pylist() == batch.column("text").to_pylist()
+    # the formatting alone, on a slice of the binary values (an Arrow array with an offset)
+    wire, text = batch.column("wire").slice(3, 40), batch.column("text").slice(3, 40)
+    assert pgcopy._inet_text(wire) == text
+
+
+def test_copy_reader_batches_errors_and_types_it_does_not_read(dsn: str) -> None:
+    """The compiled COPY reader: rows split across batches keep their order, NULLs and values
+    larger than its buffer; a server error in the middle of the COPY is psycopg's own error; a
+    type it does not decode is refused up front, by name."""
+    from stripe_platform.ingestion import pgcopy
+
+    query = (
+        "SELECT i, CASE WHEN i % 3 = 0 THEN NULL ELSE i::int2 END AS small, "
+        "CASE WHEN i % 5 = 0 THEN NULL ELSE repeat(chr(65 + i % 26), i % 7) END AS t, "
+        "i % 2 = 0 AS even, i / 4.0::float8 AS f, date '2026-01-01' + i AS d, "
+        "CASE WHEN i = 700 THEN repeat('x', 3000000) END AS big "
+        "FROM generate_series(-1000, 1000) AS i"
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        batches = list(pgcopy.read_arrow(conn, query, rows_per_batch=300))
+        expected = conn.execute(query).fetchall()
+        assert [b.num_rows for b in batches] == [300] * 6 + [201]
+        got = [tuple(row.values()) for b in batches for row in b.to_pylist()]
+        assert got == [tuple(row) for row in expected]
+        numerics = [
+            "0", "0.00", "-0.5", "1", "10000", "9999.9999", "-12345.678901234", "0.000000001",
+            "1e30", "-1e-30", "123456789012345678901234567890.123456789", "0.1000", "'NaN'",
+            "'Infinity'", "'-Infinity'", "1.5::numeric(10, 4)", "100::numeric(5, 0)", "NULL",
+        ]  # fmt: skip
+        values = ", ".join(f"({v}::numeric)" if "::" not in v else f"({v})" for v in numerics)
+        (numeric,) = pgcopy.read_arrow(
+            conn, f"SELECT v, v::text AS t FROM (VALUES {values}) AS x (v)"
+        )
+        assert numeric.column("v").to_pylist() == numeric.column("t").to_pylist()  # numeric_out's
+        assert numeric.column("v").null_count == 1
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            list(
+                pgcopy.read_arrow(conn, "SELECT 1 / (i - 150000) FROM generate_series(1, 200000) i")
+            )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(pgcopy.CopyReadError, match=r"u \(type oid 2950\)"):
+            list(pgcopy.read_arrow(conn, "SELECT 1 AS i, gen_random_uuid() AS u"))
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # refused before any COPY started
 
 
 def test_a_snapshot_value_that_does_not_fit_is_nulled_not_fatal(

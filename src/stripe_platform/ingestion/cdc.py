@@ -35,16 +35,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, Literal, NamedTuple
 
-import adbc_driver_postgresql.dbapi as adbc_dbapi
-import numpy as np
 import psycopg
 import pyarrow as pa
-import pyarrow.compute as pc
 from psycopg import pq, sql
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
 
+from stripe_platform.ingestion import pgcopy
 from stripe_platform.ingestion.pgoutput import (
     PG_EPOCH,
     TYPED_OIDS,
@@ -609,13 +607,6 @@ def advance(conn: psycopg.Connection, slot: str, lsn: int | str) -> int:
 
 
 # -- consistent snapshot ---------------------------------------------------------------------------
-# Types that Snapshot.arrow_query reads in their binary form: the driver decodes each to the Arrow
-# type of the value change rows carry (bool, bytea, int2/4/8, text, float8, bpchar with its
-# padding, varchar, date, timestamp, timestamptz in UTC), inet is formatted by SnapshotReader.
-# All others are read as text.
-_ARROW_NATIVE_OIDS: Final = frozenset(
-    {16, 17, 20, 21, 23, 25, 701, 869, 1042, 1043, 1082, 1114, 1184}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -676,7 +667,7 @@ class Snapshot:
 
         def column(name: str) -> sql.Composable:
             ident = sql.Identifier(name)
-            if name not in types or types[name] in _ARROW_NATIVE_OIDS or not arrow:
+            if name not in types or types[name] in pgcopy.BINARY_OIDS or not arrow:
                 return ident  # an unknown column is left for the server to report
             return sql.SQL("{}::text AS {}").format(ident, ident)
 
@@ -705,11 +696,11 @@ class Snapshot:
     def arrow_query(self, table: TableName | TableRef, columns: Sequence[str] | None = None) -> str:
         """The SELECT that :meth:`SnapshotReader.batches` runs to read ``table`` as Arrow.
 
-        Columns of the types change rows carry typed, and whose binary form the driver decodes
-        to the same value, are read as they are; every other column as its text output, as
-        pgoutput sends it (the type's output function): numeric keeps every digit, float4 its
-        shortest decimal form (widening it to float8 would add digits), json the server's text,
-        inet/uuid/arrays their text.
+        Columns whose binary form the reader decodes to the value change rows carry
+        (``pgcopy.BINARY_OIDS``; numeric and inet as the text the server would write) are read
+        as they are; every other column as its text output, as pgoutput sends it (the type's
+        output function): float4 its shortest decimal form (widening it to float8 would add
+        digits), json the server's text, uuid and arrays their text.
         """
         return self._select(self.table(table), columns, arrow=True).as_string(self.conn)
 
@@ -720,17 +711,16 @@ class Snapshot:
         thread; give it queries from :meth:`arrow_query`."""
         if self.conninfo is None:
             raise CDCError(f"slot {self.slot!r}: this snapshot has no conninfo to attach with")
-        # Autocommit, so that the driver sends no BEGIN of its own: the import must be the first
+        # Autocommit, so that psycopg sends no BEGIN of its own: the import must be the first
         # statement of the transaction opened here.
-        conn = adbc_dbapi.connect(self.conninfo, autocommit=True)
+        conn = psycopg.connect(self.conninfo, autocommit=True)
         reader = SnapshotReader(conn)
         try:
-            with contextlib.closing(conn.cursor()) as cur:
-                cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                name = sql.Literal(self.snapshot_name).as_string(self.conn)
-                cur.execute(f"SET TRANSACTION SNAPSHOT {name}")
-                cur.execute(_SESSION_SETTINGS)  # shapes the text of the columns cast to text
-                cur.fetchall()
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            conn.execute(
+                sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot_name))
+            )
+            conn.execute(_SESSION_SETTINGS)  # shapes the text of the columns cast to text
             yield reader
         finally:
             reader.close()
@@ -759,80 +749,37 @@ class Snapshot:
 
 class SnapshotReader:
     """A connection inside a slot's exported snapshot that reads query results as Arrow record
-    batches (ADBC: the driver runs ``COPY ... (FORMAT binary)`` and decodes it in C++, with no
-    Python work per row). Made by :meth:`Snapshot.attach`."""
+    batches (:mod:`~stripe_platform.ingestion.pgcopy`: ``COPY ... (FORMAT binary)`` decoded by a
+    compiled loop, with no Python work per row). Made by :meth:`Snapshot.attach`."""
 
-    def __init__(self, conn: adbc_dbapi.Connection) -> None:
+    def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn
         self.closed = False
 
     def batches(self, query: str) -> Iterator[pa.RecordBatch]:
-        """Run ``query`` and stream its rows as record batches of the driver's size (about
-        45,000 rows, 5 MB, of Transaction). Timestamps and dates at ±infinity come out as the
-        bounds change rows use (``datetime.max``/``min``), inet as its text.
+        """Run ``query`` and stream its rows as record batches (up to 65,536 rows, about 7 MB of
+        Transaction). Timestamps and dates at ±infinity come out as the bounds change rows use
+        (``datetime.max``/``min``), inet as its text.
 
         If the consumer stops early (or the read fails) the connection is closed: it is no
         longer usable inside the snapshot.
         """
         finished = False
         try:
-            with contextlib.closing(self.conn.cursor()) as cur:
-                cur.execute(query)
-                with contextlib.closing(cur.fetch_record_batch()) as stream:
-                    for batch in stream:
-                        yield _like_changes(batch)
+            yield from pgcopy.read_arrow(self.conn, query)
             finished = True
         finally:
             if not finished:
-                self.close()
+                self.close(interrupted=True)
 
-    def close(self) -> None:
+    def close(self, *, interrupted: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
-        with contextlib.suppress(adbc_dbapi.Error), contextlib.closing(self.conn.cursor()) as cur:
-            cur.execute("ROLLBACK")  # read-only: nothing to commit
-        # RuntimeError: a statement still open (a generator never closed); the GC ends it.
-        with contextlib.suppress(adbc_dbapi.Error, RuntimeError):
-            self.conn.close()
-
-
-# What the driver (1.13) makes of ±infinity: PostgreSQL stores them as the int64/int32 bounds,
-# which the driver shifts to the Unix epoch without an overflow check. Mapped to the bounds
-# pgoutput.convert_value gives change rows, in microseconds or days since the Unix epoch.
-_US_SHIFT, _DAY_SHIFT = 946_684_800_000_000, 10_957
-_INFINITIES: Final = {
-    "us": (
-        (2**63 - 1 + _US_SHIFT - 2**64, 253_402_300_799_999_999),  # 9999-12-31 23:59:59.999999
-        (-(2**63) + _US_SHIFT, -62_135_596_800_000_000),  # 0001-01-01
-    ),
-    "day": (
-        (2**31 - 1 + _DAY_SHIFT - 2**32, 2_932_896),  # 9999-12-31
-        (-(2**31) + _DAY_SHIFT, -719_162),  # 0001-01-01
-    ),
-}
-
-
-def _like_changes(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """What the driver gives, as change rows have it: ±infinity as the bounds, inet as text."""
-    for i, field in enumerate(batch.schema):
-        if isinstance(field.type, pa.OpaqueType) and field.type.type_name == "inet":
-            batch = batch.set_column(i, field.name, _inet_text(batch.column(i)))
-            continue
-        if pa.types.is_timestamp(field.type) and field.type.unit == "us":
-            storage, (positive, negative) = pa.int64(), _INFINITIES["us"]
-        elif pa.types.is_date32(field.type):
-            storage, (positive, negative) = pa.int32(), _INFINITIES["day"]
-        else:
-            continue
-        values = batch.column(i).view(storage)
-        lowest = pc.min(values).as_py()  # both sentinels lie far below any real value
-        if lowest is None or lowest > max(positive[0], negative[0]):
-            continue
-        for sentinel, bound in (positive, negative):
-            values = pc.if_else(pc.equal(values, sentinel), pa.scalar(bound, storage), values)
-        batch = batch.set_column(i, field, values.view(field.type))
-    return batch
+        if not interrupted:  # mid-COPY the connection takes no other command: just close it
+            with contextlib.suppress(psycopg.Error):
+                self.conn.execute("ROLLBACK")  # read-only: nothing to commit
+        self.conn.close()
 
 
 def use_cdc_types(conn: psycopg.Connection) -> None:
@@ -931,108 +878,3 @@ def consistent_snapshot(
             raise
         finally:
             repl.finish()
-
-
-# inet is read in its binary form (family, bits, is_cidr, address length, address) and turned
-# into the text inet_out gives, as pgoutput sends it: having the server format it costs the
-# server more CPU than sending all the other columns of a Transaction row.
-_PG_AF_INET, _PG_AF_INET6 = 2, 3
-
-
-def _packed(suffix: bytes) -> np.ndarray:
-    """For each byte value: its decimal digits padded with zero bytes to three, then ``suffix``,
-    as the four bytes of one little-endian uint32 (zero bytes are dropped when assembling)."""
-    return np.array(
-        [int.from_bytes(str(i).encode().ljust(3, b"\0") + suffix, "little") for i in range(256)],
-        "<u4",
-    )
-
-
-_WITH_DOT, _WITH_SLASH, _ALONE = _packed(b"."), _packed(b"/"), _packed(b"\0")
-_DIGIT_COUNT = np.array([len(str(i)) for i in range(256)], np.int32)
-
-
-def _inet_text(array: pa.Array) -> pa.Array:
-    """inet values in binary form to their text: IPv4 in bulk with numpy, others one by one."""
-    storage = array.storage if isinstance(array, pa.ExtensionArray) else array
-    n = len(storage)
-    _, offsets_buffer, data_buffer = storage.buffers()
-    offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, storage.offset * 4)
-    data = (
-        np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
-    )
-    valid = storage.is_valid().to_numpy(zero_copy_only=False)
-    ipv4 = valid & (np.diff(offsets) == 8)
-    ipv4[ipv4] = data[offsets[:-1][ipv4]] == _PG_AF_INET
-    at = offsets[:-1][ipv4]
-    octets = [data[at + 4 + i] for i in range(4)]
-    bits = data[at + 1]
-    masked = bits != 32  # "/bits" only when not a single host
-    # Per row, 20 bytes: "ddd." three times, "ddd/" or "ddd", then the mask's digits.
-    text = np.empty((at.size, 5), "<u4")
-    for i in range(3):
-        text[:, i] = _WITH_DOT[octets[i]]
-    text[:, 3] = np.where(masked, _WITH_SLASH[octets[3]], _ALONE[octets[3]])
-    text[:, 4] = np.where(masked, _ALONE[bits], 0)
-    chars = text.view(np.uint8)
-    lengths = np.zeros(n, np.int32)
-    lengths[ipv4] = (
-        3
-        + sum(_DIGIT_COUNT[octet] for octet in octets)
-        + np.where(masked, 1 + _DIGIT_COUNT[bits], 0)
-    )
-    ends = np.zeros(n + 1, np.int32)
-    np.cumsum(lengths, out=ends[1:])
-    result = pa.StringArray.from_buffers(
-        n,
-        pa.py_buffer(ends),
-        pa.py_buffer(chars[chars != 0]),  # row-major: each row's characters in order
-        pa.py_buffer(np.packbits(valid, bitorder="little")),
-    )
-    others = valid & ~ipv4
-    if others.any():  # empty strings so far
-        mask = pa.array(others)
-        values = [_inet_other(v) for v in storage.filter(mask).to_pylist()]
-        result = pc.replace_with_mask(result, mask, pa.array(values, pa.string()))
-    return result
-
-
-def _inet_other(value: bytes) -> str:
-    """inet_out for one value that is not IPv4: IPv6 with the longest (first) run of two or more
-    zero groups written "::", and an IPv4 address embedded after ::ffff: or :: kept dotted."""
-    family, bits, _, size = value[:4]
-    address = value[4:]
-    if family == _PG_AF_INET and size == 4:
-        text = ".".join(map(str, address))
-        return text if bits == 32 else f"{text}/{bits}"
-    if family != _PG_AF_INET6 or size != 16:
-        raise CDCError(f"unexpected binary inet value {value!r}")
-    groups = [int.from_bytes(address[i : i + 2], "big") for i in range(0, 16, 2)]
-    run_start, run_length, i = -1, 0, 0
-    while i < 8:
-        j = i
-        while j < 8 and groups[j] == 0:
-            j += 1
-        if j - i > run_length:
-            run_start, run_length = i, j - i
-        i = max(j, i + 1)
-    if run_length < 2:
-        run_start, run_length = -1, 0
-    text = ""
-    for i in range(8):
-        if run_start <= i < run_start + run_length:
-            text += ":" if i == run_start else ""
-            continue
-        if i:
-            text += ":"
-        if (
-            i == 6
-            and run_start == 0
-            and (run_length == 6 or (run_length == 5 and groups[5] == 0xFFFF))
-        ):
-            text += ".".join(map(str, address[12:]))
-            break
-        text += f"{groups[i]:x}"
-    if run_start != -1 and run_start + run_length == 8:
-        text += ":"
-    return text if bits == 128 else f"{text}/{bits}"

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stripe_platform.config import Settings
-from stripe_platform.ingestion import cdc, mongo_source
+from stripe_platform.ingestion import cdc, mongo_source, pgcopy
 from stripe_platform.ingestion.catalog import (
     Catalog,
     Connection,
@@ -490,7 +490,7 @@ class _SnapshotReader:
     ``readers`` connections import the slot's exported snapshot (``Snapshot.attach``), so every
     one of them sees exactly the rows the slot starts after. A partitioned table is split into
     its leaf partitions, read concurrently, largest first; each reader streams Arrow record
-    batches (the ADBC driver decodes COPY binary in C++) and casts them to the destination
+    batches (``pgcopy``: COPY binary decoded by a compiled loop) and casts them to the destination
     types, while the calling thread writes the previous batch. Batches come out in no
     particular order.
     """
@@ -510,8 +510,8 @@ class _SnapshotReader:
     def _connections(self, n: int) -> list[cdc.SnapshotReader]:
         missing = n - len(self._attached)
         if missing > 0:
-            # Opened side by side: each connection spends ~0.1 s on TLS, authentication and the
-            # driver's type catalog, mostly waiting on the server.
+            # Opened side by side: each connection spends most of its setup (TLS, authentication,
+            # importing the snapshot) waiting on the server.
             # One that fails fails the read; the others are in the stack already, and close with it.
             with ThreadPoolExecutor(missing) as pool:
                 opened = pool.map(
@@ -530,10 +530,10 @@ class _SnapshotReader:
         for ref, _ in leaves:  # queries built here: the snapshot's connection is not shared
             pieces.put(self.snap.arrow_query(ref, names))
         readers = self._connections(min(self.readers, len(leaves)))
-        # Room for more than one output batch (the driver's batches are ~45,000 rows): readers keep
+        # Room for more than one output batch (a reader's batches are up to 65,536 rows): readers keep
         # reading while the calling thread writes the previous batch and waits for its fsync.
         out: queue.Queue[pa.RecordBatch | BaseException | None] = queue.Queue(
-            maxsize=max(2 * len(readers), 2 * batch_rows // 45_000)
+            maxsize=max(2 * len(readers), 2 * batch_rows // pgcopy.ROWS_PER_BATCH)
         )
         stop = threading.Event()
 
