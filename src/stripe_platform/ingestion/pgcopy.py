@@ -70,7 +70,8 @@ def _array(oid: int, n: int, values: np.ndarray, valid: np.ndarray) -> pa.Array:
     elif oid == 701:
         data = values.view(np.float64)
     else:
-        data = values.astype({1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[_TYPES[oid][0]])
+        width = _TYPES[oid][0]  # 8-byte values are the loop's own buffer, not a copy
+        data = values.astype({2: np.int16, 4: np.int32, 8: np.int64}[width], copy=False)
     return pa.Array.from_buffers(type_, n, [_validity(valid), pa.py_buffer(data)])
 
 
