@@ -273,6 +273,51 @@ def test_lake_sync_writes_partitioned_parquet_readable_by_duckdb(platform, tmp_p
     assert (tmp_path / "lake" / "_stripe_platform" / "state").is_dir()
 
 
+def test_lake_snapshot_writes_files_side_by_side_and_a_failed_write_fails_the_sync(
+    platform, tmp_path, monkeypatch
+):
+    """The lake takes snapshot batches two at a time: every batch gets a file of its own (no two
+    writes share a part number), and a write that fails fails the sync, which then starts over."""
+    from stripe_platform.ingestion import engine as engine_module
+    from stripe_platform.ingestion.engine import open_writer
+    from stripe_platform.lake.writer import LakeWriter
+
+    s, _, catalog, _ = platform
+    lake = s.model_copy(update={"lake_uri": str(tmp_path / "lake")})
+    monkeypatch.setattr(engine_module, "SNAPSHOT_BATCH_ROWS", 200)  # many files per stream
+    real_write, calls = LakeWriter.write, []
+
+    def failing_write(self, *args, **kwargs):
+        calls.append(kwargs["part"])
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(LakeWriter, "write", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        Engine(lake, catalog, open_writer(lake, catalog, "postgres-to-s3")).sync("postgres-to-s3")
+    monkeypatch.setattr(LakeWriter, "write", real_write)
+    report = Engine(lake, catalog, open_writer(lake, catalog, "postgres-to-s3")).sync(
+        "postgres-to-s3"
+    )
+    assert report.phase == "snapshot"  # the failed one saved no state
+    stream_dir = tmp_path / "lake" / "raw" / "postgres" / "transaction"
+    files = list(stream_dir.glob(f"extracted_date=*/{report.sync_id}-*.parquet"))
+    source_count = source_rows(s, "SELECT count(*) FROM Transaction")[0][0]
+    parts = sorted(int(f.stem.rsplit("-", 1)[1]) for f in files)
+    assert len(files) > 4 and parts == list(range(len(files)))
+    assert report.streams["transaction"].rows == source_count
+    count, distinct = (
+        duckdb.connect()
+        .execute(
+            "SELECT count(*), count(DISTINCT (id, datetime)) FROM read_parquet(?)",
+            [[str(f) for f in files]],
+        )
+        .fetchone()
+    )
+    assert count == distinct == source_count
+
+
 def test_killed_sync_resumes_to_exactly_the_source(settings, database, tmp_path):
     s = settings.model_copy(
         update={

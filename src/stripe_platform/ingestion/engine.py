@@ -16,6 +16,7 @@ belongs to one connection, so connections to different destinations advance inde
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import hashlib
@@ -28,7 +29,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -48,7 +49,7 @@ from stripe_platform.ingestion.catalog import (
 )
 from stripe_platform.ingestion.pgoutput import UNCHANGED
 from stripe_platform.oltp import db
-from stripe_platform.warehouse.raw import ARROW, Column, RawStream, SchemaChangeError
+from stripe_platform.warehouse.raw import ARROW, Column, RawStream, SchemaChangeError, WriteResult
 
 BATCH_ROWS = 50_000
 # Snapshots: rows per destination write (fewer, larger lake files) and parallel readers (each a
@@ -56,6 +57,7 @@ BATCH_ROWS = 50_000
 # partition).
 SNAPSHOT_BATCH_ROWS = 250_000
 SNAPSHOT_READERS = max(2, min(4, os.cpu_count() or 2))
+SNAPSHOT_WRITES = 2  # snapshot batches encoded and written at once, where the writer allows it
 PG_TYPES = {
     "int2": "integer",
     "int4": "integer",
@@ -188,6 +190,9 @@ class Engine:
         result = self.writer.write(
             raw, table, sync_id=report.sync_id, generation_id=generation, state=state
         )
+        self._count(report, stream, result)
+
+    def _count(self, report: SyncReport, stream: str, result: WriteResult) -> None:
         entry = report.streams.setdefault(stream, StreamReport())
         entry.rows += result.rows
         for column, n in result.nulled.items():
@@ -305,6 +310,8 @@ class Engine:
                 )
                 taken = dt.datetime.now(dt.UTC)
                 reader = stack.enter_context(_SnapshotReader(snap, SNAPSHOT_READERS))
+                # Entered after the reader, so it exits first: a failed write waits for the others.
+                writes = stack.enter_context(_SnapshotWrites(self, report, generation))
                 begin = getattr(self.writer, "begin_snapshot", None)
                 for stream in streams:
                     if begin is not None:  # lets a warehouse append into an empty table
@@ -318,7 +325,8 @@ class Engine:
                             "_ab_cdc_updated_at",
                             pa.repeat(pa.scalar(taken, pa.timestamp("us", tz="UTC")), n),
                         )
-                        self._write(report, raw[stream.name], stream.name, table, None, generation)
+                        writes.submit(raw[stream.name], stream.name, table)
+                    writes.wait()
                     if stream.name not in report.streams:
                         self.writer.ensure(raw[stream.name])
                 for stream in streams:
@@ -521,8 +529,9 @@ class _SnapshotReader:
         return self._attached[:n]
 
     def tables(
-        self, table: str, columns: tuple[Column, ...], batch_rows: int = SNAPSHOT_BATCH_ROWS
+        self, table: str, columns: tuple[Column, ...], batch_rows: int | None = None
     ) -> Iterator[pa.Table]:
+        batch_rows = batch_rows or SNAPSHOT_BATCH_ROWS
         names = [c.name for c in columns]
         schema = pa.schema([(c.name, ARROW[c.type]) for c in columns])
         pieces: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -592,6 +601,44 @@ class _SnapshotReader:
                 thread.join()
             # A reader stopped mid-read closed its connection: attach anew next time.
             self._attached = [r for r in self._attached if not r.closed]
+
+
+class _SnapshotWrites:
+    """Writes snapshot batches, up to ``SNAPSHOT_WRITES`` at once where the writer allows it
+    (``concurrent_writes``: the lake, whose files are independent), else one by one in the
+    calling thread. The parquet encoding of a batch is the longest step on the calling thread;
+    two at once keep both cores busy while the readers finish. Counting happens on the calling
+    thread, as each write completes."""
+
+    def __init__(self, engine: Engine, report: SyncReport, generation: int) -> None:
+        self.engine, self.report, self.generation = engine, report, generation
+        self.parallel = SNAPSHOT_WRITES if getattr(engine.writer, "concurrent_writes", False) else 1
+        self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="snapshot-write")
+        self._pending: collections.deque[tuple[str, Future[WriteResult]]] = collections.deque()
+
+    def __enter__(self) -> _SnapshotWrites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, raw: RawStream, stream: str, table: pa.Table) -> None:
+        if self.parallel == 1:
+            self.engine._write(self.report, raw, stream, table, None, self.generation)
+            return
+        write = self.engine.writer.write
+        kwargs = {"sync_id": self.report.sync_id, "generation_id": self.generation, "state": None}
+        self._pending.append((stream, self._pool.submit(write, raw, table, **kwargs)))
+        while len(self._pending) >= self.parallel:
+            self._finish_oldest()
+
+    def wait(self) -> None:
+        while self._pending:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        stream, future = self._pending.popleft()
+        self.engine._count(self.report, stream, future.result())
 
 
 def _typed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:

@@ -9,6 +9,7 @@ deduplicate on the primary key and ``_ab_cdc_lsn``/``_ab_cdc_cursor``, as the st
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import pyarrow as pa
@@ -18,10 +19,14 @@ from stripe_platform.warehouse.raw import RawStream, WriteResult
 
 
 class LakeRaw:
+    # Each batch is a file of its own: the sync engine may write several at once.
+    concurrent_writes = True
+
     def __init__(self, writer: LakeWriter, source: str) -> None:
         self.lake = writer
         self.source = source
         self._parts: dict[str, int] = {}
+        self._parts_lock = threading.Lock()
 
     def _state_path(self, key: str) -> str:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
@@ -57,8 +62,9 @@ class LakeRaw:
         generation_id: int,
         state: dict[str, Any] | None,
     ) -> WriteResult:
-        part = self._parts.get(stream.name, 0)
-        self._parts[stream.name] = part + 1
+        with self._parts_lock:  # two writes never share a file name
+            part = self._parts.get(stream.name, 0)
+            self._parts[stream.name] = part + 1
         written = self.lake.write(
             self.source, stream, batch, sync_id=sync_id, generation_id=generation_id, part=part
         )
