@@ -745,7 +745,8 @@ def test_copy_reader_batches_errors_and_types_it_does_not_read(dsn: str) -> None
     query = (
         "SELECT i, CASE WHEN i % 3 = 0 THEN NULL ELSE i::int2 END AS small, "
         "CASE WHEN i % 5 = 0 THEN NULL ELSE repeat(chr(65 + i % 26), i % 7) END AS t, "
-        "i % 2 = 0 AS even, i / 4.0::float8 AS f, date '2026-01-01' + i AS d, "
+        "i % 2 = 0 AS even, CASE WHEN i % 4 = 0 THEN i END AS after_bool, "
+        "i / 4.0::float8 AS f, date '2026-01-01' + i AS d, "
         "CASE WHEN i = 700 THEN repeat('x', 3000000) END AS big "
         "FROM generate_series(-1000, 1000) AS i"
     )

@@ -37,11 +37,11 @@ _TYPES: Final[dict[int, tuple[int, pa.DataType]]] = {
     701: (8, pa.float64()),  # float8
     869: (0, pa.binary()),  # inet: its binary form, made text here (see _inet_text)
     1042: (0, pa.string()),  # bpchar, with its padding, as the server sends it
-    1700: (0, pa.string()),  # numeric: its binary form, made text by the loop (as numeric_out)
     1043: (0, pa.string()),  # varchar
     1082: (4, pa.date32()),  # date
     1114: (8, pa.timestamp("us")),  # timestamp
     1184: (8, pa.timestamp("us", "UTC")),  # timestamptz
+    1700: (0, pa.string()),  # numeric: its binary form, made text by the loop (as numeric_out)
 }
 BINARY_OIDS: Final = frozenset(_TYPES)
 

@@ -65,8 +65,10 @@ def _bytes_at(typingctx, address):
 
 @njit(inline="always")
 def _int(msg, at, width):
-    """The big-endian signed integer of ``width`` (2, 4 or 8) bytes at ``msg[at]``: spelt out
-    per width, which the compiler turns into one load and a byte swap."""
+    """The big-endian signed integer of ``width`` (1, 2, 4 or 8) bytes at ``msg[at]``: spelt
+    out per width, which the compiler turns into one load and a byte swap."""
+    if width == 1:  # bool
+        return np.int64(msg[at])
     if width == 8:
         value = np.int64(0)
         for k in range(8):
