@@ -740,6 +740,8 @@ def test_copy_reader_batches_errors_and_types_it_does_not_read(dsn: str) -> None
     """The compiled COPY reader: rows split across batches keep their order, NULLs and values
     larger than its buffer; a server error in the middle of the COPY is psycopg's own error; a
     type it does not decode is refused up front, by name."""
+    import pyarrow as pa
+
     from stripe_platform.ingestion import pgcopy
 
     query = (
@@ -756,17 +758,26 @@ def test_copy_reader_batches_errors_and_types_it_does_not_read(dsn: str) -> None
         assert [b.num_rows for b in batches] == [300] * 6 + [201]
         got = [tuple(row.values()) for b in batches for row in b.to_pylist()]
         assert got == [tuple(row) for row in expected]
+        # wide values end a batch early: the 3 MB one closes its own
+        by_bytes = list(pgcopy.read_arrow(conn, query, bytes_per_batch=1 << 20))
+        assert [b.num_rows for b in by_bytes] == [1701, 300]
+        assert pa.Table.from_batches(by_bytes).equals(pa.Table.from_batches(batches))
         numerics = [
             "0", "0.00", "-0.5", "1", "10000", "9999.9999", "-12345.678901234", "0.000000001",
             "1e30", "-1e-30", "123456789012345678901234567890.123456789", "0.1000", "'NaN'",
             "'Infinity'", "'-Infinity'", "1.5::numeric(10, 4)", "100::numeric(5, 0)", "NULL",
         ]  # fmt: skip
+        rng = random.Random(11)
+        for _ in range(500):  # random digits around the point, scales and signs
+            whole = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 25))) or "0"
+            fraction = "".join(rng.choice("0123456789") for _ in range(rng.randint(0, 25)))
+            numerics.append(f"{rng.choice(['', '-'])}{whole}.{fraction}e{rng.randint(-12, 12)}")
         values = ", ".join(f"({v}::numeric)" if "::" not in v else f"({v})" for v in numerics)
         (numeric,) = pgcopy.read_arrow(
             conn, f"SELECT v, v::text AS t FROM (VALUES {values}) AS x (v)"
         )
         assert numeric.column("v").to_pylist() == numeric.column("t").to_pylist()  # numeric_out's
-        assert numeric.column("v").null_count == 1
+        assert numeric.column("v").null_count == 1 and numeric.num_rows == len(numerics)
         with pytest.raises(psycopg.errors.DivisionByZero):
             list(
                 pgcopy.read_arrow(conn, "SELECT 1 / (i - 150000) FROM generate_series(1, 200000) i")

@@ -25,6 +25,8 @@ from psycopg import pq
 __all__ = ["BINARY_OIDS", "CopyReadError", "read_arrow"]
 
 ROWS_PER_BATCH: Final = 65_536
+# A batch ends earlier once its text and binary values pass this size (wide values).
+BYTES_PER_BATCH: Final = 256 << 20
 
 # type oid -> (field width in bytes, 0 for variable; Arrow type of the decoded column)
 _TYPES: Final[dict[int, tuple[int, pa.DataType]]] = {
@@ -92,10 +94,15 @@ def _finish(pgconn: pq.abc.PGconn) -> pq.abc.PGresult | None:
 
 
 def read_arrow(
-    conn: psycopg.Connection, query: str, *, rows_per_batch: int = ROWS_PER_BATCH
+    conn: psycopg.Connection,
+    query: str,
+    *,
+    rows_per_batch: int = ROWS_PER_BATCH,
+    bytes_per_batch: int = BYTES_PER_BATCH,
 ) -> Iterator[pa.RecordBatch]:
     """Run ``query`` (a SELECT) as ``COPY (query) TO STDOUT (FORMAT binary)`` on ``conn`` and
-    yield its rows as record batches of up to ``rows_per_batch`` rows.
+    yield its rows as record batches of up to ``rows_per_batch`` rows, fewer once their text and
+    binary values pass ``bytes_per_batch``.
 
     Column names and types come from describing the query first. If the consumer stops early,
     or the read fails, ``conn`` is left inside the COPY: the caller must close it.
@@ -140,8 +147,8 @@ def read_arrow(
         var_at = np.empty((max(1, len(var_columns)), rows_per_batch), np.int64)
         var_len = np.empty_like(var_at)
         n, status, var = kernel.read(
-            pgconn.pgconn_ptr, rows_per_batch, widths, kinds, fixed, valid, var_index, var_at,
-            var_len, var, slot,
+            pgconn.pgconn_ptr, rows_per_batch, bytes_per_batch, widths, kinds, fixed, valid,
+            var_index, var_at, var_len, var, slot,
         )  # fmt: skip
         if status == kernel.BAD_ROW:
             raise CopyReadError(f"a row of the COPY did not have the query's {len(oids)} columns")

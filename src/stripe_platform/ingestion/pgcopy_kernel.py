@@ -145,11 +145,15 @@ def _numeric_text(msg, at, var, used):
 
 
 @njit(nogil=True, cache=True)
-def read(conn, limit, widths, kinds, fixed, valid, var_index, var_at, var_len, var, slot):
+def read(
+    conn, limit, max_bytes, widths, kinds, fixed, valid, var_index, var_at, var_len, var, slot
+):
     """Read up to ``limit`` rows of the COPY: fixed-width fields into ``fixed`` and ``valid``
     (a row per column), the bytes of variable-width ones into ``var``.
 
-    Returns (rows, status, var), ``var`` because it may have grown."""
+    A batch also ends once its variable-width bytes pass ``max_bytes``, so that Arrow's 32-bit
+    offsets cannot overflow (a single value is at most 1 GB). Returns (rows, status, var),
+    ``var`` because it may have grown."""
     n = 0
     used = 0
     status = MORE
@@ -217,6 +221,8 @@ def read(conn, limit, widths, kinds, fixed, valid, var_index, var_at, var_len, v
                 at += length
         _free_mem(slot[0])
         n += 1
+        if used >= max_bytes:
+            break
     return n, status, var
 
 
