@@ -786,6 +786,16 @@ def test_copy_reader_batches_errors_and_types_it_does_not_read(dsn: str) -> None
         with pytest.raises(pgcopy.CopyReadError, match=r"u \(type oid 2950\)"):
             list(pgcopy.read_arrow(conn, "SELECT 1 AS i, gen_random_uuid() AS u"))
         assert conn.execute("SELECT 1").fetchone() == (1,)  # refused before any COPY started
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        late = "SELECT 1 AS i, '294276-12-31 23:59:59'::timestamp AS late"  # PostgreSQL's last
+        with pytest.raises(pgcopy.CopyReadError, match="column late: a timestamp after 294247"):
+            list(pgcopy.read_arrow(conn, late))
+        conn.close()  # stopped inside its COPY: it takes no other command
+    with (
+        psycopg.connect(dsn, autocommit=True, client_encoding="LATIN1") as conn,
+        pytest.raises(pgcopy.CopyReadError, match="client_encoding=UTF8"),
+    ):
+        list(pgcopy.read_arrow(conn, "SELECT 'é' AS t"))
 
 
 def test_a_snapshot_value_that_does_not_fit_is_nulled_not_fatal(

@@ -713,7 +713,8 @@ class Snapshot:
             raise CDCError(f"slot {self.slot!r}: this snapshot has no conninfo to attach with")
         # Autocommit, so that psycopg sends no BEGIN of its own: the import must be the first
         # statement of the transaction opened here.
-        conn = psycopg.connect(self.conninfo, autocommit=True)
+        # UTF8 whatever the database's encoding: the server converts text for the Arrow arrays.
+        conn = psycopg.connect(self.conninfo, autocommit=True, client_encoding="UTF8")
         reader = SnapshotReader(conn)
         try:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")

@@ -109,6 +109,13 @@ def read_arrow(
     """
     from stripe_platform.ingestion import pgcopy_kernel as kernel
 
+    if rows_per_batch < 1 or bytes_per_batch < 1:
+        raise ValueError("rows_per_batch and bytes_per_batch must be at least 1")
+    if conn.info.encoding != "utf-8":  # text is copied as the server sends it, into UTF-8 arrays
+        raise CopyReadError(
+            f"the connection's client encoding is {conn.info.encoding}: connect with "
+            "client_encoding=UTF8 so that the server converts text"
+        )
     with conn.cursor() as cur:
         cur.execute(f"SELECT * FROM ({query}) AS q LIMIT 0")
         description = cur.description or []
@@ -132,7 +139,7 @@ def read_arrow(
     var_index = np.zeros(len(oids), np.int64)
     var_index[var_columns] = np.arange(len(var_columns))
     var = np.empty(1 << 20, np.uint8)
-    slot = np.zeros(1, np.uintp)  # where PQgetCopyData puts its buffer's address
+    slot = np.zeros(2, np.uintp)  # PQgetCopyData's buffer address; a failing column's index
 
     pgconn = conn.pgconn
     pgconn.send_query(f"COPY ({query}) TO STDOUT (FORMAT binary)".encode())
@@ -151,7 +158,12 @@ def read_arrow(
             var_index, var_at, var_len, var, slot,
         )  # fmt: skip
         if status == kernel.BAD_ROW:
-            raise CopyReadError(f"a row of the COPY did not have the query's {len(oids)} columns")
+            raise CopyReadError(f"a row of the COPY does not match the query's {len(oids)} columns")
+        if status == kernel.OUT_OF_RANGE:
+            raise CopyReadError(
+                f"column {names[int(slot[1])]}: a timestamp after 294247-01-10, the end of "
+                "Arrow's microsecond range"
+            )
         if n:
             arrays = []
             for j, oid in enumerate(oids):

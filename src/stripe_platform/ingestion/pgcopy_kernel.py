@@ -20,7 +20,8 @@ from numba.extending import intrinsic
 from psycopg import pq
 
 # What the loop reports besides rows, and the kinds of fields it converts.
-MORE, END, FAILED, BAD_ROW = 0, 1, -2, -3
+MORE, END, FAILED, BAD_ROW, OUT_OF_RANGE = 0, 1, -2, -3, -4
+_LAST_SHIFTABLE_US = 9223372036854775807 - 946_684_800_000_000  # past it, Arrow's int64 overflows
 PLAIN, TIMESTAMP, DATE, NUMERIC = 0, 1, 2, 3
 
 
@@ -153,7 +154,9 @@ def read(
 
     A batch also ends once its variable-width bytes pass ``max_bytes``, so that Arrow's 32-bit
     offsets cannot overflow (a single value is at most 1 GB). Returns (rows, status, var),
-    ``var`` because it may have grown."""
+    ``var`` because it may have grown. A message that does not parse as the query's row (a
+    field past its end, a fixed-width field of another size) stops with BAD_ROW; a timestamp
+    Arrow cannot hold stops with OUT_OF_RANGE and its column in ``slot[1]``."""
     n = 0
     used = 0
     status = MORE
@@ -170,6 +173,10 @@ def read(
             if at >= size:
                 _free_mem(slot[0])
                 continue
+        if at + 2 > size:
+            _free_mem(slot[0])
+            status = BAD_ROW
+            break
         fields = _int(msg, at, 2)
         at += 2
         if fields == -1:  # the trailer
@@ -180,9 +187,22 @@ def read(
             status = BAD_ROW
             break
         for j in range(ncols):
+            if at + 4 > size:
+                status = BAD_ROW
+                break
             length = _int(msg, at, 4)
             at += 4
             width = widths[j]
+            if at + max(length, 0) > size or (width > 0 and length >= 0 and length != width):
+                status = BAD_ROW
+                break
+            if (
+                kinds[j] == NUMERIC
+                and length > 0
+                and (length < 8 or length != 8 + 2 * _int(msg, at, 2))
+            ):
+                status = BAD_ROW
+                break
             valid[j, n] = length >= 0
             if width == 0:  # variable width: its bytes (or numeric's text) into var
                 start = used
@@ -207,6 +227,10 @@ def read(
                         value = 253_402_300_799_999_999
                     elif value == -9223372036854775808:
                         value = -62_135_596_800_000_000
+                    elif value > _LAST_SHIFTABLE_US:
+                        slot[1] = j
+                        status = OUT_OF_RANGE
+                        break
                     else:
                         value += 946_684_800_000_000
                 elif kind == DATE:
@@ -220,6 +244,8 @@ def read(
             if length > 0:
                 at += length
         _free_mem(slot[0])
+        if status != MORE:
+            break
         n += 1
         if used >= max_bytes:
             break
