@@ -528,10 +528,8 @@ class _SnapshotReader:
                 self._attached.extend(list(opened))
         return self._attached[:n]
 
-    def tables(
-        self, table: str, columns: tuple[Column, ...], batch_rows: int | None = None
-    ) -> Iterator[pa.Table]:
-        batch_rows = batch_rows or SNAPSHOT_BATCH_ROWS
+    def tables(self, table: str, columns: tuple[Column, ...]) -> Iterator[pa.Table]:
+        batch_rows = SNAPSHOT_BATCH_ROWS  # read here, not at import: tests make it small
         names = [c.name for c in columns]
         schema = pa.schema([(c.name, ARROW[c.type]) for c in columns])
         pieces: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -539,8 +537,8 @@ class _SnapshotReader:
         for ref, _ in leaves:  # queries built here: the snapshot's connection is not shared
             pieces.put(self.snap.arrow_query(ref, names))
         readers = self._connections(min(self.readers, len(leaves)))
-        # Room for more than one output batch (a reader's batches are up to 65,536 rows): readers keep
-        # reading while the calling thread writes the previous batch and waits for its fsync.
+        # Room for more than one output batch (a reader's batches are up to 65,536 rows): readers
+        # keep reading while the calling thread writes the previous batch and waits for its fsync.
         out: queue.Queue[pa.RecordBatch | BaseException | None] = queue.Queue(
             maxsize=max(2 * len(readers), 2 * batch_rows // pgcopy.ROWS_PER_BATCH)
         )
@@ -613,22 +611,30 @@ class _SnapshotWrites:
     def __init__(self, engine: Engine, report: SyncReport, generation: int) -> None:
         self.engine, self.report, self.generation = engine, report, generation
         self.parallel = SNAPSHOT_WRITES if getattr(engine.writer, "concurrent_writes", False) else 1
-        self._pool = ThreadPoolExecutor(self.parallel, thread_name_prefix="snapshot-write")
+        self._pool = (
+            ThreadPoolExecutor(self.parallel, thread_name_prefix="snapshot-write")
+            if self.parallel > 1
+            else None
+        )
         self._pending: collections.deque[tuple[str, Future[WriteResult]]] = collections.deque()
 
     def __enter__(self) -> _SnapshotWrites:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _write(self, raw: RawStream, table: pa.Table) -> WriteResult:
+        return self.engine.writer.write(
+            raw, table, sync_id=self.report.sync_id, generation_id=self.generation, state=None
+        )
 
     def submit(self, raw: RawStream, stream: str, table: pa.Table) -> None:
-        if self.parallel == 1:
-            self.engine._write(self.report, raw, stream, table, None, self.generation)
+        if self._pool is None:
+            self.engine._count(self.report, stream, self._write(raw, table))
             return
-        write = self.engine.writer.write
-        kwargs = {"sync_id": self.report.sync_id, "generation_id": self.generation, "state": None}
-        self._pending.append((stream, self._pool.submit(write, raw, table, **kwargs)))
+        self._pending.append((stream, self._pool.submit(self._write, raw, table)))
         while len(self._pending) >= self.parallel:
             self._finish_oldest()
 

@@ -47,10 +47,8 @@ _TYPES: Final[dict[int, tuple[int, pa.DataType]]] = {
 }
 BINARY_OIDS: Final = frozenset(_TYPES)
 
-# Fixed-width fields the loop converts: PostgreSQL counts timestamps from 2000-01-01 in
-# microseconds and dates in days, Arrow from 1970; its ±infinity (the int64 and int32 bounds)
-# become the bounds change rows use (9999-12-31 23:59:59.999999, 0001-01-01), as
-# pgoutput.convert_value gives them.
+# Types the loop converts besides copying them (epochs, ±infinity: see pgcopy_kernel), and those
+# made text.
 _TIMESTAMP_OIDS, _DATE_OID = (1114, 1184), 1082
 _INET_OID, _NUMERIC_OID = 869, 1700
 
@@ -202,14 +200,13 @@ _DIGIT_COUNT = np.array([len(str(i)) for i in range(256)], np.int32)
 
 def _inet_text(array: pa.Array) -> pa.Array:
     """inet values in binary form to their text: IPv4 in bulk with numpy, others one by one."""
-    storage = array.storage if isinstance(array, pa.ExtensionArray) else array
-    n = len(storage)
-    _, offsets_buffer, data_buffer = storage.buffers()
-    offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, storage.offset * 4)
+    n = len(array)
+    _, offsets_buffer, data_buffer = array.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32, n + 1, array.offset * 4)
     data = (
         np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.zeros(1, np.uint8)
     )
-    valid = storage.is_valid().to_numpy(zero_copy_only=False)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
     ipv4 = valid & (np.diff(offsets) == 8)
     ipv4[ipv4] = data[offsets[:-1][ipv4]] == _PG_AF_INET
     at = offsets[:-1][ipv4]
@@ -240,7 +237,7 @@ def _inet_text(array: pa.Array) -> pa.Array:
     others = valid & ~ipv4
     if others.any():  # empty strings so far
         mask = pa.array(others)
-        values = [_inet_other(v) for v in storage.filter(mask).to_pylist()]
+        values = [_inet_other(v) for v in array.filter(mask).to_pylist()]
         result = pc.replace_with_mask(result, mask, pa.array(values, pa.string()))
     return result
 

@@ -21,8 +21,14 @@ from psycopg import pq
 
 # What the loop reports besides rows, and the kinds of fields it converts.
 MORE, END, FAILED, BAD_ROW, OUT_OF_RANGE = 0, 1, -2, -3, -4
-_LAST_SHIFTABLE_US = 9223372036854775807 - 946_684_800_000_000  # past it, Arrow's int64 overflows
 PLAIN, TIMESTAMP, DATE, NUMERIC = 0, 1, 2, 3
+# PostgreSQL counts from 2000-01-01, Arrow from 1970-01-01; its ±infinity are the int64 / int32
+# bounds, which become the bounds change rows use (9999-12-31 23:59:59.999999, 0001-01-01).
+_INT64_MAX, _INT64_MIN, _INT32_MAX, _INT32_MIN = 2**63 - 1, -(2**63), 2**31 - 1, -(2**31)
+_EPOCH_US, _EPOCH_DAYS = 946_684_800_000_000, 10_957
+_LAST_US, _FIRST_US = 253_402_300_799_999_999, -62_135_596_800_000_000
+_LAST_DAY, _FIRST_DAY = 2_932_896, -719_162
+_LAST_SHIFTABLE_US = _INT64_MAX - _EPOCH_US  # past it, Arrow's int64 overflows
 
 
 def _libpq_path() -> str:
@@ -223,23 +229,23 @@ def read(
                 value = _int(msg, at, width)
                 kind = kinds[j]
                 if kind == TIMESTAMP:
-                    if value == 9223372036854775807:
-                        value = 253_402_300_799_999_999
-                    elif value == -9223372036854775808:
-                        value = -62_135_596_800_000_000
+                    if value == _INT64_MAX:
+                        value = _LAST_US
+                    elif value == _INT64_MIN:
+                        value = _FIRST_US
                     elif value > _LAST_SHIFTABLE_US:
                         slot[1] = j
                         status = OUT_OF_RANGE
                         break
                     else:
-                        value += 946_684_800_000_000
+                        value += _EPOCH_US
                 elif kind == DATE:
-                    if value == 2147483647:
-                        value = 2_932_896
-                    elif value == -2147483648:
-                        value = -719_162
+                    if value == _INT32_MAX:
+                        value = _LAST_DAY
+                    elif value == _INT32_MIN:
+                        value = _FIRST_DAY
                     else:
-                        value += 10_957
+                        value += _EPOCH_DAYS
                 fixed[j, n] = value
             if length > 0:
                 at += length
