@@ -6,13 +6,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import pytest
-
-try:
-    import httpx
-    from airbyte_api import AirbyteAPI
-except ModuleNotFoundError:  # the SDK is in the `ingest` dependency group
-    pytest.skip("needs the airbyte-api SDK: uv sync --group ingest", allow_module_level=True)
+from airbyte_api import AirbyteAPI  # a main dependency: a broken install must fail, not skip
 
 from stripe_platform.ingestion import airbyte_api
 from stripe_platform.ingestion.airbyte_api import PlanError, SyncError
