@@ -145,7 +145,9 @@ class PostgresDestination(Destination):
         super().__init__(name, base_env, home)
         self.settings = settings
         self.dsn = db.conninfo(settings.model_copy(update={"pg_database": WAREHOUSE_DB}))
-        self.env.update(STRIPE_PLATFORM_WAREHOUSE="postgres", STRIPE_PLATFORM_WAREHOUSE_DSN=self.dsn)
+        self.env.update(
+            STRIPE_PLATFORM_WAREHOUSE="postgres", STRIPE_PLATFORM_WAREHOUSE_DSN=self.dsn
+        )
 
     def start(self) -> None:
         with db.connect(self.settings, database="postgres", autocommit=True) as conn:
@@ -171,12 +173,12 @@ class SnowflakeDestination(Destination):
         self.kwargs = self._server.__enter__()
         self.env.update(
             STRIPE_PLATFORM_WAREHOUSE="snowflake",
-            STRIPE_PLATFORM_SNOWFLAKE_ACCOUNT="fakesnow",
-            STRIPE_PLATFORM_SNOWFLAKE_USER="fake",
-            STRIPE_PLATFORM_SNOWFLAKE_PASSWORD="fake",
+            STRIPE_PLATFORM_SNOWFLAKE_ACCOUNT=str(self.kwargs["account"]),
+            STRIPE_PLATFORM_SNOWFLAKE_USER=str(self.kwargs["user"]),
+            STRIPE_PLATFORM_SNOWFLAKE_PASSWORD=str(self.kwargs["password"]),
             STRIPE_PLATFORM_SNOWFLAKE_HOST=str(self.kwargs["host"]),
             STRIPE_PLATFORM_SNOWFLAKE_PORT=str(self.kwargs["port"]),
-            STRIPE_PLATFORM_SNOWFLAKE_PROTOCOL=str(self.kwargs.get("protocol", "http")),
+            STRIPE_PLATFORM_SNOWFLAKE_PROTOCOL="http",
         )
 
     def stop(self) -> None:
@@ -367,7 +369,9 @@ def main() -> int:
     s = base.model_copy(update={"pg_database": DATABASE, "mongodb_database": DATABASE})
     try:
         with db.connect(base, database="postgres", autocommit=True) as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone():
+            if not conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+            ).fetchone():
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
         with db.connect(s, autocommit=True) as conn:
             migrate(conn)
