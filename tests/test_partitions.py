@@ -80,3 +80,26 @@ def test_partitions_past_retention_are_archived_not_lost(parties):
     assert parties.execute("SELECT count(*) FROM Transaction WHERE ID = 20").fetchone() == (0,)
     assert parties.execute("SELECT ID FROM archive.transaction_y2026m06").fetchall() == [(20,)]
     assert "transaction_y2026m06" not in partitions.existing_partitions(parties).values()
+
+
+def test_rows_on_a_month_boundary_move_to_the_month_they_start(parties):
+    """A partition covers [first instant of its month, first instant of the next): rows stranded in
+    default exactly on either bound go to the month that starts there."""
+    maintain(parties, today=TODAY, months_ahead=0, retention_months=1)
+    stranded = {
+        30: "2027-02-28 23:59:59.999999+00",
+        31: "2027-03-01 00:00:00+00",
+        32: "2027-03-31 23:59:59.999999+00",
+        33: "2027-04-01 00:00:00+00",
+    }
+    for tx_id, when in stranded.items():
+        assert insert_at(parties, when, tx_id) == "transaction_default"
+    report = maintain(parties, today=dt.date(2027, 3, 1), months_ahead=0, retention_months=12)
+    assert report.moved_rows == {"transaction_y2027m02": 1, "transaction_y2027m03": 2}
+    where = dict(parties.execute("SELECT ID, tableoid::regclass::text FROM Transaction").fetchall())
+    assert where == {
+        30: "transaction_y2027m02",
+        31: "transaction_y2027m03",
+        32: "transaction_y2027m03",
+        33: "transaction_default",
+    }
