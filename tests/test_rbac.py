@@ -3,6 +3,7 @@
 import datetime as dt
 import itertools
 import secrets
+import time
 
 import psycopg
 import pytest
@@ -131,6 +132,27 @@ def test_password_never_appears_in_the_audit_log(loaded, settings):
     text = "".join(p.read_text() for p in log_dir.glob("*.json"))
     assert grant.user in text and password not in text
     loaded.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(grant.user)))
+
+
+def test_bind_parameters_never_appear_in_the_audit_log(conn, settings):
+    """Every statement is logged, its bound values are not: they can be card numbers or keys."""
+    secret = f"4970-{secrets.token_hex(8)}"
+    marker = f"audit-marker-{secrets.token_hex(4)}"
+    conn.execute("SELECT %s::text AS pan_probe", (secret,))
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        conn.execute("SELECT %s::text AS pan_probe_failing, 1 / 0", (secret,))
+    conn.execute(f"SELECT '{marker}'")
+    log_dir = db.embedded_cluster(settings).status().audit_log_dir
+    # The logging collector writes asynchronously: read until this session's last statement is in.
+    deadline = time.monotonic() + 30
+    text = ""
+    while marker not in text and time.monotonic() < deadline:
+        time.sleep(0.1)
+        text = "".join(p.read_text() for p in log_dir.glob("*.json"))
+    assert marker in text, "the audit log never received the session's statements"
+    assert "SELECT $1::text AS pan_probe" in text
+    assert "SELECT $1::text AS pan_probe_failing, 1 / 0" in text
+    assert secret not in text
 
 
 @pytest.mark.parametrize(
