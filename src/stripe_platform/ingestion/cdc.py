@@ -30,6 +30,7 @@ import contextlib
 import datetime as dt
 import itertools
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ __all__ = [
     "read_changes",
     "resolve_tables",
     "slot_info",
+    "slot_info_when_free",
     "use_cdc_types",
 ]
 
@@ -291,6 +293,25 @@ def slot_info(conn: psycopg.Connection, slot: str) -> SlotInfo | None:
     return SlotInfo(
         name, plugin, database, pid, _lsn_or_none(restart), _lsn_or_none(confirmed), wal_status
     )
+
+
+def slot_info_when_free(
+    conn: psycopg.Connection, slot: str, timeout: float = 10.0
+) -> SlotInfo | None:
+    """:func:`slot_info` once no session holds the slot. A process killed while it held the
+    slot (creating it, or mid-read) leaves it held until the server notices the closed
+    connection, a moment later. :class:`SlotInUseError` if still held after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = slot_info(conn, slot)
+        if info is None or info.active_pid is None:
+            return info
+        if time.monotonic() >= deadline:
+            raise SlotInUseError(
+                f"replication slot {slot!r} is in use by the process with PID "
+                f"{info.active_pid}: is another sync of this connection running?"
+            )
+        time.sleep(0.05)
 
 
 def ensure_slot(conn: psycopg.Connection, slot: str) -> SlotInfo:

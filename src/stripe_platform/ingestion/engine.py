@@ -4,8 +4,11 @@ PostgreSQL sources: full-refresh streams are re-read whole; incremental streams 
 snapshot consistent with a fresh logical replication slot (cdc.consistent_snapshot) and then read
 the slot's changes (pgoutput), mapping inserts, updates and deletes to the ``_ab_cdc_*`` columns.
 The slot is advanced only after the destination committed the changes, so a crash (even
-``kill -9``) re-delivers and the merge on primary key makes re-delivery harmless. A snapshot
-interrupted half-way is started again: its slot is dropped and recreated.
+``kill -9``) re-delivers and the merge on primary key makes re-delivery harmless. A sync resumes
+only from the slot its destination's own snapshot created (``_resume_refusal``: the slot's
+position must lie between the state's snapshot and saved positions); a slot that is missing,
+lost, or was re-created meanwhile, and a snapshot interrupted half-way (its state says "in
+progress" from before the slot is touched), are snapshotted again, and the report says why.
 
 MongoDB sources: a full read, then incremental reads by cursor field (or change streams on a
 server that has them), the cursor saved with each batch.
@@ -21,6 +24,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -47,7 +51,7 @@ from stripe_platform.ingestion.catalog import (
     PostgresSource,
     Stream,
 )
-from stripe_platform.ingestion.pgoutput import UNCHANGED
+from stripe_platform.ingestion.pgoutput import UNCHANGED, format_lsn
 from stripe_platform.oltp import db
 from stripe_platform.warehouse.raw import ARROW, Column, RawStream, SchemaChangeError, WriteResult
 
@@ -81,10 +85,19 @@ PG_TYPES = {
 }
 
 Progress = Callable[[str, int], None]  # (stream, rows just written)
+FIRST_SYNC = "first sync to this destination"
+
+log = logging.getLogger(__name__)
 
 
 class SyncError(RuntimeError):
     """A sync failed; the message names the connection and stream."""
+
+
+class _SlotReplaced(SyncError):
+    """The slot stopped being the one the state resumes from while a sync read it (another
+    sync of the connection, to another destination, re-created it): nothing it returned since
+    was written."""
 
 
 @dataclass
@@ -93,6 +106,10 @@ class StreamReport:
     nulled: dict[str, int] = field(default_factory=dict)
     added_columns: list[str] = field(default_factory=list)
     error: str | None = None
+    # Documents delivered with a cursor that could not order them: missing, null, a BSON type
+    # name, or "future" (after the sync's start); ``warnings`` says so in words.
+    cursor_issues: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -102,6 +119,8 @@ class SyncReport:
     phase: str = "incremental"
     streams: dict[str, StreamReport] = field(default_factory=dict)
     seconds: float = 0.0
+    snapshot_reason: str | None = None
+    """Why this sync took a new snapshot instead of resuming the slot (None: it resumed)."""
 
     @property
     def rows(self) -> int:
@@ -112,6 +131,7 @@ class SyncReport:
             "connection": self.connection,
             "sync_id": self.sync_id,
             "phase": self.phase,
+            "snapshot_reason": self.snapshot_reason,
             "rows": self.rows,
             "seconds": round(self.seconds, 3),
             "streams": {k: v.__dict__ for k, v in self.streams.items()},
@@ -137,6 +157,56 @@ def _drop_slot_of_older_name(conn: psycopg.Connection, state: dict[str, Any], sl
         info = cdc.slot_info(conn, old)
         if info is not None and info.database == conn.info.dbname:
             cdc.drop_slot(conn, old)
+
+
+def _resume_refusal(state: dict[str, Any], info: cdc.SlotInfo | None, slot: str) -> str | None:
+    """Why this destination's ``state`` cannot resume from ``slot`` as the server has it now
+    (None: it can).
+
+    Only the slot this destination's own snapshot created may be resumed. Its position starts at
+    the snapshot's (``snapshot_lsn``, the slot's consistent point) and moves only when
+    ``cdc.advance`` confirms a position the state saved first, so
+    ``snapshot_lsn <= confirmed_flush_lsn <= state["lsn"]``. A slot dropped and created again
+    under the same name (by a DBA, ``max_slot_wal_keep_size``, a failover, a snapshot killed
+    half-way, or a sync of this connection to another destination, whose state is its own)
+    starts past every position flushed before its creation, hence past ``state["lsn"]``: the
+    changes in between are in neither, and resuming from it would lose them.
+    """
+    if not state:
+        if info is None:
+            return FIRST_SYNC
+        return (
+            f"{FIRST_SYNC}: slot {slot} exists without a state here (another destination of "
+            "this connection reads it, or an earlier attempt left it) and is replaced; a "
+            "destination that read it takes a new snapshot on its next sync"
+        )
+    if state.get("snapshot") == "in_progress" or "snapshot_lsn" not in state or "lsn" not in state:
+        return f"the previous snapshot (generation {state.get('generation')}) did not finish"
+    if state.get("slot") != slot:
+        return f"the state names slot {state.get('slot')}, not {slot}"
+    if info is None:
+        return f"replication slot {slot} is missing (dropped, or not carried over by a failover)"
+    if info.wal_status == "lost":
+        return (
+            f"replication slot {slot} was invalidated by the server: the WAL it needed was "
+            "removed (max_slot_wal_keep_size)"
+        )
+    position = info.confirmed_flush_lsn or 0
+    lsn, start = int(state["lsn"]), int(state["snapshot_lsn"])
+    if position > lsn:
+        return (
+            f"replication slot {slot} was re-created past this destination's position (slot at "
+            f"{format_lsn(position)}, state at {format_lsn(lsn)}): it was dropped and created "
+            "again (by a DBA, a failover, a snapshot killed half-way, or a sync of this "
+            "connection to another destination), so the changes in between are not in it"
+        )
+    if position < start:
+        return (
+            f"replication slot {slot} is behind this destination's snapshot (slot at "
+            f"{format_lsn(position)}, snapshot at {format_lsn(start)}): not the slot that "
+            "snapshot was taken with"
+        )
+    return None
 
 
 def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -293,53 +363,87 @@ class Engine:
         state_key = f"connection:{connection.name}"
         state = self.writer.load_state(state_key) or {}
         _drop_slot_of_older_name(conn, state, slot)
-        if (
-            cdc.slot_info(conn, slot) is None
-            or state.get("slot") != slot
-            or "snapshot_lsn" not in state
-        ):
-            # No slot, or a snapshot that never finished: (re)take a snapshot consistent with a new slot.
-            cdc.drop_slot(conn, slot)
-            report.phase = "snapshot"
-            # A new generation: rows an interrupted earlier snapshot left behind, that the source
-            # no longer has, are removed once this snapshot is complete.
-            generation = _new_generation()
-            with contextlib.ExitStack() as stack:
-                snap = stack.enter_context(
-                    cdc.consistent_snapshot(conninfo, slot, publication, [s.name for s in streams])
-                )
-                taken = dt.datetime.now(dt.UTC)
-                reader = stack.enter_context(_SnapshotReader(snap, SNAPSHOT_READERS))
-                # Entered after the reader, so it exits first: a failed write waits for the others.
-                writes = stack.enter_context(_SnapshotWrites(self, report, generation))
-                begin = getattr(self.writer, "begin_snapshot", None)
-                for stream in streams:
-                    if begin is not None:  # lets a warehouse append into an empty table
-                        begin(raw[stream.name], generation)
-                    for table in reader.tables(stream.name, raw[stream.name].columns):
-                        n = table.num_rows
-                        table = table.append_column(
-                            "_ab_cdc_lsn", pa.repeat(pa.scalar(snap.lsn, pa.int64()), n)
-                        )
-                        table = table.append_column(
-                            "_ab_cdc_updated_at",
-                            pa.repeat(pa.scalar(taken, pa.timestamp("us", tz="UTC")), n),
-                        )
-                        writes.submit(raw[stream.name], stream.name, table)
-                    writes.wait()
-                    if stream.name not in report.streams:
-                        self.writer.ensure(raw[stream.name])
-                for stream in streams:
-                    self.writer.finish_overwrite(raw[stream.name], generation, None)
-                state = {
-                    "slot": slot,
-                    "snapshot_lsn": snap.lsn,
-                    "lsn": snap.lsn,
-                    "generation": generation,
-                }
-                self.writer.save_state(state_key, state)
+        refusal = _resume_refusal(state, cdc.slot_info_when_free(conn, slot), slot)
+        if refusal is not None:
+            state = self._snapshot(
+                conn, conninfo, connection, slot, publication, report, streams, raw, refusal
+            )
         _wait_for_flush(conn)
-        self._drain_changes(conn, connection, slot, publication, state_key, state, raw, report)
+        try:
+            self._drain_changes(conn, connection, slot, publication, state_key, state, raw, report)
+        except _SlotReplaced as exc:  # a concurrent sync to another destination took the slot
+            state = self._snapshot(
+                conn, conninfo, connection, slot, publication, report, streams, raw, str(exc)
+            )
+            self._drain_changes(conn, connection, slot, publication, state_key, state, raw, report)
+
+    def _snapshot(
+        self,
+        conn: psycopg.Connection,
+        conninfo: str,
+        connection: Connection,
+        slot: str,
+        publication: str,
+        report: SyncReport,
+        streams: list[Stream],
+        raw: dict[str, RawStream],
+        reason: str,
+    ) -> dict[str, Any]:
+        """Take a snapshot consistent with a new slot, write every stream, and only then save
+        the state that resumes from that slot (returned)."""
+        state_key = f"connection:{connection.name}"
+        report.phase = "snapshot"
+        report.snapshot_reason = reason
+        if reason != FIRST_SYNC:
+            log.warning("connection %s: taking a new snapshot: %s", connection.name, reason)
+        # A new generation: rows an interrupted earlier snapshot left behind, that the source
+        # no longer has, are removed once this snapshot is complete.
+        generation = _new_generation()
+        # Durably "in progress" before the slot is touched: a sync killed from here until the
+        # complete state below is saved leaves a state that cannot resume (whatever slot the
+        # next sync finds), so that sync snapshots again instead of trusting the new slot.
+        self.writer.save_state(
+            state_key, {"slot": slot, "snapshot": "in_progress", "generation": generation}
+        )
+        cdc.drop_slot(conn, slot)
+        with contextlib.ExitStack() as stack:
+            snap = stack.enter_context(
+                cdc.consistent_snapshot(conninfo, slot, publication, [s.name for s in streams])
+            )
+            taken = dt.datetime.now(dt.UTC)
+            reader = stack.enter_context(_SnapshotReader(snap, SNAPSHOT_READERS))
+            # Entered after the reader, so it exits first: a failed write waits for the others.
+            writes = stack.enter_context(_SnapshotWrites(self, report, generation))
+            begin = getattr(self.writer, "begin_snapshot", None)
+            for stream in streams:
+                if begin is not None:  # lets a warehouse append into an empty table
+                    begin(raw[stream.name], generation)
+                for table in reader.tables(stream.name, raw[stream.name].columns):
+                    n = table.num_rows
+                    table = table.append_column(
+                        "_ab_cdc_lsn", pa.repeat(pa.scalar(snap.lsn, pa.int64()), n)
+                    )
+                    table = table.append_column(
+                        "_ab_cdc_updated_at",
+                        pa.repeat(pa.scalar(taken, pa.timestamp("us", tz="UTC")), n),
+                    )
+                    writes.submit(raw[stream.name], stream.name, table)
+                writes.wait()
+                if stream.name not in report.streams:
+                    self.writer.ensure(raw[stream.name])
+            for stream in streams:
+                self.writer.finish_overwrite(raw[stream.name], generation, None)
+            # Every stream is durable: only now may the state name this slot. snapshot_lsn is
+            # the slot's consistent point (where it was created), the floor of its position.
+            state = {
+                "slot": slot,
+                "snapshot": "complete",
+                "snapshot_lsn": snap.lsn,
+                "lsn": snap.lsn,
+                "generation": generation,
+            }
+            self.writer.save_state(state_key, state)
+        return state
 
     def _drain_changes(
         self,
@@ -355,11 +459,21 @@ class Engine:
         """Read the slot until caught up: write each batch, then save the state, then advance the
         slot (in that order, so a crash anywhere re-delivers). Returns the new state.
 
+        After each read the slot is checked to still be the one ``state`` resumes from (see
+        :func:`_resume_refusal`; a slot re-created before or during the read shows a position
+        past the state's): if not, nothing read is written and :class:`_SlotReplaced` is raised.
+
         A column added to a source table while this runs shows up in its change rows: the
         stream's columns are read again before those rows are written (``raw`` is updated)."""
         streams = {s.name: s for s in self.catalog.connection_streams(connection)}
         while True:
-            batch = cdc.read_changes(conn, slot, publication, max_changes=BATCH_ROWS)
+            try:
+                batch = cdc.read_changes(conn, slot, publication, max_changes=BATCH_ROWS)
+            except (cdc.SlotNotFoundError, cdc.SlotLostError) as exc:
+                raise _SlotReplaced(f"connection {connection.name}: {exc}") from exc
+            refusal = _resume_refusal(state, cdc.slot_info(conn, slot), slot)
+            if refusal is not None:
+                raise _SlotReplaced(f"connection {connection.name}: {refusal}")
             by_table: dict[str, list[cdc.Change]] = defaultdict(list)
             for change in batch.changes:
                 if change.op != "truncate":
@@ -407,7 +521,13 @@ class Engine:
         first = self.sync(connection_name)
         connection = self.catalog.connection(connection_name)
         source = self.catalog.source(connection.source)
-        total = SyncReport(connection.name, first.sync_id, first.phase, dict(first.streams))
+        total = SyncReport(
+            connection.name,
+            first.sync_id,
+            first.phase,
+            dict(first.streams),
+            snapshot_reason=first.snapshot_reason,
+        )
         started = time.monotonic() - first.seconds
         streams = [
             s for s in self.catalog.connection_streams(connection) if s.sync_mode.incremental
@@ -431,16 +551,23 @@ class Engine:
                 }
                 state = self.writer.load_state(state_key) or {}
                 while not stop.is_set():
-                    state = self._drain_changes(
-                        conn,
-                        connection,
-                        slot,
-                        source.cdc.publication,
-                        state_key,
-                        state,
-                        raw,
-                        total,
-                    )
+                    try:
+                        state = self._drain_changes(
+                            conn,
+                            connection,
+                            slot,
+                            source.cdc.publication,
+                            state_key,
+                            state,
+                            raw,
+                            total,
+                        )
+                    except _SlotReplaced:  # another sync took the slot: snapshot again, go on
+                        again = self.sync(connection_name)
+                        _add_report(total, again)
+                        total.phase, total.snapshot_reason = again.phase, again.snapshot_reason
+                        state = self.writer.load_state(state_key) or {}
+                        continue
                     stop.wait(interval)
         except SchemaChangeError as exc:
             raise SyncError(f"connection {connection.name}: {exc}") from exc
@@ -453,6 +580,7 @@ class Engine:
 
         docs = connect(self.settings)
         change_streams = mongo_source.supports_change_streams(docs)
+        started = dt.datetime.now(dt.UTC)  # no saved cursor goes past it (CursorReader)
         for stream in self.catalog.connection_streams(connection):
             columns = mongo_source.collection_columns(stream.name)
             raw = self._raw_stream(connection, stream, columns, "mongodb")
@@ -469,7 +597,9 @@ class Engine:
                     columns,
                     state,
                     batch_size=BATCH_ROWS,
+                    started=started,
                 )
+            entry = report.streams.setdefault(stream.name, StreamReport())
             try:
                 wrote = False
                 for batch in reader:
@@ -477,9 +607,12 @@ class Engine:
                     wrote = True
                 if not wrote:
                     self.writer.ensure(raw)
-                    report.streams.setdefault(stream.name, StreamReport())
             except SchemaChangeError as exc:  # stop this stream, keep the others going
-                report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
+                entry.error = str(exc)
+            if isinstance(reader, mongo_source.CursorReader):
+                for issue, n in reader.issues.items():
+                    entry.cursor_issues[issue] = entry.cursor_issues.get(issue, 0) + n
+                entry.warnings += reader.warnings
 
 
 def _add_report(total: SyncReport, more: SyncReport) -> None:
@@ -490,6 +623,9 @@ def _add_report(total: SyncReport, more: SyncReport) -> None:
             entry.nulled[column] = entry.nulled.get(column, 0) + n
         entry.added_columns += part.added_columns
         entry.error = part.error or entry.error
+        for issue, n in part.cursor_issues.items():
+            entry.cursor_issues[issue] = entry.cursor_issues.get(issue, 0) + n
+        entry.warnings += part.warnings
 
 
 class _SnapshotReader:
