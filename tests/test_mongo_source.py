@@ -1,11 +1,19 @@
-"""Reading document collections: typed columns from the specs, cursor increments, malformed data."""
+"""Reading document collections: typed columns from the specs, cursor increments, malformed data,
+cursors that cannot order a document (missing, null, another type, dated in the future)."""
 
 import datetime as dt
 import json
+import os
+import subprocess
+import sys
 
 import duckdb
 import pytest
+from bson import ObjectId, json_util
 
+from stripe_platform.config import load_settings
+from stripe_platform.ingestion.catalog import load_catalog
+from stripe_platform.ingestion.engine import Engine
 from stripe_platform.ingestion.mongo_source import (
     collection_columns,
     read_by_cursor,
@@ -136,3 +144,177 @@ def test_change_streams_capture_updates_and_deletes(real_mongodb, tmp_path):
     changes = list(read_change_stream(real_mongodb, "Merchant", stream.columns, state, 100, 500))
     deleted = changes[0].table.column("_ab_cdc_deleted_at").to_pylist()
     assert deleted[0] is None and deleted[-1] is not None
+
+
+# -- cursors that cannot order a document -------------------------------------------------------
+DOCS = "mongodb-to-snowflake"
+
+
+class Reviews:
+    """CustomerReview (cursor ``timestamp``) synced by the engine, as ``stripe-platform sync``
+    does, into an empty DuckDB raw layer."""
+
+    def __init__(self, docdb, home):
+        self.docs = docdb.CustomerReview
+        self.settings = load_settings(home=home, mongodb_database=docdb.name)
+        self.raw = DuckDBRaw(duckdb.connect(str(home / "warehouse.duckdb")))
+        self.catalog = load_catalog()
+
+    def insert(self, message, **fields):
+        doc = {
+            "transaction_id": 1,
+            "customer_id": ObjectId(),
+            "merchant_id": ObjectId(),
+            "rating": 4,
+            "message": message,
+        }
+        self.docs.insert_one(doc | fields)
+
+    def sync(self):
+        """One sync; returns the review stream's report."""
+        started = dt.datetime.now(dt.UTC)
+        report = Engine(self.settings, self.catalog, self.raw).sync(DOCS)
+        saved = json_util.loads(self.raw.load_state("raw.mongodb_customerreview")["cursor"])
+        if saved is not None:  # never later than the sync's start
+            assert saved.replace(tzinfo=saved.tzinfo or dt.UTC) <= started
+        return report.streams["CustomerReview"]
+
+    def rows(self):
+        """message -> (timestamp, _extra, _airbyte_meta.changes) in the raw table."""
+        found = self.raw.conn.execute(
+            "SELECT message, timestamp, _extra, _airbyte_meta FROM raw.mongodb_customerreview"
+        ).fetchall()
+        return {
+            m: (t, json.loads(e) if e else None, json.loads(meta)["changes"])
+            for m, t, e, meta in found
+        }
+
+
+@pytest.fixture
+def reviews(docdb, tmp_path):
+    return Reviews(docdb, tmp_path)
+
+
+def recent(seconds_ago: float = 0) -> dt.datetime:
+    """A cursor as a writer stamps it now, at the precision MongoDB keeps (milliseconds)."""
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds_ago)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+NO_CURSOR = {"field": "timestamp", "change": "NULLED", "reason": "SOURCE_RETRIEVAL_ERROR"}
+WRONG_TYPE = {"field": "timestamp", "change": "NULLED", "reason": "SOURCE_SERIALIZATION_ERROR"}
+BAD_CURSORS = {  # issue -> (the document's cursor fields, what _airbyte_meta.changes says)
+    "string": ({"timestamp": "2026-11-01T12:00:00Z"}, WRONG_TYPE),
+    "missing": ({}, NO_CURSOR),
+    "null": ({"timestamp": None}, NO_CURSOR),
+}
+
+
+@pytest.mark.parametrize("issue", list(BAD_CURSORS))
+def test_documents_without_a_usable_cursor_arrive_once_per_version(reviews, issue):
+    fields, change = BAD_CURSORS[issue]
+    reviews.insert("first", timestamp=recent(3600))
+    assert reviews.sync().rows == 1
+    # Written after a sync has saved a cursor: a date query alone never matches them.
+    reviews.insert("bad", **fields)
+    reviews.insert("later", timestamp=recent(60))
+    second = reviews.sync()
+    assert second.rows == 2
+    assert second.cursor_issues == {issue: 1}
+    assert any("without a usable timestamp" in w for w in second.warnings)
+    rows = reviews.rows()
+    assert rows["bad"][1:] == (
+        {"timestamp": "2026-11-01T12:00:00Z"} if issue == "string" else None,
+        [change],
+    )
+    assert rows["bad"][0] is None  # a string is not a date: set aside in _extra
+    assert rows["later"][2] == [] and rows["first"][2] == []
+    # Read again by every sync, delivered again only when it changes.
+    third = reviews.sync()
+    assert third.rows == 0
+    assert (third.cursor_issues, third.warnings) == ({}, [])
+    reviews.docs.update_one({"message": "bad"}, {"$set": {"rating": 1}})
+    assert reviews.sync().rows == 1
+    assert reviews.raw.conn.execute(
+        "SELECT rating FROM raw.mongodb_customerreview WHERE message = 'bad'"
+    ).fetchone() == (1,)
+    # Mended with a date older than the saved cursor: delivered once more, clean.
+    mended = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    reviews.docs.update_one({"message": "bad"}, {"$set": {"timestamp": mended}})
+    fifth = reviews.sync()
+    assert fifth.rows == 1
+    assert fifth.cursor_issues == {}
+    assert reviews.rows()["bad"] == (mended, None, [])
+    assert reviews.sync().rows == 0
+
+
+@pytest.mark.parametrize("issue", list(BAD_CURSORS))
+def test_a_synced_document_whose_cursor_goes_bad_is_updated(reviews, issue):
+    fields, change = BAD_CURSORS[issue]
+    reviews.insert("review", timestamp=recent(3600))
+    reviews.sync()
+    update = {"$set": {"rating": 2, **fields}} if fields else {"$set": {"rating": 2}}
+    if issue == "missing":
+        update["$unset"] = {"timestamp": ""}
+    reviews.docs.update_one({"message": "review"}, update)
+    report = reviews.sync()
+    assert report.rows == 1
+    assert report.cursor_issues == {issue: 1}
+    # The latest read wins in the destination, whatever the cursor field says.
+    assert reviews.raw.conn.execute(
+        "SELECT rating, _airbyte_meta->'changes' FROM raw.mongodb_customerreview"
+    ).fetchall() == [(2, json.dumps([change], separators=(",", ":")))]
+
+
+def test_a_cursor_in_the_future_holds_no_later_document_back(reviews):
+    reviews.insert("old", timestamp=recent(7200))
+    reviews.insert("far future", timestamp=dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
+    first = reviews.sync()
+    assert first.rows == 2
+    assert first.cursor_issues == {"future": 1}
+    assert any("9999-12-31" in w and "after the sync's start" in w for w in first.warnings)
+    assert reviews.rows()["far future"][0] == dt.datetime(9999, 12, 31, tzinfo=dt.UTC)
+    for n in range(3):
+        # A writer's clock a little behind ours, then one on time.
+        reviews.insert(f"late {n}", timestamp=recent(20))
+        reviews.insert(f"on time {n}", timestamp=recent())
+        later = reviews.sync()
+        assert later.rows == 2
+        assert (later.cursor_issues, later.warnings) == ({}, [])
+    assert set(reviews.rows()) == {"old", "far future"} | {
+        f"{kind} {n}" for kind in ("late", "on time") for n in range(3)
+    }
+    # The far-future document still arrives when it changes, and its fix wins.
+    fixed = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    reviews.docs.update_one({"message": "far future"}, {"$set": {"timestamp": fixed}})
+    assert reviews.sync().rows == 1
+    assert reviews.rows()["far future"][0] == fixed
+
+
+def test_a_cursor_saved_in_the_future_by_an_earlier_version_is_read_again(reviews):
+    reviews.insert("review", timestamp=recent(3600))
+    reviews.sync()
+    # What the earlier reader saved after a document dated 9999-12-31.
+    future = {"mode": "cursor", "cursor": json_util.dumps(dt.datetime(9999, 12, 31))}
+    reviews.raw.save_state("raw.mongodb_customerreview", future)
+    reviews.insert("hidden", timestamp=recent(60))
+    report = reviews.sync()
+    assert report.rows == 2 and any("read again" in w for w in report.warnings)
+    assert set(reviews.rows()) == {"review", "hidden"}
+
+
+def test_sync_prints_cursor_warnings(reviews, docdb, tmp_path):
+    reviews.insert("far future", timestamp=dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
+    reviews.insert("no cursor")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_PLATFORM_")}
+    env |= {"STRIPE_PLATFORM_HOME": str(tmp_path), "STRIPE_PLATFORM_MONGODB_DATABASE": docdb.name}
+    run = [sys.executable, "-m", "stripe_platform.cli", "sync", DOCS]
+    text = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300, check=True)
+    assert "9999-12-31" in text.stderr and "without a usable timestamp (missing 1)" in text.stderr
+    reviews.docs.update_one({"message": "no cursor"}, {"$set": {"rating": 5}})
+    as_json = subprocess.run(
+        [*run, "--json"], capture_output=True, text=True, env=env, timeout=300, check=True
+    )
+    review = json.loads(as_json.stdout)["streams"]["CustomerReview"]
+    assert (review["rows"], review["cursor_issues"]) == (1, {"missing": 1})
+    assert any("missing 1" in w for w in review["warnings"])

@@ -14,11 +14,16 @@ nulled and recorded in ``_airbyte_meta.changes`` rather than failing the sync.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import json
 import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import duckdb
 import numpy as np
@@ -66,6 +71,19 @@ WIDENINGS |= {(t, "string") for t in ARROW if t not in ("string", "binary")}
 WIDENINGS |= {("json", "string"), ("string", "json")}
 
 STATE_TABLE = "airbyte_internal.stripe_platform_sync_state"
+
+# Dates and timestamps every destination holds alike: years 1 to 9999. DuckDB and PostgreSQL hold
+# more, but Snowflake recommends years up to 9999 (and warns about years before 1582), the lake's
+# readers (Spark, Athena) and Python's datetime stop there, and PostgreSQL's writer reads years as
+# text. A value outside (a BC date, year 10000 on) is nulled and recorded like any value that does
+# not fit; the sources' ±infinity land on these bounds.
+FIRST_TIMESTAMP_US = -62_135_596_800_000_000  # 0001-01-01 00:00:00, microseconds since 1970
+LAST_TIMESTAMP_US = 253_402_300_799_999_999  # 9999-12-31 23:59:59.999999
+FIRST_DATE_DAYS = -719_162  # 0001-01-01, days since 1970
+LAST_DATE_DAYS = 2_932_896  # 9999-12-31
+# A batch column a source may add: per row, a JSON list of its own ``_airbyte_meta.changes``
+# entries (a document's unusable cursor), kept ahead of those the destination adds.
+SOURCE_CHANGES = "_source_changes"
 
 
 class SchemaChangeError(RuntimeError):
@@ -132,12 +150,126 @@ class WriteResult:
     rows: int
     nulled: dict[str, int] = field(default_factory=dict)  # column -> values that did not fit
     added_columns: list[str] = field(default_factory=list)
+    # Columns the stream's previous write had and this one has not (see ``dropped_columns``).
+    dropped_columns: list[str] = field(default_factory=list)
+
+
+def source_columns(stream: RawStream) -> list[str]:
+    """The stream's own columns, as each writer records them with the stream's state."""
+    return [c.name for c in stream.columns]
+
+
+def dropped_columns(previous: Iterable[str] | None, stream: RawStream) -> list[str]:
+    """Columns the stream's last write had (``previous``, as recorded) and ``stream`` has not:
+    dropped at the source, or newly excluded.
+
+    Every writer does what Airbyte's Destinations V2 do with a removed source column: the
+    destination keeps the column and the values rows had, rows written from then on (new ones,
+    and new versions of a key) hold NULL in it, and the write that first lacks it reports it
+    (``WriteResult.dropped_columns``, then the sync report) once."""
+    names = {c.name for c in stream.columns}
+    return [c for c in previous or () if c not in names]
+
+
+def kept_columns(existing: Iterable[str], stream: RawStream) -> list[str]:
+    """A destination table's columns that ``stream`` no longer writes: NULL in rows it writes."""
+    written = {c.name for c in (*stream.columns, *stream.meta_columns)}
+    return [c for c in existing if c not in written]
+
+
+class _PrivateUmask:
+    """Files created while any ``private_files()`` block runs get no group or other access.
+
+    DuckDB creates its database file, and creates the write-ahead log (``<file>.wal``) again after
+    every checkpoint, with the process's umask: a mode set on a file once would not last. The umask
+    is process-wide, so blocks (nested, or in several threads) share one change, undone by the last
+    to leave."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved = os.umask(0o077)
+                os.umask(self._saved | 0o077)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    os.umask(self._saved)
+
+
+private_files = _PrivateUmask()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _private(method: _F) -> _F:
+    """A DuckDBRaw method that may write the file (and so create its WAL) runs in private_files."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with private_files():
+            return method(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def connect_duckdb(path: Path) -> duckdb.DuckDBPyConnection:
+    """A read-write connection to a DuckDB warehouse file, kept private like the keyring: it holds
+    personal data. A directory made for it is 0700; the file and its WAL are 0600 (created so, or
+    narrowed if an earlier version left them readable to others)."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)  # parents: default modes (the home, ...)
+        path.parent.chmod(0o700)
+    for file in (path, path.with_name(f"{path.name}.wal")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+    with private_files():
+        return duckdb.connect(str(path))
+
+
+def _out_of_range(
+    values: pa.ChunkedArray | pa.Array,
+) -> tuple[pa.Array | pa.ChunkedArray, list[int]]:
+    """Dates and timestamps outside years 1-9999 nulled, with their positions."""
+    if pa.types.is_timestamp(values.type):
+        first, last = FIRST_TIMESTAMP_US, LAST_TIMESTAMP_US
+        raw = values.cast(pa.int64())  # microseconds (the raw layer's timestamps are all "us")
+    elif pa.types.is_date32(values.type):
+        first, last = FIRST_DATE_DAYS, LAST_DATE_DAYS
+        raw = values.cast(pa.int32())
+    else:
+        return values, []
+    outside = pc.fill_null(pc.or_(pc.less(raw, first), pc.greater(raw, last)), False)
+    if not pc.any(outside).as_py():
+        return values, []
+    bad = np.flatnonzero(outside.to_numpy(zero_copy_only=False)).tolist()
+    return pc.if_else(outside, pa.scalar(None, values.type), values), bad
 
 
 def _cast_column(
     values: pa.ChunkedArray | pa.Array, target: pa.DataType
 ) -> tuple[pa.Array | pa.ChunkedArray, list[int]]:
-    """Cast, nulling (and reporting) each value that does not fit instead of failing the batch."""
+    """Cast, nulling (and reporting) each value that does not fit instead of failing the batch:
+    a value the cast refuses (numeric NaN into a decimal, ...), and a date or timestamp outside
+    years 1-9999 (before the cast too: Python, used value by value below, cannot hold it)."""
+    values, outside = _out_of_range(values)
+    typed, bad = _cast_values(values, target)
+    typed, after = _out_of_range(typed)
+    return typed, sorted({*outside, *bad, *after})
+
+
+def _cast_values(
+    values: pa.ChunkedArray | pa.Array, target: pa.DataType
+) -> tuple[pa.Array | pa.ChunkedArray, list[int]]:
     if values.type == target:  # the usual case: no copy (combining chunks would copy)
         return values, []
     array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
@@ -224,6 +356,10 @@ def prepare(
     """Type the batch to the stream's columns and add the metadata columns."""
     n = batch.num_rows
     changes: dict[int, list[dict[str, str]]] = {}  # row -> its changes; most rows have none
+    if SOURCE_CHANGES in batch.column_names:
+        for i, recorded in enumerate(batch.column(SOURCE_CHANGES).to_pylist()):
+            if recorded:
+                changes[i] = json.loads(recorded)
     nulled: dict[str, int] = {}
     arrays, names = [], []
     for column in stream.columns:
