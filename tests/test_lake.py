@@ -1,11 +1,15 @@
 """The raw lake: layout, typing shared with the raw tables, DuckDB readability, idempotent re-delivery,
-crash safety, on a local directory and on S3 (moto on loopback)."""
+crash safety, generations superseded after a complete snapshot, file modes, on a local directory and
+on S3 (moto on loopback)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
+import stat
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +25,8 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from stripe_platform.config import get_settings, load_settings
-from stripe_platform.lake.writer import LakeWriter
+from stripe_platform.lake.target import LakeRaw
+from stripe_platform.lake.writer import GENERATION_KEY, LakeWriter
 from stripe_platform.warehouse.raw import Column, RawStream, prepare
 
 TRANSACTION = RawStream(
@@ -78,6 +83,68 @@ def write(lake: LakeWriter, n: int = 3, *, sync_id: str = "sync-1", part: int = 
 
 def names_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
+
+
+# LakeRaw writes with the current time: the partition a sync writes today.
+TODAY = f"extracted_date={dt.datetime.now(dt.UTC).date().isoformat()}"
+# Generations: a snapshot's rows and the changes after it carry the snapshot's generation id.
+G1, G2, G3 = 1_000, 2_000, 3_000
+# What a reader does to see the stream's current rows (docs/ingestion.md): the latest version of
+# each key by LSN, without the keys whose latest version is a deletion.
+LIVE_ROWS = """
+    SELECT id, amount::VARCHAR FROM {source}
+    QUALIFY row_number() OVER (PARTITION BY id
+                               ORDER BY _ab_cdc_lsn DESC NULLS LAST, _airbyte_extracted_at DESC) = 1
+        AND _ab_cdc_deleted_at IS NULL
+    ORDER BY id"""
+
+
+def versions(ids: list[int], lsn: int, amount: str = "1.00", *, deleted: bool = False) -> pa.Table:
+    """Rows of TRANSACTION as the engine hands them over: a snapshot's or a change batch's."""
+    n = len(ids)
+    when = dt.datetime(2024, 3, 5, 12, tzinfo=dt.UTC)
+    return pa.table(
+        {
+            "id": ids,
+            "amount": [amount] * n,
+            "currency": ["EUR"] * n,
+            "_ab_cdc_lsn": [lsn] * n,
+            "_ab_cdc_updated_at": [when] * n,
+            "_ab_cdc_deleted_at": pa.array(
+                [when if deleted else None] * n, pa.timestamp("us", "UTC")
+            ),
+        }
+    )
+
+
+def live_rows(lake: LakeWriter) -> list[tuple[int, str]]:
+    """The stream's current rows through the documented DuckDB glob read."""
+    glob = lake.duckdb_glob("postgres", TRANSACTION)
+    source = f"read_parquet('{glob}', hive_partitioning = true, union_by_name = true)"
+    return duckdb.connect().execute(LIVE_ROWS.format(source=source)).fetchall()
+
+
+def lose_the_slot_and_resnapshot(raw: LakeRaw) -> int:
+    """The issue's history: a snapshot and its changes; the slot lost while ids 2 and 4 are deleted
+    at the source (no change rows for them); a re-snapshot that dies after one batch; a complete
+    re-snapshot, then a change after it. Returns what the re-snapshot's finish moved."""
+    t = TRANSACTION
+    raw.write(t, versions([1, 2, 3], 100), sync_id="sync-a", generation_id=G1, state=None)
+    raw.write(t, versions([4, 5, 6], 100), sync_id="sync-a", generation_id=G1, state=None)
+    assert raw.finish_overwrite(t, G1, None) == 0  # nothing older than the first snapshot
+    raw.write(t, versions([3], 200, "3.50"), sync_id="sync-b", generation_id=G1, state=None)
+    raw.write(t, versions([6], 201, deleted=True), sync_id="sync-b", generation_id=G1, state=None)
+    # Slot lost; ids 2 and 4 deleted at the source. A re-snapshot dies after its first batch:
+    raw.write(t, versions([1, 2], 300), sync_id="sync-c", generation_id=G2, state=None)
+    # The complete re-snapshot (id 7 inserted meanwhile), then a change after it.
+    raw.write(t, versions([3], 400, "3.50"), sync_id="sync-d", generation_id=G3, state=None)
+    raw.write(t, versions([1, 5, 7], 400), sync_id="sync-d", generation_id=G3, state=None)
+    moved = raw.finish_overwrite(t, G3, {"generation": G3})
+    raw.write(t, versions([5], 500, "5.75"), sync_id="sync-e", generation_id=G3, state=None)
+    return moved
+
+
+AFTER_RESNAPSHOT = [(1, "1.000000000"), (3, "3.500000000"), (5, "5.750000000"), (7, "1.000000000")]
 
 
 @pytest.fixture
@@ -394,3 +461,252 @@ def test_s3_from_settings_uses_the_configured_endpoint(s3: S3, tmp_path: Path):
         == f"s3://{s3.bucket}/lake/raw/postgres/transaction/{PARTITION}/sync-1-0.parquet"
     )
     assert s3.keys() == [f"lake/raw/postgres/transaction/{PARTITION}/sync-1-0.parquet"]
+
+
+# Generations -------------------------------------------------------------------------------------
+
+
+def test_a_resnapshot_supersedes_older_generations_so_source_deletes_stay_deleted(tmp_path: Path):
+    lake = LakeWriter(tmp_path / "lake")
+    raw = LakeRaw(lake, "postgres")
+    moved = lose_the_slot_and_resnapshot(raw)
+    # Ids 2 and 4 were deleted at the source between the snapshots: no reader of raw/ sees them.
+    assert live_rows(lake) == AFTER_RESNAPSHOT
+    assert moved == 10  # 3 + 3 + 1 + 1 rows of the first generation, 2 of the dead attempt's
+    assert [(f.sync_id, f.part) for f in lake.list_files("postgres", TRANSACTION)] == [
+        ("sync-d", 5),
+        ("sync-d", 6),
+        ("sync-e", 7),
+    ]
+    # The older generations are history, under their own names, readable the same way.
+    history = tmp_path / "lake" / "superseded" / "postgres" / "transaction"
+    assert sorted(str(p.relative_to(history)) for p in history.rglob("*.parquet")) == [
+        f"generation={G1}/{TODAY}/sync-a-0.parquet",
+        f"generation={G1}/{TODAY}/sync-a-1.parquet",
+        f"generation={G1}/{TODAY}/sync-b-2.parquet",
+        f"generation={G1}/{TODAY}/sync-b-3.parquet",
+        f"generation={G2}/{TODAY}/sync-c-4.parquet",
+    ]
+    by_generation = (
+        duckdb.connect()
+        .execute(
+            "SELECT generation, count(*), list(id ORDER BY id) FROM read_parquet(?, "
+            "hive_partitioning = true) GROUP BY ALL ORDER BY 1",
+            [lake.history_glob("postgres", TRANSACTION)],
+        )
+        .fetchall()
+    )
+    assert by_generation == [(G1, 8, [1, 2, 3, 3, 4, 5, 6, 6]), (G2, 2, [1, 2])]
+    assert raw.state(TRANSACTION) == {"generation": G3}
+    # A finish with nothing older moves nothing.
+    assert raw.finish_overwrite(TRANSACTION, G3, None) == 0
+    assert live_rows(lake) == AFTER_RESNAPSHOT
+
+
+def test_s3_resnapshot_leaves_only_the_live_generation_under_the_stream_prefix(s3: S3):
+    lake = LakeWriter(f"s3://{s3.bucket}/exploration", s3.filesystem)
+    assert lose_the_slot_and_resnapshot(LakeRaw(lake, "postgres")) == 10
+    live = f"exploration/raw/postgres/transaction/{TODAY}"
+    old = f"exploration/superseded/postgres/transaction/generation={{}}/{TODAY}"
+    assert s3.keys() == [
+        "exploration/_stripe_platform/state/postgres.transaction.json",
+        f"{live}/",  # the zero-byte marker pyarrow's S3 delete leaves; no reader takes it for data
+        f"{live}/sync-d-5.parquet",
+        f"{live}/sync-d-6.parquet",
+        f"{live}/sync-e-7.parquet",
+        f"{old.format(G1)}/sync-a-0.parquet",
+        f"{old.format(G1)}/sync-a-1.parquet",
+        f"{old.format(G1)}/sync-b-2.parquet",
+        f"{old.format(G1)}/sync-b-3.parquet",
+        f"{old.format(G2)}/sync-c-4.parquet",
+    ]
+    # What an Athena table or a Snowflake external table located at the stream's prefix reads.
+    con = duckdb.connect()
+    con.register(
+        "located",
+        ds.dataset(
+            f"{s3.bucket}/exploration/raw/postgres/transaction",
+            filesystem=s3.filesystem,
+            format="parquet",
+            partitioning="hive",
+        ).to_table(),
+    )
+    assert con.execute(LIVE_ROWS.format(source="located")).fetchall() == AFTER_RESNAPSHOT
+
+
+def test_a_resnapshot_of_an_emptied_table_leaves_an_empty_live_generation(tmp_path: Path):
+    lake = LakeWriter(tmp_path / "lake")
+    raw = LakeRaw(lake, "postgres")
+    raw.write(TRANSACTION, versions([1, 2], 100), sync_id="sync-a", generation_id=G1, state=None)
+    raw.finish_overwrite(TRANSACTION, G1, None)
+    moved = raw.finish_overwrite(TRANSACTION, G2, None)  # every row deleted at the source
+    assert live_rows(lake) == []
+    assert moved == 2
+    assert [f.sync_id for f in lake.list_files("postgres", TRANSACTION)] == [f"empty-{G2}"]
+    # ... and that empty file is the live generation: the next finish of G2 keeps it.
+    assert raw.finish_overwrite(TRANSACTION, G2, None) == 0
+    assert [f.sync_id for f in lake.list_files("postgres", TRANSACTION)] == [f"empty-{G2}"]
+
+
+@pytest.mark.parametrize("statistics", [True, False], ids=["statistics", "no-statistics"])
+def test_files_without_a_recorded_generation_are_superseded_by_their_rows(
+    tmp_path: Path, statistics: bool
+):
+    """Files written before generations were recorded in the footer's metadata (or by another
+    writer, without statistics): the generation comes from the column itself."""
+    lake = LakeWriter(tmp_path / "lake")
+    old, _ = prepare(TRANSACTION, versions([1, 2], 100), sync_id="s", generation_id=G1)
+    directory = Path(lake.stream_dir("postgres", TRANSACTION)) / TODAY
+    directory.mkdir(parents=True)
+    pq.write_table(old, directory / "sync-a-0.parquet", write_statistics=statistics)
+    assert GENERATION_KEY not in (pq.read_metadata(directory / "sync-a-0.parquet").metadata or {})
+    raw = LakeRaw(lake, "postgres")
+    raw.write(TRANSACTION, versions([1], 200), sync_id="sync-b", generation_id=G2, state=None)
+    moved = raw.finish_overwrite(TRANSACTION, G2, None)
+    assert live_rows(lake) == [(1, "1.000000000")]
+    assert moved == 2
+
+
+def test_an_interrupted_supersede_keeps_the_live_generation_and_finishes_next_time(tmp_path: Path):
+    lake = LakeWriter(tmp_path / "lake")
+    raw = LakeRaw(lake, "postgres")
+    for i in range(3):
+        raw.write(TRANSACTION, versions([i], 100), sync_id="sync-a", generation_id=G1, state=None)
+    raw.write(
+        TRANSACTION, versions([0, 1], 200, "2.00"), sync_id="sync-b", generation_id=G2, state=None
+    )
+    # The second of the three moves fails: something already sits where its file should go.
+    history = Path(lake.history_dir("postgres", TRANSACTION)) / f"generation={G1}" / TODAY
+    (history / "sync-a-1.parquet").mkdir(parents=True)
+    with pytest.raises(OSError):
+        raw.finish_overwrite(TRANSACTION, G2, {"generation": G2})
+    assert raw.state(TRANSACTION) is None  # not complete, so the state does not say it is
+    assert [(f.sync_id, f.part) for f in lake.list_files("postgres", TRANSACTION)] == [
+        ("sync-a", 1),
+        ("sync-a", 2),
+        ("sync-b", 3),
+    ]
+    assert names_in(history) == ["sync-a-0.parquet", "sync-a-1.parquet"]  # the obstacle
+    # Every row of the live generation is still read (id 2 is stale until the move completes).
+    assert live_rows(lake) == [(0, "2.000000000"), (1, "2.000000000"), (2, "1.000000000")]
+    (history / "sync-a-1.parquet").rmdir()
+    assert raw.finish_overwrite(TRANSACTION, G2, {"generation": G2}) == 2
+    assert [(f.sync_id, f.part) for f in lake.list_files("postgres", TRANSACTION)] == [
+        ("sync-b", 3)
+    ]
+    assert names_in(history) == ["sync-a-0.parquet", "sync-a-1.parquet", "sync-a-2.parquet"]
+    assert live_rows(lake) == [(0, "2.000000000"), (1, "2.000000000")]
+    assert raw.state(TRANSACTION) == {"generation": G2}
+
+
+class DeletesFailing:
+    """The lake's S3 filesystem with one object delete failing (a dropped connection between a
+    move's copy and its delete); everything else goes to the real one."""
+
+    def __init__(self, filesystem: pafs.FileSystem, failing_call: int) -> None:
+        self.filesystem, self.failing_call = filesystem, failing_call
+        self.calls, self.lock = itertools.count(1), threading.Lock()
+
+    def __getattr__(self, name: str):
+        return getattr(self.filesystem, name)
+
+    def delete_file(self, path: str) -> None:
+        with self.lock:
+            call = next(self.calls)
+        if call == self.failing_call:
+            raise OSError("Connection reset by peer")
+        self.filesystem.delete_file(path)
+
+
+def test_s3_a_move_failing_between_copy_and_delete_finishes_next_time(s3: S3):
+    lake = LakeWriter(f"s3://{s3.bucket}/lake", s3.filesystem)
+    raw = LakeRaw(lake, "postgres")
+    for i in range(3):
+        raw.write(TRANSACTION, versions([i], 100), sync_id="sync-a", generation_id=G1, state=None)
+    raw.write(
+        TRANSACTION, versions([0, 1], 200, "2.00"), sync_id="sync-b", generation_id=G2, state=None
+    )
+    live = f"lake/raw/postgres/transaction/{TODAY}"
+    old = f"lake/superseded/postgres/transaction/generation={G1}/{TODAY}"
+    lake.filesystem = DeletesFailing(s3.filesystem, failing_call=2)
+    with pytest.raises(OSError, match="Connection reset"):
+        raw.finish_overwrite(TRANSACTION, G2, {"generation": G2})
+    keys = s3.keys()
+    # All three copied, one of them not deleted: in both places, never in neither.
+    assert [k for k in keys if k.startswith(old)] == [f"{old}/sync-a-{i}.parquet" for i in range(3)]
+    assert len([k for k in keys if k.startswith(f"{live}/sync-a-")]) == 1
+    assert f"{live}/sync-b-3.parquet" in keys
+    assert not any("_stripe_platform/state" in k for k in keys)
+    lake.filesystem = s3.filesystem
+    assert raw.finish_overwrite(TRANSACTION, G2, {"generation": G2}) == 1
+    assert s3.keys() == [
+        "lake/_stripe_platform/state/postgres.transaction.json",
+        f"{live}/",
+        f"{live}/sync-b-3.parquet",
+        *(f"{old}/sync-a-{i}.parquet" for i in range(3)),
+    ]
+    for i in range(3):  # each history copy is the whole file
+        body = s3.client.get_object(Bucket=s3.bucket, Key=f"{old}/sync-a-{i}.parquet")["Body"]
+        assert pq.read_table(pa.BufferReader(body.read())).column("id").to_pylist() == [i]
+
+
+# File modes --------------------------------------------------------------------------------------
+
+
+def modes_under(root: Path) -> dict[str, int]:
+    found = {".": stat.S_IMODE(root.stat().st_mode)}
+    for path in root.rglob("*"):
+        found[str(path.relative_to(root))] = stat.S_IMODE(path.stat().st_mode)
+    return found
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    """The usual umask (022): without the writer's care, files come out 0644 and directories 0755."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_the_local_lake_is_readable_by_its_owner_only(tmp_path: Path, open_umask: None):
+    home = tmp_path / "home"
+    home.mkdir(mode=0o755)
+    lake = LakeWriter(home / "lake")
+    raw = LakeRaw(lake, "postgres")
+    raw.write(TRANSACTION, versions([1], 100), sync_id="sync-a", generation_id=G1, state={"lsn": 1})
+    raw.write(TRANSACTION, versions([2], 200), sync_id="sync-b", generation_id=G2, state=None)
+    raw.finish_overwrite(TRANSACTION, G2, {"generation": G2})
+    modes = modes_under(home / "lake")
+    assert {name for name, mode in modes.items() if mode != 0o700 and mode != 0o600} == set()
+    directories = {name for name in modes if (home / "lake" / name).is_dir()}
+    assert {name: modes[name] for name in directories} == dict.fromkeys(directories, 0o700)
+    assert {name: mode for name, mode in modes.items() if name not in directories} == {
+        f"raw/postgres/transaction/{TODAY}/sync-b-1.parquet": 0o600,
+        f"superseded/postgres/transaction/generation={G1}/{TODAY}/sync-a-0.parquet": 0o600,
+        "_stripe_platform/state/postgres.transaction.json": 0o600,
+    }
+    assert stat.S_IMODE(home.stat().st_mode) == 0o755  # above the lake: left as it was
+    assert raw.state(TRANSACTION) == {"generation": G2}  # still usable by its owner
+    assert live_rows(lake) == [(2, "1.000000000")]
+
+
+def test_directories_of_an_older_lake_are_tightened_on_the_next_write(
+    lake: LakeWriter, tmp_path: Path, open_umask: None
+):
+    stream_dir = tmp_path / "lake" / "raw" / "postgres" / "transaction"
+    stream_dir.mkdir(parents=True, mode=0o755)  # as the writer used to leave them
+    for directory in (tmp_path / "lake", tmp_path / "lake" / "raw", stream_dir.parent, stream_dir):
+        directory.chmod(0o755)
+    written = write(lake, 1)
+    assert stat.S_IMODE(os.stat(written.path).st_mode) == 0o600
+    assert {
+        str(d.relative_to(tmp_path / "lake")): stat.S_IMODE(d.stat().st_mode)
+        for d in [tmp_path / "lake", *(tmp_path / "lake").rglob("*")]
+        if d.is_dir()
+    } == {
+        ".": 0o755,  # an existing root keeps its mode: it may be shared on purpose
+        "raw": 0o700,
+        "raw/postgres": 0o700,
+        "raw/postgres/transaction": 0o700,
+        f"raw/postgres/transaction/{PARTITION}": 0o700,
+    }

@@ -1,9 +1,11 @@
 """The lake as a sync destination: the raw-writer interface of warehouse/raw.py over LakeWriter.
 
-The lake keeps history (append only, one parquet file per batch); sync state sits beside the data
-in ``<root>/_stripe_platform/state/<key>.json``, written after the batch's file is durable, so a
-crash in between re-delivers that batch as a new file: readers that want one row per key
-deduplicate on the primary key and ``_ab_cdc_lsn``/``_ab_cdc_cursor``, as the staging models do.
+The lake appends (one parquet file per batch); sync state sits beside the data in
+``<root>/_stripe_platform/state/<key>.json``, written after the batch's file is durable, so a crash in
+between re-delivers that batch as a new file: readers that want one row per key deduplicate on the
+primary key and ``_ab_cdc_lsn``/``_ab_cdc_cursor``, as the staging models do. When a snapshot or
+full refresh completes, older generations leave the live prefix for the history prefix
+(``LakeWriter.supersede``), as the warehouse deletes them from its tables.
 """
 
 from __future__ import annotations
@@ -43,12 +45,7 @@ class LakeRaw:
             return json.loads(f.read())
 
     def save_state(self, key: str, state: dict[str, Any]) -> None:
-        path = self._state_path(key)
-        self.lake.filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path}.tmp"
-        with self.lake.filesystem.open_output_stream(tmp) as f:
-            f.write(json.dumps(state, default=str).encode())
-        self.lake.filesystem.move(tmp, path)
+        self.lake.put_bytes(self._state_path(key), json.dumps(state, default=str).encode())
 
     def state(self, stream: RawStream) -> dict[str, Any] | None:
         return self.load_state(f"{self.source}.{stream.name}")
@@ -75,7 +72,11 @@ class LakeRaw:
     def finish_overwrite(
         self, stream: RawStream, generation_id: int, state: dict[str, Any] | None
     ) -> int:
-        # The lake keeps every generation (partitioned by extraction date) for exploration.
+        """End of a complete snapshot or full refresh: older generations (an earlier snapshot and
+        its changes, an attempt that died) leave the live prefix, then the state is saved; returns
+        the rows moved to the history prefix. If this fails half-way the state is not saved, and
+        the next finish moves what is left."""
+        moved = self.lake.supersede(self.source, stream, generation_id)
         if state is not None:
             self.save_state(f"{self.source}.{stream.name}", state)
-        return 0
+        return moved.rows

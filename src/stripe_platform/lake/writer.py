@@ -15,7 +15,14 @@ Durability rules, because the engine commits sync state right after a write retu
   first and sent in one upload, which S3 makes visible atomically when it completes;
 - names are deterministic, so a re-delivered batch (same sync id and part) replaces its own file.
 
-No state lives here: the engine keeps it with the warehouse, and this module only reports what it wrote.
+Generations: once a snapshot or full refresh of generation G is complete, :meth:`LakeWriter.supersede`
+moves every file of the stream whose rows are of an older generation out of ``raw/`` into
+``superseded/<source>/<stream>/generation=<g>/extracted_date=YYYY-MM-DD/``, so whatever reads
+``raw/<source>/<stream>/`` (a DuckDB glob, a Snowflake external table, Athena) sees only the live
+generation and the changes that followed it, and a row deleted at the source before G is gone.
+
+Privacy: the files hold personal data in clear, so on a local disk directories are created 0700 and
+files 0600 (readable by the OS user running the platform only); on S3 the bucket's policy decides.
 """
 
 from __future__ import annotations
@@ -25,12 +32,15 @@ import datetime as dt
 import os
 import re
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -39,15 +49,27 @@ from stripe_platform.warehouse.raw import RawStream, prepare
 if TYPE_CHECKING:
     from stripe_platform.config import Settings
 
-__all__ = ["LakeFile", "LakeWriter", "StoredFile"]
+__all__ = ["LakeError", "LakeFile", "LakeWriter", "StoredFile", "Superseded"]
 
 PARTITION = "extracted_date"
+LIVE = "raw"
+HISTORY = "superseded"  # a sibling of raw/: never under a reader's table location
+GENERATION_COLUMN = "_airbyte_generation_id"
+# Also in each file's key-value metadata: a file with no rows has no column statistics to read.
+GENERATION_KEY = b"stripe_platform.generation_id"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_FOOTER_READERS = 8  # footers read at once when superseding (one small ranged read each on S3)
 # Path components: no separators or "=" (hive parsing) and no leading "." or "_", which Hive, Athena
 # and Spark treat as hidden files.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FILE = re.compile(r"^(?P<sync_id>[A-Za-z0-9][A-Za-z0-9_.-]*)-(?P<part>\d+)\.parquet$")
 _DATE_DIR = re.compile(rf"^{PARTITION}=(\d{{4}}-\d{{2}}-\d{{2}})$")
 _TMP_SUFFIX = ".tmp"
+
+
+class LakeError(RuntimeError):
+    """The lake holds something the writer cannot work with; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,15 @@ class StoredFile:
     part: int
 
 
+@dataclass(frozen=True)
+class Superseded:
+    """What :meth:`LakeWriter.supersede` moved to the history prefix, and what it left live."""
+
+    files: int
+    rows: int
+    live_files: int
+
+
 def _check_name(kind: str, value: str) -> str:
     if not _NAME.match(value):
         raise ValueError(
@@ -87,11 +118,16 @@ def _base_filesystem(fs: pafs.FileSystem) -> pafs.FileSystem:
     return fs
 
 
-def _write_parquet(table: pa.Table, sink: pa.NativeFile, compression: str) -> None:
+def _write_parquet(
+    table: pa.Table, sink: pa.NativeFile, compression: str, generation_id: int
+) -> None:
     """Plain parquet every engine reads: v2.6 logical types, v1 data pages, microsecond timestamps."""
+    schema = table.schema.with_metadata(
+        {**(table.schema.metadata or {}), GENERATION_KEY: str(generation_id).encode()}
+    )
     writer = pq.ParquetWriter(
         sink,
-        table.schema,
+        schema,
         compression=compression,
         version="2.6",
         data_page_version="1.0",
@@ -107,7 +143,7 @@ def _write_parquet(table: pa.Table, sink: pa.NativeFile, compression: str) -> No
         dictionary_pagesize_limit=256 << 10,
     )
     try:
-        writer.write_table(table)
+        writer.write_table(table.replace_schema_metadata(schema.metadata))
     finally:
         writer.close()
 
@@ -118,6 +154,38 @@ def _fsync(path: str, *, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _create_private_file(path: str) -> None:
+    """Create an empty file only its owner can read, before any data goes in (the writer that
+    fills it truncates it and keeps its mode). fchmod: exact whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def _generation_of(meta: pq.FileMetaData) -> int | None:
+    """The newest generation of a file's rows, from its footer; None for a file with no rows and
+    no generation recorded (nothing in it can be lost)."""
+    names = meta.schema.names
+    if GENERATION_COLUMN in names:
+        index = names.index(GENERATION_COLUMN)
+        newest = None
+        for i in range(meta.num_row_groups):
+            group = meta.row_group(i)
+            if group.num_rows == 0:
+                continue
+            stats = group.column(index).statistics
+            if stats is None or not stats.has_min_max:
+                newest = None  # no statistics: the key below, else the caller reads the column
+                break
+            newest = stats.max if newest is None else max(newest, stats.max)
+        if newest is not None:
+            return int(newest)
+    recorded = (meta.metadata or {}).get(GENERATION_KEY)
+    return int(recorded) if recorded is not None else None
 
 
 class LakeWriter:
@@ -153,8 +221,9 @@ class LakeWriter:
         self.compression = compression
         # Renames are atomic on a local disk; anything else is treated as an object store.
         self._local = isinstance(_base_filesystem(filesystem), pafs.LocalFileSystem)
-        # fsync needs OS paths, which a SubTreeFileSystem hides.
-        self._fsync = fsync and isinstance(filesystem, pafs.LocalFileSystem)
+        # fsync and file modes need OS paths, which a SubTreeFileSystem hides.
+        self._os_paths = isinstance(filesystem, pafs.LocalFileSystem)
+        self._fsync = fsync and self._os_paths
         if isinstance(filesystem, pafs.LocalFileSystem):
             base = str(Path(base).expanduser().resolve())
         self.base = base.rstrip("/") or "/"
@@ -180,9 +249,16 @@ class LakeWriter:
 
     # Paths -----------------------------------------------------------------------------------------
     def stream_dir(self, source: str, stream: RawStream | str) -> str:
-        """The stream's directory inside the filesystem (``<root>/raw/<source>/<stream>``)."""
+        """The stream's live directory inside the filesystem (``<root>/raw/<source>/<stream>``)."""
         name = stream.name if isinstance(stream, RawStream) else stream
-        return f"{self.base}/raw/{_check_name('source', source)}/{_check_name('stream', name)}"
+        return f"{self.base}/{LIVE}/{_check_name('source', source)}/{_check_name('stream', name)}"
+
+    def history_dir(self, source: str, stream: RawStream | str) -> str:
+        """Where superseded generations go (``<root>/superseded/<source>/<stream>``)."""
+        name = stream.name if isinstance(stream, RawStream) else stream
+        return (
+            f"{self.base}/{HISTORY}/{_check_name('source', source)}/{_check_name('stream', name)}"
+        )
 
     def uri(self, path: str) -> str:
         """A filesystem path as users and other engines spell it (``s3://...`` or a local path)."""
@@ -195,6 +271,11 @@ class LakeWriter:
         ``s3://`` globs from DuckDB needs its httpfs extension on the user's machine.
         """
         return self.uri(f"{self.stream_dir(source, stream)}/{PARTITION}=*/*.parquet")
+
+    def history_glob(self, source: str, stream: RawStream | str) -> str:
+        """The superseded generations, read like :meth:`duckdb_glob` (partitions ``generation`` and
+        ``extracted_date``)."""
+        return self.uri(f"{self.history_dir(source, stream)}/generation=*/{PARTITION}=*/*.parquet")
 
     # Writing ---------------------------------------------------------------------------------------
     def write(
@@ -228,20 +309,71 @@ class LakeWriter:
         directory = f"{self.stream_dir(source, stream)}/{PARTITION}={day.isoformat()}"
         final = f"{directory}/{sync_id}-{part}.parquet"
         if self._local:
-            size = self._write_local(typed, directory, final)
+            size = self._write_local(
+                lambda out: _write_parquet(typed, out, self.compression, generation_id), final
+            )
         else:
-            size = self._write_object(typed, final)
+            buffer = pa.BufferOutputStream()
+            _write_parquet(typed, buffer, self.compression, generation_id)
+            size = self._write_object(buffer.getvalue(), final)
         return LakeFile(self.uri(final), typed.num_rows, size, day, nulled)
 
-    def _write_local(self, table: pa.Table, directory: str, final: str) -> int:
+    def put_bytes(self, path: str, data: bytes) -> None:
+        """Write a small file (sync state) under ``path`` inside the lake, atomically and privately,
+        with the same rules as the data files."""
+        if not path.startswith(f"{self.base}/"):
+            raise ValueError(f"{path!r} is not inside the lake {self.base!r}")
+        if self._local:
+            self._write_local(lambda out: out.write(data), path)
+        else:
+            self._write_object(pa.py_buffer(data), path)
+
+    def _private_dir(self, directory: str) -> None:
+        """Create ``directory`` and its missing parents; those inside the lake (the root included,
+        when it is created here) 0700, and existing ones below the root tightened to 0700 if this
+        user owns them (lakes written before modes were enforced). Parents above the root keep the
+        default mode: the platform home must stay reachable by the cluster's OS user."""
+        if not self._os_paths:
+            self.filesystem.create_dir(directory, recursive=True)
+            return
+        if directory != self.base and not directory.startswith(f"{self.base}/"):
+            raise ValueError(f"{directory!r} is not inside the lake {self.base!r}")
+        created = []
+        if not os.path.isdir(self.base):
+            os.makedirs(os.path.dirname(self.base), exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(self.base, DIR_MODE)
+                os.chmod(self.base, DIR_MODE)  # exact, whatever the umask
+                created.append(self.base)
+        path = self.base
+        for part in directory[len(self.base) :].strip("/").split("/"):
+            if not part:
+                continue
+            path = f"{path}/{part}"
+            try:
+                os.mkdir(path, DIR_MODE)
+            except FileExistsError:
+                info = os.stat(path)
+                if info.st_mode & 0o777 != DIR_MODE and info.st_uid == os.geteuid():
+                    os.chmod(path, DIR_MODE)
+            else:
+                os.chmod(path, DIR_MODE)
+                created.append(path)
+        if self._fsync:  # a new directory is durable once its parent's entry is
+            for new in created:
+                _fsync(os.path.dirname(new), directory=True)
+
+    def _write_local(self, fill: Callable[[pa.NativeFile], object], final: str) -> int:
         """Hidden temporary name in the same directory, fsync, rename: readers see all or nothing."""
         fs = self.filesystem
-        fs.create_dir(directory, recursive=True)
-        name = final.rsplit("/", 1)[1]
+        directory, _, name = final.rpartition("/")
+        self._private_dir(directory)
         tmp = f"{directory}/.{name}.{uuid.uuid4().hex}{_TMP_SUFFIX}"
         try:
+            if self._os_paths:
+                _create_private_file(tmp)
             with fs.open_output_stream(tmp) as out:
-                _write_parquet(table, out, self.compression)
+                fill(out)
             if self._fsync:
                 _fsync(tmp)
             fs.move(tmp, final)  # rename(2): atomic, replaces a previous delivery
@@ -253,22 +385,28 @@ class LakeWriter:
             raise
         return fs.get_file_info(final).size
 
-    def _write_object(self, table: pa.Table, final: str) -> int:
-        """Serialise first, then upload once.
+    def _write_object(self, data: pa.Buffer, final: str) -> int:
+        """Upload a serialised file once.
 
         Streaming parquet straight into an S3 output stream is unsafe: if serialisation fails, closing
         the stream completes the upload and publishes a truncated object under the final name.
         """
-        buffer = pa.BufferOutputStream()
-        _write_parquet(table, buffer, self.compression)
-        data = buffer.getvalue()
         with self.filesystem.open_output_stream(final) as out:
             out.write(data)
         return data.size
 
     # Reading back ----------------------------------------------------------------------------------
     def list_files(self, source: str, stream: RawStream | str) -> list[StoredFile]:
-        """The stream's data files, oldest partition first; temporary files are left out."""
+        """The stream's live data files, oldest partition first; temporary files are left out."""
+        return [
+            StoredFile(self.uri(path), size, date, sync_id, part)
+            for path, size, date, sync_id, part in self._data_files(source, stream)
+        ]
+
+    def _data_files(
+        self, source: str, stream: RawStream | str
+    ) -> list[tuple[str, int, dt.date, str, int]]:
+        """(filesystem path, bytes, extracted date, sync id, part) of each live data file."""
         selector = pafs.FileSelector(
             self.stream_dir(source, stream), recursive=True, allow_not_found=True
         )
@@ -282,15 +420,107 @@ class LakeWriter:
             if not (date and match):
                 continue
             found.append(
-                StoredFile(
-                    path=self.uri(info.path),
-                    bytes=info.size,
-                    extracted_date=dt.date.fromisoformat(date.group(1)),
-                    sync_id=match["sync_id"],
-                    part=int(match["part"]),
+                (
+                    info.path,
+                    info.size,
+                    dt.date.fromisoformat(date.group(1)),
+                    match["sync_id"],
+                    int(match["part"]),
                 )
             )
-        return sorted(found, key=lambda f: (f.extracted_date, f.sync_id, f.part))
+        return sorted(found, key=lambda f: (f[2], f[3], f[4]))
+
+    # Generations -----------------------------------------------------------------------------------
+    def supersede(self, source: str, stream: RawStream, generation_id: int) -> Superseded:
+        """Call once every row of generation ``generation_id`` is written (a complete snapshot or
+        full refresh): move each live file whose rows are all of an older generation to
+        ``superseded/<source>/<stream>/generation=<g>/extracted_date=.../`` under the same name.
+
+        Each file's generation is read from its own footer (the ``_airbyte_generation_id``
+        statistics), so the files of an attempt that died half-way are superseded too, and lakes
+        written before this existed need nothing else. Each move is atomic for readers (a rename
+        locally; on S3 a server-side copy, then the delete, so a file is never in neither place).
+        Moves are idempotent: if this fails half-way, the next call (with this generation or a
+        later one) finishes the job. Files of ``generation_id`` or newer are never touched; if there
+        is none (the source table is empty), an empty file of this generation is written first, so
+        readers get no rows rather than the old ones, and a glob still matches a file.
+        """
+        files = self._data_files(source, stream)
+        with ThreadPoolExecutor(_FOOTER_READERS) as pool:
+            footers = list(pool.map(lambda f: self._footer(f[0]), files))
+        older = [
+            (file, generation, rows)
+            for file, (generation, rows) in zip(files, footers, strict=True)
+            if generation is None or generation < generation_id
+        ]
+        live = len(files) - len(older)
+        if live == 0:
+            self.write(
+                source,
+                stream,
+                pa.table({}),
+                sync_id=f"empty-{generation_id}",
+                generation_id=generation_id,
+                part=0,
+            )
+            live = 1
+        history = self.history_dir(source, stream)
+        moves = [
+            (
+                path,
+                f"{history}/generation={generation if generation is not None else 0}"
+                f"/{PARTITION}={date.isoformat()}/{path.rpartition('/')[2]}",
+            )
+            for (path, _, date, _, _), generation, _ in older
+        ]
+        if self._local:
+            self._move_local(moves)
+        else:
+            with ThreadPoolExecutor(_FOOTER_READERS) as pool:
+                list(pool.map(lambda m: self._move_object(*m), moves))
+        return Superseded(len(older), sum(rows for _, _, rows in older), live)
+
+    def _footer(self, path: str) -> tuple[int | None, int]:
+        """(newest generation of the file's rows, row count)."""
+        try:
+            with self.filesystem.open_input_file(path) as f:
+                meta = pq.read_metadata(f)
+                generation = _generation_of(meta)
+                if generation is None and meta.num_rows:  # rows but no statistics: read them
+                    column = pq.read_table(f, columns=[GENERATION_COLUMN]).column(0)
+                    generation = pc.max(column).as_py()
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise LakeError(
+                f"lake file {self.uri(path)} cannot be read to find its generation ({exc}); "
+                "move it out of the live prefix or delete it, then sync again"
+            ) from exc
+        return generation, meta.num_rows
+
+    def _move_local(self, moves: list[tuple[str, str]]) -> None:
+        """rename(2) each file (atomic), then fsync the directories involved once; a date directory
+        left empty is removed (rmdir only ever removes an empty one)."""
+        touched: set[str] = set()
+        for source, target in moves:
+            self._private_dir(target.rpartition("/")[0])
+            self.filesystem.move(source, target)
+            touched.update((source.rpartition("/")[0], target.rpartition("/")[0]))
+        if not self._os_paths:
+            return
+        for directory in sorted(touched):
+            if os.path.isdir(directory):
+                if self._fsync:
+                    _fsync(directory, directory=True)
+                if _DATE_DIR.match(directory.rpartition("/")[2]) and directory.startswith(
+                    f"{self.base}/{LIVE}/"
+                ):
+                    with contextlib.suppress(OSError):
+                        os.rmdir(directory)
+
+    def _move_object(self, source: str, target: str) -> None:
+        """A server-side copy, then the delete: a crash in between leaves the file in both places
+        and the next supersede copies it again (same bytes) and deletes it."""
+        self.filesystem.copy_file(source, target)
+        self.filesystem.delete_file(source)
 
     def sweep_temporary(
         self,
