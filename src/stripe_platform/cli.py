@@ -514,7 +514,9 @@ def sync(
         report = run_sync(s, catalog, open_writer(s, catalog, connection), connection, progress)
     for stream in report.streams.values():  # on stderr: stdout stays the JSON report
         for warning in stream.warnings:
-            err.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+            err.print(
+                f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True
+            )
     if as_json:
         console.print_json(data=report.as_dict())
         return
