@@ -304,6 +304,42 @@ def test_a_cursor_saved_in_the_future_by_an_earlier_version_is_read_again(review
     assert set(reviews.rows()) == {"review", "hidden"}
 
 
+def test_the_lake_receives_them_too(docdb, tmp_path):
+    from stripe_platform.ingestion.engine import open_writer
+
+    lake = tmp_path / "lake"
+    s = load_settings(home=tmp_path, mongodb_database=docdb.name, lake_uri=str(lake))
+    catalog = load_catalog()
+    reviews = Reviews(docdb, tmp_path)
+
+    def sync():
+        report = Engine(s, catalog, open_writer(s, catalog, "mongodb-to-s3")).sync("mongodb-to-s3")
+        return report.streams["CustomerReview"]
+
+    reviews.insert("first", timestamp=recent(3600))
+    reviews.insert("far future", timestamp=dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
+    assert sync().rows == 2
+    reviews.insert("no cursor")
+    reviews.insert("string", timestamp="yesterday")
+    reviews.insert("later", timestamp=recent())
+    second = sync()
+    assert second.rows == 3
+    assert second.cursor_issues == {"missing": 1, "string": 1}
+    assert sync().rows == 0
+    files = str(lake / "raw" / "mongodb" / "customerreview" / "*" / "*.parquet")
+    found = duckdb.sql(
+        "SELECT message, _airbyte_meta::JSON->'changes'->0->>'reason' FROM "
+        f"read_parquet('{files}') ORDER BY _ab_cdc_cursor"
+    ).fetchall()
+    assert found == [
+        ("first", None),
+        ("far future", None),
+        ("no cursor", "SOURCE_RETRIEVAL_ERROR"),
+        ("string", "SOURCE_SERIALIZATION_ERROR"),
+        ("later", None),
+    ]
+
+
 def test_sync_prints_cursor_warnings(reviews, docdb, tmp_path):
     reviews.insert("far future", timestamp=dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
     reviews.insert("no cursor")
