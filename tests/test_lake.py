@@ -24,9 +24,17 @@ import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
 
-from stripe_platform.config import get_settings, load_settings
+from stripe_platform.config import Settings, get_settings, load_settings
+from stripe_platform.docstore.client import connect as connect_docs
+from stripe_platform.ingestion import cdc
+from stripe_platform.ingestion.catalog import load_catalog
+from stripe_platform.ingestion.engine import Engine, open_writer, slot_name
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import GENERATION_KEY, LakeWriter
+from stripe_platform.oltp import db
+from stripe_platform.seed import load as seed_load
+from stripe_platform.seed.dataset import build
+from stripe_platform.seed.spec import make_spec
 from stripe_platform.warehouse.raw import Column, RawStream, prepare
 
 TRANSACTION = RawStream(
@@ -597,6 +605,69 @@ def test_an_interrupted_supersede_keeps_the_live_generation_and_finishes_next_ti
     assert names_in(history) == ["sync-a-0.parquet", "sync-a-1.parquet", "sync-a-2.parquet"]
     assert live_rows(lake) == [(0, "2.000000000"), (1, "2.000000000")]
     assert raw.state(TRANSACTION) == {"generation": G2}
+
+
+@pytest.fixture
+def seeded(settings: Settings, database: str) -> Iterator[Settings]:
+    """A small seeded source database (as test_sync_engine's platform fixture seeds it)."""
+    s = settings.model_copy(update={"pg_database": database, "mongodb_database": database})
+    spec = make_spec(scale=0.003, seed=4, end=dt.date(2026, 11, 1), max_documents=300)
+    seed_load.seed(s, build(spec), connect_docs(s))
+    yield s
+    with db.connect(s, autocommit=True) as conn:
+        cdc.drop_slot(conn, slot_name("stripe_platform", "postgres-to-s3", conn.info.dbname))
+
+
+def test_the_engine_after_a_lost_slot_shows_no_row_deleted_in_between(
+    seeded: Settings, tmp_path: Path
+):
+    """The issue's reproduction through the engine and a real PostgreSQL: rows deleted while the
+    slot is gone (so no change rows ever say so) are not read back from the lake once the new
+    snapshot is complete; a full-refresh stream shows one read of its table, not two."""
+    s = seeded.model_copy(update={"lake_uri": str(tmp_path / "lake")})
+    catalog = load_catalog()
+    lake = LakeWriter(tmp_path / "lake")
+
+    def sync() -> str:
+        engine = Engine(s, catalog, open_writer(s, catalog, "postgres-to-s3"))
+        return engine.sync("postgres-to-s3").phase
+
+    def source(query: str) -> list[tuple]:
+        with db.connect(s) as conn:
+            return conn.execute(query).fetchall()
+
+    def lake_rows(query: str, stream: str) -> list[tuple]:
+        read = f"read_parquet('{lake.duckdb_glob('postgres', stream)}', union_by_name = true)"
+        return duckdb.connect().execute(query.format(stream=read)).fetchall()
+
+    assert sync() == "snapshot"
+    with db.connect(s, autocommit=True) as conn:
+        deleted = conn.execute(
+            "DELETE FROM Transaction WHERE ID IN (SELECT ID FROM Transaction ORDER BY ID LIMIT 5) "
+            "RETURNING ID"
+        ).fetchall()
+        # As a DBA, max_slot_wal_keep_size or a failover would.
+        cdc.drop_slot(conn, slot_name("stripe_platform", "postgres-to-s3", conn.info.dbname))
+    assert len(deleted) == 5
+    assert sync() == "snapshot"
+    live = lake_rows(
+        "SELECT id FROM {stream} QUALIFY row_number() OVER (PARTITION BY id, datetime "
+        "ORDER BY _ab_cdc_lsn DESC NULLS LAST, _airbyte_extracted_at DESC) = 1 "
+        "AND _ab_cdc_deleted_at IS NULL ORDER BY id",
+        "transaction",
+    )
+    assert live == source("SELECT ID FROM Transaction ORDER BY ID")
+    assert not set(deleted) & set(live)
+    assert lake_rows("SELECT count(*) FROM {stream}", "currency") == source(
+        "SELECT count(*) FROM Currency"
+    )
+    # The first snapshot is history, with the deleted rows in it.
+    history = duckdb.connect().execute(
+        "SELECT count(DISTINCT generation), count(*) FILTER (id IN (SELECT unnest(?))) "
+        "FROM read_parquet(?, hive_partitioning = true)",
+        [[i for (i,) in deleted], lake.history_glob("postgres", "transaction")],
+    )
+    assert history.fetchone() == (1, 5)
 
 
 class DeletesFailing:
