@@ -304,6 +304,40 @@ def test_a_cursor_saved_in_the_future_by_an_earlier_version_is_read_again(review
     assert set(reviews.rows()) == {"review", "hidden"}
 
 
+@pytest.mark.parametrize("crash_after", [0, 1, 2])
+def test_a_sync_that_dies_between_batches_loses_and_repeats_nothing(
+    reviews, monkeypatch, crash_after
+):
+    """Batches of two: the first holds documents without a usable cursor, the next ones dated
+    documents; the sync dies after ``crash_after`` batches were committed."""
+    reviews.insert("missing")
+    reviews.insert("string", timestamp="2026-11-01")
+    reviews.insert("a", timestamp=recent(7200))
+    reviews.insert("b", timestamp=recent(3600))
+    reviews.insert("future", timestamp=dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
+    monkeypatch.setattr("stripe_platform.ingestion.engine.BATCH_ROWS", 2)
+    written = []
+    write = reviews.raw.write
+
+    def dying_write(stream, batch, **kwargs):
+        if stream.name == "mongodb_customerreview" and len(written) == crash_after:
+            raise RuntimeError("killed")
+        result = write(stream, batch, **kwargs)
+        if stream.name == "mongodb_customerreview":
+            written.append(batch.column("message").to_pylist())
+        return result
+
+    monkeypatch.setattr(reviews.raw, "write", dying_write)
+    with pytest.raises(RuntimeError, match="killed"):
+        reviews.sync()
+    monkeypatch.setattr(reviews.raw, "write", write)
+    resumed = reviews.sync()
+    delivered = [m for batch in written for m in batch]
+    assert resumed.rows == 5 - len(delivered)  # only what the dead sync did not commit
+    assert set(reviews.rows()) == {"missing", "string", "a", "b", "future"}
+    assert reviews.sync().rows == 0
+
+
 def test_the_lake_receives_them_too(docdb, tmp_path):
     from stripe_platform.ingestion.engine import open_writer
 

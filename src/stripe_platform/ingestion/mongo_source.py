@@ -309,7 +309,8 @@ class CursorReader:
             self.issues[problem] += 1
         elif self.kind == "date" and _aware(doc[self.field]) > self.started + CURSOR_MARGIN:
             self.issues["future"] += 1
-            self._latest_future = max(self._latest_future or doc[self.field], doc[self.field])
+            latest = _aware(doc[self.field])
+            self._latest_future = max(self._latest_future or latest, latest)
         self._pending.append((doc, problem))
         if len(self._pending) >= self.batch_size:
             yield self._flush()
@@ -342,8 +343,12 @@ class CursorReader:
         docs = [d for d, _ in self._pending]
         problems = [p for _, p in self._pending]
         self._pending = []
+        # A value of another type leaves its column for _extra; never the key, though (an _id
+        # cursor of another type is only recorded).
         aside = [
-            {self.field: d[self.field]} if p not in (None, "missing", "null") else {}
+            {self.field: d[self.field]}
+            if p not in (None, "missing", "null") and self.field != "_id"
+            else {}
             for d, p in zip(docs, problems, strict=True)
         ]
         table = to_table(docs, self.columns, aside)
@@ -393,8 +398,11 @@ def _aware(value: dt.datetime) -> dt.datetime:
 
 
 def _order(value: Any) -> Any:
-    """A cursor value comparable with others of its kind (dates may come back naive)."""
-    return _aware(value) if isinstance(value, dt.datetime) else value
+    """A cursor value comparable with others of its kind (dates may come back naive, and
+    Decimal128 compares with nothing)."""
+    if isinstance(value, dt.datetime):
+        return _aware(value)
+    return value.to_decimal() if isinstance(value, Decimal128) else value
 
 
 def read_by_cursor(
