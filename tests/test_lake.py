@@ -384,6 +384,10 @@ class S3:
         listed = self.client.list_objects_v2(Bucket=self.bucket)
         return sorted(o["Key"] for o in listed.get("Contents", []))
 
+    def data_keys(self) -> list[str]:
+        """The keys outside the sync state's prefix."""
+        return [k for k in self.keys() if "/_stripe_platform/" not in k]
+
 
 @pytest.fixture
 def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3:
@@ -516,8 +520,8 @@ def test_s3_resnapshot_leaves_only_the_live_generation_under_the_stream_prefix(s
     assert lose_the_slot_and_resnapshot(LakeRaw(lake, "postgres")) == 10
     live = f"exploration/raw/postgres/transaction/{TODAY}"
     old = f"exploration/superseded/postgres/transaction/generation={{}}/{TODAY}"
-    assert s3.keys() == [
-        "exploration/_stripe_platform/state/postgres.transaction.json",
+    assert "exploration/_stripe_platform/state/postgres.transaction.json" in set(s3.keys())
+    assert s3.data_keys() == [
         f"{live}/",  # the zero-byte marker pyarrow's S3 delete leaves; no reader takes it for data
         f"{live}/sync-d-5.parquet",
         f"{live}/sync-d-6.parquet",
@@ -670,26 +674,31 @@ def test_the_engine_after_a_lost_slot_shows_no_row_deleted_in_between(
     assert history.fetchone() == (1, 5)
 
 
-class DeletesFailing:
-    """The lake's S3 filesystem with one object delete failing (a dropped connection between a
-    move's copy and its delete); everything else goes to the real one."""
+class OneCallFailing:
+    """The lake's S3 filesystem with the second call of one method failing (a dropped connection);
+    everything else goes to the real one."""
 
-    def __init__(self, filesystem: pafs.FileSystem, failing_call: int) -> None:
-        self.filesystem, self.failing_call = filesystem, failing_call
+    def __init__(self, filesystem: pafs.FileSystem, method: str) -> None:
+        self.filesystem, self.method = filesystem, method
         self.calls, self.lock = itertools.count(1), threading.Lock()
 
     def __getattr__(self, name: str):
-        return getattr(self.filesystem, name)
+        real = getattr(self.filesystem, name)
+        if name != self.method:
+            return real
 
-    def delete_file(self, path: str) -> None:
-        with self.lock:
-            call = next(self.calls)
-        if call == self.failing_call:
-            raise OSError("Connection reset by peer")
-        self.filesystem.delete_file(path)
+        def failing(*args):
+            with self.lock:
+                call = next(self.calls)
+            if call == 2:
+                raise OSError("Connection reset by peer")
+            return real(*args)
+
+        return failing
 
 
-def test_s3_a_move_failing_between_copy_and_delete_finishes_next_time(s3: S3):
+@pytest.mark.parametrize("failing", ["copy_file", "delete_file"])
+def test_s3_a_move_failing_half_way_loses_nothing_and_finishes_next_time(s3: S3, failing: str):
     lake = LakeWriter(f"s3://{s3.bucket}/lake", s3.filesystem)
     raw = LakeRaw(lake, "postgres")
     for i in range(3):
@@ -699,25 +708,27 @@ def test_s3_a_move_failing_between_copy_and_delete_finishes_next_time(s3: S3):
     )
     live = f"lake/raw/postgres/transaction/{TODAY}"
     old = f"lake/superseded/postgres/transaction/generation={G1}/{TODAY}"
-    lake.filesystem = DeletesFailing(s3.filesystem, failing_call=2)
+    lake.filesystem = OneCallFailing(s3.filesystem, failing)
     with pytest.raises(OSError, match="Connection reset"):
         raw.finish_overwrite(TRANSACTION, G2, {"generation": G2})
-    keys = s3.keys()
-    # All three copied, one of them not deleted: in both places, never in neither.
-    assert [k for k in keys if k.startswith(old)] == [f"{old}/sync-a-{i}.parquet" for i in range(3)]
-    assert len([k for k in keys if k.startswith(f"{live}/sync-a-")]) == 1
+    keys = set(s3.keys())
+    # Each old file is live or history (both, if its delete failed after its copy), never neither.
+    names = [f"sync-a-{i}.parquet" for i in range(3)]
+    assert all(f"{live}/{n}" in keys or f"{old}/{n}" in keys for n in names)
+    assert sum(f"{live}/{n}" in keys for n in names) == 1  # the one whose move failed
+    assert sum(f"{old}/{n}" in keys for n in names) == (3 if failing == "delete_file" else 2)
     assert f"{live}/sync-b-3.parquet" in keys
-    assert not any("_stripe_platform/state" in k for k in keys)
+    assert "lake/_stripe_platform/state/postgres.transaction.json" not in keys
     lake.filesystem = s3.filesystem
     assert raw.finish_overwrite(TRANSACTION, G2, {"generation": G2}) == 1
-    assert s3.keys() == [
-        "lake/_stripe_platform/state/postgres.transaction.json",
-        f"{live}/",
+    assert "lake/_stripe_platform/state/postgres.transaction.json" in set(s3.keys())
+    assert s3.data_keys() == [
+        f"{live}/",  # the zero-byte marker pyarrow's S3 delete leaves
         f"{live}/sync-b-3.parquet",
-        *(f"{old}/sync-a-{i}.parquet" for i in range(3)),
+        *(f"{old}/{n}" for n in names),
     ]
-    for i in range(3):  # each history copy is the whole file
-        body = s3.client.get_object(Bucket=s3.bucket, Key=f"{old}/sync-a-{i}.parquet")["Body"]
+    for i, name in enumerate(names):  # each history copy is the whole file
+        body = s3.client.get_object(Bucket=s3.bucket, Key=f"{old}/{name}")["Body"]
         assert pq.read_table(pa.BufferReader(body.read())).column("id").to_pylist() == [i]
 
 
@@ -748,14 +759,20 @@ def test_the_local_lake_is_readable_by_its_owner_only(tmp_path: Path, open_umask
     raw.write(TRANSACTION, versions([2], 200), sync_id="sync-b", generation_id=G2, state=None)
     raw.finish_overwrite(TRANSACTION, G2, {"generation": G2})
     modes = modes_under(home / "lake")
-    assert {name for name, mode in modes.items() if mode != 0o700 and mode != 0o600} == set()
     directories = {name for name in modes if (home / "lake" / name).is_dir()}
+    files = {name: mode for name, mode in modes.items() if name not in directories}
     assert {name: modes[name] for name in directories} == dict.fromkeys(directories, 0o700)
-    assert {name: mode for name, mode in modes.items() if name not in directories} == {
-        f"raw/postgres/transaction/{TODAY}/sync-b-1.parquet": 0o600,
-        f"superseded/postgres/transaction/generation={G1}/{TODAY}/sync-a-0.parquet": 0o600,
-        "_stripe_platform/state/postgres.transaction.json": 0o600,
-    }
+    assert files == dict.fromkeys(files, 0o600)
+    assert {
+        ".",
+        f"superseded/postgres/transaction/generation={G1}/{TODAY}",
+        "_stripe_platform/state",
+    } <= directories
+    assert {
+        f"raw/postgres/transaction/{TODAY}/sync-b-1.parquet",
+        f"superseded/postgres/transaction/generation={G1}/{TODAY}/sync-a-0.parquet",
+        "_stripe_platform/state/postgres.transaction.json",
+    } <= set(files)
     assert stat.S_IMODE(home.stat().st_mode) == 0o755  # above the lake: left as it was
     assert raw.state(TRANSACTION) == {"generation": G2}  # still usable by its owner
     assert live_rows(lake) == [(2, "1.000000000")]
