@@ -23,7 +23,6 @@ import collections
 import contextlib
 import datetime as dt
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -32,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -40,10 +39,10 @@ from typing import Any
 
 import psycopg
 import pyarrow as pa
-import pyarrow.compute as pc
+from psycopg.types.string import TextLoader
 
 from stripe_platform.config import Settings
-from stripe_platform.ingestion import cdc, mongo_source, pgcopy
+from stripe_platform.ingestion import cdc, mongo_source, pgcopy, pgvalues
 from stripe_platform.ingestion.catalog import (
     Catalog,
     Connection,
@@ -51,9 +50,16 @@ from stripe_platform.ingestion.catalog import (
     PostgresSource,
     Stream,
 )
-from stripe_platform.ingestion.pgoutput import UNCHANGED, format_lsn
+from stripe_platform.ingestion.pgoutput import TYPED_OIDS, UNCHANGED, convert_value, format_lsn
 from stripe_platform.oltp import db
-from stripe_platform.warehouse.raw import ARROW, Column, RawStream, SchemaChangeError, WriteResult
+from stripe_platform.warehouse.raw import (
+    ARROW,
+    Column,
+    RawStream,
+    SchemaChangeError,
+    WriteResult,
+    safe_cast,
+)
 
 BATCH_ROWS = 50_000
 # Snapshots: rows per destination write (fewer, larger lake files) and parallel readers (each a
@@ -340,10 +346,11 @@ class Engine:
     ) -> None:
         generation = _new_generation()
         columns = ", ".join(f'"{c.name}"' for c in raw.columns)
-        with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-            rows = cur.execute(f"SELECT {columns} FROM public.{stream.name}").fetchall()
-        for chunk in _batches(rows, BATCH_ROWS):
-            self._write(report, raw, stream.name, pa.Table.from_pylist(chunk), None, generation)
+        rows = _source_rows(conn, f"SELECT {columns} FROM public.{stream.name}")
+        schema = pa.schema([(c.name, ARROW[c.type]) for c in raw.columns])
+        for chunk in _batches(rows, BATCH_ROWS):  # typed as change rows are
+            table = pa.Table.from_batches([_typed(pgvalues.table(raw.columns, chunk), schema)])
+            self._write(report, raw, stream.name, table, None, generation)
         if not rows:
             self.writer.ensure(raw)
         self.writer.finish_overwrite(raw, generation, {"generation": generation})
@@ -792,7 +799,7 @@ def _typed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
         array = batch.column(target.name)
         if array.type != target.type:
             with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                array = pc.cast(array, target.type, safe=True)
+                array = safe_cast(array, target.type)
         arrays.append(array)
     return pa.RecordBatch.from_arrays(arrays, names=schema.names)
 
@@ -829,39 +836,56 @@ def _toasted_values(
     columns = ", ".join(f'"{c.name}"' for c in raw.columns)
     key_list = ", ".join(f'"{k}"' for k in raw.primary_key)
     placeholders = ", ".join("(" + ", ".join(["%s"] * len(raw.primary_key)) + ")" for _ in keys)
-    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
-        rows = cur.execute(
-            f"SELECT {columns} FROM public.{table} WHERE ({key_list}) IN ({placeholders})",
-            [v for key in keys for v in key],
-        ).fetchall()
+    rows = _source_rows(
+        conn,
+        f"SELECT {columns} FROM public.{table} WHERE ({key_list}) IN ({placeholders})",
+        [v for key in keys for v in key],
+    )
     return {tuple(r[k] for k in raw.primary_key): r for r in rows}
+
+
+def _source_rows(
+    conn: psycopg.Connection, query: str, params: Sequence[Any] = ()
+) -> list[dict[str, Any]]:
+    """Rows of a query on the source, typed exactly as change rows are: every column read as the
+    server's text, in the settings change decoding uses, then ``pgoutput.convert_value`` (a value
+    Python cannot hold, such as a BC date, stays text: no value can fail the read)."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(cdc._SESSION_SETTINGS)  # DateStyle, UTC, float digits: pgoutput's text
+        for oid in TYPED_OIDS:
+            cur.adapters.register_loader(oid, TextLoader)
+        cur.execute(query, params)
+        described = [(d.name, d.type_code) for d in cur.description or ()]
+        return [
+            {n: convert_value(oid, v) for (n, oid), v in zip(described, row, strict=True)}
+            for row in cur
+        ]
 
 
 def _change_table(
     raw: RawStream, changes: list[cdc.Change], current: dict[tuple[Any, ...], dict[str, Any]]
 ) -> pa.Table:
-    """Change events as rows: new values for inserts/updates, the key plus a deletion time for deletes."""
-    names = [c.name for c in raw.columns]
-    json_names = [c.name for c in raw.columns if c.type == "json"]
-    text_names = [c.name for c in raw.columns if c.type == "string"]
+    """Change events as rows: new values for inserts/updates, the key plus a deletion time for
+    deletes. Values become the arrays a snapshot reads (``pgvalues``), then take the destination's
+    types as snapshot batches do (``_typed``): a value lands the same whichever path carried it."""
     rows = []
     for change in changes:
-        values = dict(change.row)
+        values = change.row
         if any(v is UNCHANGED for v in values.values()):
             stored = current.get(tuple(values.get(k) for k in raw.primary_key), {})
             values = {k: (stored.get(k) if v is UNCHANGED else v) for k, v in values.items()}
-        row = {k: values.get(k) for k in names}
-        for k in json_names:  # as text, like snapshot rows: Arrow would force one shape on all
-            if row[k] is not None:  # rows (adding keys, ints to floats) or fail on mixed shapes
-                row[k] = json.dumps(row[k], default=str)
-        for k in text_names:  # uuid columns are text, as in snapshots (Arrow has no cast)
-            if row[k].__class__ is uuid.UUID:
-                row[k] = str(row[k])
-        row["_ab_cdc_lsn"] = change.lsn
-        row["_ab_cdc_updated_at"] = change.commit_time
-        row["_ab_cdc_deleted_at"] = change.commit_time if change.op == "delete" else None
-        rows.append(row)
-    return pa.Table.from_pylist(rows)
+        rows.append(values)
+    schema = pa.schema([(c.name, ARROW[c.type]) for c in raw.columns])
+    table = pa.Table.from_batches([_typed(pgvalues.table(raw.columns, rows), schema)])
+    at = pa.timestamp("us", tz="UTC")
+    return (
+        table.append_column("_ab_cdc_lsn", pa.array([c.lsn for c in changes], pa.int64()))
+        .append_column("_ab_cdc_updated_at", pa.array([c.commit_time for c in changes], at))
+        .append_column(
+            "_ab_cdc_deleted_at",
+            pa.array([c.commit_time if c.op == "delete" else None for c in changes], at),
+        )
+    )
 
 
 def open_writer(settings: Settings, catalog: Catalog, connection_name: str) -> Any:

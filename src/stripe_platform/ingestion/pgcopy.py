@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import pq
 
+from stripe_platform.ingestion import pgvalues
+
 __all__ = ["BINARY_OIDS", "CopyReadError", "read_arrow"]
 
 ROWS_PER_BATCH: Final = 65_536
@@ -47,8 +49,7 @@ _TYPES: Final[dict[int, tuple[int, pa.DataType]]] = {
 }
 BINARY_OIDS: Final = frozenset(_TYPES)
 
-# Types the loop converts besides copying them (epochs, ±infinity: see pgcopy_kernel), and those
-# made text.
+# Types made Arrow's by pgvalues (as change data's are), and those made text.
 _TIMESTAMP_OIDS, _DATE_OID = (1114, 1184), 1082
 _INET_OID, _NUMERIC_OID = 869, 1700
 
@@ -65,6 +66,10 @@ def _validity(valid: np.ndarray) -> pa.Buffer | None:
 def _array(oid: int, n: int, values: np.ndarray, valid: np.ndarray) -> pa.Array:
     """A fixed-width column from the loop's int64 values."""
     type_ = _TYPES[oid][1]
+    if oid in _TIMESTAMP_OIDS:
+        return pgvalues.timestamps(values, valid, type_)
+    if oid == _DATE_OID:
+        return pgvalues.dates(values, valid)
     if oid == 16:
         data = np.packbits(values != 0, bitorder="little")
     elif oid == 701:
@@ -126,18 +131,13 @@ def read_arrow(
         raise CopyReadError(f"columns of types read only as text: {', '.join(unsupported)}")
     widths = np.array([_TYPES[oid][0] for oid in oids], np.int64)
     kinds = np.array(
-        [
-            kernel.TIMESTAMP if oid in _TIMESTAMP_OIDS else kernel.DATE if oid == _DATE_OID
-            else kernel.NUMERIC if oid == _NUMERIC_OID else kernel.PLAIN
-            for oid in oids
-        ],
-        np.int64,
-    )  # fmt: skip
+        [kernel.NUMERIC if oid == _NUMERIC_OID else kernel.PLAIN for oid in oids], np.int64
+    )
     var_columns = [j for j, width in enumerate(widths) if width == 0]
     var_index = np.zeros(len(oids), np.int64)
     var_index[var_columns] = np.arange(len(var_columns))
     var = np.empty(1 << 20, np.uint8)
-    slot = np.zeros(2, np.uintp)  # PQgetCopyData's buffer address; a failing column's index
+    slot = np.zeros(1, np.uintp)  # PQgetCopyData's buffer address
 
     pgconn = conn.pgconn
     pgconn.send_query(f"COPY ({query}) TO STDOUT (FORMAT binary)".encode())
@@ -157,11 +157,6 @@ def read_arrow(
         )  # fmt: skip
         if status == kernel.BAD_ROW:
             raise CopyReadError(f"a row of the COPY does not match the query's {len(oids)} columns")
-        if status == kernel.OUT_OF_RANGE:
-            raise CopyReadError(
-                f"column {names[int(slot[1])]}: a timestamp after 294247-01-10, the end of "
-                "Arrow's microsecond range"
-            )
         if n:
             arrays = []
             for j, oid in enumerate(oids):

@@ -19,16 +19,10 @@ from numba import carray, njit, types
 from numba.extending import intrinsic
 from psycopg import pq
 
-# What the loop reports besides rows, and the kinds of fields it converts.
-MORE, END, FAILED, BAD_ROW, OUT_OF_RANGE = 0, 1, -2, -3, -4
-PLAIN, TIMESTAMP, DATE, NUMERIC = 0, 1, 2, 3
-# PostgreSQL counts from 2000-01-01, Arrow from 1970-01-01; its ±infinity are the int64 / int32
-# bounds, which become the bounds change rows use (9999-12-31 23:59:59.999999, 0001-01-01).
-_INT64_MAX, _INT64_MIN, _INT32_MAX, _INT32_MIN = 2**63 - 1, -(2**63), 2**31 - 1, -(2**31)
-_EPOCH_US, _EPOCH_DAYS = 946_684_800_000_000, 10_957
-_LAST_US, _FIRST_US = 253_402_300_799_999_999, -62_135_596_800_000_000
-_LAST_DAY, _FIRST_DAY = 2_932_896, -719_162
-_LAST_SHIFTABLE_US = _INT64_MAX - _EPOCH_US  # past it, Arrow's int64 overflows
+# What the loop reports besides rows, and the kinds of fields it converts. Dates and timestamps
+# are copied in PostgreSQL's form: pgvalues turns them into Arrow's, as it does change data's.
+MORE, END, FAILED, BAD_ROW = 0, 1, -2, -3
+PLAIN, NUMERIC = 0, 3
 
 
 def _libpq_path() -> str:
@@ -161,8 +155,7 @@ def read(
     A batch also ends once its variable-width bytes pass ``max_bytes``, so that Arrow's 32-bit
     offsets cannot overflow (a single value is at most 1 GB). Returns (rows, status, var),
     ``var`` because it may have grown. A message that does not parse as the query's row (a
-    field past its end, a fixed-width field of another size) stops with BAD_ROW; a timestamp
-    Arrow cannot hold stops with OUT_OF_RANGE and its column in ``slot[1]``."""
+    field past its end, a fixed-width field of another size) stops with BAD_ROW."""
     n = 0
     used = 0
     status = MORE
@@ -226,27 +219,7 @@ def read(
             elif length < 0:
                 fixed[j, n] = 0
             else:
-                value = _int(msg, at, width)
-                kind = kinds[j]
-                if kind == TIMESTAMP:
-                    if value == _INT64_MAX:
-                        value = _LAST_US
-                    elif value == _INT64_MIN:
-                        value = _FIRST_US
-                    elif value > _LAST_SHIFTABLE_US:
-                        slot[1] = j
-                        status = OUT_OF_RANGE
-                        break
-                    else:
-                        value += _EPOCH_US
-                elif kind == DATE:
-                    if value == _INT32_MAX:
-                        value = _LAST_DAY
-                    elif value == _INT32_MIN:
-                        value = _FIRST_DAY
-                    else:
-                        value += _EPOCH_DAYS
-                fixed[j, n] = value
+                fixed[j, n] = _int(msg, at, width)
             if length > 0:
                 at += length
         _free_mem(slot[0])

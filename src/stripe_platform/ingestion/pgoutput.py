@@ -5,7 +5,8 @@ Pure and stdlib-only on purpose: the CDC reader (``cdc.py``) feeds it the bytes 
 ``pg_logical_slot_peek_binary_changes`` returns, and tests can feed it hand-made bytes. Column
 values stay as the server's text output (``str``), ``None`` for SQL NULL, or :data:`UNCHANGED`
 for a TOASTed value an UPDATE did not touch (the server does not resend it);
-:func:`convert_value` turns text into Python values by type OID when the caller wants them.
+:func:`convert_value` turns text into Python values by type OID when the caller wants them; a
+value it cannot take (a BC date) stays text, so that no value stops decoding.
 """
 
 from __future__ import annotations
@@ -393,10 +394,6 @@ class Decoder:
             raise
         except (struct.error, IndexError, UnicodeDecodeError) as exc:
             raise DecodeError(f"truncated or malformed {chr(buf[0])!r} message: {exc}") from exc
-        except (ValueError, ArithmeticError) as exc:  # a converter refused a value
-            rel = self.relations.get(oid)
-            where = f"{rel.namespace}.{rel.name}" if rel else f"relation {oid}"
-            raise DecodeError(f"{where}: cannot convert a value of this {op}: {exc}") from exc
 
     def relation(self, oid: int) -> Relation:
         try:
@@ -435,20 +432,23 @@ class Decoder:
         row: dict[str, Any] = {}
         unpack_len = _I32.unpack_from
         encoding = self.encoding
-        for name, convert in zip(names, converters, strict=True):
-            kind = buf[pos]
-            if kind == 0x74:  # 't'
-                start = pos + 5
-                pos = start + unpack_len(buf, pos + 1)[0]
-                value = text[start:pos]
-                if not value.isascii():  # O(1); non-ASCII text needs the real decoding
-                    value = buf[start:pos].decode(encoding)
-                row[name] = value if convert is None else convert(value)
-            elif kind == 0x6E:  # 'n'
-                row[name] = None
-                pos += 1
-            else:
-                return self._row_general(buf, text, first, plan, key_only=key_only)
+        try:
+            for name, convert in zip(names, converters, strict=True):
+                kind = buf[pos]
+                if kind == 0x74:  # 't'
+                    start = pos + 5
+                    pos = start + unpack_len(buf, pos + 1)[0]
+                    value = text[start:pos]
+                    if not value.isascii():  # O(1); non-ASCII text needs the real decoding
+                        value = buf[start:pos].decode(encoding)
+                    row[name] = value if convert is None else convert(value)
+                elif kind == 0x6E:  # 'n'
+                    row[name] = None
+                    pos += 1
+                else:
+                    return self._row_general(buf, text, first, plan, key_only=key_only)
+        except (ValueError, ArithmeticError):  # a converter refused a value: that one stays text
+            return self._row_general(buf, text, first, plan, key_only=key_only)
         return row, pos
 
     def _row_general(
@@ -468,7 +468,7 @@ class Decoder:
                 value = buf[pos + 5 : end].decode(encoding)
                 pos = end
                 if convert is not None:
-                    value = convert(value)
+                    value = _convert(convert, value)
             elif kind == 0x6E:  # 'n'
                 value = None
                 pos += 1
@@ -503,7 +503,7 @@ class Decoder:
                 f"{len(names)} columns"
             )
         return {
-            name: (f(v) if f is not None and v.__class__ is str else v)  # type: ignore[arg-type]
+            name: (_convert(f, v) if f is not None and v.__class__ is str else v)  # type: ignore[arg-type]
             for name, f, is_key, v in zip(names, converters, keys, values, strict=True)
             if is_key or not key_only
         }
@@ -534,25 +534,36 @@ def _bytea(text: str) -> bytes:
     raise ValueError("bytea value not in hex format: the decoding session needs bytea_output=hex")
 
 
-def _timestamptz(text: str) -> dt.datetime:
+# Dates and timestamps Python cannot hold (BC, year 10000 on: PostgreSQL writes "4713-01-01 BC",
+# "10000-01-01") stay as the server's text; ingestion/pgvalues.py reads that text.
+def _timestamptz(text: str) -> dt.datetime | str:
     if text in ("infinity", "-infinity"):
         bound = dt.datetime.max if text == "infinity" else dt.datetime.min
         return bound.replace(tzinfo=dt.UTC)
-    value = dt.datetime.fromisoformat(text)
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return text
     # Decoding sessions run with TimeZone=UTC, so '+00' (already UTC) is the common case.
     return value if text.endswith("+00") else value.astimezone(dt.UTC)
 
 
-def _timestamp(text: str) -> dt.datetime:
+def _timestamp(text: str) -> dt.datetime | str:
     if text in ("infinity", "-infinity"):
         return dt.datetime.max if text == "infinity" else dt.datetime.min
-    return dt.datetime.fromisoformat(text)
+    try:
+        return dt.datetime.fromisoformat(text)
+    except ValueError:
+        return text
 
 
-def _date(text: str) -> dt.date:
+def _date(text: str) -> dt.date | str:
     if text in ("infinity", "-infinity"):
         return dt.date.max if text == "infinity" else dt.date.min
-    return dt.date.fromisoformat(text)
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        return text
 
 
 def _str(text: str) -> str:
@@ -588,14 +599,25 @@ TYPED_OIDS: Final = frozenset(oid for oid, f in _CONVERTERS.items() if f is not 
 """OIDs that :func:`convert_value` turns into something other than ``str``."""
 
 
+def _convert(converter: Callable[[str], Any], text: str) -> Any:
+    """``converter(text)``, or the text itself if the converter refuses it: a value is never
+    fatal here, the destination nulls and records what it cannot take."""
+    try:
+        return converter(text)
+    except (ValueError, ArithmeticError):
+        return text
+
+
 def convert_value(type_oid: int, value: Value) -> Any:
     """Text output of a built-in type -> Python value (int, Decimal, float, bool, str, datetime,
     date, bytes, parsed JSON, UUID). NULL and UNCHANGED pass through; unknown types stay text.
 
     Timestamps with time zone come back as aware UTC datetimes; ±infinity maps to the
-    datetime/date min and max. Expects the server's default ISO DateStyle and hex bytea output.
+    datetime/date min and max; a date or timestamp outside Python's years 1-9999 (BC, year 10000
+    on), or any value a converter refuses, stays as the server's text. Expects the server's
+    default ISO DateStyle and hex bytea output.
     """
     if value is None or value is UNCHANGED or not isinstance(value, str):
         return value
     converter = _CONVERTERS.get(type_oid)
-    return value if converter is None else converter(value)
+    return value if converter is None else _convert(converter, value)

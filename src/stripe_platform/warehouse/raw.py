@@ -267,6 +267,21 @@ def _cast_column(
     return typed, sorted({*outside, *bad, *after})
 
 
+def safe_cast(values: pa.ChunkedArray | pa.Array, target: pa.DataType) -> pa.Array:
+    """``pc.cast(values, target, safe=True)``, except that decimal text too long for the decimal
+    fails rather than landing wrong: Arrow reads a text of 129 digits or more as 0 (PostgreSQL's
+    unconstrained numeric writes up to 147,455 digits; a display scale of hundreds of trailing
+    zeros is common after arithmetic). Trailing zeros of the fraction lose nothing and go."""
+    if pa.types.is_decimal(target) and pa.types.is_string(values.type):
+        longest = target.precision + 2  # sign, point
+        if (pc.max(pc.binary_length(values)).as_py() or 0) > longest:
+            values = pc.replace_substring_regex(values, r"^(-?\d*\.\d*?)0+$", r"\1")
+            values = pc.replace_substring_regex(values, r"\.$", "")
+            if (pc.max(pc.binary_length(values)).as_py() or 0) > longest:
+                raise pa.ArrowInvalid(f"a decimal text of more than {longest} characters: {target}")
+    return pc.cast(values, target, safe=True)
+
+
 def _cast_values(
     values: pa.ChunkedArray | pa.Array, target: pa.DataType
 ) -> tuple[pa.Array | pa.ChunkedArray, list[int]]:
@@ -274,16 +289,14 @@ def _cast_values(
         return values, []
     array = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     try:
-        return pc.cast(array, target, safe=True), []
+        return safe_cast(array, target), []
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
         pass
     out, bad = [], []
     for i, value in enumerate(array.to_pylist()):
         try:
             out.append(
-                pc.cast(pa.array([value]), target, safe=True)[0].as_py()
-                if value is not None
-                else None
+                safe_cast(pa.array([value]), target)[0].as_py() if value is not None else None
             )
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, TypeError):
             out.append(None)
