@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,66 @@ def test_cli_fails_at_start_with_a_clear_message(tmp_path):
     assert result.returncode == 1
     assert "STRIPE_PLATFORM_PROFILE='cloud' is not valid" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout these tests run from
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "ftp://x",
+        "file:///tmp/lake",
+        "gs://bucket/lake",
+        "s3://",
+        "s3://Not_A_Bucket/lake",
+        "s3://key:secret@bucket/lake",
+        "s3://bucket/lake?region=x",
+    ],
+)
+def test_a_lake_uri_of_another_form_stops_naming_the_variable_and_the_forms(monkeypatch, value):
+    monkeypatch.setenv("STRIPE_PLATFORM_LAKE_URI", value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("STRIPE_PLATFORM_LAKE_URI is not valid")
+    assert "a local directory, or s3://bucket/prefix" in message
+    assert "secret" not in message
+
+
+def test_a_lake_directory_that_cannot_be_created_stops_naming_the_variable(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("STRIPE_PLATFORM_LAKE_URI", str(blocker / "lake"))
+    with pytest.raises(
+        SettingsError,
+        match=f"STRIPE_PLATFORM_LAKE_URI is not valid: {blocker} is not a directory; accepted forms",
+    ):
+        load_settings()
+    assert not (blocker.parent / "lake").exists()  # judged without creating anything
+
+
+def test_accepted_lake_roots(monkeypatch, tmp_path):
+    monkeypatch.setenv("STRIPE_PLATFORM_LAKE_URI", "s3://stripe-platform-lake/raw/")
+    assert load_settings().lake_root == "s3://stripe-platform-lake/raw"
+    monkeypatch.setenv("STRIPE_PLATFORM_LAKE_URI", str(tmp_path / "not" / "yet" / "there"))
+    assert load_settings().lake_root == str(tmp_path / "not" / "yet" / "there")
+    assert not (tmp_path / "not").exists()
+
+
+def test_relative_paths_are_taken_from_the_project_directory_not_the_cwd(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in ("HOME", "WAREHOUSE_PATH", "LAKE_URI"):
+        monkeypatch.delenv(f"STRIPE_PLATFORM_{name}", raising=False)
+    default = load_settings()
+    assert default.home_dir == PROJECT_DIR / ".platform"
+    assert default.home_origin.startswith("default: .platform in the project directory")
+    assert default.lake_root == str(PROJECT_DIR / ".platform" / "lake")
+    s = load_settings(
+        home=Path("../elsewhere/home"), warehouse_path=Path("w.duckdb"), lake_uri="lk"
+    )
+    assert s.home_dir == PROJECT_DIR.parent / "elsewhere" / "home"
+    assert s.home_origin == "STRIPE_PLATFORM_HOME"
+    assert s.warehouse_file == PROJECT_DIR / "w.duckdb"
+    assert s.lake_root == str(PROJECT_DIR / "lk")
+    assert list(tmp_path.iterdir()) == []

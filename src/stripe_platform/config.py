@@ -2,19 +2,65 @@
 
 Variables use the prefix ``STRIPE_PLATFORM_`` (``STRIPE_PLATFORM_PROFILE=compose``); ``MONGODB_URI`` is
 also read without the prefix because that is what MongoDB users already export.
+
+Relative paths (the home, the DuckDB file, a local lake, the ``.env`` file) are resolved once, when
+the settings are read, against the project directory (the checkout the package is installed from,
+``paths.REPO_ROOT``), never against the current directory: every process (a command run from
+elsewhere, Airflow's tasks, dbt) then finds the same home. The project directory is where the
+platform's own assets (``sql/``, ``airbyte/``, ``dbt_project/``) already come from, and it needs no
+record of its own, unlike a "directory of the first start" would.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from stripe_platform.paths import REPO_ROOT
 
 ENV_PREFIX = "STRIPE_PLATFORM_"
 Profile = Literal["embedded", "compose", "prod"]
+DEFAULT_HOME = Path(".platform")
+LAKE_FORMS = (
+    "accepted forms: a local directory, or s3://bucket/prefix (credentials from the AWS chain)"
+)
+# S3 bucket names: 3-63 lower-case letters, digits, dots and hyphens.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def project_path(path: Path) -> Path:
+    """``path`` made absolute: ``~`` expanded, a relative path taken from the project directory."""
+    path = path.expanduser()
+    return (path if path.is_absolute() else REPO_ROOT / path).resolve()
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be (created and) written, judged without creating anything."""
+    existing = directory
+    try:
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as exc:  # e.g. a parent that cannot be searched
+        return f"{existing} cannot be reached ({exc.strerror})"
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 class SettingsError(ValueError):
@@ -23,11 +69,14 @@ class SettingsError(ValueError):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_file=".env", extra="ignore", validate_default=True
+        env_prefix=ENV_PREFIX,
+        env_file=REPO_ROOT / ".env",
+        extra="ignore",
+        validate_default=True,
     )
 
     profile: Profile = Field("embedded", description="Which runtime backs each concern.")
-    home: Path = Field(Path(".platform"), description="Where the embedded runtime keeps its state.")
+    home: Path = Field(DEFAULT_HOME, description="Where the embedded runtime keeps its state.")
 
     # OLTP ----------------------------------------------------------------------------------------
     pg_dsn: SecretStr | None = Field(
@@ -63,7 +112,7 @@ class Settings(BaseSettings):
         None, description="Raw layer and marts (default: snowflake on prod, duckdb elsewhere)."
     )
     warehouse_path: Path | None = Field(
-        None, description="DuckDB file (default <home>/warehouse.duckdb)."
+        None, description="DuckDB file (default <home>/warehouse/warehouse.duckdb)."
     )
     warehouse_dsn: SecretStr | None = Field(None, description="libpq DSN when warehouse=postgres.")
     snowflake_account: str | None = None
@@ -91,6 +140,38 @@ class Settings(BaseSettings):
         min_length=32,
         description="Key for PII encryption; unset means the local dev keyring under `home`.",
     )
+
+    @field_validator("home", "warehouse_path")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else project_path(value)
+
+    @field_validator("lake_uri")
+    @classmethod
+    def _lake_root(cls, value: str | None) -> str | None:
+        """A local directory that can be created and written, or ``s3://bucket/prefix``: anything
+        else would only fail at the first write of a sync, far from the variable's name."""
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if "://" in value:
+            parts = urlsplit(value)
+            if parts.scheme != "s3":
+                problem = f"{parts.scheme}:// is not a lake"
+            elif not _BUCKET.match(parts.netloc):
+                problem = (
+                    "no valid bucket name after s3:// (a user or password does not belong there)"
+                )
+            elif parts.query or parts.fragment:
+                problem = "an s3:// root takes no ?query or #fragment"
+            else:
+                return value.rstrip("/")
+            raise ValueError(f"{problem}; {LAKE_FORMS}")
+        root = project_path(Path(value))
+        problem = _unwritable(root)
+        if problem:
+            raise ValueError(f"{problem}; {LAKE_FORMS}")
+        return str(root)
 
     @model_validator(mode="after")
     def _backends_reachable(self) -> Settings:
@@ -121,7 +202,15 @@ class Settings(BaseSettings):
 
     @property
     def home_dir(self) -> Path:
-        return self.home.expanduser().resolve()
+        """The home, absolute (resolved once, against the project directory)."""
+        return self.home
+
+    @property
+    def home_origin(self) -> str:
+        """Where the home's value comes from, for ``status``."""
+        if "home" in self.model_fields_set:
+            return f"{ENV_PREFIX}HOME"
+        return f"default: {DEFAULT_HOME} in the project directory {REPO_ROOT}"
 
     @property
     def ingestion_backend(self) -> str:
@@ -133,7 +222,12 @@ class Settings(BaseSettings):
 
     @property
     def warehouse_file(self) -> Path:
-        return (self.warehouse_path or self.home_dir / "warehouse.duckdb").expanduser().resolve()
+        """The DuckDB file, in a directory of its own that can be private (the home cannot always:
+        the cluster's OS user must reach ``<home>/pg``). A home made before keeps its file."""
+        if self.warehouse_path is not None:
+            return self.warehouse_path
+        legacy = self.home_dir / "warehouse.duckdb"
+        return legacy if legacy.exists() else self.home_dir / "warehouse" / "warehouse.duckdb"
 
     @property
     def lake_root(self) -> str:

@@ -163,7 +163,7 @@ class EmbeddedPostgres:
         port = self.port
         if port is None:
             raise RuntimeErrorWithHint(
-                "The embedded cluster has never started: run `stripe-platform up`."
+                f"The embedded cluster under {self.root} has never started: run `stripe-platform up`."
             )
         params = {
             "host": "127.0.0.1",
