@@ -13,7 +13,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import AbstractContextManager, contextmanager, nullcontext, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,7 +222,13 @@ def run_dbt(
     started = time.monotonic()
     # With a node callback the caller owns stdout (progress, --json); dbt's own lines go to stderr.
     output = redirect_stdout(sys.stderr) if on_node else nullcontext()
-    with _environment(env), output:
+    private: AbstractContextManager[None] = nullcontext()
+    if settings.warehouse_backend == "duckdb":  # dbt writes the warehouse file and its WAL
+        from stripe_platform.warehouse.raw import private_duckdb_file, private_files
+
+        private_duckdb_file(settings.warehouse_file)
+        private = private_files()
+    with _environment(env), output, private:
         outcome = dbtRunner(callbacks=[callback]).invoke(argv)
     elapsed = time.monotonic() - started
     if outcome.exception is not None:

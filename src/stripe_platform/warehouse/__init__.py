@@ -11,12 +11,9 @@ def open_raw_writer(settings: Settings) -> Any:
     """DuckDBRaw (embedded default), PostgresRaw or SnowflakeRaw, per STRIPE_PLATFORM_WAREHOUSE."""
     backend = settings.warehouse_backend
     if backend == "duckdb":
-        import duckdb
+        from stripe_platform.warehouse.raw import DuckDBRaw, connect_duckdb
 
-        from stripe_platform.warehouse.raw import DuckDBRaw
-
-        settings.warehouse_file.parent.mkdir(parents=True, exist_ok=True)
-        return DuckDBRaw(duckdb.connect(str(settings.warehouse_file)))
+        return DuckDBRaw(connect_duckdb(settings.warehouse_file))
     if backend == "postgres":
         import psycopg
 

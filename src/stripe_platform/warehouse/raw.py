@@ -221,17 +221,24 @@ def _private(method: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def connect_duckdb(path: Path) -> duckdb.DuckDBPyConnection:
-    """A read-write connection to a DuckDB warehouse file, kept private like the keyring: it holds
-    personal data. A directory made for it is 0700; the file and its WAL are 0600 (created so, or
-    narrowed if an earlier version left them readable to others)."""
+def private_duckdb_file(path: Path) -> Path:
+    """Ready a DuckDB warehouse file to be kept private like the keyring (it holds personal data):
+    a directory made for it is 0700, and a file or WAL an earlier version left readable to others
+    is narrowed to 0600. Whatever then opens it for writing does so in ``private_files()``, which
+    creates them 0600 (``connect_duckdb``; dbt's runs)."""
     if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)  # parents: default modes (the home, ...)
+        path.parent.mkdir(parents=True, exist_ok=True)  # parents keep default modes (the home)
         path.parent.chmod(0o700)
     for file in (path, path.with_name(f"{path.name}.wal")):
         with contextlib.suppress(FileNotFoundError):
             if file.stat().st_mode & 0o077:
                 file.chmod(0o600)
+    return path
+
+
+def connect_duckdb(path: Path) -> duckdb.DuckDBPyConnection:
+    """A read-write connection to a private DuckDB warehouse file (``private_duckdb_file``)."""
+    path = private_duckdb_file(path)  # first: its parents keep the process's own umask
     with private_files():
         return duckdb.connect(str(path))
 
@@ -422,8 +429,10 @@ def _q(name: str) -> str:
 
 
 class DuckDBRaw:
-    """Destinations V2 tables in a DuckDB file (the embedded warehouse)."""
+    """Destinations V2 tables in a DuckDB file (the embedded warehouse). Methods that write run
+    in ``private_files`` (open the file with ``connect_duckdb``)."""
 
+    @_private
     def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
         self.conn = connection
         # stream key -> generation of a snapshot loading into a table that was empty when it
@@ -446,6 +455,7 @@ class DuckDBRaw:
         reverse["TIMESTAMP WITH TIME ZONE"] = "timestamp_tz"
         return {name: reverse.get(kind.split("(")[0], kind) for name, kind in rows}
 
+    @_private
     def ensure(self, stream: RawStream) -> list[str]:
         """Create the table, or evolve it: add new columns, widen compatible types, refuse the rest."""
         table = f"{_q(stream.namespace)}.{_q(stream.name)}"
@@ -503,6 +513,7 @@ class DuckDBRaw:
         ).fetchone()
         return json.loads(row[0]) if row and row[0] is not None else None
 
+    @_private
     def save_state(self, key: str, state: dict[str, Any]) -> None:
         self.conn.execute(
             f"INSERT INTO {STATE_TABLE} (stream, state, updated_at) VALUES (?, ?, now()) "
@@ -510,6 +521,7 @@ class DuckDBRaw:
             [key, json.dumps(state, default=str)],
         )
 
+    @_private
     def begin_snapshot(self, stream: RawStream, generation_id: int) -> None:
         """A snapshot (a new generation) of ``stream`` starts. Into an empty table its batches
         are plain appends, much cheaper than merges; otherwise they are merged as usual."""
@@ -521,6 +533,7 @@ class DuckDBRaw:
         else:
             self._fresh.pop(stream.key, None)
 
+    @_private
     def write(
         self,
         stream: RawStream,
@@ -577,6 +590,7 @@ class DuckDBRaw:
             self.conn.unregister("_raw_batch")
         return WriteResult(typed.num_rows, nulled, added)
 
+    @_private
     def finish_overwrite(
         self, stream: RawStream, generation_id: int, state: dict[str, Any] | None
     ) -> int:
