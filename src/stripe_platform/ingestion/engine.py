@@ -111,6 +111,8 @@ class StreamReport:
     rows: int = 0
     nulled: dict[str, int] = field(default_factory=dict)
     added_columns: list[str] = field(default_factory=list)
+    # Source columns no longer sent: kept in the destination, NULL in rows written from now on.
+    dropped_columns: list[str] = field(default_factory=list)
     error: str | None = None
     # Documents delivered with a cursor that could not order them: missing, null, a BSON type
     # name, or "future" (after the sync's start); ``warnings`` says so in words.
@@ -274,6 +276,7 @@ class Engine:
         for column, n in result.nulled.items():
             entry.nulled[column] = entry.nulled.get(column, 0) + n
         entry.added_columns += result.added_columns
+        entry.dropped_columns += result.dropped_columns
         self.progress(stream, result.rows)
 
     def sync(self, connection_name: str) -> SyncReport:
@@ -470,8 +473,9 @@ class Engine:
         :func:`_resume_refusal`; a slot re-created before or during the read shows a position
         past the state's): if not, nothing read is written and :class:`_SlotReplaced` is raised.
 
-        A column added to a source table while this runs shows up in its change rows: the
-        stream's columns are read again before those rows are written (``raw`` is updated)."""
+        A column added to (or dropped from) a source table while this runs shows up in its change
+        rows (inserts and updates carry every column): the stream's columns are read again before
+        those rows are written (``raw`` is updated)."""
         streams = {s.name: s for s in self.catalog.connection_streams(connection)}
         while True:
             try:
@@ -489,8 +493,12 @@ class Engine:
                 if table_name not in raw:
                     continue
                 stream = streams[table_name]
-                allowed = {c.name for c in raw[table_name].columns} | set(stream.exclude_columns)
-                if not all(allowed.issuperset(c.row) for c in changes):
+                names = {c.name for c in raw[table_name].columns}
+                allowed = names | set(stream.exclude_columns)
+                if not all(
+                    allowed.issuperset(c.row) and (c.op == "delete" or names.issubset(c.row))
+                    for c in changes
+                ):
                     raw[table_name] = self._raw_stream(
                         connection, stream, self._pg_columns(conn, stream), "postgres"
                     )
@@ -629,6 +637,7 @@ def _add_report(total: SyncReport, more: SyncReport) -> None:
         for column, n in part.nulled.items():
             entry.nulled[column] = entry.nulled.get(column, 0) + n
         entry.added_columns += part.added_columns
+        entry.dropped_columns += part.dropped_columns
         entry.error = part.error or entry.error
         for issue, n in part.cursor_issues.items():
             entry.cursor_issues[issue] = entry.cursor_issues.get(issue, 0) + n

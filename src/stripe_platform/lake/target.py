@@ -17,7 +17,12 @@ from typing import Any
 import pyarrow as pa
 
 from stripe_platform.lake.writer import LakeWriter
-from stripe_platform.warehouse.raw import RawStream, WriteResult
+from stripe_platform.warehouse.raw import (
+    RawStream,
+    WriteResult,
+    dropped_columns,
+    source_columns,
+)
 
 
 class LakeRaw:
@@ -29,6 +34,9 @@ class LakeRaw:
         self.source = source
         self._parts: dict[str, int] = {}
         self._parts_lock = threading.Lock()
+        # stream -> its columns as last recorded (state key "<source>.<stream>.columns"): a file
+        # without a column reads as NULL in it (union by name), and the drop is reported once.
+        self._columns: dict[str, list[str] | None] = {}
 
     def _state_path(self, key: str) -> str:
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
@@ -59,15 +67,22 @@ class LakeRaw:
         generation_id: int,
         state: dict[str, Any] | None,
     ) -> WriteResult:
+        columns_key = f"{self.source}.{stream.name}.columns"
         with self._parts_lock:  # two writes never share a file name
             part = self._parts.get(stream.name, 0)
             self._parts[stream.name] = part + 1
+            if stream.name not in self._columns:
+                self._columns[stream.name] = (self.load_state(columns_key) or {}).get("columns")
+            previous = self._columns[stream.name]
+            self._columns[stream.name] = source_columns(stream)
         written = self.lake.write(
             self.source, stream, batch, sync_id=sync_id, generation_id=generation_id, part=part
         )
         if state is not None:
             self.save_state(f"{self.source}.{stream.name}", state)
-        return WriteResult(written.rows, written.nulled, [])
+        if previous != source_columns(stream):
+            self.save_state(columns_key, {"columns": source_columns(stream)})
+        return WriteResult(written.rows, written.nulled, [], dropped_columns(previous, stream))
 
     def finish_overwrite(
         self, stream: RawStream, generation_id: int, state: dict[str, Any] | None

@@ -34,7 +34,10 @@ from stripe_platform.warehouse.raw import (
     RawStream,
     SchemaChangeError,
     WriteResult,
+    dropped_columns,
+    kept_columns,
     prepare,
+    source_columns,
 )
 
 POSTGRES = {
@@ -90,6 +93,7 @@ class PostgresRaw:
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.conn = connection
         self.state_table = sql.Identifier(STATE_SCHEMA, STATE_NAME)
+        self._kept: dict[str, list[str]] = {}  # stream key -> kept_columns, as of ensure()
         with self.conn.transaction():
             self.conn.execute(
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(STATE_SCHEMA))
@@ -97,9 +101,21 @@ class PostgresRaw:
             self.conn.execute(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (stream text PRIMARY KEY, state jsonb, "
-                    "primary_key jsonb, updated_at timestamptz)"
+                    "primary_key jsonb, updated_at timestamptz, source_columns jsonb)"
                 ).format(self.state_table)
             )
+            # A state table from before the streams' columns were recorded (checked first: the
+            # ALTER would lock the table even with nothing to add).
+            if not self.conn.execute(
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = %s "
+                "AND table_name = %s AND column_name = 'source_columns'",
+                [STATE_SCHEMA, STATE_NAME],
+            ).fetchone():
+                self.conn.execute(
+                    sql.SQL("ALTER TABLE {} ADD COLUMN source_columns jsonb").format(
+                        self.state_table
+                    )
+                )
 
     @staticmethod
     def table(stream: RawStream) -> sql.Identifier:
@@ -142,6 +158,7 @@ class PostgresRaw:
                 sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(stream.namespace))
             )
             existing = self._existing(stream)
+            self._kept[stream.key] = kept_columns(existing, stream)
             if not existing:
                 self.conn.execute(
                     sql.SQL("CREATE TABLE {} ({})").format(
@@ -232,6 +249,11 @@ class PostgresRaw:
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in columns)
         staging = sql.Identifier(f"_stripe_platform_load_{uuid.uuid4().hex}")
         with self.conn.transaction():
+            recorded = self.conn.execute(
+                sql.SQL("SELECT source_columns FROM {} WHERE stream = %s").format(self.state_table),
+                [stream.key],
+            ).fetchone()
+            previous = recorded[0] if recorded else None
             if typed.num_rows:
                 self.conn.execute(
                     sql.SQL("CREATE TEMPORARY TABLE {} ({}) ON COMMIT DROP").format(
@@ -256,7 +278,14 @@ class PostgresRaw:
                 self.conn.execute(sql.SQL("DROP TABLE {}").format(staging))
             if state is not None:
                 self._update_state(stream, state)
-        return WriteResult(typed.num_rows, nulled, added)
+            if previous != source_columns(stream):
+                self.conn.execute(
+                    sql.SQL("UPDATE {} SET source_columns = %s WHERE stream = %s").format(
+                        self.state_table
+                    ),
+                    [Jsonb(source_columns(stream)), stream.key],
+                )
+        return WriteResult(typed.num_rows, nulled, added, dropped_columns(previous, stream))
 
     def _merge(
         self,
@@ -278,6 +307,10 @@ class PostgresRaw:
             sql.SQL("s.{o} >= t.{o} OR t.{o} IS NULL").format(o=order) if order else sql.SQL("true")
         )
         idents = [sql.Identifier(c.name) for c in columns]
+        # Columns the stream no longer has (dropped_columns) are NULL in a key's new version.
+        cleared = [
+            sql.SQL("{} = NULL").format(sql.Identifier(c)) for c in self._kept.get(stream.key, [])
+        ]
         self.conn.execute(
             sql.SQL(
                 "MERGE INTO {table} t USING ({latest}) s ON {on} "
@@ -288,7 +321,9 @@ class PostgresRaw:
                 latest=latest,
                 on=on,
                 newer=newer,
-                updates=sql.SQL(", ").join(sql.SQL("{c} = s.{c}").format(c=c) for c in idents),
+                updates=sql.SQL(", ").join(
+                    [*(sql.SQL("{c} = s.{c}").format(c=c) for c in idents), *cleared]
+                ),
                 cols=sql.SQL(", ").join(idents),
                 values=sql.SQL(", ").join(sql.SQL("s.{}").format(c) for c in idents),
             )

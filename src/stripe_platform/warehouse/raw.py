@@ -439,11 +439,14 @@ class DuckDBRaw:
         # began: its batches are appended (no MERGE) until finish_overwrite, which removes any
         # duplicate key the source might still have had.
         self._fresh: dict[str, int] = {}
+        self._kept: dict[str, list[str]] = {}  # stream key -> kept_columns, as of ensure()
         self.conn.execute("CREATE SCHEMA IF NOT EXISTS airbyte_internal")
         self.conn.execute(
             f"CREATE TABLE IF NOT EXISTS {STATE_TABLE} (stream VARCHAR PRIMARY KEY, state JSON, "
-            "primary_key JSON, updated_at TIMESTAMPTZ)"
+            "primary_key JSON, updated_at TIMESTAMPTZ, source_columns JSON)"
         )
+        # A state table from before the streams' columns were recorded.
+        self.conn.execute(f"ALTER TABLE {STATE_TABLE} ADD COLUMN IF NOT EXISTS source_columns JSON")
 
     def _existing(self, stream: RawStream) -> dict[str, str]:
         rows = self.conn.execute(
@@ -461,6 +464,7 @@ class DuckDBRaw:
         table = f"{_q(stream.namespace)}.{_q(stream.name)}"
         self.conn.execute(f"CREATE SCHEMA IF NOT EXISTS {_q(stream.namespace)}")
         existing = self._existing(stream)
+        self._kept[stream.key] = kept_columns(existing, stream)
         recorded = self.conn.execute(
             f"SELECT primary_key FROM {STATE_TABLE} WHERE stream = ?", [stream.key]
         ).fetchone()
@@ -550,6 +554,10 @@ class DuckDBRaw:
         table = f"{_q(stream.namespace)}.{_q(stream.name)}"
         cols = [c.name for c in (*stream.columns, *stream.meta_columns)]
         col_list = ", ".join(_q(c) for c in cols)
+        recorded = self.conn.execute(
+            f"SELECT source_columns FROM {STATE_TABLE} WHERE stream = ?", [stream.key]
+        ).fetchone()
+        previous = json.loads(recorded[0]) if recorded and recorded[0] is not None else None
         self.conn.execute("BEGIN TRANSACTION")
         try:
             self.conn.register("_raw_batch", typed)
@@ -566,7 +574,10 @@ class DuckDBRaw:
                     if stream.order_by
                     else "true"
                 )
-                updates = ", ".join(f"{_q(c)} = s.{_q(c)}" for c in cols)
+                updates = ", ".join(
+                    [f"{_q(c)} = s.{_q(c)}" for c in cols]
+                    + [f"{_q(c)} = NULL" for c in self._kept.get(stream.key, [])]
+                )
                 values = ", ".join(f"s.{_q(c)}" for c in cols)
                 self.conn.execute(
                     f"MERGE INTO {table} t USING ({latest}) s ON {on} "
@@ -582,13 +593,18 @@ class DuckDBRaw:
                     f"UPDATE {STATE_TABLE} SET state = ?, updated_at = now() WHERE stream = ?",
                     [json.dumps(state, default=str), stream.key],
                 )
+            if previous != source_columns(stream):
+                self.conn.execute(
+                    f"UPDATE {STATE_TABLE} SET source_columns = ? WHERE stream = ?",
+                    [json.dumps(source_columns(stream)), stream.key],
+                )
             self.conn.execute("COMMIT")
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
         finally:
             self.conn.unregister("_raw_batch")
-        return WriteResult(typed.num_rows, nulled, added)
+        return WriteResult(typed.num_rows, nulled, added, dropped_columns(previous, stream))
 
     @_private
     def finish_overwrite(

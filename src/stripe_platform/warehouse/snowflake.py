@@ -47,7 +47,9 @@ from stripe_platform.warehouse.raw import (
     RawStream,
     SchemaChangeError,
     WriteResult,
+    dropped_columns,
     prepare,
+    source_columns,
 )
 
 SNOWFLAKE = {
@@ -129,8 +131,11 @@ class SnowflakeRaw:
         self._create_schema(INTERNAL_SCHEMA)
         self._run(
             f"CREATE TABLE IF NOT EXISTS {self.state_table} (STREAM VARCHAR NOT NULL PRIMARY KEY, "
-            "STATE VARIANT, PRIMARY_KEY VARIANT, UPDATED_AT TIMESTAMP_TZ)"
+            "STATE VARIANT, PRIMARY_KEY VARIANT, UPDATED_AT TIMESTAMP_TZ, SOURCE_COLUMNS VARIANT)"
         )
+        if "SOURCE_COLUMNS" not in self._existing(INTERNAL_SCHEMA, STATE_NAME):
+            # A state table from before the streams' columns were recorded.
+            self._run(f"ALTER TABLE {self.state_table} ADD COLUMN SOURCE_COLUMNS VARIANT")
         # Temporary: dropped with the session, so a crashed loader leaves no files behind.
         self._run(f"CREATE TEMPORARY STAGE IF NOT EXISTS {self.stage}")
 
@@ -344,6 +349,12 @@ class SnowflakeRaw:
         values = ", ".join(
             f"PARSE_JSON(s.{_q(n)})" if c.type == "json" else f"s.{_q(n)}" for c, n in columns
         )
+        recorded = self._rows(
+            f"SELECT SOURCE_COLUMNS FROM {self.state_table} WHERE STREAM = {self._p}", [stream.key]
+        )
+        previous = recorded[0][0] if recorded else None
+        previous = json.loads(previous) if isinstance(previous, str) else previous
+        # Rows inserted below leave a column the stream no longer has NULL (dropped_columns).
 
         def load() -> None:
             if typed.num_rows and stream.mode == "append_dedup" and stream.primary_key:
@@ -366,17 +377,24 @@ class SnowflakeRaw:
                 self._run(f"INSERT INTO {table} ({col_list}) SELECT {values} FROM {staging} s")
             if state is not None:
                 self._update_state(stream, state)
+            if previous != source_columns(stream):
+                self._run(
+                    f"UPDATE {self.state_table} SET SOURCE_COLUMNS = PARSE_JSON({self._p}) "
+                    f"WHERE STREAM = {self._p}",
+                    [json.dumps(source_columns(stream)), stream.key],
+                )
 
+        dropped = dropped_columns(previous, stream)
         if not typed.num_rows:
-            if state is not None:
+            if state is not None or previous != source_columns(stream):
                 self._transaction(load)
-            return WriteResult(0, nulled, added)
+            return WriteResult(0, nulled, added, dropped)
         try:
             self._stage_batch(staging, columns, typed)
             self._transaction(load)
         finally:
             self._run(f"DROP TABLE IF EXISTS {staging}")
-        return WriteResult(typed.num_rows, nulled, added)
+        return WriteResult(typed.num_rows, nulled, added, dropped)
 
     def finish_overwrite(
         self, stream: RawStream, generation_id: int, state: dict[str, Any] | None

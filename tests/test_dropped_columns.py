@@ -1,0 +1,233 @@
+"""A column dropped at the source: kept in the destination, NULL in rows written after the drop,
+reported once (``dropped_columns``), by every raw writer alike (docs/ingestion.md, "Schema drift").
+
+End to end on a real source table (the session's PostgreSQL, the demo sample) into DuckDB raw and
+PostgreSQL raw, through a sync and through ``follow``; the Snowflake and lake writers directly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import psycopg
+import pyarrow as pa
+import pytest
+from psycopg import sql
+
+from stripe_platform.ingestion import cdc
+from stripe_platform.ingestion.catalog import load_catalog
+from stripe_platform.ingestion.engine import Engine
+from stripe_platform.lake.target import LakeRaw
+from stripe_platform.lake.writer import LakeWriter
+from stripe_platform.oltp import db
+from stripe_platform.warehouse.postgres import PostgresRaw
+from stripe_platform.warehouse.raw import Column, DuckDBRaw, RawStream
+
+pytestmark = pytest.mark.timeout(300)
+
+PG = "postgres-to-snowflake"
+MCC = "merchantcategorycode"
+# The demo sample's merchants (sample.MERCHANTS): id -> MerchantCategoryCode.
+SAMPLE_MCC = {3: "5399", 4: "5462", 5: "4511", 6: "5816", 7: "5942", 8: "5912"}
+
+
+@pytest.fixture
+def source(settings, database, loaded) -> Iterator[Any]:
+    """Settings whose OLTP database holds the demo sample; its slots are dropped afterwards."""
+    s = settings.model_copy(update={"pg_database": database})
+    yield s
+    with db.connect(s, autocommit=True) as conn:
+        for (name,) in conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+        ).fetchall():
+            cdc.drop_slot(conn, name)
+
+
+@pytest.fixture
+def postgres_warehouse(settings, database) -> Iterator[psycopg.Connection]:
+    """A database of its own for PostgreSQL raw (the compose profile's warehouse)."""
+    name = f"{database}_warehouse"
+    with db.connect(settings, database="postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    conn = psycopg.connect(db.conninfo(settings, database=name, with_key=False), autocommit=True)
+    yield conn
+    conn.close()
+    with db.connect(settings, database="postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def writer(request, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "duckdb":
+        conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+        yield DuckDBRaw(conn)
+        conn.close()
+    else:
+        yield PostgresRaw(request.getfixturevalue("postgres_warehouse"))
+
+
+def merchants(writer: Any) -> dict[int, tuple[Any, ...]]:
+    """id -> (merchantcategorycode, rating) as the raw layer holds it."""
+    rows = writer.conn.execute(
+        f"SELECT id, {MCC}, rating::double precision FROM raw.postgres_merchant"
+    ).fetchall()
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
+def test_a_dropped_source_column_is_kept_nulled_from_then_on_and_reported_once(source, writer):
+    catalog = load_catalog()
+    first = Engine(source, catalog, writer).sync(PG)
+    assert {k: v[0] for k, v in merchants(writer).items()} == SAMPLE_MCC
+
+    with db.connect(source, autocommit=True) as conn:
+        conn.execute("ALTER TABLE Merchant DROP COLUMN MerchantCategoryCode")
+        conn.execute("UPDATE Merchant SET Rating = 1.0 WHERE ID = 4")
+        conn.execute(
+            "INSERT INTO Merchant (ID, Name, IndustryID, MerchantSizeID, Rating) "
+            "VALUES (99, 'Newcomer', 1, 1, 2.0)"
+        )
+    second = Engine(source, catalog, writer).sync(PG)
+    held = merchants(writer)
+    assert held[4] == (None, 1.0)  # the new version of an updated row: NULL, not the old value
+    assert held[99] == (None, 2.0)  # a new row
+    assert held[3] == ("5399", 4.7)  # a row untouched since keeps what it had
+    assert first.streams["merchant"].dropped_columns == []
+    assert second.streams["merchant"].dropped_columns == [MCC]
+    assert second.as_dict()["streams"]["merchant"]["dropped_columns"] == [MCC]
+
+    with db.connect(source, autocommit=True) as conn:
+        conn.execute("UPDATE Merchant SET Rating = 1.5 WHERE ID = 5")
+    third = Engine(source, catalog, writer).sync(PG)
+    assert third.streams["merchant"].rows == 1
+    assert third.streams["merchant"].dropped_columns == []  # reported once
+    assert merchants(writer)[5] == (None, 1.5)
+
+
+def test_a_column_dropped_while_following_is_reported(source, tmp_path):
+    """``follow`` keeps the stream's columns between reads: a drop is noticed from the change
+    rows that no longer carry the column."""
+    catalog = load_catalog()
+    conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
+    writer = DuckDBRaw(conn)
+    Engine(source, catalog, writer).sync(PG)
+    polling, merchant_written, stop = threading.Event(), threading.Event(), threading.Event()
+
+    class Observed(Engine):
+        """Says when follow reads the slot with the columns it read before the drop."""
+
+        synced = False
+
+        def sync(self, connection_name: str) -> Any:
+            report = super().sync(connection_name)
+            self.synced = True
+            return report
+
+        def _drain_changes(self, *args: Any, **kwargs: Any) -> Any:
+            if self.synced:
+                polling.set()
+            return super()._drain_changes(*args, **kwargs)
+
+    def progress(stream: str, rows: int) -> None:
+        if polling.is_set() and stream == "merchant" and rows:
+            merchant_written.set()
+
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["report"] = Observed(source, catalog, writer, progress).follow(PG, stop, 0.05)
+        except BaseException as exc:  # handed to the test's thread
+            outcome["error"] = exc
+            polling.set()
+            merchant_written.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert polling.wait(120), "follow never read the slot"
+        with db.connect(source, autocommit=True) as source_conn:
+            source_conn.execute("ALTER TABLE Merchant DROP COLUMN MerchantCategoryCode")
+            source_conn.execute("UPDATE Merchant SET Rating = 1.0 WHERE ID = 4")
+        assert merchant_written.wait(120), "the change was never written"
+    finally:
+        stop.set()
+        thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["report"].streams["merchant"].dropped_columns == [MCC]
+    assert merchants(writer)[4] == (None, 1.0)
+    assert merchants(writer)[3] == ("5399", 4.7)
+    conn.close()
+
+
+# -- the other writers, directly ---------------------------------------------------------------------
+BEFORE = RawStream(
+    namespace="raw_postgres",
+    name="merchant",
+    columns=(Column("id", "integer"), Column("name", "string"), Column("rating", "number")),
+    primary_key=("id",),
+    mode="append_dedup",
+    cdc="postgres",
+)
+AFTER = RawStream(  # the same stream once `name` was dropped at the source
+    namespace=BEFORE.namespace,
+    name=BEFORE.name,
+    columns=(Column("id", "integer"), Column("rating", "number")),
+    primary_key=BEFORE.primary_key,
+    mode=BEFORE.mode,
+    cdc=BEFORE.cdc,
+)
+
+
+def write(writer: Any, stream: RawStream, lsn: int, **columns: list[Any]) -> list[str]:
+    batch = pa.table({**columns, "_ab_cdc_lsn": [lsn] * len(columns["id"])})
+    result = writer.write(stream, batch, sync_id=f"s{lsn}", generation_id=1, state=None)
+    return result.dropped_columns
+
+
+@pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")  # fakesnow's
+def test_snowflake_raw_keeps_a_dropped_column_nulls_it_and_reports_it_once(snowflake_server):
+    import snowflake.connector
+
+    from stripe_platform.warehouse.snowflake import SnowflakeRaw
+
+    conn = snowflake.connector.connect(
+        **{**snowflake_server, "database": "DROPPED_COLUMNS", "network_timeout": 10}
+    )
+    try:
+        raw = SnowflakeRaw(conn)
+        assert write(raw, BEFORE, 1, id=[1, 2], name=["a", "b"], rating=[1.0, 2.0]) == []
+        assert write(raw, AFTER, 2, id=[1, 3], rating=[1.5, 3.0]) == ["name"]
+        assert write(raw, AFTER, 3, id=[2], rating=[2.5]) == []
+        with conn.cursor() as cur:
+            rows = cur.execute(
+                "SELECT ID, NAME, RATING FROM RAW_POSTGRES.MERCHANT ORDER BY ID"
+            ).fetchall()
+        assert [tuple(r) for r in rows] == [(1, None, 1.5), (2, None, 2.5), (3, None, 3.0)]
+        # A new writer (the next sync) reads what was recorded: nothing to report again.
+        assert write(SnowflakeRaw(conn), AFTER, 4, id=[3], rating=[3.5]) == []
+    finally:
+        conn.close()
+
+
+def test_the_lake_reads_a_dropped_column_as_null_and_reports_it_once(tmp_path):
+    lake = LakeWriter(tmp_path / "lake", fsync=False)
+    raw = LakeRaw(lake, "postgres")
+    assert write(raw, BEFORE, 1, id=[1, 2], name=["a", "b"], rating=[1.0, 2.0]) == []
+    assert write(raw, AFTER, 2, id=[1], rating=[1.5]) == ["name"]
+    assert write(raw, AFTER, 3, id=[3], rating=[3.0]) == []
+    assert write(LakeRaw(lake, "postgres"), AFTER, 4, id=[2], rating=[2.5]) == []  # next sync
+    latest = (
+        duckdb.connect()
+        .execute(
+            "SELECT id, name, rating FROM read_parquet(?, union_by_name = true) "
+            "QUALIFY row_number() OVER (PARTITION BY id ORDER BY _ab_cdc_lsn DESC) = 1 "
+            "ORDER BY id",
+            [lake.duckdb_glob("postgres", BEFORE)],
+        )
+        .fetchall()
+    )
+    assert latest == [(1, None, 1.5), (2, None, 2.5), (3, None, 3.0)]
