@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,141 @@ def test_mongo_commands(cli):
     unknown = cli("mongo", "query", "nope", check=False)
     assert unknown.returncode == 1 and "known: admin-error-logs" in unknown.stderr
     assert "db.LogData.find" in cli("mongo", "query", "admin-error-logs").stdout
+
+
+# -- from anywhere, exactly as written ---------------------------------------------------------------
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the checkout these tests run from
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """The command line run from ``cwd`` with only the given platform variables set."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("STRIPE_PLATFORM_", "AWS_")) and k != "MONGODB_URI"
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "stripe_platform.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**base, "COLUMNS": "200", **env},
+        cwd=cwd,
+        check=False,
+        timeout=timeout,
+    )
+
+
+def test_the_home_is_the_same_from_any_directory(fresh_home, tmp_path):
+    """A relative STRIPE_PLATFORM_HOME (like the default .platform) is taken from the project
+    directory: the cluster started from the checkout is the one `status` sees from elsewhere."""
+    relative = os.path.relpath(fresh_home, PROJECT_DIR)
+    env = {"STRIPE_PLATFORM_HOME": relative, "STRIPE_PLATFORM_PG_FSYNC": "false"}
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    try:
+        started = run_cli("up", cwd=PROJECT_DIR, **env)
+        assert started.returncode == 0, started.stderr
+        seen = run_cli("status", "--json", cwd=elsewhere, **env)
+        assert seen.returncode == 0, seen.stderr
+        status = json.loads(seen.stdout)
+        assert status["home"] == str(fresh_home)
+        assert status["home_from"] == "STRIPE_PLATFORM_HOME"
+        assert status["postgres"]["running"] is True
+        plain = run_cli("status", cwd=elsewhere, **env).stdout
+        assert f"home      {fresh_home}  (STRIPE_PLATFORM_HOME)" in plain
+        assert list(elsewhere.iterdir()) == []  # nothing made where the command ran
+    finally:
+        run_cli("down", cwd=PROJECT_DIR, **env)  # where it was started: stopped whatever happened
+
+
+def test_the_default_home_is_in_the_project_directory(tmp_path):
+    seen = run_cli("status", "--json", cwd=tmp_path)
+    assert seen.returncode == 0, seen.stderr
+    status = json.loads(seen.stdout)
+    assert status["home"] == str(PROJECT_DIR / ".platform")
+    assert status["home_from"] == f"default: .platform in the project directory {PROJECT_DIR}"
+    assert status["lake"] == {
+        "root": str(PROJECT_DIR / ".platform" / "lake"),
+        "kind": "local directory",
+        "from": "default: <home>/lake",
+    }
+
+
+def test_rules_paths_and_names_keep_their_brackets(tmp_path):
+    """Nothing the user, the database or a rule supplies is read as rich markup."""
+    rule = run_cli("status", cwd=tmp_path, STRIPE_PLATFORM_PG_DATABASE="Stripe")
+    assert rule.returncode == 1
+    assert "String should match pattern '^[a-z_][a-z0-9_]*$'" in rule.stderr
+    unknown = run_cli("mongo", "query", "logs[a-z]", cwd=tmp_path)
+    assert unknown.returncode == 1 and "unknown query 'logs[a-z]'" in unknown.stderr
+    home = tmp_path / "[b]home[/b]"
+    shown = run_cli("status", cwd=tmp_path, STRIPE_PLATFORM_HOME=str(home))
+    assert shown.returncode == 0, shown.stderr
+    assert f"home      {home}  (STRIPE_PLATFORM_HOME)" in shown.stdout
+    assert f"data {home}/pg/data  audit log {home}/pg/data/log" in shown.stdout  # a styled line
+    assert f"documents stand-in (litemongo)  {home}/docstore" in shown.stdout
+
+
+def test_the_demo_tables_print_values_as_they_are():
+    from rich.console import Console
+
+    from stripe_platform.demo import table
+
+    console = Console(record=True, width=120)
+    console.print(table("t[a-z]", ["pattern [x]"], [("^[a-z_][a-z0-9_]*$",)]))
+    text = console.export_text()
+    assert "t[a-z]" in text and "pattern [x]" in text and "^[a-z_][a-z0-9_]*$" in text
+
+
+@pytest.mark.parametrize("command", [("status",), ("sync", "postgres-to-s3")])
+def test_a_lake_uri_of_another_form_stops_the_command_naming_it(tmp_path, command):
+    result = run_cli(*command, cwd=tmp_path, STRIPE_PLATFORM_LAKE_URI="ftp://x")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: STRIPE_PLATFORM_LAKE_URI is not valid: ftp:// is not")
+    assert "accepted forms: a local directory, or s3://bucket/prefix" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_reports_the_lake(tmp_path):
+    result = run_cli(
+        "status", "--json", cwd=tmp_path, STRIPE_PLATFORM_LAKE_URI="s3://stripe-platform-lake/x"
+    )
+    assert json.loads(result.stdout)["lake"] == {
+        "root": "s3://stripe-platform-lake/x",
+        "kind": "s3",
+        "from": "STRIPE_PLATFORM_LAKE_URI",
+    }
+    plain = run_cli("status", cwd=tmp_path, STRIPE_PLATFORM_LAKE_URI="s3://stripe-platform-lake/x")
+    assert "lake      s3://stripe-platform-lake/x  (s3; STRIPE_PLATFORM_LAKE_URI)" in plain.stdout
+
+
+@pytest.mark.timeout(300)
+def test_a_sync_to_a_lake_it_cannot_write_names_the_variable(settings, database, tmp_path):
+    """A well-formed lake that does not exist (no such bucket on the S3 endpoint): the sync stops
+    with the variable's name, not a traceback."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        result = run_cli(
+            "sync",
+            "postgres-to-s3",
+            cwd=tmp_path,
+            STRIPE_PLATFORM_HOME=str(settings.home_dir),
+            STRIPE_PLATFORM_PG_DATABASE=database,
+            STRIPE_PLATFORM_LAKE_URI="s3://no-such-bucket-here/lake",
+            STRIPE_PLATFORM_S3_ENDPOINT_URL=f"http://{host}:{port}",
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_EC2_METADATA_DISABLED="true",
+        )
+    finally:
+        server.stop()
+    assert result.returncode == 1, result.stdout
+    assert (
+        "\nerror: STRIPE_PLATFORM_LAKE_URI: the lake s3://no-such-bucket-here/lake cannot be "
+        "written (" in result.stderr
+    ), result.stderr
+    assert "Traceback" not in result.stderr

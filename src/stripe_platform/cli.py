@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 import psycopg
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from stripe_platform.config import Settings, SettingsError, get_settings
+from stripe_platform.config import ENV_PREFIX, LAKE_FORMS, Settings, SettingsError, get_settings
 from stripe_platform.docstore.queries import QueryError
 from stripe_platform.docstore.specs import SpecError
 from stripe_platform.oltp.access import AccessError
@@ -24,8 +26,12 @@ from stripe_platform.oltp.status import StatusChangeError
 from stripe_platform.runtime.postgres import RuntimeErrorWithHint
 from stripe_platform.seed.spec import SeedError
 
-console = Console()
-err = Console(stderr=True)
+# Markup is off unless a call asks for it: text from users, the database or a validation rule
+# ("^[a-z_][a-z0-9_]*$") would otherwise lose every "[...]" that looks like a style tag. A call
+# that styles passes markup=True and escapes what it interpolates. Soft wrap: a long line (a path,
+# a rule) is left for the terminal to wrap, never broken by a newline.
+console = Console(markup=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, soft_wrap=True)
 
 app = typer.Typer(help="Open data platform for payments.", no_args_is_help=True)
 db_app = typer.Typer(
@@ -88,7 +94,7 @@ def command(group: typer.Typer, name: str | None = None) -> Callable:
             except Exception as exc:
                 if not _expected(exc):
                     raise
-                err.print(f"[bold red]error:[/bold red] {exc}")
+                err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True)
                 raise typer.Exit(1) from None
 
         return group.command(name)(wrapper)
@@ -141,7 +147,11 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     from stripe_platform.oltp.db import embedded_cluster
 
     s = settings()
-    info: dict[str, Any] = {"profile": s.profile, "home": str(s.home_dir)}
+    info: dict[str, Any] = {
+        "profile": s.profile,
+        "home": str(s.home_dir),
+        "home_from": s.home_origin,
+    }
     if s.profile == "embedded":
         info["postgres"] = embedded_cluster(s).status().as_dict()
     else:
@@ -151,21 +161,35 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         if s.mongodb_uri
         else {"backend": "stand-in (litemongo)", "path": str(s.home_dir / "docstore")}
     )
+    info["warehouse"] = {"backend": s.warehouse_backend}
+    if s.warehouse_backend == "duckdb":
+        info["warehouse"]["path"] = str(s.warehouse_file)
+    info["lake"] = {
+        "root": s.lake_root,
+        "kind": "s3" if s.lake_root.startswith("s3://") else "local directory",
+        "from": f"{ENV_PREFIX}LAKE_URI" if s.lake_uri else "default: <home>/lake",
+    }
     if as_json:
         console.print_json(data=info)
         return
     pg = info["postgres"]
-    console.print(f"profile   {s.profile}   home {s.home_dir}")
+    console.print(f"profile   {s.profile}")
+    console.print(f"home      {s.home_dir}  ({s.home_origin})")
     if s.profile == "embedded":
         state = "[green]running[/green]" if pg["running"] else "[yellow]stopped[/yellow]"
         console.print(
             f"postgres  {state}  127.0.0.1:{pg['port']}  version {pg['version']}  "
-            f"data {pg['datadir']}  audit log {pg['audit_log_dir']}"
+            f"data {escape(str(pg['datadir']))}  audit log {escape(str(pg['audit_log_dir']))}",
+            markup=True,
         )
     else:
         console.print("postgres  external (STRIPE_PLATFORM_PG_DSN)")
     docs = info["documents"]
     console.print(f"documents {docs['backend']}  {docs.get('path') or docs.get('database')}")
+    warehouse = info["warehouse"]
+    console.print(f"warehouse {warehouse['backend']}  {warehouse.get('path', '')}".rstrip())
+    lake = info["lake"]
+    console.print(f"lake      {lake['root']}  ({lake['kind']}; {lake['from']})")
 
 
 @command(app)
@@ -200,7 +224,8 @@ def demo(
     dbt), then the brief's queries answered."""
     from stripe_platform import demo as demo_job
 
-    demo_job.run(settings(), console, scale=scale)
+    # The showcase styles its lines (and escapes what it prints from data).
+    demo_job.run(settings(), Console(), scale=scale)
 
 
 @command(app)
@@ -313,7 +338,9 @@ def db_grants() -> None:
         grants = list_temporary(conn)
     for g in grants:
         state = "[red]expired[/red]" if g.expired else "[green]active[/green]"
-        console.print(f"{g.user:<24} {g.role:<14} until {g.valid_until}  {state}")
+        console.print(
+            f"{escape(g.user):<24} {escape(g.role):<14} until {g.valid_until}  {state}", markup=True
+        )
     if not grants:
         console.print("no temporary access granted")
 
@@ -408,7 +435,7 @@ def seed(
         data = build(spec)
     console.print(f"generated in {time.monotonic() - started:.1f}s")
     with Progress(
-        TextColumn("{task.description:<22}"),
+        TextColumn("{task.description:<22}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -467,6 +494,31 @@ def sync(
         }
         console.print_json(data=result) if as_json else console.print(result)
         return
+    with _lake_errors_named(s, catalog, connection):
+        _sync_embedded(s, catalog, connection, as_json, follow, interval)
+
+
+@contextlib.contextmanager
+def _lake_errors_named(s: Settings, catalog: Any, connection: str) -> Iterator[None]:
+    """A lake that cannot be reached or written (a bucket that does not exist, no credentials,
+    a full or read-only disk) fails a sync with the variable that names it, not a traceback."""
+    from stripe_platform.ingestion.catalog import S3Destination
+
+    try:
+        yield
+    except OSError as exc:  # pyarrow's filesystems raise OSError for local and S3 failures
+        known = {c.name: c for c in catalog.connections}
+        target = known.get(connection)
+        if target is None or not isinstance(catalog.destination(target.destination), S3Destination):
+            raise
+        raise SettingsError(
+            f"{ENV_PREFIX}LAKE_URI: the lake {s.lake_root} cannot be written ({exc}); {LAKE_FORMS}"
+        ) from None
+
+
+def _sync_embedded(
+    s: Settings, catalog: Any, connection: str, as_json: bool, follow: bool, interval: float
+) -> None:
     from rich.progress import Progress, TextColumn
 
     from stripe_platform.ingestion.engine import open_writer, run_sync
@@ -496,7 +548,9 @@ def sync(
         return
 
     started = time.monotonic()
-    with Progress(TextColumn("{task.description}"), console=err, disable=as_json) as bar:
+    with Progress(
+        TextColumn("{task.description}", markup=False), console=err, disable=as_json
+    ) as bar:
         tasks: dict[str, Any] = {}
 
         def progress(stream: str, rows: int) -> None:
@@ -527,6 +581,11 @@ def sync(
     for name, stream in report.streams.items():
         extra = f"  nulled {stream.nulled}" if stream.nulled else ""
         extra += f"  new columns {stream.added_columns}" if stream.added_columns else ""
+        extra += (
+            f"  dropped at the source (kept, NULL from now on) {stream.dropped_columns}"
+            if stream.dropped_columns
+            else ""
+        )
         console.print(f"  {name:<28} {stream.rows:>10,}{extra}")
 
 
@@ -583,8 +642,9 @@ def transform(
             return
         colour = colours.get(node.status, "white")
         err.print(
-            f"[{colour}]{node.status:<7}[/{colour}] {node.resource_type:<8} {node.name:<36} "
-            f"{node.seconds:6.2f}s"
+            f"[{colour}]{escape(node.status):<7}[/{colour}] {escape(node.resource_type):<8} "
+            f"{escape(node.name):<36} {node.seconds:6.2f}s",
+            markup=True,
         )
 
     err.print(f"dbt build on the {s.warehouse_backend} warehouse...")
@@ -595,7 +655,11 @@ def transform(
         counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()))
         console.print(f"dbt build ({summary.target}): {counts} in {summary.seconds:.1f}s")
         for node in summary.failures:
-            console.print(f"[red]{node.resource_type} {node.name}[/red]: {node.message}")
+            console.print(
+                f"[red]{escape(node.resource_type)} {escape(node.name)}[/red]: "
+                f"{escape(str(node.message))}",
+                markup=True,
+            )
     if not summary.success:
         raise TransformError(f"dbt build failed: {len(summary.failures)} node(s) failed")
     if select and not summary.nodes:
@@ -629,8 +693,8 @@ def query(
     )
     for row in result.rows:
         table.add_row(*(str(v) for v in row))
-    console.print(f"[cyan]{result.sql}[/cyan]")
-    console.print(table)
+    console.print(f"[cyan]{escape(result.sql)}[/cyan]", markup=True)
+    console.print(table, soft_wrap=False)  # a table fits itself to the terminal
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -639,10 +703,7 @@ def dbt(ctx: typer.Context) -> None:
     from stripe_platform.transform.dbt import run_dbt
 
     if not ctx.args:
-        err.print(
-            "usage: stripe-platform dbt <dbt command> \\[args], e.g. dbt docs generate",
-            highlight=False,
-        )
+        err.print("usage: stripe-platform dbt <dbt command> [args], e.g. dbt docs generate")
         raise typer.Exit(2)
     summary = run_dbt(settings(), *ctx.args)
     raise typer.Exit(0 if summary.success else 1)
@@ -704,7 +765,7 @@ def mongo_query(
     if name not in queries:
         raise QueryError(f"unknown query {name!r}; known: {', '.join(queries)}")
     results = run_query(connect(settings()), queries[name], limit=limit)
-    console.print(f"[cyan]{queries[name].shell}[/cyan]")
+    console.print(f"[cyan]{escape(queries[name].shell)}[/cyan]", markup=True)
     console.print_json(json_util.dumps(results, json_options=json_util.RELAXED_JSON_OPTIONS))
 
 

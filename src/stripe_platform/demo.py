@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stripe_platform import sample
@@ -35,11 +36,12 @@ from stripe_platform.paths import SQL_EXAMPLES_DIR
 
 
 def table(title: str, columns: list[str], rows: list[Any]) -> Table:
-    out = Table(title=title, title_justify="left", title_style="bold")
+    # Cells and titles are rendered as rich markup: data ("[a-z]" in a value) is escaped.
+    out = Table(title=escape(title), title_justify="left", title_style="bold")
     for column in columns:
-        out.add_column(column)
+        out.add_column(escape(column))
     for row in rows:
-        out.add_row(*("" if v is None else str(v) for v in row))
+        out.add_row(*("" if v is None else escape(str(v)) for v in row))
     return out
 
 
@@ -90,7 +92,7 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
     stage_started = [started]
 
     def step(message: str) -> None:
-        console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {message}")
+        console.print(f"[dim]{time.monotonic() - started:6.1f}s[/dim] {escape(message)}")
 
     def stage_done(name: str) -> None:
         now = time.monotonic()
@@ -182,7 +184,7 @@ def orchestrate(
             settings,
             dag_id,
             on_task=lambda t: console.print(
-                f"         [green]✓[/green] {t.task_id:<58} {t.seconds:5.1f}s"
+                f"         [green]✓[/green] {escape(t.task_id):<58} {t.seconds:5.1f}s"
             ),
         )
         step(
@@ -196,7 +198,7 @@ def answer_brief_queries(settings: Settings, console: Console) -> None:
 
     for name in available():
         result = run_analysis(settings, name)
-        console.print(f"[cyan]{result.sql}[/cyan]")
+        console.print(f"[cyan]{escape(result.sql)}[/cyan]")
         rows = (
             result.rows if len(result.rows) <= 14 else [*result.rows[:6], ("…",), *result.rows[-6:]]
         )
@@ -274,7 +276,8 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
             change_status(conn, 12345, "pending", reason="demo", updated_by="demo")
         except StatusChangeError as exc:
             console.print(
-                f"refunded -> pending is refused, nothing written: [yellow]{exc}[/yellow]"
+                "refunded -> pending is refused, nothing written: "
+                f"[yellow]{escape(str(exc))}[/yellow]"
             )
 
         good = conn.execute((SQL_EXAMPLES_DIR / "password_check.sql").read_text()).fetchall()
@@ -344,7 +347,9 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
     console.rule("[bold]The brief's document queries")
     for query in load_queries().values():
         results = run_query(documents, query)
-        console.print(f"[bold]{query.description}[/bold]\n[cyan]{query.shell}[/cyan]")
+        console.print(
+            f"[bold]{escape(query.description)}[/bold]\n[cyan]{escape(query.shell)}[/cyan]"
+        )
         if query.aggregate is not None:
             console.print(table("", ["os", "sessions"], [(r["_id"], r["count"]) for r in results]))
         else:
@@ -354,6 +359,6 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
 
     if settings.profile == "embedded":
         log_dir = db.embedded_cluster(settings).status().audit_log_dir
-        console.print(f"Audit log (jsonlog): {log_dir}")
+        console.print(f"Audit log (jsonlog): {escape(str(log_dir))}")
         for entry in audit_log_tail(log_dir, 1):
             console.print_json(data=entry)
