@@ -491,7 +491,10 @@ def test_edge_values_land_the_same_by_snapshot_change_data_and_full_refresh(
     source.execute("UPDATE edge_values SET ts = '4713-01-01 BC' WHERE id = 999")
     source.execute("DELETE FROM edge_values WHERE id = 999")
     source.execute("INSERT INTO plain VALUES (2, 'after the poison', now())")
-    Engine(s, catalog, writer).sync(connection)
+    poisoned = Engine(s, catalog, writer).sync(connection)
+    assert poisoned.streams["plain"].rows == 1
+    # insert: num and amount NaN; update: those and the BC ts; delete: the key only
+    assert poisoned.streams["edge_values"].nulled == {"num": 2, "amount": 2, "ts": 1}
     source.execute("INSERT INTO plain VALUES (3, 'and later', now())")
     last = Engine(s, catalog, writer).sync(connection)
     assert last.phase == "incremental" and last.streams["plain"].rows == 1
