@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
+import struct
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -200,6 +201,28 @@ def test_numerics_and_floats_from_binary_and_from_text_agree(source) -> None:
             assert [v for v in got if not math.isnan(v)] == [
                 v for _, v in cases if not math.isnan(v)
             ]
+
+
+def test_the_change_decoder_keeps_what_it_cannot_convert_as_text() -> None:
+    """No value stops decoding: a date Python cannot hold, or a value a converter refuses (bytea
+    in the escape format), stays as the server's text, for the destination's cast to judge."""
+    columns = [(1, b"id", 23), (0, b"at", 1184), (0, b"day", 1082), (0, b"raw", 17)]
+    body = b"".join(bytes([f]) + n + b"\x00" + struct.pack("!Ii", t, -1) for f, n, t in columns)
+    relation = b"R" + struct.pack("!I", 9) + b"\x00poison\x00d" + struct.pack("!h", 4) + body
+    values = [b"1", b"4713-01-01 00:00:00+00 BC", b"10000-01-01", b"\\000"]
+    insert = b"I" + struct.pack("!I", 9) + b"N" + struct.pack("!h", 4)
+    insert += b"".join(b"t" + struct.pack("!i", len(v)) + v for v in values)
+    decoder = pgoutput.Decoder()
+    decoder.decode(relation)
+    change = decoder.decode_change(insert)
+    assert change.row == {
+        "id": 1,
+        "at": "4713-01-01 00:00:00+00 BC",
+        "day": "10000-01-01",
+        "raw": "\\000",
+    }
+    assert pgoutput.convert_value(1114, "infinity") == dt.datetime.max
+    assert pgoutput.convert_value(1082, "0001-12-31 BC") == "0001-12-31 BC"
 
 
 # -- end to end: snapshot, change data and full refresh into every destination ---------------------
