@@ -187,6 +187,23 @@ def test_a_lake_uri_of_another_form_stops_the_command_naming_it(tmp_path, comman
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("command", "line"),
+    [
+        # Raised by modules the command line imports only when a command needs them.
+        (("sync", "nope"), "error: unknown connection 'nope'; known: postgres-to-snowflake"),
+        (("query", "nope"), "error: unknown query 'nope'; known: fraud-daily-small-credit"),
+        (("seed", "--end", "soon"), "error: --end 'soon': expected YYYY-MM-DD"),
+    ],
+)
+def test_an_expected_failure_is_one_line_and_exit_1(tmp_path, command, line):
+    result = run_cli(*command, cwd=tmp_path, STRIPE_PLATFORM_HOME=str(tmp_path / "home"))
+    assert result.returncode == 1
+    # sync's progress display, closed by the error, leaves an empty line before it
+    assert result.stderr.lstrip("\n").startswith(line)
+    assert result.stderr.strip().count("\n") == 0, result.stderr  # one line: no traceback
+
+
 def test_status_reports_the_lake(tmp_path):
     result = run_cli(
         "status", "--json", cwd=tmp_path, STRIPE_PLATFORM_LAKE_URI="s3://stripe-platform-lake/x"

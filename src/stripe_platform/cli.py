@@ -19,10 +19,7 @@ from rich.markup import escape
 
 from stripe_platform.config import ENV_PREFIX, LAKE_FORMS, Settings, SettingsError, get_settings
 from stripe_platform.docstore.queries import QueryError
-from stripe_platform.docstore.specs import SpecError
-from stripe_platform.oltp.access import AccessError
-from stripe_platform.oltp.migrate import MigrationError
-from stripe_platform.oltp.status import StatusChangeError
+from stripe_platform.errors import PlatformError
 from stripe_platform.runtime.postgres import RuntimeErrorWithHint
 from stripe_platform.seed.spec import SeedError
 
@@ -47,40 +44,11 @@ app.add_typer(db_app, name="db")
 app.add_typer(mongo_app, name="mongo")
 app.add_typer(airbyte_app, name="airbyte")
 
-EXPECTED_ERRORS = (
-    SettingsError,
-    RuntimeErrorWithHint,
-    MigrationError,
-    StatusChangeError,
-    AccessError,
-    SpecError,
-    QueryError,
-    SeedError,
-    psycopg.OperationalError,
-)
-
-
-# Errors of modules too heavy to import at start (the Airbyte SDK takes seconds): if a module was
-# never imported, its errors cannot have been raised.
-LAZY_ERRORS = {
-    "stripe_platform.ingestion.airbyte_api": ("PlanError", "SyncError"),
-    "stripe_platform.ingestion.catalog": ("CatalogError",),
-    "stripe_platform.ingestion.engine": ("SyncError",),
-    "stripe_platform.ingestion.cdc": ("CDCError",),
-    "stripe_platform.transform.dbt": ("TransformError",),
-    "stripe_platform.transform.analyses": ("AnalysisError",),
-    "stripe_platform.orchestration.airflow_runtime": ("AirflowSetupError",),
-}
-
-
-def _expected(exc: BaseException) -> bool:
-    if isinstance(exc, EXPECTED_ERRORS):
-        return True
-    for module, names in LAZY_ERRORS.items():
-        loaded = sys.modules.get(module)
-        if loaded is not None and isinstance(exc, tuple(getattr(loaded, n) for n in names)):
-            return True
-    return False
+# Every expected failure of the platform is a PlatformError (errors.py). The one exception from a
+# library is psycopg's OperationalError (a server refused, unreachable or gone away): any statement
+# of any module can raise it, not only the connect of oltp/db.py, so translating it at one place
+# would still leave the others.
+EXPECTED_ERRORS = (PlatformError, psycopg.OperationalError)
 
 
 def command(group: typer.Typer, name: str | None = None) -> Callable:
@@ -91,9 +59,7 @@ def command(group: typer.Typer, name: str | None = None) -> Callable:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(*args, **kwargs)
-            except Exception as exc:
-                if not _expected(exc):
-                    raise
+            except EXPECTED_ERRORS as exc:
                 err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True)
                 raise typer.Exit(1) from None
 

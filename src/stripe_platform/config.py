@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from stripe_platform.errors import PlatformError
 from stripe_platform.paths import REPO_ROOT
 
 ENV_PREFIX = "STRIPE_PLATFORM_"
@@ -63,7 +64,7 @@ def _unwritable(directory: Path) -> str | None:
     return None
 
 
-class SettingsError(ValueError):
+class SettingsError(PlatformError, ValueError):
     """A setting has a value the platform cannot use; the message names the variable."""
 
 

@@ -10,10 +10,11 @@ from bson import json_util
 
 from stripe_platform.docstore.client import is_standin
 from stripe_platform.docstore.specs import view_sources
+from stripe_platform.errors import PlatformError
 from stripe_platform.paths import MONGO_DIR
 
 
-class QueryError(ValueError):
+class QueryError(PlatformError, ValueError):
     pass
 
 

@@ -10,10 +10,11 @@ from typing import Any
 from pymongo.errors import OperationFailure
 
 from stripe_platform.docstore.client import is_standin
+from stripe_platform.errors import PlatformError
 from stripe_platform.paths import MONGO_DIR
 
 
-class SpecError(ValueError):
+class SpecError(PlatformError, ValueError):
     pass
 
 

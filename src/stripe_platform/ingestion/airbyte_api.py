@@ -21,6 +21,7 @@ import httpx
 from airbyte_api import AirbyteAPI, api, errors, models
 from pydantic import BaseModel
 
+from stripe_platform.errors import PlatformError
 from stripe_platform.ingestion.catalog import (
     LAKE_FILE_NAME_PATTERN,
     LAKE_PATH_FORMAT,
@@ -69,11 +70,11 @@ Kind = Literal["source", "destination", "connection"]
 Action = Literal["create", "update", "unchanged"]
 
 
-class PlanError(RuntimeError):
+class PlanError(PlatformError, RuntimeError):
     """The workspace is in a state the plan cannot resolve by itself."""
 
 
-class SyncError(RuntimeError):
+class SyncError(PlatformError, RuntimeError):
     """A sync could not start, failed, was cancelled or timed out."""
 
     def __init__(

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from stripe_platform.errors import PlatformError
 from stripe_platform.paths import MONGO_DIR, REPO_ROOT, SQL_OLTP_DIR
 
 __all__ = [
@@ -87,7 +88,7 @@ def lake_key(source: str, stream: str, extracted: dt.date, sync_id: int | str, p
     )
 
 
-class CatalogError(ValueError):
+class CatalogError(PlatformError, ValueError):
     """The airbyte/ YAML is invalid; the message names the file and the field."""
 
 

@@ -43,6 +43,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
 
+from stripe_platform.errors import PlatformError
 from stripe_platform.ingestion import pgcopy
 from stripe_platform.ingestion.pgoutput import (
     PG_EPOCH,
@@ -97,7 +98,7 @@ TableName = str | tuple[str, str]
 
 
 # -- errors ----------------------------------------------------------------------------------------
-class CDCError(RuntimeError):
+class CDCError(PlatformError, RuntimeError):
     """Change data capture cannot proceed; the message names the slot/table and what to do."""
 
 

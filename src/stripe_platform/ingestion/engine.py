@@ -42,6 +42,7 @@ import pyarrow as pa
 from psycopg.types.string import TextLoader
 
 from stripe_platform.config import Settings
+from stripe_platform.errors import PlatformError
 from stripe_platform.ingestion import cdc, mongo_source, pgcopy, pgvalues
 from stripe_platform.ingestion.catalog import (
     Catalog,
@@ -96,7 +97,7 @@ FIRST_SYNC = "first sync to this destination"
 log = logging.getLogger(__name__)
 
 
-class SyncError(RuntimeError):
+class SyncError(PlatformError, RuntimeError):
     """A sync failed; the message names the connection and stream."""
 
 

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from stripe_platform.errors import PlatformError
+
 GRANTABLE_ROLES = ("developer", "readonlyuser")
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_]{2,62}$")
 
 
-class AccessError(ValueError):
+class AccessError(PlatformError, ValueError):
     pass
 
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import psycopg
 
+from stripe_platform.errors import PlatformError
 from stripe_platform.paths import SQL_OLTP_DIR
 
 MIGRATION_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 LOCK_KEY = 0x5354_5249  # "STRI": any constant shared by all runners
 
 
-class MigrationError(RuntimeError):
+class MigrationError(PlatformError, RuntimeError):
     pass
 
 

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.rows import dict_row
 
+from stripe_platform.errors import PlatformError
 
-class StatusChangeError(ValueError):
+
+class StatusChangeError(PlatformError, ValueError):
     """The change was refused; nothing was written."""
 
 

@@ -19,6 +19,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from stripe_platform.config import Settings, load_settings
+from stripe_platform.errors import PlatformError
 from stripe_platform.orchestration.defaults import pools_file
 from stripe_platform.paths import REPO_ROOT
 
@@ -27,7 +28,7 @@ DEFAULT_PORT = 8080
 AIRFLOW = [sys.executable, "-m", "airflow"]
 
 
-class AirflowSetupError(RuntimeError):
+class AirflowSetupError(PlatformError, RuntimeError):
     """An Airflow command the platform runs failed; the message carries its output's end."""
 
 

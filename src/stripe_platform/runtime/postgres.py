@@ -20,6 +20,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from stripe_platform.errors import PlatformError
 from stripe_platform.runtime.tls import ensure_certificates, tls_files
 
 SUPERUSER = "postgres"
@@ -30,7 +31,7 @@ INSTALL_HINT = (
 )
 
 
-class RuntimeErrorWithHint(RuntimeError):
+class RuntimeErrorWithHint(PlatformError, RuntimeError):
     """The embedded runtime cannot do what was asked; the message says why and what to do."""
 
 

@@ -8,13 +8,15 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from stripe_platform.errors import PlatformError
+
 TRANSACTIONS_AT_SCALE_1 = 1_000_000
 CUSTOMERS_AT_SCALE_1 = 20_000
 MERCHANTS_AT_SCALE_1 = 2_000
 LOGS_AT_SCALE_1 = 5_000
 
 
-class SeedError(ValueError):
+class SeedError(PlatformError, ValueError):
     """The seed cannot run as asked; nothing was written."""
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from stripe_platform.config import Settings
+from stripe_platform.errors import PlatformError
 from stripe_platform.transform.dbt import DBT_PROJECT_DIR, MARTS_SCHEMA
 from stripe_platform.warehouse import open_marts_connection
 
 ANALYSES_DIR = DBT_PROJECT_DIR / "analyses"
 
 
-class AnalysisError(LookupError):
+class AnalysisError(PlatformError, LookupError):
     """An unknown query name, or marts that are not built yet."""
 
 

@@ -22,6 +22,7 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict
 
 from stripe_platform.config import Settings
+from stripe_platform.errors import PlatformError
 from stripe_platform.paths import REPO_ROOT
 from stripe_platform.warehouse import snowflake_params
 
@@ -35,7 +36,7 @@ SF_PASSWORD_VAR = "DBT_ENV_SECRET_SF_PASSWORD"  # noqa: S105
 FAKESNOW_SHIMS_VAR = "STRIPE_PLATFORM_DBT_FAKESNOW_SHIMS"
 
 
-class TransformError(RuntimeError):
+class TransformError(PlatformError, RuntimeError):
     """dbt could not run, or the build failed; the message names what failed."""
 
 
