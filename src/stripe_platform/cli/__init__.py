@@ -1,0 +1,28 @@
+"""`stripe-platform`: the command line of the platform.
+
+One module per section, each with its commands and command groups; common.py holds what they
+share (the `command` decorator, the consoles, the settings). A new section is one module plus one
+line below: ``app.add_typer(section.commands)`` for top-level commands, or
+``app.add_typer(section.x_app, name="x")`` for a group (made with ``common.group``). ``--help``
+lists the top-level commands in the order of these lines, then the groups in theirs.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from stripe_platform.cli import bench, docstore, ingestion, oltp, runtime, seed, transform
+
+app = typer.Typer(help="Open data platform for payments.", no_args_is_help=True)
+
+app.add_typer(runtime.commands)
+app.add_typer(seed.commands)
+app.add_typer(ingestion.commands)
+app.add_typer(transform.commands)
+app.add_typer(bench.commands)
+
+app.add_typer(oltp.db_app, name="db")
+app.add_typer(docstore.mongo_app, name="mongo")
+app.add_typer(ingestion.airbyte_app, name="airbyte")
+
+__all__ = ["app"]

@@ -1,0 +1,177 @@
+"""Ingestion: `sync` (the embedded engine, or Airbyte on prod) and `airbyte` plan/apply."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+import typer
+
+from stripe_platform.cli.common import command, console, err, group, settings
+from stripe_platform.config import ENV_PREFIX, LAKE_FORMS, Settings, SettingsError
+
+commands = typer.Typer()  # merged into the top level
+airbyte_app = group("Airbyte connections as code (airbyte/): plan and apply.")
+
+
+@command(commands)
+def sync(
+    connection: Annotated[str, typer.Argument(help="A connection of airbyte/connections.yaml")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON report on stdout")] = False,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", help="Embedded engine: keep streaming changes (CDC) until Ctrl-C"),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.05, help="With --follow: seconds between reads of the slot")
+    ] = 0.2,
+) -> None:
+    """Run a connection: through Airbyte on prod, with the embedded engine elsewhere."""
+    from stripe_platform.ingestion.catalog import load_catalog
+
+    s = settings()
+    catalog = load_catalog()
+    if s.ingestion_backend == "airbyte":
+        from stripe_platform.ingestion.airbyte_api import connect_from_env, trigger_sync
+
+        job = trigger_sync(
+            connect_from_env(catalog),
+            connection,
+            on_progress=lambda j: err.print(
+                f"job {j.job_id}: {j.status.value if j.status else '?'} rows {j.rows_synced or 0}"
+            ),
+        )
+        result = {
+            "connection": connection,
+            "job_id": job.job_id,
+            "status": str(job.status),
+            "rows": job.rows_synced,
+            "bytes": job.bytes_synced,
+        }
+        console.print_json(data=result) if as_json else console.print(result)
+        return
+    with _lake_errors_named(s, catalog, connection):
+        _sync_embedded(s, catalog, connection, as_json, follow, interval)
+
+
+@contextlib.contextmanager
+def _lake_errors_named(s: Settings, catalog: Any, connection: str) -> Iterator[None]:
+    """A lake that cannot be reached or written (a bucket that does not exist, no credentials,
+    a full or read-only disk) fails a sync with the variable that names it, not a traceback."""
+    from stripe_platform.ingestion.catalog import S3Destination
+
+    try:
+        yield
+    except OSError as exc:  # pyarrow's filesystems raise OSError for local and S3 failures
+        known = {c.name: c for c in catalog.connections}
+        target = known.get(connection)
+        if target is None or not isinstance(catalog.destination(target.destination), S3Destination):
+            raise
+        raise SettingsError(
+            f"{ENV_PREFIX}LAKE_URI: the lake {s.lake_root} cannot be written ({exc}); {LAKE_FORMS}"
+        ) from None
+
+
+def _sync_embedded(
+    s: Settings, catalog: Any, connection: str, as_json: bool, follow: bool, interval: float
+) -> None:
+    from rich.progress import Progress, TextColumn
+
+    from stripe_platform.ingestion.engine import open_writer, run_sync
+
+    if follow:
+        import threading
+
+        from stripe_platform.ingestion.engine import follow as follow_changes
+
+        stop = threading.Event()
+        err.print(f"{connection}: following changes every {interval}s; Ctrl-C stops cleanly")
+        try:
+            report = follow_changes(
+                s,
+                connection,
+                stop,
+                interval,
+                catalog=catalog,
+                progress=lambda stream, rows: err.print(f"{stream:<28} +{rows:,}"),
+            )
+        except KeyboardInterrupt:  # the batch in flight is re-delivered by the next run
+            stop.set()
+            return
+        console.print_json(data=report.as_dict()) if as_json else console.print(
+            f"{report.connection}: {report.rows:,} rows"
+        )
+        return
+
+    started = time.monotonic()
+    with Progress(
+        TextColumn("{task.description}", markup=False), console=err, disable=as_json
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stream: str, rows: int) -> None:
+            if stream not in tasks:
+                tasks[stream] = bar.add_task(stream, total=None, rows=0)
+            task = bar.tasks[tasks[stream]]
+            done = task.fields["rows"] + rows
+            rate = done / max(time.monotonic() - started, 1e-6)
+            bar.update(
+                tasks[stream],
+                rows=done,
+                description=f"{stream:<28} {done:>10,} rows {rate:>10,.0f}/s",
+            )
+
+        report = run_sync(s, catalog, open_writer(s, catalog, connection), connection, progress)
+    for stream in report.streams.values():  # on stderr: stdout stays the JSON report
+        for warning in stream.warnings:
+            err.print(
+                f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True
+            )
+    if as_json:
+        console.print_json(data=report.as_dict())
+        return
+    console.print(
+        f"{report.connection}: {report.phase}, {report.rows:,} rows in {report.seconds:.1f}s "
+        f"(sync {report.sync_id})"
+    )
+    for name, stream in report.streams.items():
+        extra = f"  nulled {stream.nulled}" if stream.nulled else ""
+        extra += f"  new columns {stream.added_columns}" if stream.added_columns else ""
+        extra += (
+            f"  dropped at the source (kept, NULL from now on) {stream.dropped_columns}"
+            if stream.dropped_columns
+            else ""
+        )
+        console.print(f"  {name:<28} {stream.rows:>10,}{extra}")
+
+
+@command(airbyte_app, "plan")
+def airbyte_plan() -> None:
+    """Show what `airbyte apply` would create or update in the Airbyte workspace."""
+    from stripe_platform.ingestion import airbyte_api
+    from stripe_platform.ingestion.catalog import load_catalog
+
+    catalog = load_catalog()
+    console.print(airbyte_api.plan(airbyte_api.connect_from_env(catalog), catalog).render())
+
+
+@command(airbyte_app, "apply")
+def airbyte_apply(
+    yes: Annotated[bool, typer.Option("--yes", help="Apply without asking")] = False,
+) -> None:
+    """Create or update sources, destinations and connections, matched by name (idempotent)."""
+    from stripe_platform.ingestion import airbyte_api
+    from stripe_platform.ingestion.catalog import load_catalog
+
+    catalog = load_catalog()
+    client = airbyte_api.connect_from_env(catalog)
+    plan = airbyte_api.plan(client, catalog)
+    console.print(plan.render())
+    if not plan.pending:
+        return
+    if not yes and not typer.confirm("apply these changes?"):
+        raise typer.Exit(1)
+    applied = airbyte_api.apply(client, plan)
+    console.print(f"applied: { {k: len(v) for k, v in applied.items()} }")
