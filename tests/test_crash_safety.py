@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import Engine, open_writer, slot_name
+from stripe_platform.ingestion.engine import Engine, follow, open_writer, slot_name
 from stripe_platform.oltp import db
 from stripe_platform.seed import incremental
 from stripe_platform.seed import load as seed_load
@@ -455,6 +456,90 @@ def test_a_sync_to_another_lake_does_not_make_the_first_lose_changes(source, mak
     assert "re-created past this destination's position" in back.snapshot_reason
     assert_equal_to_source(source, default)
     assert default.sync(catalog).phase == "incremental"
+
+
+def test_following_notices_another_destination_taking_its_slot(source, make_destination):
+    """engine.follow checks the slot after every read: a sync to another destination that
+    re-creates the slot while the follower writes a batch (after its read, before its next one)
+    makes the follower take a new snapshot, not read on from the new slot past the changes
+    committed in between."""
+    from stripe_platform.warehouse.raw import DuckDBRaw
+
+    catalog = load_catalog()
+    followed, other = make_destination("duckdb"), make_destination("duckdb")
+    raw = DuckDBRaw(duckdb.connect(followed.spec["path"]))
+    real_write, armed, blocked, release = (
+        raw.write,
+        threading.Event(),
+        threading.Event(),
+        threading.Event(),
+    )
+
+    def write(stream, batch, **kwargs):
+        if (
+            armed.is_set()
+            and stream.name == "postgres_device"
+            and "_ab_cdc_deleted_at" in (batch.column_names)
+        ):
+            armed.clear()
+            blocked.set()  # the follower read the changes and is writing them
+            release.wait()
+        return real_write(stream, batch, **kwargs)
+
+    raw.write = write
+    stop, out = threading.Event(), {}
+
+    def run():
+        try:
+            out["report"] = follow(source, WAREHOUSE, stop, 0.05, catalog=catalog, writer=raw)
+        except BaseException as exc:  # re-raised below
+            out["error"] = exc
+
+    reader = raw.conn.cursor()  # DuckDB: a cursor per thread
+
+    def wait_for(query, expected):
+        for _ in range(1200):  # up to ~60 s, until the follower's commit shows it
+            try:
+                if "error" in out or reader.execute(query).fetchall() == expected:
+                    break
+            except duckdb.CatalogException:  # the first sync has not made the table yet
+                pass
+            time.sleep(0.05)
+        assert "error" not in out, out["error"]
+        assert reader.execute(query).fetchall() == expected
+
+    merchants = source_rows(source, "merchant", ("id",))
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for("SELECT count(*) FROM raw.postgres_merchant", [(len(merchants),)])
+        armed.set()
+        with db.connect(source, autocommit=True) as conn:
+            conn.execute("UPDATE Merchant SET Rating = 0.1 WHERE ID = %s", (merchants[0][0],))
+            conn.execute(
+                "DELETE FROM Device WHERE ID = (SELECT min(d.ID) FROM Device d WHERE NOT EXISTS "
+                "(SELECT FROM Transaction t WHERE t.DeviceID = d.ID))"
+            )
+        assert blocked.wait(60), "the follower never wrote the device change"
+        write_at_source(source, seed=6)  # after the follower's read: in no batch of it yet
+        taken = other.sync(catalog)  # re-creates the slot past those changes
+        assert taken.phase == "snapshot"
+        release.set()
+        count = source_rows(source, "transaction", ("count(*)",))
+        wait_for(
+            "SELECT count(*) FROM raw.postgres_transaction WHERE _ab_cdc_deleted_at IS NULL", count
+        )
+    finally:
+        release.set()
+        stop.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert "error" not in out, out["error"]
+    report = out["report"]
+    assert "re-created past this destination's position" in report.snapshot_reason
+    reader.close()
+    raw.conn.close()
+    assert_equal_to_source(source, followed)
 
 
 # -- what the resume check stands on -----------------------------------------------------------
