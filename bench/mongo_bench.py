@@ -39,10 +39,10 @@ from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect, is_standin
 from stripe_platform.docstore.queries import DocumentQuery, load_queries, run_query
 from stripe_platform.docstore.specs import apply_specs, view_sources
-from stripe_platform.sample import load_documents
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.load import document_plan
 from stripe_platform.seed.spec import make_spec
+from stripe_platform.showcase.brief_examples import load_documents
 
 RESULTS = Path(__file__).parent / "results"
 BATCH = 5_000

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 # The demo is measured as users run it: `make demo` without SCALE.
-from stripe_platform.demo import DEFAULT_SCALE as DEMO_SCALE
+from stripe_platform.showcase.demo import DEFAULT_SCALE as DEMO_SCALE
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -16,11 +16,11 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from stripe_platform import sample
 from stripe_platform.config import Settings, load_settings
 from stripe_platform.docstore import client as docstore
 from stripe_platform.oltp import db, partitions
 from stripe_platform.oltp.migrate import migrate
+from stripe_platform.showcase import brief_examples
 
 TEMPLATE_DB = "stripe_template"
 _db_counter = itertools.count()
@@ -79,9 +79,9 @@ def conn(settings: Settings, database: str) -> Iterator[psycopg.Connection]:
 
 @pytest.fixture
 def loaded(conn: psycopg.Connection) -> psycopg.Connection:
-    """A migrated database with this month's partitions and the demo sample."""
+    """A migrated database with this month's partitions and the brief's example records."""
     partitions.maintain(conn, today=dt.date.today(), months_ahead=1, retention_months=36)
-    sample.load_oltp(conn)
+    brief_examples.load_oltp(conn)
     return conn
 
 

@@ -170,7 +170,7 @@ def test_rules_paths_and_names_keep_their_brackets(tmp_path):
 def test_the_demo_tables_print_values_as_they_are():
     from rich.console import Console
 
-    from stripe_platform.demo import table
+    from stripe_platform.showcase.demo import table
 
     console = Console(record=True, width=120)
     console.print(table("t[a-z]", ["pattern [x]"], [("^[a-z_][a-z0-9_]*$",)]))

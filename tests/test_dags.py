@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from airbyte_fake import FakeAirbyte
-from stripe_platform import sample
 from stripe_platform.config import load_settings
 from stripe_platform.docstore import client as docstore
 from stripe_platform.ingestion import cdc
@@ -33,6 +32,7 @@ from stripe_platform.orchestration.airflow_runtime import (
     airflow_env,
     migrate_airflow_db,
 )
+from stripe_platform.showcase import brief_examples
 
 # Airflow reads its configuration when first imported: point it at a throwaway home (SQLite
 # metadata, the repository's dags/) before anything in this process imports it.
@@ -254,7 +254,7 @@ def embedded_env(settings, loaded, database, tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     s = load_settings()
-    sample.load_documents(docstore.connect(s))
+    brief_examples.load_documents(docstore.connect(s))
     yield s
     with db.connect(s, autocommit=True) as conn:
         for name in ("postgres-to-s3", "mongodb-to-s3"):

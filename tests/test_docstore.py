@@ -6,9 +6,9 @@ import sys
 import pytest
 from pymongo.errors import DuplicateKeyError, WriteError
 
-from stripe_platform import sample
 from stripe_platform.docstore.queries import load_queries, run_query
 from stripe_platform.docstore.specs import apply_specs, load_specs
+from stripe_platform.showcase import brief_examples
 
 BRIEF_INDEXES = {
     "Customer": [
@@ -56,7 +56,7 @@ def run(docdb, name):
 
 def test_brief_queries_return_the_right_documents(docdb):
     apply_specs(docdb)
-    sample.load_documents(docdb)
+    brief_examples.load_documents(docdb)
 
     admin_errors = run(docdb, "admin-error-logs")
     # Only admin's session on the stripe database that has an ERROR line (not its plain LOG
@@ -72,14 +72,14 @@ def test_brief_queries_return_the_right_documents(docdb):
     assert len(top) == 5 and top[0]["_id"] == max(counts, key=counts.get)
 
     reviews = run(docdb, "customer-merchant-reviews")
-    assert sorted(d["transaction_id"] for d in reviews) == [1, sample.BRIEF_TRANSACTION_ID]
-    assert all(d["customer_id"] == sample.JOHN_DOC_ID for d in reviews)
-    assert all(d["merchant_id"] == sample.AMAZON_DOC_ID for d in reviews)
+    assert sorted(d["transaction_id"] for d in reviews) == [1, brief_examples.BRIEF_TRANSACTION_ID]
+    assert all(d["customer_id"] == brief_examples.JOHN_DOC_ID for d in reviews)
+    assert all(d["merchant_id"] == brief_examples.AMAZON_DOC_ID for d in reviews)
 
 
 def test_loading_the_sample_twice_changes_nothing(docdb):
-    first = sample.load_documents(docdb)
-    assert sample.load_documents(docdb) == first
+    first = brief_examples.load_documents(docdb)
+    assert brief_examples.load_documents(docdb) == first
 
 
 def test_standin_data_is_seen_by_another_process(tmp_path):
@@ -108,7 +108,7 @@ def test_validator_rejects_a_malformed_document(real_mongodb):
 
 def test_brief_log_query_runs_on_the_logdata_view(real_mongodb):
     apply_specs(real_mongodb)
-    sample.load_documents(real_mongodb)
+    brief_examples.load_documents(real_mongodb)
     assert "LogData" in real_mongodb.list_collection_names()
     found = list(
         real_mongodb.LogData.find(

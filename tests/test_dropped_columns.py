@@ -31,7 +31,7 @@ pytestmark = pytest.mark.timeout(300)
 
 PG = "postgres-to-snowflake"
 MCC = "merchantcategorycode"
-# The demo sample's merchants (sample.MERCHANTS): id -> MerchantCategoryCode.
+# The demo sample's merchants (brief_examples.MERCHANTS): id -> MerchantCategoryCode.
 SAMPLE_MCC = {3: "5399", 4: "5462", 5: "4511", 6: "5816", 7: "5942", 8: "5912"}
 
 

@@ -3,10 +3,10 @@
 import psycopg
 import pytest
 
-from stripe_platform import sample
-from stripe_platform.demo import run_brief_acid_example
 from stripe_platform.oltp.status import StatusChangeError, change_status
 from stripe_platform.paths import SQL_EXAMPLES_DIR
+from stripe_platform.showcase import brief_examples
+from stripe_platform.showcase.demo import run_brief_acid_example
 
 
 def status_of(conn, tx_id):
@@ -33,7 +33,7 @@ def test_brief_acid_example_runs_as_written(loaded):
     trail_dt = loaded.execute(
         "SELECT TransactionDateTime FROM TransactionStateChanges WHERE TransactionID = 12345"
     ).fetchone()[0]
-    assert trail_dt == sample.BRIEF_TIMESTAMP
+    assert trail_dt == brief_examples.BRIEF_TIMESTAMP
 
 
 def test_failure_between_the_two_steps_leaves_neither(loaded):

@@ -133,7 +133,7 @@ def demo(
 ) -> None:
     """The main job: runtime up, the brief's statements, seed, Airflow runs the ELT DAGs (sync,
     dbt), then the brief's queries answered."""
-    from stripe_platform import demo as demo_job
+    from stripe_platform.showcase import demo as demo_job
 
     # The showcase styles its lines (and escapes what it prints from data).
     demo_job.run(settings(), Console(), scale=scale)

@@ -1,9 +1,9 @@
-"""A small, fixed sample for the demo and tests: the brief's own example records (John42, the
-Amazon merchant, transaction 12345 in Lille, its review, session and logs) plus a few hundred
-deterministic neighbours spread over the last two years. Loading it twice changes nothing.
+"""The brief's own example records, for the demo and tests: John42, the Amazon merchant,
+transaction 12345 in Lille, its review, session and logs, plus a few hundred deterministic
+neighbours spread over the last two years. Loading them twice changes nothing.
 
-Realistic data at scale is `stripe-platform seed` (a later issue); this is only enough to show
-every table, partition and collection working.
+Realistic data at scale is `stripe-platform seed`; this is only enough to show every table,
+partition and collection working.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def _sample_transactions(today: dt.date) -> list[tuple[Any, ...]]:
 
 
 def load_oltp(conn: psycopg.Connection, today: dt.date | None = None) -> int:
-    """Insert the sample into PostgreSQL (idempotent); return the number of transactions present."""
+    """Insert the examples into PostgreSQL (idempotent); return the number of transactions present."""
     today = today or dt.date.today()
     with conn.transaction():
         with conn.cursor() as cur:
@@ -453,7 +453,7 @@ def _documents() -> dict[str, list[dict[str, Any]]]:
 
 
 def load_documents(db: Any) -> dict[str, int]:
-    """Upsert the sample documents by _id (idempotent); return the count per collection."""
+    """Upsert the example documents by _id (idempotent); return the count per collection."""
     counts = {}
     for collection, docs in _documents().items():
         for doc in docs:

@@ -1,8 +1,8 @@
 """The main job on the embedded profile, the whole pipeline:
 
 1. the runtime up, the schema and collections applied;
-2. the brief's OLTP statements and document queries on its own example records (the sample, in the
-   `<database>_brief` databases, so they never mix with the synthetic data);
+2. the brief's OLTP statements and document queries on its own example records (brief_examples.py,
+   in the `<database>_brief` databases, so they never mix with the synthetic data);
 3. synthetic data seeded at ``scale`` (a re-run appends an hour of activity instead);
 4. real Airflow runs ``elt_warehouse_daily`` (sync to the warehouse, dbt through cosmos, mart
    Assets) and ``elt_lake_daily`` (sync to the lake) with ``airflow dags test``;
@@ -24,7 +24,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from stripe_platform import sample
 from stripe_platform.config import Settings
 from stripe_platform.docstore import client as docstore
 from stripe_platform.docstore.queries import load_queries, run_query
@@ -33,6 +32,7 @@ from stripe_platform.oltp import db, partitions
 from stripe_platform.oltp.migrate import migrate
 from stripe_platform.oltp.status import StatusChangeError, change_status
 from stripe_platform.paths import SQL_EXAMPLES_DIR
+from stripe_platform.showcase import brief_examples
 
 
 def table(title: str, columns: list[str], rows: list[Any]) -> Table:
@@ -68,7 +68,7 @@ DAGS = ("elt_warehouse_daily", "elt_lake_daily")
 
 
 def brief_settings(settings: Settings) -> Settings:
-    """The databases holding the brief's example records (the sample)."""
+    """The databases holding the brief's example records."""
     return settings.model_copy(
         update={
             "pg_database": f"{settings.pg_database}_brief",
@@ -246,7 +246,7 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
         step(
             f"Transaction partitions: {len(report.created)} created, {len(report.archived)} archived"
         )
-        count = sample.load_oltp(conn)
+        count = brief_examples.load_oltp(conn)
         step(f"sample loaded: {count} transactions")
 
         console.rule("[bold]The brief's OLTP statements")
@@ -339,7 +339,7 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
 
     documents = docstore.connect(settings)
     apply_specs(documents)
-    loaded = sample.load_documents(documents)
+    loaded = brief_examples.load_documents(documents)
     step(
         "document collections applied, sample loaded: "
         + ", ".join(f"{k} {v}" for k, v in loaded.items())
