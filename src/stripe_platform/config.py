@@ -231,6 +231,11 @@ class Settings(BaseSettings):
         return legacy if legacy.exists() else self.home_dir / "warehouse" / "warehouse.duckdb"
 
     @property
+    def docstore_dir(self) -> Path:
+        """The document store stand-in's files (litemongo), used when MONGODB_URI is unset."""
+        return self.home_dir / "docstore"
+
+    @property
     def lake_root(self) -> str:
         return self.lake_uri or str(self.home_dir / "lake")
 

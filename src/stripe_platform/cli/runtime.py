@@ -70,7 +70,7 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     info["documents"] = (
         {"backend": "mongodb", "database": s.mongodb_database}
         if s.mongodb_uri
-        else {"backend": "stand-in (litemongo)", "path": str(s.home_dir / "docstore")}
+        else {"backend": "stand-in (litemongo)", "path": str(s.docstore_dir)}
     )
     info["warehouse"] = {"backend": s.warehouse_backend}
     if s.warehouse_backend == "duckdb":
@@ -145,13 +145,13 @@ def airflow(
 ) -> None:
     """Start Airflow on this machine (`airflow standalone`: UI, scheduler, DAG processor,
     triggerer) with the platform's DAGs, until Ctrl-C."""
-    from stripe_platform.orchestration.airflow_runtime import run_airflow_standalone
+    from stripe_platform.orchestration.airflow_runtime import airflow_home, run_airflow_standalone
     from stripe_platform.transform.dbt import ensure_manifest
 
     s = settings()
     ensure_manifest(s)  # what cosmos renders the DAGs from
     err.print(
         f"Airflow on http://127.0.0.1:{port} (user admin; password in "
-        f"{s.home_dir / 'airflow' / 'simple_auth_manager_passwords.json.generated'})"
+        f"{airflow_home(s) / 'simple_auth_manager_passwords.json.generated'})"
     )
     raise typer.Exit(run_airflow_standalone(s, port=port))

@@ -24,9 +24,8 @@ def connect(settings: Settings) -> Database[Any]:
         return client[settings.mongodb_database]
     import litemongo  # imported lazily: only the embedded profile needs it
 
-    path = settings.home_dir / "docstore"
-    path.mkdir(parents=True, exist_ok=True)
-    return litemongo.connect(str(path), tz_aware=True)[settings.mongodb_database]
+    settings.docstore_dir.mkdir(parents=True, exist_ok=True)
+    return litemongo.connect(str(settings.docstore_dir), tz_aware=True)[settings.mongodb_database]
 
 
 def is_standin(db: Any) -> bool:

@@ -217,7 +217,7 @@ def where_things_are(settings: Settings, console: Console) -> None:
     console.rule("[bold]Where things are")
     lines = [
         ("OLTP", f"`stripe-platform psql` (database {settings.pg_database})"),
-        ("documents", f"{settings.home_dir / 'docstore'} (`stripe-platform mongo query NAME`)"),
+        ("documents", f"{settings.docstore_dir} (`stripe-platform mongo query NAME`)"),
         ("warehouse", f"{settings.warehouse_file} (DuckDB; marts in schema analytics)"),
         ("lake", f"{settings.lake_root}/raw/<source>/<stream>/extracted_date=…/*.parquet"),
         (
