@@ -62,7 +62,7 @@ from stripe_platform.runtime.postgres import find_bindir
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.load import seed
 from stripe_platform.seed.spec import make_spec
-from stripe_platform.warehouse.raw import DuckDBRaw
+from stripe_platform.warehouse.duckdb import DuckDBRaw
 
 DATABASE = "bench_ingest"
 QUERY = "SELECT * FROM transaction"

@@ -641,7 +641,7 @@ def test_every_column_type_lands_the_same_from_snapshot_and_changes(
     import pyarrow as pa
 
     from stripe_platform.ingestion.engine import PG_TYPES, _change_table, _SnapshotReader
-    from stripe_platform.warehouse.raw import Column, RawStream, prepare
+    from stripe_platform.rawlayer import Column, RawStream, prepare
 
     sync_conn.execute(
         "CREATE TABLE every_type (id int PRIMARY KEY, i2 int2, i4 int4, i8 int8, num numeric, "
@@ -808,7 +808,7 @@ def test_a_snapshot_value_that_does_not_fit_is_nulled_not_fatal(
     import pyarrow as pa
 
     from stripe_platform.ingestion.engine import _SnapshotReader
-    from stripe_platform.warehouse.raw import Column, RawStream, prepare
+    from stripe_platform.rawlayer import Column, RawStream, prepare
 
     sync_conn.execute("CREATE TABLE odd (id int PRIMARY KEY, num numeric)")
     sync_conn.execute("INSERT INTO odd VALUES (1, 1.5), (2, 'NaN')")

@@ -94,7 +94,7 @@ class _PausingWriter:
 def _open_destination(spec: dict[str, Any], settings: Any, catalog: Any) -> Any:
     kind = spec["kind"]
     if kind == "duckdb":
-        from stripe_platform.warehouse.raw import DuckDBRaw
+        from stripe_platform.warehouse.duckdb import DuckDBRaw
 
         return DuckDBRaw(duckdb.connect(spec["path"]))
     if kind == "postgres":
@@ -463,7 +463,7 @@ def test_following_notices_another_destination_taking_its_slot(source, make_dest
     re-creates the slot while the follower writes a batch (after its read, before its next one)
     makes the follower take a new snapshot, not read on from the new slot past the changes
     committed in between."""
-    from stripe_platform.warehouse.raw import DuckDBRaw
+    from stripe_platform.warehouse.duckdb import DuckDBRaw
 
     catalog = load_catalog()
     followed, other = make_destination("duckdb"), make_destination("duckdb")

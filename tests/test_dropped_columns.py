@@ -24,8 +24,9 @@ from stripe_platform.ingestion.engine import Engine
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db
+from stripe_platform.rawlayer import Column, RawStream
+from stripe_platform.warehouse.duckdb import DuckDBRaw
 from stripe_platform.warehouse.postgres import PostgresRaw
-from stripe_platform.warehouse.raw import Column, DuckDBRaw, RawStream
 
 pytestmark = pytest.mark.timeout(300)
 

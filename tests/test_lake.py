@@ -32,10 +32,10 @@ from stripe_platform.ingestion.engine import Engine, open_writer, slot_name
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import GENERATION_KEY, LakeWriter
 from stripe_platform.oltp import db
+from stripe_platform.rawlayer import Column, RawStream, prepare
 from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
-from stripe_platform.warehouse.raw import Column, RawStream, prepare
 
 TRANSACTION = RawStream(
     namespace="raw_postgres",

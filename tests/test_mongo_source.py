@@ -20,7 +20,8 @@ from stripe_platform.ingestion.mongo_source import (
     read_change_stream,
     supports_change_streams,
 )
-from stripe_platform.warehouse.raw import DuckDBRaw, RawStream
+from stripe_platform.rawlayer import RawStream
+from stripe_platform.warehouse.duckdb import DuckDBRaw
 
 
 def at(minute: int) -> dt.datetime:

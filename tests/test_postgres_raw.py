@@ -17,8 +17,8 @@ import pytest
 
 from stripe_platform.config import Settings
 from stripe_platform.oltp.db import conninfo
+from stripe_platform.rawlayer import STATE_TABLE, Column, RawStream, SchemaChangeError
 from stripe_platform.warehouse.postgres import PostgresRaw
-from stripe_platform.warehouse.raw import STATE_TABLE, Column, RawStream, SchemaChangeError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -6,7 +6,9 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from stripe_platform.warehouse.raw import Column, DuckDBRaw, RawStream, SchemaChangeError
+from stripe_platform import rawlayer
+from stripe_platform.rawlayer import Column, RawStream, SchemaChangeError
+from stripe_platform.warehouse.duckdb import DuckDBRaw
 
 MERCHANT = RawStream(
     namespace="raw_postgres",
@@ -215,21 +217,19 @@ def test_metadata_columns_are_built_in_bulk(raw, monkeypatch):
     rows whose value did not fit carry changes in their _airbyte_meta."""
     import uuid
 
-    from stripe_platform.warehouse import raw as raw_module
-
-    ids = raw_module._uuid4_strings(1000).to_pylist()
+    ids = rawlayer._uuid4_strings(1000).to_pylist()
     assert len(set(ids)) == 1000
     for text in ids:
         parsed = uuid.UUID(text)
         assert (str(parsed), parsed.version, parsed.variant) == (text, 4, uuid.RFC_4122)
-    assert raw_module._uuid4_strings(0).to_pylist() == []
-    monkeypatch.setattr(raw_module, "_MAX_STRING_BYTES", 36 * 3)  # 3 ids per chunk
-    chunked = raw_module._uuid4_strings(7)
+    assert rawlayer._uuid4_strings(0).to_pylist() == []
+    monkeypatch.setattr(rawlayer, "_MAX_STRING_BYTES", 36 * 3)  # 3 ids per chunk
+    chunked = rawlayer._uuid4_strings(7)
     assert isinstance(chunked, pa.ChunkedArray) and chunked.num_chunks == 3
     assert all(uuid.UUID(t).version == 4 for t in chunked.to_pylist())
-    assert raw_module._repeat_string("{}", 4).to_pylist() == ["{}"] * 4
+    assert rawlayer._repeat_string("{}", 4).to_pylist() == ["{}"] * 4
 
-    typed, nulled = raw_module.prepare(
+    typed, nulled = rawlayer.prepare(
         MERCHANT,
         batch(id=[1, 2, 3], name=["a", "b", "c"], rating=["4.5", "oops", "3"]),
         sync_id="s9",

@@ -21,7 +21,7 @@ import snowflake.connector
 from snowflake.connector import SnowflakeConnection
 from snowflake.connector.errors import ProgrammingError
 
-from stripe_platform.warehouse.raw import Column, RawStream, SchemaChangeError
+from stripe_platform.rawlayer import Column, RawStream, SchemaChangeError
 from stripe_platform.warehouse.snowflake import WIDEN_SUFFIX, SnowflakeRaw
 
 pytestmark = [

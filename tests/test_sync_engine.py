@@ -23,7 +23,7 @@ from stripe_platform.oltp.migrate import migrate
 from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
-from stripe_platform.warehouse.raw import DuckDBRaw
+from stripe_platform.warehouse.duckdb import DuckDBRaw
 
 PG = "postgres-to-snowflake"
 END = dt.date(2026, 11, 1)

@@ -28,8 +28,9 @@ from stripe_platform.ingestion.engine import Engine, _typed, slot_name
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db
+from stripe_platform.rawlayer import ARROW, Column, RawStream, prepare
+from stripe_platform.warehouse.duckdb import DuckDBRaw
 from stripe_platform.warehouse.postgres import PostgresRaw
-from stripe_platform.warehouse.raw import ARROW, Column, DuckDBRaw, RawStream, prepare
 
 pytestmark = [
     pytest.mark.timeout(300),

@@ -10,8 +10,8 @@ import duckdb
 import pyarrow as pa
 
 from stripe_platform.config import load_settings
+from stripe_platform.rawlayer import Column, RawStream
 from stripe_platform.warehouse import open_raw_writer
-from stripe_platform.warehouse.raw import Column, RawStream
 
 CUSTOMER = RawStream(
     namespace="raw",

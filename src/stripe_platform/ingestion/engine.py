@@ -13,7 +13,7 @@ progress" from before the slot is touched), are snapshotted again, and the repor
 MongoDB sources: a full read, then incremental reads by cursor field (or change streams on a
 server that has them), the cursor saved with each batch.
 
-Destinations: the warehouse raw layer (warehouse/raw.py) for warehouse connections. Each slot
+Destinations: a raw-layer writer (rawlayer.RawWriter), the warehouse's or the lake's. Each slot
 belongs to one connection, so connections to different destinations advance independently.
 """
 
@@ -53,10 +53,11 @@ from stripe_platform.ingestion.catalog import (
 )
 from stripe_platform.ingestion.pgoutput import TYPED_OIDS, UNCHANGED, convert_value, format_lsn
 from stripe_platform.oltp import db
-from stripe_platform.warehouse.raw import (
+from stripe_platform.rawlayer import (
     ARROW,
     Column,
     RawStream,
+    RawWriter,
     SchemaChangeError,
     WriteResult,
     safe_cast,
@@ -225,13 +226,14 @@ def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 
 class Engine:
-    """Runs one connection against one raw-layer writer (DuckDBRaw, PostgresRaw, SnowflakeRaw)."""
+    """Runs one connection against one raw-layer writer (DuckDBRaw, PostgresRaw, SnowflakeRaw,
+    LakeRaw)."""
 
     def __init__(
         self,
         settings: Settings,
         catalog: Catalog,
-        writer: Any,
+        writer: RawWriter,
         progress: Progress = lambda stream, rows: None,
     ) -> None:
         self.settings = settings
@@ -425,10 +427,8 @@ class Engine:
             reader = stack.enter_context(_SnapshotReader(snap, SNAPSHOT_READERS))
             # Entered after the reader, so it exits first: a failed write waits for the others.
             writes = stack.enter_context(_SnapshotWrites(self, report, generation))
-            begin = getattr(self.writer, "begin_snapshot", None)
             for stream in streams:
-                if begin is not None:  # lets a warehouse append into an empty table
-                    begin(raw[stream.name], generation)
+                self.writer.begin_snapshot(raw[stream.name], generation)
                 for table in reader.tables(stream.name, raw[stream.name].columns):
                     n = table.num_rows
                     table = table.append_column(
@@ -763,7 +763,7 @@ class _SnapshotWrites:
 
     def __init__(self, engine: Engine, report: SyncReport, generation: int) -> None:
         self.engine, self.report, self.generation = engine, report, generation
-        self.parallel = SNAPSHOT_WRITES if getattr(engine.writer, "concurrent_writes", False) else 1
+        self.parallel = SNAPSHOT_WRITES if engine.writer.concurrent_writes else 1
         self._pool = (
             ThreadPoolExecutor(self.parallel, thread_name_prefix="snapshot-write")
             if self.parallel > 1
@@ -898,7 +898,7 @@ def _change_table(
     )
 
 
-def open_writer(settings: Settings, catalog: Catalog, connection_name: str) -> Any:
+def open_writer(settings: Settings, catalog: Catalog, connection_name: str) -> RawWriter:
     """Where a connection writes on the embedded engine: the lake for S3 connections, else the
     configured warehouse's raw layer."""
     from stripe_platform.ingestion.catalog import S3Destination
@@ -923,7 +923,7 @@ def follow(
     interval: float = 0.2,
     *,
     catalog: Catalog | None = None,
-    writer: Any | None = None,
+    writer: RawWriter | None = None,
     progress: Progress = lambda stream, rows: None,
 ) -> SyncReport:
     """Run a connection continuously until ``stop_event`` is set (see :meth:`Engine.follow`):
@@ -939,7 +939,7 @@ def follow(
 def run_sync(
     settings: Settings,
     catalog: Catalog,
-    writer: Any,
+    writer: RawWriter,
     connection: str,
     progress: Progress = lambda stream, rows: None,
 ) -> SyncReport:

@@ -29,7 +29,7 @@ from bson import Decimal128, ObjectId, json_util
 
 from stripe_platform.docstore.client import is_standin
 from stripe_platform.docstore.specs import load_specs
-from stripe_platform.warehouse.raw import SOURCE_CHANGES, Column
+from stripe_platform.rawlayer import SOURCE_CHANGES, Column
 
 BSON_TYPES = {
     "objectId": "string",

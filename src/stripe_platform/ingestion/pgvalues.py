@@ -33,7 +33,7 @@ from typing import Any, Final
 import numpy as np
 import pyarrow as pa
 
-from stripe_platform.warehouse.raw import (
+from stripe_platform.rawlayer import (
     ARROW,
     FIRST_DATE_DAYS,
     FIRST_TIMESTAMP_US,

@@ -1,4 +1,4 @@
-"""The lake as a sync destination: the raw-writer interface of warehouse/raw.py over LakeWriter.
+"""The lake as a sync destination: a ``rawlayer.RawWriter`` over LakeWriter.
 
 The lake appends (one parquet file per batch); sync state sits beside the data in
 ``<root>/_stripe_platform/state/<key>.json``, written after the batch's file is durable, so a crash in
@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from stripe_platform.lake.writer import LakeWriter
-from stripe_platform.warehouse.raw import (
+from stripe_platform.rawlayer import (
     RawStream,
     WriteResult,
     dropped_columns,
@@ -44,6 +44,9 @@ class LakeRaw:
 
     def ensure(self, stream: RawStream) -> list[str]:
         return []  # parquet files carry their own schema; readers union by name
+
+    def begin_snapshot(self, stream: RawStream, generation_id: int) -> None:
+        pass  # a snapshot's batches are files like any other; finish_overwrite supersedes
 
     def load_state(self, key: str) -> dict[str, Any] | None:
         path = self._state_path(key)

@@ -2,7 +2,7 @@
 
 Every batch becomes one parquet file at
 ``<root>/raw/<source>/<stream>/extracted_date=YYYY-MM-DD/<sync_id>-<n>.parquet`` (ARCHITECTURE §4),
-with exactly the columns of the raw tables: the batch is typed by ``warehouse.raw.prepare()``, the
+with exactly the columns of the raw tables: the batch is typed by ``rawlayer.prepare()``, the
 same path the warehouse uses, so the lake and the Destinations V2 tables cannot drift apart.
 
 The files are plain parquet (snappy, INT64 UTC-microsecond timestamps, hive-style partition
@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from stripe_platform.warehouse.raw import RawStream, prepare
+from stripe_platform.rawlayer import RawStream, prepare
 
 if TYPE_CHECKING:
     from stripe_platform.config import Settings

@@ -225,7 +225,7 @@ def run_dbt(
     output = redirect_stdout(sys.stderr) if on_node else nullcontext()
     private: AbstractContextManager[None] = nullcontext()
     if settings.warehouse_backend == "duckdb":  # dbt writes the warehouse file and its WAL
-        from stripe_platform.warehouse.raw import private_duckdb_file, private_files
+        from stripe_platform.warehouse.duckdb import private_duckdb_file, private_files
 
         private_duckdb_file(settings.warehouse_file)
         private = private_files()

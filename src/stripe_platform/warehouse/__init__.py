@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stripe_platform.config import Settings
 
+if TYPE_CHECKING:  # the writers and pyarrow load only when one is opened
+    from stripe_platform.rawlayer import RawWriter
 
-def open_raw_writer(settings: Settings) -> Any:
+
+def open_raw_writer(settings: Settings) -> RawWriter:
     """DuckDBRaw (embedded default), PostgresRaw or SnowflakeRaw, per STRIPE_PLATFORM_WAREHOUSE."""
     backend = settings.warehouse_backend
     if backend == "duckdb":
-        from stripe_platform.warehouse.raw import DuckDBRaw, connect_duckdb
+        from stripe_platform.warehouse.duckdb import DuckDBRaw, connect_duckdb
 
         return DuckDBRaw(connect_duckdb(settings.warehouse_file))
     if backend == "postgres":

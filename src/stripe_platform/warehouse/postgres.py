@@ -1,7 +1,7 @@
-"""The raw layer on PostgreSQL (the ``compose`` profile's warehouse): the same contract as ``DuckDBRaw``.
+"""The raw layer on PostgreSQL (the ``compose`` profile's warehouse), to the ``rawlayer`` contract.
 
 Names are the stream's own (lower-case, quoted), as in DuckDB, so the dbt sources are the same on
-both; the sync state lives in ``airbyte_internal.stripe_platform_sync_state`` (``raw.STATE_TABLE``).
+both; the sync state lives in ``airbyte_internal.stripe_platform_sync_state`` (``rawlayer.STATE_TABLE``).
 
 Load path: the typed batch is streamed with ``COPY ... FROM STDIN (FORMAT csv)`` into a temporary
 table (pyarrow renders the CSV in C++, far faster than building Python rows for COPY binary), then a
@@ -27,7 +27,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from stripe_platform.oltp.db import copy_arrow
-from stripe_platform.warehouse.raw import (
+from stripe_platform.rawlayer import (
     STATE_TABLE,
     WIDENINGS,
     Column,
@@ -89,6 +89,8 @@ def _widen_expr(column: sql.Composable, current: str, new: str) -> sql.Composabl
 
 class PostgresRaw:
     """Destinations V2 tables in PostgreSQL 15+, written over a psycopg 3 connection."""
+
+    concurrent_writes = False  # one connection, one transaction at a time
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
         self.conn = connection
@@ -206,6 +208,9 @@ class PostgresRaw:
                 [stream.key, Jsonb(list(stream.primary_key))],
             )
         return added
+
+    def begin_snapshot(self, stream: RawStream, generation_id: int) -> None:
+        pass  # a snapshot's batches are merged like any other
 
     def state(self, stream: RawStream) -> dict[str, Any] | None:
         return self.load_state(stream.key)

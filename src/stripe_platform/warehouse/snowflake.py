@@ -1,4 +1,4 @@
-"""The raw layer on Snowflake (the ``prod`` warehouse): the same contract as ``DuckDBRaw``.
+"""The raw layer on Snowflake (the ``prod`` warehouse), to the ``rawlayer`` contract.
 
 Identifiers follow Airbyte's Snowflake destination (Destinations V2, ``toSnowflakeCompatibleName``):
 schema, table and column names are upper-cased and written quoted, so ``raw_postgres.merchant.id``
@@ -6,7 +6,7 @@ lands as ``RAW_POSTGRES.MERCHANT.ID`` and the metadata columns as ``_AIRBYTE_RAW
 ``_AIRBYTE_EXTRACTED_AT``, ``_AIRBYTE_META``, ``_AIRBYTE_GENERATION_ID``, ``_AB_CDC_LSN``, ... Because
 Snowflake folds unquoted names to upper case, dbt sources (and analysts) can name them unquoted in
 any case, exactly as they would name a table Airbyte itself loaded. The sync state lives in
-``AIRBYTE_INTERNAL.STRIPE_PLATFORM_SYNC_STATE`` (``raw.STATE_TABLE`` read the Snowflake way).
+``AIRBYTE_INTERNAL.STRIPE_PLATFORM_SYNC_STATE`` (``rawlayer.STATE_TABLE`` read the Snowflake way).
 
 Load path: the typed batch is written to a Parquet file, ``PUT`` to a temporary internal stage and
 ``COPY INTO`` a transient staging table in ``AIRBYTE_INTERNAL`` with ``MATCH_BY_COLUMN_NAME``. That
@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from snowflake.connector import SnowflakeConnection
 
-from stripe_platform.warehouse.raw import (
+from stripe_platform.rawlayer import (
     STATE_TABLE,
     WIDENINGS,
     Column,
@@ -102,7 +102,7 @@ def _kind(data_type: str, scale: int | None) -> str:
 
 
 def _widen_expr(column: str, current: str, new: str) -> str:
-    """The value of a column after a lossless type change (see ``raw.WIDENINGS``)."""
+    """The value of a column after a lossless type change (see ``rawlayer.WIDENINGS``)."""
     if current == "json" and new == "string":
         return f"TO_JSON({column})"
     if new == "json":  # JSON text becomes its value; any other string stays a JSON string
@@ -112,6 +112,8 @@ def _widen_expr(column: str, current: str, new: str) -> str:
 
 class SnowflakeRaw:
     """Destinations V2 tables in Snowflake, written over a snowflake-connector (DB-API) connection."""
+
+    concurrent_writes = False  # one session, one transaction at a time
 
     def __init__(self, connection: SnowflakeConnection, *, database: str | None = None) -> None:
         """``database`` is the exact database name; by default the session's current database."""
@@ -278,6 +280,9 @@ class SnowflakeRaw:
             [stream.key, json.dumps(list(stream.primary_key))],
         )
         return added
+
+    def begin_snapshot(self, stream: RawStream, generation_id: int) -> None:
+        pass  # a snapshot's batches are merged like any other
 
     def state(self, stream: RawStream) -> dict[str, Any] | None:
         return self.load_state(stream.key)
