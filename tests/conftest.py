@@ -47,13 +47,15 @@ def settings() -> Iterator[Settings]:
     s = load_settings(home=home, pg_fsync=False, profile="embedded")
     cluster = db.embedded_cluster(s)
     cluster.up()
-    with db.connect(s, database="postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
-    with db.connect(s, database=TEMPLATE_DB, autocommit=True) as conn:
-        migrate(conn)
-    yield s
-    cluster.down()
-    shutil.rmtree(home, ignore_errors=True)
+    try:  # a failed set-up stops the cluster too: a leaked one holds a port and memory
+        with db.connect(s, database="postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+        with db.connect(s, database=TEMPLATE_DB, autocommit=True) as conn:
+            migrate(conn)
+        yield s
+    finally:
+        cluster.down()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture
