@@ -9,7 +9,8 @@ an OLTP database seeded at --scale, and `seed --tps` writing inserts, updates an
 whole run. For each destination (the DuckDB, PostgreSQL and Snowflake raw layers through
 `postgres-to-snowflake`, the lake through `postgres-to-s3`; Snowflake is fakesnow served on
 loopback), --runs rounds of: `stripe-platform sync` as a process of its own, killed with SIGKILL
-(its whole process group) after a random delay drawn from 0 to 1.5x a clean sync's time; one round
+(its whole process group) after a random delay drawn from 0 to the time a clean sync of that
+kind takes (a re-snapshot or an incremental sync, each timed once beforehand); one round
 in four first drops the connection's replication slot (a DBA, max_slot_wal_keep_size or a
 failover would), so kills land in re-snapshots too. Then the writer stops, two clean syncs run,
 and every incremental stream of the source is compared with the destination's live rows (the
@@ -231,6 +232,12 @@ def _clean_sync(env: dict[str, str], connection: str) -> dict[str, Any]:
     return json.loads(out)
 
 
+def _timed_clean_sync(env: dict[str, str], connection: str) -> float:
+    started = time.monotonic()
+    _clean_sync(env, connection)
+    return time.monotonic() - started
+
+
 def _writer(env: dict[str, str], tps: int) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "stripe_platform.cli", "seed", "--tps", str(tps)],
@@ -288,9 +295,8 @@ def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, r
             cdc.drop_slot(
                 conn, slot_name(source.cdc.replication_slot, connection.name, conn.info.dbname)
             )
-        started = time.monotonic()
-        _clean_sync(dest.env, dest.connection)
-        clean_seconds = time.monotonic() - started
+        snapshot_seconds = _timed_clean_sync(dest.env, dest.connection)  # the first: a snapshot
+        incremental_seconds = _timed_clean_sync(dest.env, dest.connection)
         writer = _writer(dest.env, tps)
         kills = Counter()
         try:
@@ -304,7 +310,7 @@ def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, r
                             ),
                         )
                 proc = _sync(dest.env, dest.connection)
-                delay = rng.uniform(0, 1.5 * clean_seconds)
+                delay = rng.uniform(0, snapshot_seconds if number % 4 == 3 else incremental_seconds)
                 try:
                     proc.wait(timeout=delay)
                     kills["finished before the kill"] += 1
@@ -333,7 +339,8 @@ def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, r
             "runs": runs,
             "killed": kills["killed"],
             "finished_before_kill": kills["finished before the kill"],
-            "clean_sync_seconds": round(clean_seconds, 2),
+            "clean_snapshot_seconds": round(snapshot_seconds, 2),
+            "clean_incremental_seconds": round(incremental_seconds, 2),
             "final_phases": [r.get("phase") for r in reports],
             "tables": tables,
             **{
