@@ -120,6 +120,15 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _widen_expr(column: str, current: str, new: str) -> str:
+    """The value of a column after a lossless type change (see ``rawlayer.WIDENINGS``)."""
+    if current == "string" and new == "json":
+        # JSON text becomes its value; any other text a JSON string (a plain cast refuses it),
+        # as the PostgreSQL and Snowflake writers do.
+        return f"CASE WHEN json_valid({column}) THEN {column}::JSON ELSE to_json({column}) END"
+    return f"{column}::{DUCKDB[new]}"
+
+
 class DuckDBRaw:
     """Destinations V2 tables in a DuckDB file (the embedded warehouse). Methods that write run
     in ``private_files`` (open the file with ``connect_duckdb``)."""
@@ -193,6 +202,7 @@ class DuckDBRaw:
                         )
                     self.conn.execute(
                         f"ALTER TABLE {table} ALTER {_q(column.name)} TYPE {DUCKDB[column.type]}"
+                        f" USING {_widen_expr(_q(column.name), current, column.type)}"
                     )
         self.conn.execute(
             f"INSERT INTO {STATE_TABLE} (stream, primary_key, updated_at) VALUES (?, ?, now()) "
