@@ -1,14 +1,48 @@
-"""The Destinations V2 raw layer in DuckDB: typing, dedup, tombstones, drift, state atomicity."""
+"""The raw-layer contract (``stripe_platform.rawlayer``), held by every raw writer: DuckDB,
+PostgreSQL (the session's cluster, a database per test), Snowflake (the session's fakesnow server,
+a database per test) and the lake (a local directory).
 
+Each contract test runs once per writer (the ``backend`` fixture). What differs between writers is
+how they are read back and how a failed write is provoked, in the ``Backend`` classes below; what
+only one writer does is tested in tests/test_duckdb_raw.py, test_postgres_raw.py,
+test_snowflake_raw.py and test_lake.py. The lake is read as docs/ingestion.md tells its readers:
+the stream's live prefix through DuckDB's glob, the latest version of each key by ``_ab_cdc_lsn``
+then ``_airbyte_extracted_at`` (tombstones kept, as the raw tables keep them). Where the lake
+legitimately differs (append-only parquet files carry their own columns and types: nothing to
+add, widen or refuse, and its JSON is text), the test says so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
 import json
+import uuid
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ClassVar
 
 import duckdb
+import psycopg
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from psycopg.types.string import TextLoader
 
 from stripe_platform import rawlayer
-from stripe_platform.rawlayer import Column, RawStream, SchemaChangeError
+from stripe_platform.lake.target import LakeRaw
+from stripe_platform.lake.writer import LakeWriter
+from stripe_platform.oltp.db import conninfo
+from stripe_platform.rawlayer import Column, RawStream, RawWriter, SchemaChangeError
 from stripe_platform.warehouse.duckdb import DuckDBRaw
+from stripe_platform.warehouse.postgres import PostgresRaw
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    # fakesnow's own server code, not ours.
+    pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning"),
+]
 
 MERCHANT = RawStream(
     namespace="raw_postgres",
@@ -18,24 +52,240 @@ MERCHANT = RawStream(
     mode="append_dedup",
     cdc="postgres",
 )
+_snowflake_databases = itertools.count()
 
 
-@pytest.fixture
-def raw(tmp_path):
-    conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    yield DuckDBRaw(conn)
-    conn.close()
-
-
-def rows(raw, sql):
-    return raw.conn.execute(sql).fetchall()
-
-
-def batch(**columns):
+def batch(**columns: Any) -> pa.Table:
     return pa.table(columns)
 
 
-def test_dedup_keeps_the_latest_version_by_lsn_and_state_follows(raw):
+def json_value(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+# -- the writers -------------------------------------------------------------------------------------
+class Backend:
+    """One writer, and how a test reads back what it wrote."""
+
+    writer: RawWriter
+    # Tables with declared column types: new columns are added and reported, incompatible changes
+    # and a changed primary key refused, JSON columns typed. The lake's files carry their own.
+    typed = True
+    # What a widening of ``amount`` integer -> number and ``note`` string -> json leaves.
+    widened: ClassVar[dict[str, str]]
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        """The result of ``sql``, JSON values as their text."""
+        raise NotImplementedError
+
+    def column_types(self, namespace: str, name: str) -> dict[str, str]:
+        """Column name (lower case) -> the destination's data type."""
+        raise NotImplementedError
+
+    def break_next_write(self, monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[Any]:
+        """Make the next write of MERCHANT fail part way; returns the ``pytest.raises`` for it."""
+        raise NotImplementedError
+
+    def nothing_left_behind(self) -> None:
+        """After a failed write: no staging table or temporary file is left."""
+
+
+class DuckDBBackend(Backend):
+    widened: ClassVar[dict[str, str]] = {"amount": "DOUBLE", "note": "JSON"}
+
+    def __init__(self, path: Path) -> None:
+        self.conn = duckdb.connect(str(path))
+        self.writer = DuckDBRaw(self.conn)
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        return self.conn.execute(sql).fetchall()
+
+    def column_types(self, namespace: str, name: str) -> dict[str, str]:
+        return dict(
+            self.rows(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                f"WHERE table_schema = '{namespace}' AND table_name = '{name}'"
+            )
+        )
+
+    def break_next_write(self, monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[Any]:
+        # The batch's two rows share a name: the merge fails once the batch is staged.
+        self.conn.execute("CREATE UNIQUE INDEX merchant_name ON raw_postgres.merchant (name)")
+        return pytest.raises(duckdb.ConstraintException)
+
+
+class PostgresBackend(Backend):
+    widened: ClassVar[dict[str, str]] = {"amount": "double precision", "note": "jsonb"}
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.writer = PostgresRaw(conn)
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        with self.conn.cursor() as cur:
+            cur.adapters.register_loader("jsonb", TextLoader)  # this cursor only: JSON as text
+            return cur.execute(sql).fetchall()  # type: ignore[arg-type]
+
+    def column_types(self, namespace: str, name: str) -> dict[str, str]:
+        return dict(
+            self.rows(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                f"WHERE table_schema = '{namespace}' AND table_name = '{name}'"
+            )
+        )
+
+    def break_next_write(self, monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[Any]:
+        # The batch's two rows share a name: the merge fails once the batch is copied in.
+        self.conn.execute("CREATE UNIQUE INDEX merchant_name ON raw_postgres.merchant (name)")
+        return pytest.raises(psycopg.errors.UniqueViolation)
+
+    def nothing_left_behind(self) -> None:
+        assert self.rows("SELECT count(*) FROM pg_class WHERE relpersistence = 't'") == [(0,)]
+
+
+class SnowflakeBackend(Backend):
+    widened: ClassVar[dict[str, str]] = {"amount": "FLOAT", "note": "VARIANT"}
+
+    def __init__(self, server: dict[str, Any]) -> None:
+        import snowflake.connector
+
+        from stripe_platform.warehouse.snowflake import SnowflakeRaw
+
+        # fakesnow answers an unhandled error with HTTP 500, which the connector retries until
+        # network_timeout: short timeouts. A database of its own: the server's store is shared.
+        self.conn = snowflake.connector.connect(
+            **{
+                **server,
+                "database": f"RAW_CONTRACT_{next(_snowflake_databases)}",
+                "login_timeout": 10,
+                "network_timeout": 10,
+                "socket_timeout": 10,
+            }
+        )
+        self.writer = SnowflakeRaw(self.conn)
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        # Unquoted names: Snowflake folds them to the upper-case identifiers the writer created.
+        with self.conn.cursor() as cur:
+            return [tuple(r) for r in cur.execute(sql).fetchall()]
+
+    def column_types(self, namespace: str, name: str) -> dict[str, str]:
+        found = self.rows(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            f"WHERE table_schema = '{namespace.upper()}' AND table_name = '{name.upper()}'"
+        )
+        return {column.lower(): kind for column, kind in found}
+
+    def break_next_write(self, monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[Any]:
+        from snowflake.connector.errors import ProgrammingError
+
+        # Snowflake enforces no unique index, so fail the statement after the data instead: the
+        # batch's rows are already in the table (this session sees them) when the state write fails.
+        def failing_state(stream: RawStream, state: dict[str, Any]) -> None:
+            assert self.rows("SELECT count(*) FROM raw_postgres.merchant") == [(3,)]
+            self.rows("UPDATE airbyte_internal.no_such_table SET state = NULL")
+
+        monkeypatch.setattr(self.writer, "_update_state", failing_state)
+        return pytest.raises(ProgrammingError, match="NO_SUCH_TABLE")
+
+    def nothing_left_behind(self) -> None:
+        # The staging table went with the failed batch.
+        assert self.rows(
+            "SELECT table_name FROM information_schema.tables "
+            "WHERE table_schema = 'AIRBYTE_INTERNAL'"
+        ) == [("STRIPE_PLATFORM_SYNC_STATE",)]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class LakeBackend(Backend):
+    typed = False
+    # Each file keeps the types it was written with; DuckDB's union_by_name reads the common one.
+    widened: ClassVar[dict[str, str]] = {"amount": "DOUBLE", "note": "VARCHAR"}
+    # A reader knows each stream's primary key from the catalog.
+    keys: ClassVar[dict[str, tuple[str, ...]]] = {MERCHANT.name: MERCHANT.primary_key}
+
+    def __init__(self, root: Path) -> None:
+        self.lake = LakeWriter(root, fsync=False)
+        # The source is the connection's namespace, as the engine's open_writer has it.
+        self.writer = LakeRaw(self.lake, MERCHANT.namespace)
+
+    def _reader(self) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB with a view per stream over its live prefix (docs/ingestion.md)."""
+        reader = duckdb.connect()
+        source = MERCHANT.namespace
+        reader.execute(f"CREATE SCHEMA {source}")
+        streams = Path(self.lake.base, "raw", source)
+        for stream in sorted(p.name for p in streams.iterdir()) if streams.exists() else []:
+            if not self.lake.list_files(source, stream):
+                continue
+            files = f"read_parquet('{self.lake.duckdb_glob(source, stream)}', hive_partitioning = true, union_by_name = true)"
+            latest = ""
+            if stream in self.keys:
+                latest = (
+                    f" QUALIFY row_number() OVER (PARTITION BY {', '.join(self.keys[stream])} "
+                    "ORDER BY _ab_cdc_lsn DESC NULLS LAST, _airbyte_extracted_at DESC) = 1"
+                )
+            reader.execute(f"CREATE VIEW {source}.{stream} AS SELECT * FROM {files}{latest}")
+        return reader
+
+    def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        return self._reader().execute(sql).fetchall()
+
+    def column_types(self, namespace: str, name: str) -> dict[str, str]:
+        described = self._reader().execute(f"DESCRIBE {namespace}.{name}").fetchall()
+        return {row[0]: row[1] for row in described}
+
+    def break_next_write(self, monkeypatch: pytest.MonkeyPatch) -> AbstractContextManager[Any]:
+        def full_disk(*args: Any, **kwargs: Any) -> None:
+            raise OSError("No space left on device")
+
+        monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
+        return pytest.raises(OSError, match="No space left")
+
+    def nothing_left_behind(self) -> None:
+        left = [p.name for p in Path(self.lake.base).rglob("*") if p.is_file()]
+        assert not [name for name in left if name.startswith(".")], left  # no temporary file
+
+
+WRITERS = ["duckdb", "postgres", "snowflake", "lake"]
+
+
+@pytest.fixture(params=WRITERS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "duckdb":
+        duck = DuckDBBackend(tmp_path / "warehouse.duckdb")
+        yield duck
+        duck.conn.close()
+    elif request.param == "postgres":
+        settings, database = (request.getfixturevalue(f) for f in ("settings", "database"))
+        dsn = conninfo(settings, database=database, with_key=False)  # raw needs no PII key
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            yield PostgresBackend(connection)
+    elif request.param == "snowflake":
+        snow = SnowflakeBackend(request.getfixturevalue("snowflake_server"))
+        yield snow
+        snow.close()
+    else:
+        yield LakeBackend(tmp_path / "lake")
+
+
+def not_on_the_lake(reason: str) -> pytest.MarkDecorator:
+    """Run a test on the warehouses only; the lake's run is reported skipped, with the reason."""
+    return pytest.mark.parametrize(
+        "backend",
+        [
+            w if w != "lake" else pytest.param(w, marks=pytest.mark.skip(reason=reason))
+            for w in WRITERS
+        ],
+        indirect=True,
+    )
+
+
+# -- the contract --------------------------------------------------------------------------------------
+def test_dedup_keeps_the_latest_version_by_lsn_and_state_follows(backend):
+    raw = backend.writer
     raw.write(
         MERCHANT,
         batch(
@@ -53,18 +303,19 @@ def test_dedup_keeps_the_latest_version_by_lsn_and_state_follows(raw):
         generation_id=1,
         state={"lsn": 12},
     )
-    assert rows(raw, "SELECT id, name, _ab_cdc_lsn FROM raw_postgres.merchant ORDER BY id") == [
+    assert backend.rows("SELECT id, name, _ab_cdc_lsn FROM raw_postgres.merchant ORDER BY id") == [
         (1, "a2", 12),
         (2, "b", 11),
     ]
     assert raw.state(MERCHANT) == {"lsn": 12}
     meta = json.loads(
-        rows(raw, "SELECT _airbyte_meta FROM raw_postgres.merchant WHERE id = 2")[0][0]
+        backend.rows("SELECT _airbyte_meta FROM raw_postgres.merchant WHERE id = 2")[0][0]
     )
     assert meta == {"sync_id": "s1", "changes": []}
 
 
-def test_deletes_are_kept_as_tombstones(raw):
+def test_deletes_are_kept_as_tombstones(backend):
+    raw = backend.writer
     raw.write(
         MERCHANT,
         batch(id=[1], name=["a"], rating=[4.0], _ab_cdc_lsn=[10]),
@@ -85,13 +336,17 @@ def test_deletes_are_kept_as_tombstones(raw):
         generation_id=1,
         state=None,
     )
-    assert rows(
-        raw, "SELECT id, name, _ab_cdc_deleted_at IS NOT NULL FROM raw_postgres.merchant"
+    # Tested for NULL in SQL first: fakesnow returns a NULL TIMESTAMP_TZ as 1970-01-01.
+    assert backend.rows(
+        "SELECT id, name, _ab_cdc_deleted_at IS NOT NULL FROM raw_postgres.merchant"
     ) == [(1, None, True)]
+    assert backend.rows("SELECT _ab_cdc_deleted_at FROM raw_postgres.merchant") == [
+        (dt.datetime(2026, 11, 1, tzinfo=dt.UTC),)
+    ]
 
 
-def test_value_that_does_not_fit_is_nulled_and_recorded(raw):
-    result = raw.write(
+def test_value_that_does_not_fit_is_nulled_and_recorded(backend):
+    result = backend.writer.write(
         MERCHANT,
         batch(id=[1, 2], name=["a", "b"], rating=["4.5", "excellent"], _ab_cdc_lsn=[1, 2]),
         sync_id="s1",
@@ -99,14 +354,15 @@ def test_value_that_does_not_fit_is_nulled_and_recorded(raw):
         state=None,
     )
     assert result.nulled == {"rating": 1}
-    got = rows(raw, "SELECT id, rating, _airbyte_meta FROM raw_postgres.merchant ORDER BY id")
+    got = backend.rows("SELECT id, rating, _airbyte_meta FROM raw_postgres.merchant ORDER BY id")
     assert got[0][1] == 4.5 and got[1][1] is None
     assert json.loads(got[1][2])["changes"] == [
         {"field": "rating", "change": "NULLED", "reason": "DESTINATION_TYPECAST_ERROR"}
     ]
 
 
-def test_new_nullable_column_is_added_and_filled_from_then_on(raw):
+def test_new_nullable_column_is_added_and_filled_from_then_on(backend):
+    raw = backend.writer
     raw.write(
         MERCHANT,
         batch(id=[1], name=["a"], rating=[4.0], _ab_cdc_lsn=[1]),
@@ -124,14 +380,20 @@ def test_new_nullable_column_is_added_and_filled_from_then_on(raw):
         generation_id=1,
         state=None,
     )
-    assert result.added_columns == ["website"]
-    assert rows(raw, "SELECT id, website FROM raw_postgres.merchant ORDER BY id") == [
+    # The lake adds no column: the new file has it, readers union the files by name.
+    assert result.added_columns == (["website"] if backend.typed else [])
+    assert backend.rows("SELECT id, website FROM raw_postgres.merchant ORDER BY id") == [
         (1, None),
         (2, "b.example"),
     ]
 
 
-def test_incompatible_changes_stop_only_that_stream(raw):
+@not_on_the_lake(
+    "the lake refuses no change: each file carries its own columns and types, nothing written "
+    "is altered, and readers union the files by name"
+)
+def test_incompatible_changes_stop_only_that_stream(backend):
+    raw = backend.writer
     other = RawStream(
         namespace="raw_postgres", name="currency", columns=(Column("code", "string"),)
     )
@@ -172,12 +434,13 @@ def test_incompatible_changes_stop_only_that_stream(raw):
             generation_id=1,
             state=None,
         )
-    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant") == [(1,)]
+    assert backend.rows("SELECT count(*) FROM raw_postgres.merchant") == [(1,)]
     raw.write(other, batch(code=["EUR"]), sync_id="s4", generation_id=1, state=None)
-    assert rows(raw, "SELECT code FROM raw_postgres.currency") == [("EUR",)]
+    assert backend.rows("SELECT code FROM raw_postgres.currency") == [("EUR",)]
 
 
-def test_failed_write_leaves_neither_data_nor_state(raw, monkeypatch):
+def test_failed_write_leaves_neither_data_nor_state(backend, monkeypatch):
+    raw = backend.writer
     raw.write(
         MERCHANT,
         batch(id=[1], name=["a"], rating=[4.0], _ab_cdc_lsn=[1]),
@@ -185,8 +448,7 @@ def test_failed_write_leaves_neither_data_nor_state(raw, monkeypatch):
         generation_id=1,
         state={"lsn": 1},
     )
-    with pytest.raises(duckdb.ConstraintException):
-        raw.conn.execute("CREATE UNIQUE INDEX merchant_name ON raw_postgres.merchant (name)")
+    with backend.break_next_write(monkeypatch):
         raw.write(
             MERCHANT,
             batch(id=[2, 3], name=["a", "a"], rating=[1.0, 2.0], _ab_cdc_lsn=[2, 3]),
@@ -194,11 +456,14 @@ def test_failed_write_leaves_neither_data_nor_state(raw, monkeypatch):
             generation_id=1,
             state={"lsn": 3},
         )
-    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant") == [(1,)]
+    monkeypatch.undo()
+    assert backend.rows("SELECT count(*) FROM raw_postgres.merchant") == [(1,)]
     assert raw.state(MERCHANT) == {"lsn": 1}
+    backend.nothing_left_behind()
 
 
-def test_full_refresh_replaces_the_previous_generation(raw):
+def test_full_refresh_replaces_the_previous_generation(backend):
+    raw = backend.writer
     ref = RawStream(
         namespace="raw_postgres",
         name="currency",
@@ -209,14 +474,103 @@ def test_full_refresh_replaces_the_previous_generation(raw):
     raw.finish_overwrite(ref, 1, None)
     raw.write(ref, batch(code=["EUR", "GBP"]), sync_id="s2", generation_id=2, state=None)
     assert raw.finish_overwrite(ref, 2, {"done": True}) == 2
-    assert sorted(rows(raw, "SELECT code FROM raw_postgres.currency")) == [("EUR",), ("GBP",)]
+    assert sorted(backend.rows("SELECT code FROM raw_postgres.currency")) == [("EUR",), ("GBP",)]
+    assert raw.state(ref) == {"done": True}
 
 
-def test_metadata_columns_are_built_in_bulk(raw, monkeypatch):
+# (text written as a string, the JSON value it stands for once the column is json)
+NOTES = [('{"k": 1}', {"k": 1}), ("[2]", [2]), ("plain", "plain")]
+
+
+def test_compatible_type_changes_widen_the_column_and_keep_the_data(backend):
+    raw = backend.writer
+    v1 = RawStream(
+        namespace="raw_postgres",
+        name="payment",
+        columns=(Column("id", "integer"), Column("amount", "integer"), Column("note", "string")),
+    )
+    raw.write(
+        v1,
+        batch(id=[1, 2, 3], amount=[10, 20, 30], note=[text for text, _ in NOTES]),
+        sync_id="s1",
+        generation_id=1,
+        state=None,
+    )
+    v2 = RawStream(
+        namespace="raw_postgres",
+        name="payment",
+        columns=(Column("id", "integer"), Column("amount", "number"), Column("note", "json")),
+    )
+    raw.write(
+        v2, batch(id=[4], amount=[0.5], note=['["x"]']), sync_id="s2", generation_id=1, state=None
+    )
+    types = backend.column_types("raw_postgres", "payment")
+    assert {c: types[c] for c in ("amount", "note")} == backend.widened
+    got = backend.rows("SELECT id, amount, note FROM raw_postgres.payment ORDER BY id")
+    if backend.typed:
+        assert [(i, a, json_value(n)) for i, a, n in got] == [
+            (1, 10.0, {"k": 1}),
+            (2, 20.0, [2]),  # JSON text becomes its value
+            (3, 30.0, "plain"),  # not JSON text: kept as a JSON string, not lost
+            (4, 0.5, ["x"]),  # not truncated to the integer column it would have gone into
+        ]
+    else:  # the lake's JSON is the text as written
+        assert got == [
+            (1, 10.0, '{"k": 1}'),
+            (2, 20.0, "[2]"),
+            (3, 30.0, "plain"),
+            (4, 0.5, '["x"]'),
+        ]
+
+
+def test_text_that_is_not_json_survives_a_widening_to_json(backend):
+    """Text a plain cast to JSON refuses (DuckDB's did) becomes a JSON string."""
+    raw = backend.writer
+    columns = (Column("id", "integer"), Column("note", "string"))
+    v1 = RawStream(namespace="raw_postgres", name="note", columns=columns)
+    raw.write(
+        v1, batch(id=[1, 2, 3], note=["plain", "", None]), sync_id="s1", generation_id=1, state=None
+    )
+    v2 = RawStream(
+        namespace="raw_postgres", name="note", columns=(columns[0], Column("note", "json"))
+    )
+    raw.write(v2, batch(id=[4], note=['["x"]']), sync_id="s2", generation_id=1, state=None)
+    got = backend.rows("SELECT id, note FROM raw_postgres.note ORDER BY id")
+    if backend.typed:
+        assert [(i, json_value(n)) for i, n in got] == [
+            (1, "plain"),
+            (2, ""),  # a JSON string, not NULL
+            (3, None),
+            (4, ["x"]),
+        ]
+    else:  # the lake's JSON is the text as written
+        assert got == [(1, "plain"), (2, ""), (3, None), (4, '["x"]')]
+
+
+def test_state_under_any_key_is_upserted_on_its_own(backend):
+    raw = backend.writer
+    assert raw.load_state("connection:oltp") is None
+    raw.save_state("connection:oltp", {"slot": "s", "lsn": 10})
+    raw.save_state("connection:oltp", {"slot": "s", "lsn": 42})
+    assert raw.load_state("connection:oltp") == {"slot": "s", "lsn": 42}
+    raw.write(MERCHANT, batch(id=[1], _ab_cdc_lsn=[1]), sync_id="s1", generation_id=1, state=None)
+    raw.save_state(MERCHANT.key, {"lsn": 1})
+    assert raw.state(MERCHANT) == {"lsn": 1}
+    # An empty batch still moves the state (a CDC read that found nothing for this stream).
+    empty = batch(id=pa.array([], pa.int64()))
+    assert raw.write(MERCHANT, empty, sync_id="s2", generation_id=1, state={"lsn": 9}).rows == 0
+    assert raw.state(MERCHANT) == {"lsn": 9}
+    assert backend.rows("SELECT count(*) FROM raw_postgres.merchant") == [(1,)]
+    if backend.typed:  # the lake records no primary key (its readers take it from the catalog)
+        # The recorded primary key survives: a changed key is still refused.
+        with pytest.raises(SchemaChangeError, match="primary key changed"):
+            raw.ensure(RawStream(**{**MERCHANT.__dict__, "primary_key": ("name",)}))
+
+
+# -- prepare: the typing every writer shares ----------------------------------------------------------
+def test_metadata_columns_are_built_in_bulk(monkeypatch):
     """Raw ids are distinct version-4 UUID text (also across int32-offset chunks), and only the
     rows whose value did not fit carry changes in their _airbyte_meta."""
-    import uuid
-
     ids = rawlayer._uuid4_strings(1000).to_pylist()
     assert len(set(ids)) == 1000
     for text in ids:
@@ -244,109 +598,3 @@ def test_metadata_columns_are_built_in_bulk(raw, monkeypatch):
     ]
     assert typed.column("_airbyte_generation_id").to_pylist() == [7, 7, 7]
     assert len(set(typed.column("_airbyte_extracted_at").to_pylist())) == 1
-
-
-def test_a_snapshot_into_an_empty_table_appends_then_dedupes(raw):
-    """begin_snapshot on an empty table: batches are appended, not merged; finish_overwrite still
-    leaves one row per key (the latest), so a source with a repeated key cannot duplicate it."""
-    raw.begin_snapshot(MERCHANT, 5)
-    for ids, lsn in (([1, 2], 10), ([2, 3], 11)):
-        raw.write(
-            MERCHANT,
-            batch(id=ids, name=[f"n{i}" for i in ids], rating=[1.0] * 2, _ab_cdc_lsn=[lsn] * 2),
-            sync_id="s1",
-            generation_id=5,
-            state=None,
-        )
-    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant") == [(4,)]  # appended
-    raw.finish_overwrite(MERCHANT, 5, {"lsn": 11})
-    assert rows(raw, "SELECT id, _ab_cdc_lsn FROM raw_postgres.merchant ORDER BY id") == [
-        (1, 10),
-        (2, 11),
-        (3, 11),
-    ]
-    # Later writes of the same generation (the change stream) merge again.
-    raw.write(
-        MERCHANT,
-        batch(id=[3], name=["n3b"], rating=[2.0], _ab_cdc_lsn=[12]),
-        sync_id="s2",
-        generation_id=5,
-        state=None,
-    )
-    assert rows(raw, "SELECT count(*), max(name) FROM raw_postgres.merchant WHERE id = 3") == [
-        (1, "n3b")
-    ]
-    # A new snapshot over a table that has rows merges from the start.
-    raw.begin_snapshot(MERCHANT, 6)
-    raw.write(
-        MERCHANT,
-        batch(id=[1], name=["n1b"], rating=[1.0], _ab_cdc_lsn=[13]),
-        sync_id="s3",
-        generation_id=6,
-        state=None,
-    )
-    assert rows(raw, "SELECT count(*) FROM raw_postgres.merchant WHERE id = 1") == [(1,)]
-    raw.finish_overwrite(MERCHANT, 6, None)
-    assert rows(raw, "SELECT id, name FROM raw_postgres.merchant") == [(1, "n1b")]
-
-
-def test_compatible_type_changes_widen_the_column_and_keep_the_data(raw):
-    v1 = RawStream(
-        namespace="raw_postgres",
-        name="payment",
-        columns=(Column("id", "integer"), Column("amount", "integer"), Column("note", "string")),
-    )
-    raw.write(
-        v1,
-        batch(id=[1, 2], amount=[10, 20], note=['{"k": 1}', "[2]"]),
-        sync_id="s1",
-        generation_id=1,
-        state=None,
-    )
-    v2 = RawStream(
-        namespace="raw_postgres",
-        name="payment",
-        columns=(Column("id", "integer"), Column("amount", "number"), Column("note", "json")),
-    )
-    raw.write(
-        v2, batch(id=[3], amount=[0.5], note=['["x"]']), sync_id="s2", generation_id=1, state=None
-    )
-    got = rows(raw, "SELECT id, amount, note FROM raw_postgres.payment ORDER BY id")
-    assert [(i, a, json.loads(n)) for i, a, n in got] == [
-        (1, 10.0, {"k": 1}),
-        (2, 20.0, [2]),
-        (3, 0.5, ["x"]),  # not truncated to the integer column it would have gone into
-    ]
-    assert dict(
-        rows(
-            raw,
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_schema = 'raw_postgres' AND table_name = 'payment' "
-            "AND column_name IN ('amount', 'note')",
-        )
-    ) == {"amount": "DOUBLE", "note": "JSON"}
-
-
-def test_text_that_is_not_json_survives_a_widening_to_json(raw):
-    """As the PostgreSQL and Snowflake writers do: a plain cast to JSON refuses such text."""
-    v1 = RawStream(
-        namespace="raw_postgres",
-        name="note",
-        columns=(Column("id", "integer"), Column("note", "string")),
-    )
-    raw.write(
-        v1, batch(id=[1, 2, 3], note=["plain", "", None]), sync_id="s1", generation_id=1, state=None
-    )
-    v2 = RawStream(
-        namespace="raw_postgres",
-        name="note",
-        columns=(Column("id", "integer"), Column("note", "json")),
-    )
-    raw.write(v2, batch(id=[4], note=['["x"]']), sync_id="s2", generation_id=1, state=None)
-    got = rows(raw, "SELECT id, note FROM raw_postgres.note ORDER BY id")
-    assert [(i, None if n is None else json.loads(n)) for i, n in got] == [
-        (1, "plain"),
-        (2, ""),  # a JSON string, not NULL
-        (3, None),
-        (4, ["x"]),
-    ]
