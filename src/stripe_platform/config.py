@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     snowflake_database: str = "ANALYTICS"
     snowflake_warehouse: str | None = None
     snowflake_role: str | None = None
+    snowflake_schema: str | None = Field(
+        None,
+        description="The session's default schema. The raw layer and the marts name their schemas "
+        "in full; fakesnow (the stand-in) needs one for MERGE in a new session.",
+    )
     snowflake_host: str | None = Field(None, description="Only for a local Snowflake stand-in.")
     snowflake_port: int | None = None
     snowflake_protocol: Literal["https", "http"] = "https"

@@ -42,6 +42,7 @@ def snowflake_params(settings: Settings) -> dict[str, Any]:
         "database": settings.snowflake_database,
         "warehouse": settings.snowflake_warehouse,
         "role": settings.snowflake_role,
+        "schema": settings.snowflake_schema,
         "login_timeout": 30,
         "network_timeout": 120,
     }
@@ -77,4 +78,4 @@ def open_marts_connection(settings: Settings, schema: str) -> Any:
         )
     import snowflake.connector
 
-    return snowflake.connector.connect(**snowflake_params(settings), schema=schema.upper())
+    return snowflake.connector.connect(**{**snowflake_params(settings), "schema": schema.upper()})
