@@ -50,9 +50,9 @@ from psycopg import sql
 
 from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
-from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import slot_name
+from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
 from stripe_platform.seed.dataset import build

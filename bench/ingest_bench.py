@@ -51,9 +51,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
-from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine, follow, slot_name
+from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db

@@ -22,8 +22,8 @@ from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
 from stripe_platform.config import Settings
-from stripe_platform.ingestion import cdc, pgoutput
-from stripe_platform.ingestion.pgoutput import UNCHANGED
+from stripe_platform.ingestion.postgres import cdc, pgoutput
+from stripe_platform.ingestion.postgres.pgoutput import UNCHANGED
 from stripe_platform.oltp import db
 
 _names = itertools.count()
@@ -707,7 +707,7 @@ def test_inet_read_in_binary_form_gets_the_servers_text(dsn: str) -> None:
     must be inet_out's, including IPv6 zero runs, embedded IPv4 and masks."""
     import ipaddress
 
-    from stripe_platform.ingestion import pgcopy
+    from stripe_platform.ingestion.postgres import pgcopy
 
     rng = random.Random(7)
     values = [
@@ -742,7 +742,7 @@ def test_copy_reader_batches_errors_and_types_it_does_not_read(dsn: str) -> None
     type it does not decode is refused up front, by name."""
     import pyarrow as pa
 
-    from stripe_platform.ingestion import pgcopy
+    from stripe_platform.ingestion.postgres import pgcopy
 
     query = (
         "SELECT i, CASE WHEN i % 3 = 0 THEN NULL ELSE i::int2 END AS small, "

@@ -23,8 +23,8 @@ import pytest
 from airbyte_fake import FakeAirbyte
 from stripe_platform.config import load_settings
 from stripe_platform.docstore import client as docstore
-from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.engine import slot_name
+from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db, partitions
 from stripe_platform.orchestration import alerts, defaults
 from stripe_platform.orchestration.airflow_runtime import (

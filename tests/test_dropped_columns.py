@@ -18,9 +18,9 @@ import pyarrow as pa
 import pytest
 from psycopg import sql
 
-from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine
+from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db

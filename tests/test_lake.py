@@ -26,9 +26,9 @@ from moto.server import ThreadedMotoServer
 
 from stripe_platform.config import Settings, get_settings, load_settings
 from stripe_platform.docstore.client import connect as connect_docs
-from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine, open_writer, slot_name
+from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import GENERATION_KEY, LakeWriter
 from stripe_platform.oltp import db

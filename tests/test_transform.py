@@ -20,9 +20,9 @@ from pydantic import SecretStr
 
 from stripe_platform.config import Settings
 from stripe_platform.docstore.client import connect as connect_docs
-from stripe_platform.ingestion import cdc
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import open_writer, run_sync, slot_name
+from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.status import change_status
 from stripe_platform.seed import load as seed_load

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pytest
 
 from stripe_platform.config import Settings
-from stripe_platform.ingestion import cdc, pgcopy, pgoutput, pgvalues
 from stripe_platform.ingestion.catalog import Stream, StreamGroup, SyncMode, load_catalog
 from stripe_platform.ingestion.engine import Engine, _typed, slot_name
+from stripe_platform.ingestion.postgres import cdc, pgcopy, pgoutput, pgvalues
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db

@@ -43,7 +43,7 @@ from psycopg.types.string import TextLoader
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
-from stripe_platform.ingestion import cdc, mongo_source, pgcopy, pgvalues
+from stripe_platform.ingestion import mongo_source
 from stripe_platform.ingestion.catalog import (
     Catalog,
     Connection,
@@ -51,7 +51,13 @@ from stripe_platform.ingestion.catalog import (
     PostgresSource,
     Stream,
 )
-from stripe_platform.ingestion.pgoutput import TYPED_OIDS, UNCHANGED, convert_value, format_lsn
+from stripe_platform.ingestion.postgres import cdc, pgcopy, pgvalues
+from stripe_platform.ingestion.postgres.pgoutput import (
+    TYPED_OIDS,
+    UNCHANGED,
+    convert_value,
+    format_lsn,
+)
 from stripe_platform.oltp import db
 from stripe_platform.rawlayer import (
     ARROW,

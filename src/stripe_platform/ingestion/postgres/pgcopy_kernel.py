@@ -1,5 +1,5 @@
-"""The compiled loop of :mod:`stripe_platform.ingestion.pgcopy` (numba), in a module of its own:
-importing numba takes over a second, so it is imported on the first snapshot read only.
+"""The compiled loop of :mod:`stripe_platform.ingestion.postgres.pgcopy` (numba), in a module of
+its own: importing numba takes over a second, so it is imported on the first snapshot read only.
 
 The loop calls libpq's ``PQgetCopyData`` on the psycopg connection, without the GIL, and writes
 every field of every row into column buffers. It is cached on disk (numba's cache, in

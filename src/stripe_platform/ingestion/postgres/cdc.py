@@ -44,8 +44,8 @@ from psycopg.rows import dict_row
 from psycopg.types.string import TextLoader
 
 from stripe_platform.errors import PlatformError
-from stripe_platform.ingestion import pgcopy
-from stripe_platform.ingestion.pgoutput import (
+from stripe_platform.ingestion.postgres import pgcopy
+from stripe_platform.ingestion.postgres.pgoutput import (
     PG_EPOCH,
     TYPED_OIDS,
     Begin,
@@ -772,8 +772,8 @@ class Snapshot:
 
 class SnapshotReader:
     """A connection inside a slot's exported snapshot that reads query results as Arrow record
-    batches (:mod:`~stripe_platform.ingestion.pgcopy`: ``COPY ... (FORMAT binary)`` decoded by a
-    compiled loop, with no Python work per row). Made by :meth:`Snapshot.attach`."""
+    batches (:mod:`~stripe_platform.ingestion.postgres.pgcopy`: ``COPY ... (FORMAT binary)``
+    decoded by a compiled loop, with no Python work per row). Made by :meth:`Snapshot.attach`."""
 
     def __init__(self, conn: psycopg.Connection) -> None:
         self.conn = conn

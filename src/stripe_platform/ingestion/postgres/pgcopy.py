@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import pq
 
-from stripe_platform.ingestion import pgvalues
+from stripe_platform.ingestion.postgres import pgvalues
 
 __all__ = ["BINARY_OIDS", "CopyReadError", "read_arrow"]
 
@@ -110,7 +110,7 @@ def read_arrow(
     Column names and types come from describing the query first. If the consumer stops early,
     or the read fails, ``conn`` is left inside the COPY: the caller must close it.
     """
-    from stripe_platform.ingestion import pgcopy_kernel as kernel
+    from stripe_platform.ingestion.postgres import pgcopy_kernel as kernel
 
     if rows_per_batch < 1 or bytes_per_batch < 1:
         raise ValueError("rows_per_batch and bytes_per_batch must be at least 1")

@@ -535,7 +535,7 @@ def _bytea(text: str) -> bytes:
 
 
 # Dates and timestamps Python cannot hold (BC, year 10000 on: PostgreSQL writes "4713-01-01 BC",
-# "10000-01-01") stay as the server's text; ingestion/pgvalues.py reads that text.
+# "10000-01-01") stay as the server's text; pgvalues.py reads that text.
 def _timestamptz(text: str) -> dt.datetime | str:
     if text in ("infinity", "-infinity"):
         bound = dt.datetime.max if text == "infinity" else dt.datetime.min
