@@ -640,7 +640,7 @@ def test_every_column_type_lands_the_same_from_snapshot_and_changes(
     identical values and types (±infinity included)."""
     import pyarrow as pa
 
-    from stripe_platform.ingestion.engine import PG_TYPES, _change_table, _SnapshotReader
+    from stripe_platform.ingestion.engine.sync import PG_TYPES, _change_table, _SnapshotReader
     from stripe_platform.rawlayer import Column, RawStream, prepare
 
     sync_conn.execute(
@@ -807,7 +807,7 @@ def test_a_snapshot_value_that_does_not_fit_is_nulled_not_fatal(
 
     import pyarrow as pa
 
-    from stripe_platform.ingestion.engine import _SnapshotReader
+    from stripe_platform.ingestion.engine.sync import _SnapshotReader
     from stripe_platform.rawlayer import Column, RawStream, prepare
 
     sync_conn.execute("CREATE TABLE odd (id int PRIMARY KEY, num numeric)")

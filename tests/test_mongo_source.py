@@ -14,7 +14,7 @@ from bson import ObjectId, json_util
 from stripe_platform.config import load_settings
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine
-from stripe_platform.ingestion.mongo_source import (
+from stripe_platform.ingestion.engine.mongo_source import (
     collection_columns,
     read_by_cursor,
     read_change_stream,
@@ -316,7 +316,7 @@ def test_a_sync_that_dies_between_batches_loses_and_repeats_nothing(
     reviews.insert("a", timestamp=recent(7200))
     reviews.insert("b", timestamp=recent(3600))
     reviews.insert("future", timestamp=dt.datetime(9999, 12, 31, tzinfo=dt.UTC))
-    monkeypatch.setattr("stripe_platform.ingestion.engine.BATCH_ROWS", 2)
+    monkeypatch.setattr("stripe_platform.ingestion.engine.sync.BATCH_ROWS", 2)
     written = []
     write = reviews.raw.write
 

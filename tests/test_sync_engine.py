@@ -292,8 +292,8 @@ def test_lake_snapshot_writes_files_side_by_side_and_a_failed_write_fails_the_sy
 ):
     """The lake takes snapshot batches two at a time: every batch gets a file of its own (no two
     writes share a part number), and a write that fails fails the sync, which then starts over."""
-    from stripe_platform.ingestion import engine as engine_module
     from stripe_platform.ingestion.engine import open_writer
+    from stripe_platform.ingestion.engine import sync as engine_module
     from stripe_platform.lake.writer import LakeWriter
 
     s, _, catalog, _ = platform

@@ -23,7 +23,8 @@ import pytest
 
 from stripe_platform.config import Settings
 from stripe_platform.ingestion.catalog import Stream, StreamGroup, SyncMode, load_catalog
-from stripe_platform.ingestion.engine import Engine, _typed, slot_name
+from stripe_platform.ingestion.engine import Engine, slot_name
+from stripe_platform.ingestion.engine.sync import _typed
 from stripe_platform.ingestion.postgres import cdc, pgcopy, pgoutput, pgvalues
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter

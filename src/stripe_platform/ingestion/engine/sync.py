@@ -43,7 +43,6 @@ from psycopg.types.string import TextLoader
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
-from stripe_platform.ingestion import mongo_source
 from stripe_platform.ingestion.catalog import (
     Catalog,
     Connection,
@@ -51,6 +50,7 @@ from stripe_platform.ingestion.catalog import (
     PostgresSource,
     Stream,
 )
+from stripe_platform.ingestion.engine import mongo_source
 from stripe_platform.ingestion.postgres import cdc, pgcopy, pgvalues
 from stripe_platform.ingestion.postgres.pgoutput import (
     TYPED_OIDS,
