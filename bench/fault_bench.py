@@ -180,6 +180,7 @@ class SnowflakeDestination(Destination):
             STRIPE_PLATFORM_SNOWFLAKE_HOST=str(self.kwargs["host"]),
             STRIPE_PLATFORM_SNOWFLAKE_PORT=str(self.kwargs["port"]),
             STRIPE_PLATFORM_SNOWFLAKE_PROTOCOL="http",
+            STRIPE_PLATFORM_SNOWFLAKE_SCHEMA="RAW",  # fakesnow's MERGE needs a current schema
         )
 
     def stop(self) -> None:
