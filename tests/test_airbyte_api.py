@@ -10,8 +10,8 @@ import httpx
 import pytest
 from airbyte_api import AirbyteAPI  # a main dependency: a broken install must fail, not skip
 
-from stripe_platform.ingestion import airbyte_api
-from stripe_platform.ingestion.airbyte_api import PlanError, SyncError
+from stripe_platform.ingestion import airbyte as ab  # `airbyte` is the fake's fixture
+from stripe_platform.ingestion.airbyte import PlanError, SyncError
 from stripe_platform.ingestion.catalog import (
     AIRBYTE_DIR,
     Catalog,
@@ -51,7 +51,7 @@ def env(airbyte: FakeAirbyte) -> dict[str, str]:
 
 @pytest.fixture
 def client(catalog: Catalog, env: dict[str, str]) -> AirbyteAPI:
-    return airbyte_api.connect_from_env(catalog, env)
+    return ab.connect_from_env(catalog, env)
 
 
 def writes(fake: FakeAirbyte) -> list[tuple[str, str]]:
@@ -77,7 +77,7 @@ def streams_of(fake: FakeAirbyte, connection: str) -> dict[str, dict]:
 def test_plan_on_an_empty_workspace_creates_everything(
     airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    plan = airbyte_api.plan(client, catalog, env)
+    plan = ab.plan(client, catalog, env)
     assert [(c.kind, c.name, c.action) for c in plan.changes] == [
         ("source", "postgres", "create"),
         ("source", "mongodb", "create"),
@@ -101,15 +101,15 @@ def test_plan_on_an_empty_workspace_creates_everything(
 def test_apply_is_idempotent(
     airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    ids = airbyte_api.apply(client, airbyte_api.plan(client, catalog, env))
+    ids = ab.apply(client, ab.plan(client, catalog, env))
     assert set(ids["connection"]) == {c.name for c in catalog.connections}
     assert (len(airbyte.sources), len(airbyte.destinations), len(airbyte.connections)) == (2, 2, 4)
     done = len(writes(airbyte))
 
-    again = airbyte_api.plan(client, catalog, env)
+    again = ab.plan(client, catalog, env)
     assert {c.action for c in again.changes} == {"unchanged"}
     assert again.render().endswith("Plan: 0 to create, 0 to update, 8 unchanged.")
-    assert airbyte_api.apply(client, again) == ids
+    assert ab.apply(client, again) == ids
     assert len(writes(airbyte)) == done
     assert (len(airbyte.sources), len(airbyte.destinations), len(airbyte.connections)) == (2, 2, 4)
 
@@ -117,7 +117,7 @@ def test_apply_is_idempotent(
 def test_what_airbyte_receives(
     airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    airbyte_api.apply(client, airbyte_api.plan(client, catalog, env))
+    ab.apply(client, ab.plan(client, catalog, env))
     postgres = by_name(airbyte.sources)["postgres"]["configuration"]
     assert postgres["password"] == "pg-password-1"  # resolved from the environment
     assert postgres["schemas"] == ["public"] and postgres["ssl_mode"]["mode"] == "require"
@@ -164,7 +164,7 @@ def test_what_airbyte_receives(
 def test_a_sync_mode_change_updates_only_the_connections_it_reaches(
     tmp_path: Path, airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    airbyte_api.apply(client, airbyte_api.plan(client, catalog, env))
+    ab.apply(client, ab.plan(client, catalog, env))
     root = tmp_path / "airbyte"
     shutil.copytree(AIRBYTE_DIR, root)
     text = (root / "catalog.yaml").read_text()
@@ -175,7 +175,7 @@ def test_a_sync_mode_change_updates_only_the_connections_it_reaches(
     )
     changed = load_catalog(root)
 
-    plan = airbyte_api.plan(client, changed, env)
+    plan = ab.plan(client, changed, env)
     # The lake already received it as append (S3 cannot dedupe): only Snowflake's connection moves.
     assert [(c.kind, c.name) for c in plan.pending] == [("connection", "postgres-to-snowflake")]
     (diff,) = plan.pending[0].diff
@@ -186,20 +186,20 @@ def test_a_sync_mode_change_updates_only_the_connections_it_reaches(
     assert plan.render().endswith("Plan: 0 to create, 1 to update, 7 unchanged.")
 
     before = len(writes(airbyte))
-    airbyte_api.apply(client, plan)
+    ab.apply(client, plan)
     assert writes(airbyte)[before:] == [
         ("PATCH", f"/connections/{plan.pending[0].resource_id}"),
     ]
     assert streams_of(airbyte, "postgres-to-snowflake")["transactionstatechanges"]["syncMode"] == (
         "incremental_append"
     )
-    assert {c.action for c in airbyte_api.plan(client, changed, env).changes} == {"unchanged"}
+    assert {c.action for c in ab.plan(client, changed, env).changes} == {"unchanged"}
 
 
 def test_changes_made_in_airbyte_show_up_as_drift(
     airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    airbyte_api.apply(client, airbyte_api.plan(client, catalog, env))
+    ab.apply(client, ab.plan(client, catalog, env))
     connection = by_name(airbyte.connections)["mongodb-to-s3"]
     connection["schedule"] = {"scheduleType": "cron", "cronExpression": "0 0 5 * * ?"}
     connection["configurations"]["streams"].append(
@@ -207,7 +207,7 @@ def test_changes_made_in_airbyte_show_up_as_drift(
     )
     by_name(airbyte.sources)["postgres"]["configuration"]["port"] = 6432
 
-    plan = airbyte_api.plan(client, catalog, env)
+    plan = ab.plan(client, catalog, env)
     assert [(c.name, c.action) for c in plan.pending] == [
         ("postgres", "update"),
         ("mongodb-to-s3", "update"),
@@ -216,8 +216,8 @@ def test_changes_made_in_airbyte_show_up_as_drift(
     assert "configuration.port: 6432 -> 5432" in text
     assert "schedule.scheduleType: 'cron' -> 'manual'" in text  # someone scheduled it in Airbyte
     assert "streams.Extra: (configured) -> (not in the catalog)" in text
-    airbyte_api.apply(client, plan)
-    assert {c.action for c in airbyte_api.plan(client, catalog, env).changes} == {"unchanged"}
+    ab.apply(client, plan)
+    assert {c.action for c in ab.plan(client, catalog, env).changes} == {"unchanged"}
     assert by_name(airbyte.sources)["postgres"]["configuration"]["password"] == "pg-password-1"
 
 
@@ -229,20 +229,20 @@ def test_a_missing_secret_names_its_variable_before_anything_changes(
 ) -> None:
     del env["STRIPE_PLATFORM_PG_PASSWORD"]
     with pytest.raises(MissingEnvError) as excinfo:
-        airbyte_api.plan(client, catalog, env)
+        ab.plan(client, catalog, env)
     assert str(excinfo.value) == (
         "environment variable STRIPE_PLATFORM_PG_PASSWORD is not set "
         "(needed by airbyte/sources.yaml postgres.password_env)"
     )
     assert writes(airbyte) == []
     with pytest.raises(MissingEnvError, match="STRIPE_PLATFORM_AIRBYTE_CLIENT_SECRET"):
-        airbyte_api.connect_from_env(catalog, {**env, "STRIPE_PLATFORM_AIRBYTE_CLIENT_SECRET": ""})
+        ab.connect_from_env(catalog, {**env, "STRIPE_PLATFORM_AIRBYTE_CLIENT_SECRET": ""})
 
 
 def test_secrets_are_masked_by_airbyte_and_refreshed_on_demand(
     airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    airbyte_api.apply(client, airbyte_api.plan(client, catalog, env))
+    ab.apply(client, ab.plan(client, catalog, env))
     listed = client.sources.list_sources(request={"workspace_ids": [airbyte.workspace_id]})
     assert listed.sources_response is not None
     configurations = {s.name: s.configuration for s in listed.sources_response.data}
@@ -250,8 +250,8 @@ def test_secrets_are_masked_by_airbyte_and_refreshed_on_demand(
     assert configurations["mongodb"].database_config.password == "**********"
 
     rotated = {**env, "STRIPE_PLATFORM_PG_PASSWORD": "pg-password-2"}
-    assert {c.action for c in airbyte_api.plan(client, catalog, rotated).changes} == {"unchanged"}
-    plan = airbyte_api.plan(client, catalog, rotated, refresh_secrets=True)
+    assert {c.action for c in ab.plan(client, catalog, rotated).changes} == {"unchanged"}
+    plan = ab.plan(client, catalog, rotated, refresh_secrets=True)
     assert [(c.kind, c.name) for c in plan.pending] == [
         ("source", "postgres"),
         ("source", "mongodb"),
@@ -260,18 +260,18 @@ def test_secrets_are_masked_by_airbyte_and_refreshed_on_demand(
     ]
     assert "(secrets): (masked by Airbyte) -> (sent again)" in plan.render()
     assert "pg-password-2" not in plan.render()
-    airbyte_api.apply(client, plan)
+    ab.apply(client, plan)
     assert by_name(airbyte.sources)["postgres"]["configuration"]["password"] == "pg-password-2"
 
 
 def test_two_resources_with_one_name_stop_the_plan(
     airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    airbyte_api.apply(client, airbyte_api.plan(client, catalog, env))
+    ab.apply(client, ab.plan(client, catalog, env))
     (source_id, source) = next(iter(airbyte.sources.items()))
     airbyte.sources["copy"] = {**source, "sourceId": "copy"}
     with pytest.raises(PlanError, match="two sources named 'postgres'; delete one in Airbyte"):
-        airbyte_api.plan(client, catalog, env)
+        ab.plan(client, catalog, env)
     assert source_id in airbyte.sources
 
 
@@ -339,7 +339,7 @@ def test_the_fake_validates_requests_with_the_sdk_models(
 def test_the_fake_refuses_a_cursor_on_a_cdc_stream(
     airbyte: FakeAirbyte, client: AirbyteAPI, catalog: Catalog, env: dict[str, str]
 ) -> None:
-    airbyte_api.apply(client, airbyte_api.plan(client, catalog, env))
+    ab.apply(client, ab.plan(client, catalog, env))
     stored = by_name(airbyte.connections)["postgres-to-snowflake"]
     token = next(iter(airbyte._tokens))
     streams = [
@@ -375,7 +375,7 @@ def applied(airbyte: FakeAirbyte, client: AirbyteAPI) -> AirbyteAPI:
 
 def test_trigger_sync_waits_for_success(airbyte: FakeAirbyte, applied: AirbyteAPI) -> None:
     seen: list[str] = []
-    job = airbyte_api.trigger_sync(
+    job = ab.trigger_sync(
         applied,
         "postgres-to-snowflake",
         poll_interval=0.01,
@@ -402,7 +402,7 @@ def test_trigger_sync_reports_a_failed_or_cancelled_job(
 ) -> None:
     airbyte.job_outcome = outcome  # type: ignore[assignment]
     with pytest.raises(SyncError) as excinfo:
-        airbyte_api.trigger_sync(applied, "mongodb-to-s3", poll_interval=0.01, timeout=10)
+        ab.trigger_sync(applied, "mongodb-to-s3", poll_interval=0.01, timeout=10)
     assert str(excinfo.value) == f"Airbyte sync of connection 'mongodb-to-s3' (job 1001) {words}"
     assert (excinfo.value.connection, excinfo.value.job_id, excinfo.value.status) == (
         "mongodb-to-s3",
@@ -419,7 +419,7 @@ def test_trigger_sync_times_out_and_cancels_the_job(
         SyncError,
         match=r"'postgres-to-s3' \(job 1001\) did not finish within 0.2s \(last status: running\); cancelled it",
     ):
-        airbyte_api.trigger_sync(applied, "postgres-to-s3", poll_interval=0.02, timeout=0.2)
+        ab.trigger_sync(applied, "postgres-to-s3", poll_interval=0.02, timeout=0.2)
     assert airbyte.jobs[1001]["status"] == "cancelled"
     assert ("DELETE", "/jobs/1001") in airbyte.requests
 
@@ -428,13 +428,13 @@ def test_trigger_sync_refuses_unknown_and_busy_connections(
     airbyte: FakeAirbyte, applied: AirbyteAPI
 ) -> None:
     with pytest.raises(SyncError, match="Airbyte has no connection named 'postgres-to-bigquery'"):
-        airbyte_api.trigger_sync(applied, "postgres-to-bigquery", poll_interval=0.01)
+        ab.trigger_sync(applied, "postgres-to-bigquery", poll_interval=0.01)
     airbyte.job_outcome = "hang"
     with pytest.raises(SyncError, match="did not finish"):
-        airbyte_api.trigger_sync(applied, "mongodb-to-snowflake", poll_interval=0.01, timeout=0.05)
+        ab.trigger_sync(applied, "mongodb-to-snowflake", poll_interval=0.01, timeout=0.05)
     airbyte.jobs[1001]["status"] = "running"  # as if someone restarted it in the UI
     with pytest.raises(
         SyncError,
         match="could not start a sync of Airbyte connection 'mongodb-to-snowflake': a sync is already running",
     ):
-        airbyte_api.trigger_sync(applied, "mongodb-to-snowflake", poll_interval=0.01)
+        ab.trigger_sync(applied, "mongodb-to-snowflake", poll_interval=0.01)

@@ -34,7 +34,7 @@ def sync(
     s = settings()
     catalog = load_catalog()
     if s.ingestion_backend == "airbyte":
-        from stripe_platform.ingestion.airbyte_api import connect_from_env, trigger_sync
+        from stripe_platform.ingestion.airbyte import connect_from_env, trigger_sync
 
         job = trigger_sync(
             connect_from_env(catalog),
@@ -150,11 +150,11 @@ def _sync_embedded(
 @command(airbyte_app, "plan")
 def airbyte_plan() -> None:
     """Show what `airbyte apply` would create or update in the Airbyte workspace."""
-    from stripe_platform.ingestion import airbyte_api
+    from stripe_platform.ingestion import airbyte
     from stripe_platform.ingestion.catalog import load_catalog
 
     catalog = load_catalog()
-    console.print(airbyte_api.plan(airbyte_api.connect_from_env(catalog), catalog).render())
+    console.print(airbyte.plan(airbyte.connect_from_env(catalog), catalog).render())
 
 
 @command(airbyte_app, "apply")
@@ -162,16 +162,16 @@ def airbyte_apply(
     yes: Annotated[bool, typer.Option("--yes", help="Apply without asking")] = False,
 ) -> None:
     """Create or update sources, destinations and connections, matched by name (idempotent)."""
-    from stripe_platform.ingestion import airbyte_api
+    from stripe_platform.ingestion import airbyte
     from stripe_platform.ingestion.catalog import load_catalog
 
     catalog = load_catalog()
-    client = airbyte_api.connect_from_env(catalog)
-    plan = airbyte_api.plan(client, catalog)
+    client = airbyte.connect_from_env(catalog)
+    plan = airbyte.plan(client, catalog)
     console.print(plan.render())
     if not plan.pending:
         return
     if not yes and not typer.confirm("apply these changes?"):
         raise typer.Exit(1)
-    applied = airbyte_api.apply(client, plan)
+    applied = airbyte.apply(client, plan)
     console.print(f"applied: { {k: len(v) for k, v in applied.items()} }")

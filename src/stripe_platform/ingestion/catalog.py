@@ -1,8 +1,8 @@
 """Connections as code: the YAML in ``airbyte/``, loaded into validated models.
 
 One stream catalog (``catalog.yaml``) declares each stream's primary key, cursor and sync mode; the
-Airbyte API path (:mod:`stripe_platform.ingestion.airbyte_api`) and the embedded engine both read it,
-so nothing lists a stream twice. Loading checks every stream against what really exists (the
+Airbyte API path (:mod:`stripe_platform.ingestion.airbyte`) and the embedded engine both read it, so
+nothing lists a stream twice. Loading checks every stream against what really exists (the
 ``CREATE TABLE`` statements in ``sql/oltp`` and the specs in ``mongo/collections``) so a renamed
 table or a typo fails here, naming the file and the field, instead of inside a sync hours later.
 Secrets never appear in the YAML: it names environment variables, read by :func:`require_env`.

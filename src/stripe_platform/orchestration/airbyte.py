@@ -76,7 +76,7 @@ class CatalogAirbyteSyncOperator(AirbyteTriggerSyncOperator):
         self.poll_interval = poll_interval
 
     def resolve_connection_id(self, hook: AirbyteHook) -> str:
-        from stripe_platform.ingestion import airbyte_api
+        from stripe_platform.ingestion.airbyte import connection_id
 
         workspace_id = self.workspace_id
         if workspace_id is None:
@@ -84,7 +84,7 @@ class CatalogAirbyteSyncOperator(AirbyteTriggerSyncOperator):
 
             workspace_id = os.environ.get(load_catalog().workspace.workspace_id_env) or None
         # The one name-to-id lookup of the Airbyte path (also used by `stripe-platform sync`).
-        return airbyte_api._connection_id(hook.airbyte_api, self.connection_name, workspace_id)
+        return connection_id(hook.airbyte_api, self.connection_name, workspace_id)
 
     def execute(self, context: Any) -> Any:
         hook = AirbyteHook(airbyte_conn_id=self.airbyte_conn_id, api_version=self.api_version)

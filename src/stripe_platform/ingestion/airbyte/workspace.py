@@ -1,7 +1,5 @@
-"""Apply the airbyte/ catalog to an Airbyte workspace, and run syncs, through the public API v1.
+"""Apply the airbyte/ catalog to an Airbyte workspace through the public API v1.
 
-The same calls Airflow's Airbyte provider makes (the ``airbyte-api`` SDK, OAuth client credentials,
-``POST /jobs`` then ``GET /jobs/{id}``), so what the platform configures is what its DAGs trigger.
 :func:`plan` compares the catalog with what the workspace holds, matching by name, and says what
 would change before anything does; :func:`apply` makes only those changes, so applying twice is a
 no-op. Airbyte masks secrets in what it returns, so they cannot be compared: a rotated password
@@ -12,16 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
-from airbyte_api import AirbyteAPI, api, errors, models
+from airbyte_api import AirbyteAPI, api, models
 from pydantic import BaseModel
 
 from stripe_platform.errors import PlatformError
+from stripe_platform.ingestion.airbyte.client import PAGE, list_all
 from stripe_platform.ingestion.catalog import (
     LAKE_FILE_NAME_PATTERN,
     LAKE_PATH_FORMAT,
@@ -37,18 +34,7 @@ from stripe_platform.ingestion.catalog import (
     require_env,
 )
 
-__all__ = [
-    "Change",
-    "FieldDiff",
-    "Plan",
-    "PlanError",
-    "SyncError",
-    "apply",
-    "connect",
-    "connect_from_env",
-    "plan",
-    "trigger_sync",
-]
+__all__ = ["Change", "FieldDiff", "Plan", "PlanError", "apply", "plan"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +49,6 @@ _SECRET_KEYS = frozenset(
         "ca_certificate",
     }
 )
-_PAGE = 100  # the public API's largest page
 _PENDING = "(created by this plan)"
 
 Kind = Literal["source", "destination", "connection"]
@@ -72,52 +57,6 @@ Action = Literal["create", "update", "unchanged"]
 
 class PlanError(PlatformError, RuntimeError):
     """The workspace is in a state the plan cannot resolve by itself."""
-
-
-class SyncError(PlatformError, RuntimeError):
-    """A sync could not start, failed, was cancelled or timed out."""
-
-    def __init__(
-        self, message: str, *, connection: str, job_id: int | None = None, status: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.connection = connection
-        self.job_id = job_id
-        self.status = status
-
-
-# --- client ---------------------------------------------------------------------------------
-
-
-def connect(
-    server_url: str, client_id: str, client_secret: str, *, timeout: float = 30.0
-) -> AirbyteAPI:
-    """An SDK client that authenticates with OAuth client credentials.
-
-    The token URL is made absolute because the SDK resolves a relative one against the host only,
-    which drops a path such as OSS's ``/api/public/v1`` and misses the token endpoint.
-    """
-    server_url = server_url.rstrip("/")
-    credentials = models.SchemeClientCredentials(
-        client_id=client_id,
-        client_secret=client_secret,
-        token_url=f"{server_url}/applications/token",
-    )
-    return AirbyteAPI(
-        server_url=server_url,
-        security=models.Security(client_credentials=credentials),
-        client=httpx.Client(timeout=timeout, follow_redirects=True),
-    )
-
-
-def connect_from_env(catalog: Catalog, env: Mapping[str, str] = os.environ) -> AirbyteAPI:
-    """:func:`connect` with the URL and credentials named in workspace.yaml."""
-    ws = catalog.workspace
-
-    def read(variable: str) -> str:
-        return require_env(env, variable, "airbyte/workspace.yaml")
-
-    return connect(read(ws.server_url_env), read(ws.client_id_env), read(ws.client_secret_env))
 
 
 # --- desired state: the catalog as SDK requests -----------------------------------------------
@@ -431,15 +370,6 @@ class Plan:
         return "\n".join(lines)
 
 
-def _list_all(fetch: Callable[[int], Any]) -> list[Any]:
-    items: list[Any] = []
-    while True:
-        page = fetch(len(items)).data
-        items += page
-        if len(page) < _PAGE:
-            return items
-
-
 def _by_name(kind: str, items: Iterable[Any]) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for item in items:
@@ -455,24 +385,24 @@ def _workspace(
     client: AirbyteAPI, workspace_id: str
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     ids = [workspace_id]
-    sources = _list_all(
+    sources = list_all(
         lambda offset: (
             client.sources.list_sources(
-                request=api.ListSourcesRequest(workspace_ids=ids, limit=_PAGE, offset=offset)
+                request=api.ListSourcesRequest(workspace_ids=ids, limit=PAGE, offset=offset)
             ).sources_response
         )
     )
-    destinations = _list_all(
+    destinations = list_all(
         lambda offset: (
             client.destinations.list_destinations(
-                request=api.ListDestinationsRequest(workspace_ids=ids, limit=_PAGE, offset=offset)
+                request=api.ListDestinationsRequest(workspace_ids=ids, limit=PAGE, offset=offset)
             ).destinations_response
         )
     )
-    connections = _list_all(
+    connections = list_all(
         lambda offset: (
             client.connections.list_connections(
-                request=api.ListConnectionsRequest(workspace_ids=ids, limit=_PAGE, offset=offset)
+                request=api.ListConnectionsRequest(workspace_ids=ids, limit=PAGE, offset=offset)
             ).connections_response
         )
     )
@@ -678,110 +608,3 @@ def _apply_connection(
         ).connection_response
     assert response is not None
     return response.connection_id
-
-
-# --- syncs ----------------------------------------------------------------------------------
-
-_RUNNING = {
-    models.JobStatusEnum.PENDING,
-    models.JobStatusEnum.QUEUED,
-    models.JobStatusEnum.RUNNING,
-    models.JobStatusEnum.INCOMPLETE,  # an attempt failed and Airbyte is retrying
-}
-
-
-def _connection_id(client: AirbyteAPI, name: str, workspace_id: str | None) -> str:
-    ids = [workspace_id] if workspace_id else None
-    connections = _list_all(
-        lambda offset: (
-            client.connections.list_connections(
-                request=api.ListConnectionsRequest(workspace_ids=ids, limit=_PAGE, offset=offset)
-            ).connections_response
-        )
-    )
-    matches = [
-        c
-        for c in connections
-        if c.name == name and c.status != models.ConnectionStatusEnum.DEPRECATED
-    ]
-    if len(matches) != 1:
-        found = "no connection" if not matches else f"{len(matches)} connections"
-        raise SyncError(f"Airbyte has {found} named {name!r}", connection=name)
-    return matches[0].connection_id
-
-
-def trigger_sync(
-    client: AirbyteAPI,
-    connection_name: str,
-    *,
-    poll_interval: float = 10.0,
-    timeout: float = 3600.0,
-    on_progress: Callable[[models.JobResponse], None] | None = None,
-    workspace_id: str | None = None,
-) -> models.JobResponse:
-    """Start a sync of the named connection and wait for it to succeed.
-
-    Raises :class:`SyncError` naming the connection and job when the job fails, is cancelled or
-    outlives ``timeout`` (the job is then cancelled, as Airflow's provider does). ``on_progress``
-    sees the job after every poll.
-    """
-    connection_id = _connection_id(client, connection_name, workspace_id)
-    try:
-        job = client.jobs.create_job(
-            request=models.JobCreateRequest(
-                connection_id=connection_id, job_type=models.JobTypeEnum.SYNC
-            )
-        ).job_response
-    except errors.AirbyteAPIError as exc:
-        reason = "a sync is already running" if exc.status_code == 409 else str(exc)
-        raise SyncError(
-            f"could not start a sync of Airbyte connection {connection_name!r}: {reason}",
-            connection=connection_name,
-        ) from exc
-    assert job is not None
-    deadline = time.monotonic() + timeout
-    while True:
-        if on_progress is not None:
-            on_progress(job)
-        status = models.JobStatusEnum(job.status)
-        if status == models.JobStatusEnum.SUCCEEDED:
-            return job
-        what = f"Airbyte sync of connection {connection_name!r} (job {job.job_id})"
-        if status not in _RUNNING:
-            verb = "was cancelled" if status == models.JobStatusEnum.CANCELLED else status.value
-            raise SyncError(
-                f"{what} {verb}", connection=connection_name, job_id=job.job_id, status=status.value
-            )
-        if time.monotonic() >= deadline:
-            _cancel(client, job.job_id)
-            raise SyncError(
-                f"{what} did not finish within {timeout:g}s (last status: {status.value}); cancelled it",
-                connection=connection_name,
-                job_id=job.job_id,
-                status="timeout",
-            )
-        time.sleep(poll_interval)
-        job = _poll(client, job)
-
-
-def _poll(client: AirbyteAPI, job: models.JobResponse) -> models.JobResponse:
-    """The job's latest state; a transient server or network error keeps the last one known."""
-    try:
-        latest = client.jobs.get_job(request=api.GetJobRequest(job_id=job.job_id)).job_response
-    except errors.AirbyteAPIError as exc:
-        if exc.status_code < 500:
-            raise
-        log.warning("polling job %s: %s; retrying", job.job_id, exc)
-        return job
-    except httpx.TransportError as exc:
-        log.warning("polling job %s: %s; retrying", job.job_id, exc)
-        return job
-    assert latest is not None
-    return latest
-
-
-def _cancel(client: AirbyteAPI, job_id: int) -> None:
-    try:
-        client.jobs.cancel_job(request=api.CancelJobRequest(job_id=job_id))
-    except (errors.AirbyteAPIError, httpx.HTTPError) as exc:
-        log.warning("could not cancel job %s: %s", job_id, exc)
