@@ -51,7 +51,6 @@ from psycopg import sql
 from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import slot_name
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
@@ -250,12 +249,9 @@ def _writer(env: dict[str, str], tps: int) -> subprocess.Popen:
 
 
 def _compare(settings, catalog, dest: Destination) -> dict[str, dict[str, int]]:
-    connection = catalog.connection(dest.connection)
     result: dict[str, dict[str, int]] = {}
     with db.connect(settings) as conn:
-        for stream in catalog.connection_streams(connection):
-            if not stream.sync_mode.incremental:
-                continue
+        for stream in catalog.resolve(dest.connection).incremental:
             names = [
                 r[0]
                 for r in conn.execute(
@@ -288,14 +284,11 @@ def _compare(settings, catalog, dest: Destination) -> dict[str, dict[str, int]]:
 
 
 def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, rng) -> dict:
-    connection = catalog.connection(dest.connection)
-    source = catalog.source(connection.source)
+    connection = catalog.resolve(dest.connection)
     dest.start()
     try:
         with db.connect(settings, autocommit=True) as conn:
-            cdc.drop_slot(
-                conn, slot_name(source.cdc.replication_slot, connection.name, conn.info.dbname)
-            )
+            cdc.drop_slot(conn, connection.slot(conn.info.dbname))
         snapshot_seconds = _timed_clean_sync(dest.env, dest.connection)  # the first: a snapshot
         incremental_seconds = _timed_clean_sync(dest.env, dest.connection)
         writer = _writer(dest.env, tps)
@@ -304,12 +297,7 @@ def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, r
             for number in range(runs):
                 if number % 4 == 3:  # the slot is lost: this sync re-snapshots
                     with db.connect(settings, autocommit=True) as conn:
-                        cdc.drop_slot(
-                            conn,
-                            slot_name(
-                                source.cdc.replication_slot, connection.name, conn.info.dbname
-                            ),
-                        )
+                        cdc.drop_slot(conn, connection.slot(conn.info.dbname))
                 proc = _sync(dest.env, dest.connection)
                 delay = rng.uniform(0, snapshot_seconds if number % 4 == 3 else incremental_seconds)
                 try:

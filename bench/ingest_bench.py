@@ -52,7 +52,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import Engine, follow, slot_name
+from stripe_platform.ingestion.engine import Engine, follow
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
@@ -215,16 +215,17 @@ def peer_duckdb_scanner(s, out: Path) -> tuple[float, int] | str:
     return _run_peer("duckdb", DUCKDB_SCANNER, conninfo, "transaction", str(out))
 
 
-def only_transaction(catalog, connection: str):
-    conn = catalog.connection(connection).model_copy(update={"streams": ("transaction",)})
-    return dataclasses.replace(catalog, connections=(conn,))
+def only_transaction(catalog, name: str):
+    """The connection, resolved, syncing its Transaction stream only."""
+    connection = catalog.resolve(name)
+    return dataclasses.replace(connection, streams=(connection.stream("transaction"),))
 
 
-def platform_snapshot(s, catalog, connection: str, writer) -> tuple[float, int]:
+def platform_snapshot(s, connection, writer) -> tuple[float, int]:
     with db.connect(s, autocommit=True) as conn:
-        cdc.drop_slot(conn, slot_name("stripe_platform", connection, conn.info.dbname))
+        cdc.drop_slot(conn, connection.slot(conn.info.dbname))
     seconds, report = timed(
-        lambda: Engine(s, catalog, writer).sync(connection), f"snapshot {connection}"
+        lambda: Engine(s, connection, writer).sync(), f"snapshot {connection.name}"
     )
     return seconds, report.streams["transaction"].rows
 
@@ -268,10 +269,11 @@ def _recvlogical(s, slot: str, publication: str, end: str) -> float | str:
     return seconds
 
 
-def cdc_round(s, catalog, writer, publication: str, number: int) -> dict:
+def cdc_round(s, connection, writer, number: int) -> dict:
     """One CDC throughput round: reference slots made, a CDC_ROWS-row UPDATE committed, then the
     same changes read by the floor (SQL peek of a second pgoutput slot), the peer (pg_recvlogical
     on a third) and the platform (`Engine.sync` into the warehouse, its own slot)."""
+    publication = connection.publication
     floor_slot = f"bench_cdc_floor_{os.getpid()}_{number}"
     peer_slot = f"bench_cdc_recvlogical_{os.getpid()}_{number}"
     with db.connect(s, autocommit=True) as conn:
@@ -286,9 +288,7 @@ def cdc_round(s, catalog, writer, publication: str, number: int) -> dict:
             lambda: _peek_floor(s, floor_slot, publication, end), "cdc floor"
         )
         peer = _recvlogical(s, peer_slot, publication, end)
-        seconds, report = timed(
-            lambda: Engine(s, catalog, writer).sync("postgres-to-snowflake"), "cdc throughput"
-        )
+        seconds, report = timed(lambda: Engine(s, connection, writer).sync(), "cdc throughput")
     finally:
         with db.connect(s, autocommit=True) as conn:
             for slot in (floor_slot, peer_slot):
@@ -357,17 +357,19 @@ class TimingWriter:
         return result
 
 
-def cdc_latency_sync_loop(s, catalog, writer, seconds: float = 20.0, tps: int = 50) -> TimingWriter:
+def cdc_latency_sync_loop(
+    s, connection, writer, seconds: float = 20.0, tps: int = 50
+) -> TimingWriter:
     """The former method: back-to-back `Engine.sync` runs while the load runs."""
     timing = TimingWriter(writer, dt.datetime.now(dt.UTC))
     load = _load(s, seconds, tps)
     while load.poll() is None:
-        Engine(s, catalog, timing).sync("postgres-to-snowflake")
+        Engine(s, connection, timing).sync()
     return timing
 
 
 def cdc_latency_follow(
-    s, catalog, writer, seconds: float = 20.0, tps: int = 50, interval: float = 0.1
+    s, connection, writer, seconds: float = 20.0, tps: int = 50, interval: float = 0.1
 ) -> TimingWriter:
     """`engine.follow`: one long-lived CDC loop polling the slot every `interval` seconds."""
     timing = TimingWriter(writer, dt.datetime.now(dt.UTC))
@@ -376,7 +378,7 @@ def cdc_latency_follow(
 
     def run() -> None:
         try:
-            follow(s, "postgres-to-snowflake", stop, interval, catalog=catalog, writer=timing)
+            follow(s, connection, stop, interval, writer=timing)
         except BaseException as exc:  # reported below
             failed.append(exc)
 
@@ -452,29 +454,20 @@ def main() -> None:
                 results[key].append(done[0] if isinstance(done, tuple) else done)
         lake = LakeRaw(LakeWriter(str(work / "lake")), "postgres")
         results["lake"].append(
-            platform_snapshot(
-                s, only_transaction(catalog, "postgres-to-s3"), "postgres-to-s3", lake
-            )[0]
+            platform_snapshot(s, only_transaction(catalog, "postgres-to-s3"), lake)[0]
         )
         shutil.rmtree(work / "lake", ignore_errors=True)
         (work / "w.duckdb").unlink(missing_ok=True)
         warehouse = DuckDBRaw(duckdb.connect(str(work / "w.duckdb")))
         results["duckdb"].append(
-            platform_snapshot(
-                s,
-                only_transaction(catalog, "postgres-to-snowflake"),
-                "postgres-to-snowflake",
-                warehouse,
-            )[0]
+            platform_snapshot(s, only_transaction(catalog, "postgres-to-snowflake"), warehouse)[0]
         )
-    wh_catalog = only_transaction(catalog, "postgres-to-snowflake")
-    source = wh_catalog.source(wh_catalog.connection("postgres-to-snowflake").source)
-    publication = source.cdc.publication
-    rounds = [cdc_round(s, wh_catalog, warehouse, publication, n) for n in range(args.runs)]
+    wh = only_transaction(catalog, "postgres-to-snowflake")
+    rounds = [cdc_round(s, wh, warehouse, n) for n in range(args.runs)]
     latency = [
         {
-            "sync_loop": cdc_latency_sync_loop(s, wh_catalog, warehouse),
-            "follow": cdc_latency_follow(s, wh_catalog, warehouse),
+            "sync_loop": cdc_latency_sync_loop(s, wh, warehouse),
+            "follow": cdc_latency_follow(s, wh, warehouse),
         }
         for _ in range(args.runs)
     ]
@@ -551,7 +544,7 @@ def main() -> None:
                 "seconds": results,
                 "cdc": {
                     "update_rows": CDC_ROWS,
-                    "publication": publication,
+                    "publication": wh.publication,
                     "rounds": rounds,
                     # one list per figure, a value per round (the first is the warm-up under run_all)
                     "changes": [r["changes"] for r in rounds],
@@ -583,7 +576,7 @@ def main() -> None:
     print(f"\nwritten {out}")
     with db.connect(s, autocommit=True) as conn:
         for name in ("postgres-to-s3", "postgres-to-snowflake"):
-            cdc.drop_slot(conn, slot_name("stripe_platform", name, conn.info.dbname))
+            cdc.drop_slot(conn, catalog.resolve(name).slot(conn.info.dbname))
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -84,7 +84,8 @@ def sync_all(settings) -> float:
     catalog = load_catalog()
     started = time.perf_counter()
     for name in CONNECTIONS:
-        run_sync(settings, catalog, open_writer(settings, catalog, name), name)
+        connection = catalog.resolve(name)
+        run_sync(settings, connection, open_writer(settings, connection))
     return time.perf_counter() - started
 
 

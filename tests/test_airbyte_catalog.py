@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from stripe_platform.ingestion.catalog import (
     PostgresSource,
     S3Destination,
     SyncMode,
+    UnknownConnectionError,
     document_fields,
     lake_key,
     load_catalog,
@@ -115,8 +117,35 @@ def test_secret_and_card_columns_never_leave_the_oltp() -> None:
 def test_connections_take_every_stream_of_their_source_unless_they_list_some() -> None:
     catalog = load_catalog()
     for connection in catalog.connections:
-        streams = catalog.connection_streams(connection)
+        streams = catalog.resolve(connection.name).streams
         assert streams == catalog.streams[connection.source].streams
+    (first, *_) = catalog.connections
+    picky = first.model_copy(update={"name": "picky", "streams": ("merchant", "customer")})
+    some = dataclasses.replace(catalog, connections=(*catalog.connections, picky))
+    assert [s.name for s in some.resolve("picky").streams] == ["customer", "merchant"]
+
+
+def test_a_connection_resolves_once_to_everything_its_sync_needs() -> None:
+    catalog = load_catalog()
+    lake = catalog.resolve("postgres-to-s3")
+    assert lake.name == "postgres-to-s3"
+    assert (lake.source.name, lake.destination.name) == ("postgres", "s3")
+    assert lake.to_lake and not catalog.resolve("postgres-to-snowflake").to_lake
+    assert lake.state_key == "connection:postgres-to-s3"
+    assert lake.publication == "stripe_platform"
+    incremental = {s.name for s in lake.incremental}
+    assert "transaction" in incremental and "currency" not in incremental
+    # One slot per connection and source database, cut to PostgreSQL's 63 characters with a hash
+    # of the whole, so databases that differ past the cut still get slots of their own.
+    assert lake.slot("stripe") == "stripe_platform_stripe_postgres_to_s3"
+    assert lake.slot("Stripe-Dev") == "stripe_platform_stripe_dev_postgres_to_s3"
+    cut = lake.slot("d" * 40)
+    assert len(cut) == 63 and cut.startswith("stripe_platform_" + "d" * 38 + "_")
+    assert cut != lake.slot("d" * 41)
+    with pytest.raises(CatalogError, match="source mongodb is not PostgreSQL"):
+        catalog.resolve("mongodb-to-s3").slot("stripe")
+    with pytest.raises(UnknownConnectionError, match="unknown connection 'nope'; known: postgres-"):
+        catalog.resolve("nope")
 
 
 def test_lake_layout() -> None:

@@ -31,7 +31,7 @@ from psycopg import sql
 from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import Engine, follow, open_writer, slot_name
+from stripe_platform.ingestion.engine import Engine, follow, open_writer
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.seed import incremental
@@ -111,7 +111,7 @@ def _open_destination(spec: dict[str, Any], settings: Any, catalog: Any) -> Any:
         conn = snowflake.connector.connect(**spec["params"], paramstyle="qmark")
         return SnowflakeRaw(conn, database=spec["params"]["database"])
     assert kind == "lake", kind
-    return open_writer(settings.model_copy(update={"lake_uri": spec["uri"]}), catalog, LAKE)
+    return open_writer(settings.model_copy(update={"lake_uri": spec["uri"]}), catalog.resolve(LAKE))
 
 
 def _close_destination(writer: Any) -> None:
@@ -129,7 +129,7 @@ def _child(spec_file: str) -> None:
     writer = _PausingWriter(
         _open_destination(spec["destination"], settings, catalog), spec["pause"]
     )
-    report = Engine(settings, catalog, writer).sync(spec["connection"])
+    report = Engine(settings, catalog.resolve(spec["connection"]), writer).sync()
     print(json.dumps({"event": "done", "phase": report.phase}), flush=True)
 
 
@@ -144,7 +144,7 @@ class Destination:
     def sync(self, catalog: Any) -> Any:
         writer = _open_destination(self.spec, self.settings, catalog)
         try:
-            return Engine(self.settings, catalog, writer).sync(self.connection)
+            return Engine(self.settings, catalog.resolve(self.connection), writer).sync()
         finally:
             _close_destination(writer)  # DuckDB: one process at a time holds the file
 
@@ -246,9 +246,10 @@ def source(settings, database):
         s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=100)), connect_docs(s)
     )
     yield s
+    catalog = load_catalog()
     with db.connect(s, autocommit=True) as conn:
         for connection in (WAREHOUSE, LAKE):
-            drop_slot(conn, slot_name("stripe_platform", connection, conn.info.dbname))
+            drop_slot(conn, catalog.resolve(connection).slot(conn.info.dbname))
 
 
 @pytest.fixture
@@ -341,7 +342,7 @@ def wal_insert_lsn(s: Any) -> int:
 
 def slot_of(s: Any, connection: str) -> cdc.SlotInfo | None:
     with db.connect(s, autocommit=True) as conn:
-        return cdc.slot_info(conn, slot_name("stripe_platform", connection, conn.info.dbname))
+        return cdc.slot_info(conn, load_catalog().resolve(connection).slot(conn.info.dbname))
 
 
 def kill_inside_the_window(
@@ -352,7 +353,7 @@ def kill_inside_the_window(
     the state that names it. Returns the event the child stopped at."""
     with db.connect(source, autocommit=True) as conn:
         dropped = cdc.drop_slot(
-            conn, slot_name("stripe_platform", destination.connection, conn.info.dbname)
+            conn, load_catalog().resolve(destination.connection).slot(conn.info.dbname)
         )
     assert dropped
     before = wal_insert_lsn(source)
@@ -491,7 +492,7 @@ def test_following_notices_another_destination_taking_its_slot(source, make_dest
 
     def run():
         try:
-            out["report"] = follow(source, WAREHOUSE, stop, 0.05, catalog=catalog, writer=raw)
+            out["report"] = follow(source, catalog.resolve(WAREHOUSE), stop, 0.05, writer=raw)
         except BaseException as exc:  # re-raised below
             out["error"] = exc
 

@@ -23,7 +23,7 @@ import pytest
 from airbyte_fake import FakeAirbyte
 from stripe_platform.config import load_settings
 from stripe_platform.docstore import client as docstore
-from stripe_platform.ingestion.engine import slot_name
+from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db, partitions
 from stripe_platform.orchestration import alerts, defaults
@@ -256,9 +256,8 @@ def embedded_env(settings, loaded, database, tmp_path, monkeypatch):
     s = load_settings()
     brief_examples.load_documents(docstore.connect(s))
     yield s
-    with db.connect(s, autocommit=True) as conn:
-        for name in ("postgres-to-s3", "mongodb-to-s3"):
-            cdc.drop_slot(conn, slot_name("stripe_platform", name, conn.info.dbname))
+    with db.connect(s, autocommit=True) as conn:  # the one slot: mongodb-to-s3 reads by cursor
+        cdc.drop_slot(conn, load_catalog().resolve("postgres-to-s3").slot(conn.info.dbname))
 
 
 def test_elt_lake_daily_runs_end_to_end_on_the_embedded_profile(airflow_db, embedded_env):

@@ -31,7 +31,7 @@ from pydantic import SecretStr
 
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import open_writer, run_sync, slot_name
+from stripe_platform.ingestion.engine import open_writer, run_sync
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.seed import load as seed_load
@@ -148,8 +148,9 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
     )
     marts = snowflake.connector.connect(**{**snowflake_params(sf), **timeouts}, schema="ANALYTICS")
     try:
-        for connection in CONNECTIONS:
-            assert run_sync(sf, catalog, writer, connection).rows > 0
+        connections = [catalog.resolve(name) for name in CONNECTIONS]
+        for connection in connections:
+            assert run_sync(sf, connection, writer).rows > 0
         synced = time.monotonic()
 
         # 1. A full build.
@@ -180,7 +181,7 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
                 )
             merchant = conn.execute("SELECT min(ID) FROM Merchant").fetchone()[0]
             conn.execute("UPDATE Merchant SET Rating = 1.5 WHERE ID = %s", (merchant,))
-        again = run_sync(sf, catalog, writer, CONNECTIONS[0])
+        again = run_sync(sf, connections[0], writer)
         assert again.phase == "incremental" and again.rows >= len(refunded) + 1
 
         # The same data into DuckDB (a fresh snapshot sync: it takes over the connection's slot,
@@ -188,10 +189,10 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
         duck = s.model_copy(
             update={"warehouse": "duckdb", "warehouse_path": duck_home / "warehouse.duckdb"}
         )
-        duck_writer = open_writer(duck, catalog, CONNECTIONS[0])
+        duck_writer = open_writer(duck, connections[0])
         try:
-            for connection in CONNECTIONS:
-                run_sync(duck, catalog, duck_writer, connection)
+            for connection in connections:
+                run_sync(duck, connection, duck_writer)
         finally:
             duck_writer.conn.close()
 
@@ -230,7 +231,9 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
         writer.conn.close()
         with db.connect(s, autocommit=True) as conn:
             for c in catalog.connections:
-                cdc.drop_slot(conn, slot_name("stripe_platform", c.name, conn.info.dbname))
+                connection = catalog.resolve(c.name)
+                if connection.source.kind == "postgres":
+                    cdc.drop_slot(conn, connection.slot(conn.info.dbname))
     print(
         f"\nsync {synced - started:.0f}s, full snowflake build {built - synced:.0f}s, "
         f"incremental + duckdb {rebuilt - built:.0f}s, total {time.monotonic() - started:.0f}s"

@@ -80,8 +80,8 @@ def merchants(writer: Any) -> dict[int, tuple[Any, ...]]:
 
 
 def test_a_dropped_source_column_is_kept_nulled_from_then_on_and_reported_once(source, writer):
-    catalog = load_catalog()
-    first = Engine(source, catalog, writer).sync(PG)
+    pg = load_catalog().resolve(PG)
+    first = Engine(source, pg, writer).sync()
     assert {k: v[0] for k, v in merchants(writer).items()} == SAMPLE_MCC
 
     with db.connect(source, autocommit=True) as conn:
@@ -91,7 +91,7 @@ def test_a_dropped_source_column_is_kept_nulled_from_then_on_and_reported_once(s
             "INSERT INTO Merchant (ID, Name, IndustryID, MerchantSizeID, Rating) "
             "VALUES (99, 'Newcomer', 1, 1, 2.0)"
         )
-    second = Engine(source, catalog, writer).sync(PG)
+    second = Engine(source, pg, writer).sync()
     held = merchants(writer)
     assert held[4] == (None, 1.0)  # the new version of an updated row: NULL, not the old value
     assert held[99] == (None, 2.0)  # a new row
@@ -102,7 +102,7 @@ def test_a_dropped_source_column_is_kept_nulled_from_then_on_and_reported_once(s
 
     with db.connect(source, autocommit=True) as conn:
         conn.execute("UPDATE Merchant SET Rating = 1.5 WHERE ID = 5")
-    third = Engine(source, catalog, writer).sync(PG)
+    third = Engine(source, pg, writer).sync()
     assert third.streams["merchant"].rows == 1
     assert third.streams["merchant"].dropped_columns == []  # reported once
     assert merchants(writer)[5] == (None, 1.5)
@@ -111,10 +111,10 @@ def test_a_dropped_source_column_is_kept_nulled_from_then_on_and_reported_once(s
 def test_a_column_dropped_while_following_is_reported(source, tmp_path):
     """``follow`` keeps the stream's columns between reads: a drop is noticed from the change
     rows that no longer carry the column."""
-    catalog = load_catalog()
+    pg = load_catalog().resolve(PG)
     conn = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
     writer = DuckDBRaw(conn)
-    Engine(source, catalog, writer).sync(PG)
+    Engine(source, pg, writer).sync()
     polling, merchant_written, stop = threading.Event(), threading.Event(), threading.Event()
 
     class Observed(Engine):
@@ -122,8 +122,8 @@ def test_a_column_dropped_while_following_is_reported(source, tmp_path):
 
         synced = False
 
-        def sync(self, connection_name: str) -> Any:
-            report = super().sync(connection_name)
+        def sync(self) -> Any:
+            report = super().sync()
             self.synced = True
             return report
 
@@ -140,7 +140,7 @@ def test_a_column_dropped_while_following_is_reported(source, tmp_path):
 
     def run() -> None:
         try:
-            outcome["report"] = Observed(source, catalog, writer, progress).follow(PG, stop, 0.05)
+            outcome["report"] = Observed(source, pg, writer, progress).follow(stop, 0.05)
         except BaseException as exc:  # handed to the test's thread
             outcome["error"] = exc
             polling.set()

@@ -27,7 +27,7 @@ from moto.server import ThreadedMotoServer
 from stripe_platform.config import Settings, get_settings, load_settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import Engine, open_writer, slot_name
+from stripe_platform.ingestion.engine import Engine, open_writer
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import GENERATION_KEY, LakeWriter
@@ -619,7 +619,7 @@ def seeded(settings: Settings, database: str) -> Iterator[Settings]:
     seed_load.seed(s, build(spec), connect_docs(s))
     yield s
     with db.connect(s, autocommit=True) as conn:
-        cdc.drop_slot(conn, slot_name("stripe_platform", "postgres-to-s3", conn.info.dbname))
+        cdc.drop_slot(conn, load_catalog().resolve("postgres-to-s3").slot(conn.info.dbname))
 
 
 def test_the_engine_after_a_lost_slot_shows_no_row_deleted_in_between(
@@ -629,12 +629,11 @@ def test_the_engine_after_a_lost_slot_shows_no_row_deleted_in_between(
     slot is gone (so no change rows ever say so) are not read back from the lake once the new
     snapshot is complete; a full-refresh stream shows one read of its table, not two."""
     s = seeded.model_copy(update={"lake_uri": str(tmp_path / "lake")})
-    catalog = load_catalog()
+    connection = load_catalog().resolve("postgres-to-s3")
     lake = LakeWriter(tmp_path / "lake")
 
     def sync() -> str:
-        engine = Engine(s, catalog, open_writer(s, catalog, "postgres-to-s3"))
-        return engine.sync("postgres-to-s3").phase
+        return Engine(s, connection, open_writer(s, connection)).sync().phase
 
     def source(query: str) -> list[tuple]:
         with db.connect(s) as conn:
@@ -651,7 +650,7 @@ def test_the_engine_after_a_lost_slot_shows_no_row_deleted_in_between(
             "RETURNING ID"
         ).fetchall()
         # As a DBA, max_slot_wal_keep_size or a failover would.
-        cdc.drop_slot(conn, slot_name("stripe_platform", "postgres-to-s3", conn.info.dbname))
+        cdc.drop_slot(conn, connection.slot(conn.info.dbname))
     assert len(deleted) == 5
     assert sync() == "snapshot"
     live = lake_rows(

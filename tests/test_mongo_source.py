@@ -159,7 +159,7 @@ class Reviews:
         self.docs = docdb.CustomerReview
         self.settings = load_settings(home=home, mongodb_database=docdb.name)
         self.raw = DuckDBRaw(duckdb.connect(str(home / "engine.duckdb")))
-        self.catalog = load_catalog()
+        self.connection = load_catalog().resolve(DOCS)
 
     def insert(self, message, **fields):
         doc = {
@@ -174,7 +174,7 @@ class Reviews:
     def sync(self):
         """One sync; returns the review stream's report."""
         started = dt.datetime.now(dt.UTC)
-        report = Engine(self.settings, self.catalog, self.raw).sync(DOCS)
+        report = Engine(self.settings, self.connection, self.raw).sync()
         saved = json_util.loads(self.raw.load_state("raw.mongodb_customerreview")["cursor"])
         if saved is not None:  # never later than the sync's start
             assert saved.replace(tzinfo=saved.tzinfo or dt.UTC) <= started
@@ -344,11 +344,11 @@ def test_the_lake_receives_them_too(docdb, tmp_path):
 
     lake = tmp_path / "lake"
     s = load_settings(home=tmp_path, mongodb_database=docdb.name, lake_uri=str(lake))
-    catalog = load_catalog()
+    connection = load_catalog().resolve("mongodb-to-s3")
     reviews = Reviews(docdb, tmp_path)
 
     def sync():
-        report = Engine(s, catalog, open_writer(s, catalog, "mongodb-to-s3")).sync("mongodb-to-s3")
+        report = Engine(s, connection, open_writer(s, connection)).sync()
         return report.streams["CustomerReview"]
 
     reviews.insert("first", timestamp=recent(3600))

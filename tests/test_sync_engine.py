@@ -15,8 +15,8 @@ import pytest
 from psycopg import sql
 
 from stripe_platform.docstore.client import connect as connect_docs
-from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import Engine, SyncError, slot_name
+from stripe_platform.ingestion.catalog import UnknownConnectionError, load_catalog
+from stripe_platform.ingestion.engine import Engine, SyncError
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
@@ -40,7 +40,9 @@ def platform(settings, database, tmp_path):
     yield s, docs, catalog, DuckDBRaw(warehouse)
     with db.connect(s, autocommit=True) as conn:
         for c in catalog.connections:
-            cdc.drop_slot(conn, slot_name("stripe_platform", c.name, conn.info.dbname))
+            connection = catalog.resolve(c.name)
+            if connection.source.kind == "postgres":
+                cdc.drop_slot(conn, connection.slot(conn.info.dbname))
     warehouse.close()
 
 
@@ -57,7 +59,7 @@ def source_rows(s, query):
 
 def test_initial_sync_then_changes_land_deduplicated(platform):
     s, _, catalog, raw = platform
-    report = Engine(s, catalog, raw).sync(PG)
+    report = Engine(s, catalog.resolve(PG), raw).sync()
     assert report.phase == "snapshot"
     for table in ("transaction", "customer", "merchant", "device", "transactionstatechanges"):
         assert (
@@ -95,7 +97,7 @@ def test_initial_sync_then_changes_land_deduplicated(platform):
             "(SELECT FROM Transaction t WHERE t.DeviceID = d.ID) LIMIT 1"
         ).fetchone()[0]
         conn.execute("DELETE FROM Device WHERE ID = %s", (unused,))
-    again = Engine(s, catalog, raw).sync(PG)
+    again = Engine(s, catalog.resolve(PG), raw).sync()
     assert again.phase == "incremental" and again.rows >= 3
     assert (
         raw.conn.execute("SELECT rating FROM raw.postgres_merchant WHERE id = 1").fetchone()[0]
@@ -130,14 +132,14 @@ def test_snapshot_and_stream_equal_the_source_under_concurrent_writes(platform):
     time.sleep(1.0)
     syncs = 0
     while True:  # sync while the writer writes (at least once, even on a slow machine)
-        Engine(s, catalog, raw).sync(PG)
+        Engine(s, catalog.resolve(PG), raw).sync()
         syncs += 1
         if writer.poll() is not None:
             break
     assert writer.returncode == 0, (
         f"the writer failed: {writer.stderr.read() if writer.stderr else ''}"
     )
-    Engine(s, catalog, raw).sync(PG)
+    Engine(s, catalog.resolve(PG), raw).sync()
     expected = source_rows(
         s, "SELECT ID, TransactionStatusID, Amount::float8 FROM Transaction ORDER BY 1"
     )
@@ -155,12 +157,12 @@ def test_a_crash_mid_sync_redelivers_without_loss_or_duplicates(platform, monkey
     before the next stream's are, has moved neither its state nor the slot: the next sync
     re-delivers every change, and the merge makes the re-delivered ones harmless."""
     s, _, catalog, raw = platform
-    Engine(s, catalog, raw).sync(PG)
+    Engine(s, catalog.resolve(PG), raw).sync()
     with db.connect(s, autocommit=True) as conn:
         conn.execute("UPDATE Merchant SET Rating = 2.5")
         conn.execute("UPDATE Customer SET PreferredDevice = 'Desktop'")
         customers = conn.execute("SELECT count(*) FROM Customer").fetchone()[0]
-        slot = slot_name("stripe_platform", PG, conn.info.dbname)
+        slot = catalog.resolve(PG).slot(conn.info.dbname)
         position = cdc.slot_info(conn, slot).confirmed_flush_lsn
     state = raw.load_state(f"connection:{PG}")
     real_write, written = raw.write, []
@@ -174,13 +176,13 @@ def test_a_crash_mid_sync_redelivers_without_loss_or_duplicates(platform, monkey
 
     monkeypatch.setattr(raw, "write", crashing)
     with pytest.raises(KeyboardInterrupt):
-        Engine(s, catalog, raw).sync(PG)
+        Engine(s, catalog.resolve(PG), raw).sync()
     assert written == ["postgres_merchant"]  # the crash hit between two streams' changes
     assert raw.load_state(f"connection:{PG}") == state
     with db.connect(s, autocommit=True) as conn:
         assert cdc.slot_info(conn, slot).confirmed_flush_lsn == position
     monkeypatch.setattr(raw, "write", real_write)
-    again = Engine(s, catalog, raw).sync(PG)
+    again = Engine(s, catalog.resolve(PG), raw).sync()
     assert again.phase == "incremental"
     assert again.streams["customer"].rows == customers  # re-delivered, not lost
     assert {r[0] for r in live_rows(raw, "postgres_merchant", "rating")} == {2.5}
@@ -193,11 +195,11 @@ def test_a_crash_mid_sync_redelivers_without_loss_or_duplicates(platform, monkey
 
 def test_schema_drift_new_column_and_incompatible_change(platform):
     s, _, catalog, raw = platform
-    Engine(s, catalog, raw).sync(PG)
+    Engine(s, catalog.resolve(PG), raw).sync()
     with db.connect(s, autocommit=True) as conn:
         conn.execute("ALTER TABLE Merchant ADD COLUMN Website text")
         conn.execute("UPDATE Merchant SET Website = 'https://m1.example' WHERE ID = 1")
-    report = Engine(s, catalog, raw).sync(PG)
+    report = Engine(s, catalog.resolve(PG), raw).sync()
     assert "website" in report.streams["merchant"].added_columns
     assert raw.conn.execute(
         "SELECT website FROM raw.postgres_merchant WHERE id = 1"
@@ -209,21 +211,21 @@ def test_schema_drift_new_column_and_incompatible_change(platform):
     with pytest.raises(
         SyncError, match=r"raw.postgres_merchant: column rating changed type decimal -> integer"
     ):
-        Engine(s, catalog, raw).sync(PG)
+        Engine(s, catalog.resolve(PG), raw).sync()
     # The stopped stream kept its rows, and other connections go on.
     assert raw.conn.execute("SELECT count(*) FROM raw.postgres_merchant").fetchone() == before
-    assert Engine(s, catalog, raw).sync("mongodb-to-snowflake").rows > 0
+    assert Engine(s, catalog.resolve("mongodb-to-snowflake"), raw).sync().rows > 0
 
 
 def test_documents_sync_full_then_incremental(platform):
     s, docs, catalog, raw = platform
-    first = Engine(s, catalog, raw).sync("mongodb-to-snowflake")
+    first = Engine(s, catalog.resolve("mongodb-to-snowflake"), raw).sync()
     assert first.streams["Customer"].rows == docs.Customer.count_documents({})
     assert raw.conn.execute("SELECT count(*) FROM raw.mongodb_transaction").fetchone()[0] == 300
     docs.Merchant.update_one(
         {}, {"$set": {"lastUpdated": dt.datetime.now(dt.UTC), "name": "Renamed"}}
     )
-    second = Engine(s, catalog, raw).sync("mongodb-to-snowflake")
+    second = Engine(s, catalog.resolve("mongodb-to-snowflake"), raw).sync()
     assert second.streams["Merchant"].rows >= 1 and second.streams["Customer"].rows <= 1
     assert raw.conn.execute(
         "SELECT count(*) FROM raw.mongodb_merchant WHERE name = 'Renamed'"
@@ -235,10 +237,10 @@ def test_unchanged_large_values_are_kept_on_update(platform):
     big = os.urandom(6000).hex()  # incompressible: stored out of line (TOAST)
     with db.connect(s, autocommit=True) as conn:
         conn.execute("UPDATE Merchant SET Name = %s WHERE ID = 1", (big,))
-    Engine(s, catalog, raw).sync(PG)
+    Engine(s, catalog.resolve(PG), raw).sync()
     with db.connect(s, autocommit=True) as conn:
         conn.execute("UPDATE Merchant SET Rating = 0.5 WHERE ID = 1")  # Name is not resent
-    Engine(s, catalog, raw).sync(PG)
+    Engine(s, catalog.resolve(PG), raw).sync()
     name, rating = raw.conn.execute(
         "SELECT name, rating FROM raw.postgres_merchant WHERE id = 1"
     ).fetchone()
@@ -246,9 +248,11 @@ def test_unchanged_large_values_are_kept_on_update(platform):
 
 
 def test_unknown_connection_is_a_clear_error(platform):
-    s, _, catalog, raw = platform
-    with pytest.raises(SyncError, match="unknown connection 'nope'; known: postgres-to-snowflake"):
-        Engine(s, catalog, raw).sync("nope")
+    _, _, catalog, _ = platform
+    with pytest.raises(
+        UnknownConnectionError, match="unknown connection 'nope'; known: postgres-to-snowflake"
+    ):
+        catalog.resolve("nope")
 
 
 def test_lake_sync_writes_partitioned_parquet_readable_by_duckdb(platform, tmp_path):
@@ -256,9 +260,8 @@ def test_lake_sync_writes_partitioned_parquet_readable_by_duckdb(platform, tmp_p
 
     s, _, catalog, _ = platform
     lake = s.model_copy(update={"lake_uri": str(tmp_path / "lake")})
-    report = Engine(lake, catalog, open_writer(lake, catalog, "postgres-to-s3")).sync(
-        "postgres-to-s3"
-    )
+    s3 = catalog.resolve("postgres-to-s3")
+    report = Engine(lake, s3, open_writer(lake, s3)).sync()
     assert report.rows > 0
     files = sorted(
         (tmp_path / "lake" / "raw" / "postgres" / "transaction").glob("extracted_date=*/*.parquet")
@@ -280,9 +283,7 @@ def test_lake_sync_writes_partitioned_parquet_readable_by_duckdb(platform, tmp_p
     # Changes append history; the state sits beside the data.
     with db.connect(s, autocommit=True) as conn:
         conn.execute("UPDATE Merchant SET Rating = 4.2 WHERE ID = 1")
-    again = Engine(lake, catalog, open_writer(lake, catalog, "postgres-to-s3")).sync(
-        "postgres-to-s3"
-    )
+    again = Engine(lake, s3, open_writer(lake, s3)).sync()
     assert again.streams["merchant"].rows == 1
     assert (tmp_path / "lake" / "_stripe_platform" / "state").is_dir()
 
@@ -298,6 +299,7 @@ def test_lake_snapshot_writes_files_side_by_side_and_a_failed_write_fails_the_sy
 
     s, _, catalog, _ = platform
     lake = s.model_copy(update={"lake_uri": str(tmp_path / "lake")})
+    s3 = catalog.resolve("postgres-to-s3")
     monkeypatch.setattr(engine_module, "SNAPSHOT_BATCH_ROWS", 200)  # many files per stream
     real_write, calls = LakeWriter.write, []
 
@@ -310,11 +312,9 @@ def test_lake_snapshot_writes_files_side_by_side_and_a_failed_write_fails_the_sy
 
     monkeypatch.setattr(LakeWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
-        Engine(lake, catalog, open_writer(lake, catalog, "postgres-to-s3")).sync("postgres-to-s3")
+        Engine(lake, s3, open_writer(lake, s3)).sync()
     monkeypatch.setattr(LakeWriter, "write", real_write)
-    report = Engine(lake, catalog, open_writer(lake, catalog, "postgres-to-s3")).sync(
-        "postgres-to-s3"
-    )
+    report = Engine(lake, s3, open_writer(lake, s3)).sync()
     assert report.phase == "snapshot"  # the failed one left its state "in progress"
     assert "did not finish" in report.snapshot_reason
     stream_dir = tmp_path / "lake" / "raw" / "postgres" / "transaction"
@@ -347,7 +347,7 @@ def test_follow_streams_changes_until_stopped(platform):
 
     def run():
         try:
-            out["report"] = follow(s, PG, stop, 0.05, catalog=catalog, writer=raw)
+            out["report"] = follow(s, catalog.resolve(PG), stop, 0.05, writer=raw)
         except BaseException as exc:  # re-raised by the test below
             out["error"] = exc
 
@@ -388,7 +388,7 @@ def test_follow_streams_changes_until_stopped(platform):
     assert "error" not in out, out["error"]
     assert out["report"].streams["merchant"].rows >= 3 * n
     with db.connect(s, autocommit=True) as conn:
-        slot = cdc.slot_info(conn, slot_name("stripe_platform", PG, conn.info.dbname))
+        slot = cdc.slot_info(conn, catalog.resolve(PG).slot(conn.info.dbname))
         assert slot is not None and slot.active_pid is None
     assert raw.load_state(f"connection:{PG}")["lsn"] <= slot.confirmed_flush_lsn
     reader.close()
@@ -408,11 +408,11 @@ def test_a_failing_snapshot_reader_fails_the_sync_cleanly(platform, monkeypatch)
 
     monkeypatch.setattr(cdc.SnapshotReader, "batches", failing)
     with pytest.raises(RuntimeError, match="reader boom"):
-        Engine(s, catalog, raw).sync(PG)
+        Engine(s, catalog.resolve(PG), raw).sync()
     with db.connect(s, autocommit=True) as conn:
-        assert cdc.slot_info(conn, slot_name("stripe_platform", PG, conn.info.dbname)) is None
+        assert cdc.slot_info(conn, catalog.resolve(PG).slot(conn.info.dbname)) is None
     monkeypatch.undo()
-    assert Engine(s, catalog, raw).sync(PG).phase == "snapshot"
+    assert Engine(s, catalog.resolve(PG), raw).sync().phase == "snapshot"
     assert live_rows(raw, "postgres_transaction") == source_rows(
         s, "SELECT ID FROM Transaction ORDER BY 1"
     )
@@ -426,6 +426,7 @@ def test_two_databases_of_one_cluster_keep_their_own_slots(platform, settings, t
     must not share (and drop) one slot. A slot of the earlier naming (without the database)
     that the state still names is dropped, not left holding WAL."""
     s, _, catalog, raw = platform
+    pg = catalog.resolve(PG)
     other = s.model_copy(update={"pg_database": f"{s.pg_database}_b"})
     with db.connect(settings, database="postgres", autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(other.pg_database)))
@@ -433,12 +434,12 @@ def test_two_databases_of_one_cluster_keep_their_own_slots(platform, settings, t
     try:
         with db.connect(other, autocommit=True) as conn:
             migrate(conn)
-        assert Engine(s, catalog, raw).sync(PG).phase == "snapshot"
-        assert Engine(other, catalog, other_raw).sync(PG).phase == "snapshot"
+        assert Engine(s, pg, raw).sync().phase == "snapshot"
+        assert Engine(other, pg, other_raw).sync().phase == "snapshot"
         # Each database's next sync reads its own slot: no new snapshot, nothing dropped.
-        assert Engine(s, catalog, raw).sync(PG).phase == "incremental"
-        assert Engine(other, catalog, other_raw).sync(PG).phase == "incremental"
-        names = {d: slot_name("stripe_platform", PG, d) for d in (s.pg_database, other.pg_database)}
+        assert Engine(s, pg, raw).sync().phase == "incremental"
+        assert Engine(other, pg, other_raw).sync().phase == "incremental"
+        names = {d: pg.slot(d) for d in (s.pg_database, other.pg_database)}
         assert len(set(names.values())) == 2
         with db.connect(s, autocommit=True) as conn:
             for database, name in names.items():
@@ -449,13 +450,13 @@ def test_two_databases_of_one_cluster_keep_their_own_slots(platform, settings, t
             cdc.ensure_slot(conn, old)
             state = raw.load_state(f"connection:{PG}")
             raw.save_state(f"connection:{PG}", {**state, "slot": old})
-            Engine(s, catalog, raw).sync(PG)
+            Engine(s, pg, raw).sync()
             assert cdc.slot_info(conn, old) is None
             assert cdc.slot_info(conn, names[s.pg_database]) is not None
     finally:
         other_raw.conn.close()
         with db.connect(other, autocommit=True) as conn:
-            cdc.drop_slot(conn, slot_name("stripe_platform", PG, other.pg_database))
+            cdc.drop_slot(conn, pg.slot(other.pg_database))
         with db.connect(settings, database="postgres", autocommit=True) as conn:
             conn.execute(
                 sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(other.pg_database))

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from stripe_platform.config import Settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import open_writer, run_sync, slot_name
+from stripe_platform.ingestion.engine import open_writer, run_sync
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.status import change_status
@@ -75,7 +75,8 @@ def cli(s: Settings, *args: str) -> subprocess.CompletedProcess:
 def sync_all(s: Settings) -> None:
     catalog = load_catalog()
     for name in CONNECTIONS:
-        run_sync(s, catalog, open_writer(s, catalog, name), name)
+        connection = catalog.resolve(name)
+        run_sync(s, connection, open_writer(s, connection))
 
 
 def duckdb_rows(s: Settings, query: str) -> list[tuple]:
@@ -180,8 +181,11 @@ def pipeline(settings, database, tmp_path):
     )
     yield s
     with db.connect(s, autocommit=True) as conn:
-        for c in load_catalog().connections:
-            cdc.drop_slot(conn, slot_name("stripe_platform", c.name, conn.info.dbname))
+        catalog = load_catalog()
+        for c in catalog.connections:
+            connection = catalog.resolve(c.name)
+            if connection.source.kind == "postgres":
+                cdc.drop_slot(conn, connection.slot(conn.info.dbname))
 
 
 def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipeline):
@@ -255,7 +259,7 @@ def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipel
     # A lost replication slot makes the next sync take a new snapshot: every payment arrives
     # again, every day changes, and the aggregate facts' pre-hooks empty them before refilling.
     with db.connect(s, autocommit=True) as conn:
-        cdc.drop_slot(conn, slot_name("stripe_platform", "postgres-to-snowflake", conn.info.dbname))
+        cdc.drop_slot(conn, load_catalog().resolve("postgres-to-snowflake").slot(conn.info.dbname))
     sync_all(s)
     cli(s, "transform")
 

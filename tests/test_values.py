@@ -23,7 +23,7 @@ import pytest
 
 from stripe_platform.config import Settings
 from stripe_platform.ingestion.catalog import Stream, StreamGroup, SyncMode, load_catalog
-from stripe_platform.ingestion.engine import Engine, slot_name
+from stripe_platform.ingestion.engine import Engine
 from stripe_platform.ingestion.engine.sync import _typed
 from stripe_platform.ingestion.postgres import cdc, pgcopy, pgoutput, pgvalues
 from stripe_platform.lake.target import LakeRaw
@@ -480,8 +480,10 @@ def platform(settings: Settings, database: str, source) -> Iterator[tuple[Settin
     catalog = dataclasses.replace(catalog, streams={**catalog.streams, "postgres": group})
     s = settings.model_copy(update={"pg_database": database})
     yield s, catalog
-    for connection in catalog.connections:
-        cdc.drop_slot(source, slot_name("stripe_platform", connection.name, database))
+    for c in catalog.connections:
+        connection = catalog.resolve(c.name)
+        if connection.source.kind == "postgres":
+            cdc.drop_slot(source, connection.slot(database))
 
 
 def test_edge_values_land_the_same_by_snapshot_change_data_and_full_refresh(
@@ -493,7 +495,7 @@ def test_edge_values_land_the_same_by_snapshot_change_data_and_full_refresh(
     _insert(source, "edge_reference")
     source.execute("INSERT INTO plain VALUES (1, 'before', now())")
 
-    first = Engine(s, catalog, writer).sync(connection)
+    first = Engine(s, catalog.resolve(connection), writer).sync()
     assert first.phase == "snapshot"
     assert first.streams["edge_values"].nulled == NULLED_PER_COLUMN
     assert first.streams["edge_reference"].nulled == NULLED_PER_COLUMN
@@ -504,7 +506,7 @@ def test_edge_values_land_the_same_by_snapshot_change_data_and_full_refresh(
     # The same values again through change data: new rows, and every row updated to itself.
     _insert(source, "edge_values", offset=100)
     source.execute(f"UPDATE edge_values SET ({COLUMNS}) = ({COLUMNS}) WHERE id < 100")
-    second = Engine(s, catalog, writer).sync(connection)
+    second = Engine(s, catalog.resolve(connection), writer).sync()
     assert second.phase == "incremental"
     assert second.streams["edge_values"].nulled == {k: 2 * n for k, n in NULLED_PER_COLUMN.items()}
     both = {**expected, **_expected(offset=100)}
@@ -516,12 +518,12 @@ def test_edge_values_land_the_same_by_snapshot_change_data_and_full_refresh(
     source.execute("UPDATE edge_values SET ts = '4713-01-01 BC' WHERE id = 999")
     source.execute("DELETE FROM edge_values WHERE id = 999")
     source.execute("INSERT INTO plain VALUES (2, 'after the poison', now())")
-    poisoned = Engine(s, catalog, writer).sync(connection)
+    poisoned = Engine(s, catalog.resolve(connection), writer).sync()
     assert poisoned.streams["plain"].rows == 1
     # insert: num and amount NaN; update: those and the BC ts; delete: the key only
     assert poisoned.streams["edge_values"].nulled == {"num": 2, "amount": 2, "ts": 1}
     source.execute("INSERT INTO plain VALUES (3, 'and later', now())")
-    last = Engine(s, catalog, writer).sync(connection)
+    last = Engine(s, catalog.resolve(connection), writer).sync()
     assert last.phase == "incremental" and last.streams["plain"].rows == 1
     live = read("edge_values", True)
     assert 999 not in live and len(live) == 2 * len(ROWS)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from stripe_platform.cli.common import command, console, err, group, settings
 from stripe_platform.config import ENV_PREFIX, LAKE_FORMS, Settings, SettingsError
+
+if TYPE_CHECKING:  # the catalog is imported by the commands that read it
+    from stripe_platform.ingestion.catalog import ResolvedConnection
 
 commands = typer.Typer()  # merged into the top level
 airbyte_app = group("Airbyte connections as code (airbyte/): plan and apply.")
@@ -52,22 +55,19 @@ def sync(
         }
         console.print_json(data=result) if as_json else console.print(result)
         return
-    with _lake_errors_named(s, catalog, connection):
-        _sync_embedded(s, catalog, connection, as_json, follow, interval)
+    resolved = catalog.resolve(connection)
+    with _lake_errors_named(s, resolved):
+        _sync_embedded(s, resolved, as_json, follow, interval)
 
 
 @contextlib.contextmanager
-def _lake_errors_named(s: Settings, catalog: Any, connection: str) -> Iterator[None]:
+def _lake_errors_named(s: Settings, connection: ResolvedConnection) -> Iterator[None]:
     """A lake that cannot be reached or written (a bucket that does not exist, no credentials,
     a full or read-only disk) fails a sync with the variable that names it, not a traceback."""
-    from stripe_platform.ingestion.catalog import S3Destination
-
     try:
         yield
     except OSError as exc:  # pyarrow's filesystems raise OSError for local and S3 failures
-        known = {c.name: c for c in catalog.connections}
-        target = known.get(connection)
-        if target is None or not isinstance(catalog.destination(target.destination), S3Destination):
+        if not connection.to_lake:
             raise
         raise SettingsError(
             f"{ENV_PREFIX}LAKE_URI: the lake {s.lake_root} cannot be written ({exc}); {LAKE_FORMS}"
@@ -75,7 +75,7 @@ def _lake_errors_named(s: Settings, catalog: Any, connection: str) -> Iterator[N
 
 
 def _sync_embedded(
-    s: Settings, catalog: Any, connection: str, as_json: bool, follow: bool, interval: float
+    s: Settings, connection: ResolvedConnection, as_json: bool, follow: bool, interval: float
 ) -> None:
     from rich.progress import Progress, TextColumn
 
@@ -87,14 +87,13 @@ def _sync_embedded(
         from stripe_platform.ingestion.engine import follow as follow_changes
 
         stop = threading.Event()
-        err.print(f"{connection}: following changes every {interval}s; Ctrl-C stops cleanly")
+        err.print(f"{connection.name}: following changes every {interval}s; Ctrl-C stops cleanly")
         try:
             report = follow_changes(
                 s,
                 connection,
                 stop,
                 interval,
-                catalog=catalog,
                 progress=lambda stream, rows: err.print(f"{stream:<28} +{rows:,}"),
             )
         except KeyboardInterrupt:  # the batch in flight is re-delivered by the next run
@@ -123,7 +122,7 @@ def _sync_embedded(
                 description=f"{stream:<28} {done:>10,} rows {rate:>10,.0f}/s",
             )
 
-        report = run_sync(s, catalog, open_writer(s, catalog, connection), connection, progress)
+        report = run_sync(s, connection, open_writer(s, connection), progress)
     for stream in report.streams.values():  # on stderr: stdout stays the JSON report
         for warning in stream.warnings:
             err.print(

@@ -11,6 +11,7 @@ Secrets never appear in the YAML: it names environment variables, read by :func:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,12 +48,14 @@ __all__ = [
     "MissingEnvError",
     "MongoSource",
     "PostgresSource",
+    "ResolvedConnection",
     "S3Destination",
     "SnowflakeDestination",
     "Source",
     "Stream",
     "StreamGroup",
     "SyncMode",
+    "UnknownConnectionError",
     "Workspace",
     "document_fields",
     "lake_key",
@@ -94,6 +97,10 @@ class CatalogError(PlatformError, ValueError):
 
 class MissingEnvError(CatalogError):
     """A secret's environment variable is not set."""
+
+
+class UnknownConnectionError(CatalogError):
+    """No connection of that name in connections.yaml; the message lists the known ones."""
 
 
 def require_env(env: Mapping[str, str], variable: str, used_by: str) -> str:
@@ -359,16 +366,23 @@ class Catalog:
     def destination(self, name: str) -> SnowflakeDestination | S3Destination:
         return next(d for d in self.destinations if d.name == name)
 
-    def connection(self, name: str) -> Connection:
-        return next(c for c in self.connections if c.name == name)
-
-    def connection_streams(self, connection: Connection) -> tuple[Stream, ...]:
-        """The catalog streams a connection syncs, in catalog order."""
-        group = self.streams[connection.source]
-        if connection.streams is None:
-            return group.streams
-        wanted = set(connection.streams)
-        return tuple(s for s in group.streams if s.name in wanted)
+    def resolve(self, name: str) -> ResolvedConnection:
+        """The connection named ``name`` with its source, destination and streams: the one lookup
+        of a sync, whose result the engine, its writer and their callers pass on."""
+        connection = next((c for c in self.connections if c.name == name), None)
+        if connection is None:
+            known = ", ".join(c.name for c in self.connections)
+            raise UnknownConnectionError(f"unknown connection {name!r}; known: {known}")
+        streams = self.streams[connection.source].streams
+        if connection.streams is not None:
+            wanted = set(connection.streams)
+            streams = tuple(s for s in streams if s.name in wanted)
+        return ResolvedConnection(
+            connection=connection,
+            source=self.source(connection.source),
+            destination=self.destination(connection.destination),
+            streams=streams,
+        )
 
     def selected_fields(self, source: str, stream: Stream) -> tuple[str, ...] | None:
         """The columns to sync when the stream excludes some; None means all of them."""
@@ -394,6 +408,64 @@ class Catalog:
             f"SELECT pg_create_logical_replication_slot('{pg.cdc.replication_slot}', "
             f"'{pg.cdc.plugin}');\n"
         )
+
+
+@dataclass(frozen=True)
+class ResolvedConnection:
+    """A connection of the catalog with everything a sync of it needs, looked up once
+    (:meth:`Catalog.resolve`)."""
+
+    connection: Connection
+    source: PostgresSource | MongoSource
+    destination: SnowflakeDestination | S3Destination
+    streams: tuple[Stream, ...]
+    """The catalog streams it syncs, in catalog order."""
+
+    @property
+    def name(self) -> str:
+        return self.connection.name
+
+    @property
+    def incremental(self) -> tuple[Stream, ...]:
+        return tuple(s for s in self.streams if s.sync_mode.incremental)
+
+    def stream(self, name: str) -> Stream:
+        return next(s for s in self.streams if s.name == name)
+
+    @property
+    def to_lake(self) -> bool:
+        """Whether it writes the lake (an S3 destination), not a warehouse's raw layer."""
+        return isinstance(self.destination, S3Destination)
+
+    @property
+    def state_key(self) -> str:
+        """Where each destination keeps this connection's sync state (slot, positions, cursors)."""
+        return f"connection:{self.connection.name}"
+
+    @property
+    def publication(self) -> str:
+        return self._cdc.publication
+
+    def slot(self, database: str) -> str:
+        """The replication slot of this connection in the source ``database``: one per connection
+        (each destination confirms its own position) and per database (slots are cluster-wide,
+        and two databases of one cluster syncing the same connection, two environments or the
+        benchmarks, must not take each other's). A name past PostgreSQL's 63 characters is cut
+        and ends with a hash of the whole."""
+        base = self._cdc.replication_slot
+        slot = re.sub(r"[^a-z0-9_]", "_", f"{base}_{database}_{self.connection.name}".lower())
+        if len(slot) > 63:
+            slot = f"{slot[:54]}_{hashlib.sha256(slot.encode()).hexdigest()[:8]}"
+        return slot
+
+    @property
+    def _cdc(self) -> PostgresCdc:
+        if not isinstance(self.source, PostgresSource):
+            raise CatalogError(
+                f"connection {self.name}: source {self.source.name} is not PostgreSQL: it has no "
+                "replication slot or publication"
+            )
+        return self.source.cdc
 
 
 # --- what exists at the sources -------------------------------------------------------------

@@ -35,23 +35,17 @@ def task_id_for(connection: str) -> str:
 
 def connection_asset(connection: str) -> Any:
     """What a connection produces: its source in the lake, or its raw tables in the warehouse."""
-    from stripe_platform.ingestion.catalog import S3Destination
     from stripe_platform.orchestration.assets import lake_asset, warehouse_raw_asset
 
-    catalog = _catalog()
-    conn = catalog.connection(connection)
-    if isinstance(catalog.destination(conn.destination), S3Destination):
-        return lake_asset(conn.namespace)
-    return warehouse_raw_asset(conn.namespace, conn.source)
+    resolved = _catalog().resolve(connection)
+    namespace = resolved.connection.namespace
+    if resolved.to_lake:
+        return lake_asset(namespace)
+    return warehouse_raw_asset(namespace, resolved.source.name)
 
 
 def writes_warehouse(connection: str) -> bool:
-    from stripe_platform.ingestion.catalog import S3Destination
-
-    catalog = _catalog()
-    return not isinstance(
-        catalog.destination(catalog.connection(connection).destination), S3Destination
-    )
+    return not _catalog().resolve(connection).to_lake
 
 
 def run_embedded_sync(connection: str, settings: Settings | None = None) -> dict[str, Any]:
@@ -60,14 +54,14 @@ def run_embedded_sync(connection: str, settings: Settings | None = None) -> dict
     from stripe_platform.ingestion.engine import open_writer, run_sync
 
     settings = settings or load_settings()
-    catalog = load_catalog()
-    writer = open_writer(settings, catalog, connection)
+    resolved = load_catalog().resolve(connection)
+    writer = open_writer(settings, resolved)
 
     def progress(stream: str, rows: int) -> None:
         log.info("%s: %s rows written", stream, f"{rows:,}")
 
     try:
-        report = run_sync(settings, catalog, writer, connection, progress)
+        report = run_sync(settings, resolved, writer, progress)
     finally:
         conn = getattr(writer, "conn", None)  # release the warehouse (DuckDB has one writer)
         if conn is not None and hasattr(conn, "close"):

@@ -27,6 +27,7 @@ from stripe_platform.ingestion.catalog import (
     Connection,
     MongoSource,
     PostgresSource,
+    ResolvedConnection,
     S3Destination,
     SnowflakeDestination,
     Stream,
@@ -200,16 +201,13 @@ def _destination_request(
 
 
 def _stream_configuration(
-    catalog: Catalog, connection: Connection, stream: Stream
+    catalog: Catalog, connection: ResolvedConnection, stream: Stream
 ) -> models.StreamConfiguration:
     mode = stream.sync_mode
-    if (
-        mode.deduped
-        and catalog.destination(connection.destination).kind not in _DEDUPING_DESTINATIONS
-    ):
+    if mode.deduped and connection.destination.kind not in _DEDUPING_DESTINATIONS:
         mode = SyncMode.INCREMENTAL_APPEND
-    source_kind = catalog.source(connection.source).kind
-    selected = catalog.selected_fields(connection.source, stream)
+    source_kind = connection.source.kind
+    selected = catalog.selected_fields(connection.source.name, stream)
     return models.StreamConfiguration(
         name=stream.name,
         sync_mode=_API_SYNC_MODE[mode],
@@ -240,10 +238,8 @@ def _connection_request(
             schedule_type=models.ScheduleTypeEnum.CRON, cron_expression=connection.schedule.cron
         )
     )
-    streams = [
-        _stream_configuration(catalog, connection, s)
-        for s in catalog.connection_streams(connection)
-    ]
+    resolved = catalog.resolve(connection.name)
+    streams = [_stream_configuration(catalog, resolved, s) for s in resolved.streams]
     return models.ConnectionCreateRequest(
         name=connection.name,
         source_id=source_id,

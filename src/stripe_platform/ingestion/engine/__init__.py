@@ -16,7 +16,6 @@ from stripe_platform.ingestion.engine.sync import (
     follow,
     open_writer,
     run_sync,
-    slot_name,
 )
 
 __all__ = [
@@ -27,5 +26,4 @@ __all__ = [
     "follow",
     "open_writer",
     "run_sync",
-    "slot_name",
 ]

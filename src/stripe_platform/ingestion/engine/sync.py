@@ -22,11 +22,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
-import hashlib
 import logging
 import os
 import queue
-import re
 import threading
 import time
 import uuid
@@ -44,10 +42,9 @@ from psycopg.types.string import TextLoader
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
 from stripe_platform.ingestion.catalog import (
-    Catalog,
-    Connection,
     MongoSource,
     PostgresSource,
+    ResolvedConnection,
     Stream,
 )
 from stripe_platform.ingestion.engine import mongo_source
@@ -154,17 +151,6 @@ class SyncReport:
         }
 
 
-def slot_name(base: str, connection: str, database: str) -> str:
-    """One slot per connection (each destination confirms its own position) and per source
-    database: slots are cluster-wide, and two databases of one cluster syncing the same
-    connection (two environments, the benchmarks) must not take each other's slot. A name past
-    PostgreSQL's 63 characters is cut and ends with a hash of the whole."""
-    name = re.sub(r"[^a-z0-9_]", "_", f"{base}_{database}_{connection}".lower())
-    if len(name) > 63:
-        name = f"{name[:54]}_{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-    return name
-
-
 def _drop_slot_of_older_name(conn: psycopg.Connection, state: dict[str, Any], slot: str) -> None:
     """A connection's state may name a slot of an earlier naming scheme (without the database):
     drop it if it is this database's, or it would keep WAL on the server for ever."""
@@ -232,29 +218,26 @@ def _batches(rows: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[st
 
 
 class Engine:
-    """Runs one connection against one raw-layer writer (DuckDBRaw, PostgresRaw, SnowflakeRaw,
-    LakeRaw)."""
+    """Runs one connection (resolved once, :meth:`Catalog.resolve`) against one raw-layer writer
+    (DuckDBRaw, PostgresRaw, SnowflakeRaw, LakeRaw)."""
 
     def __init__(
         self,
         settings: Settings,
-        catalog: Catalog,
+        connection: ResolvedConnection,
         writer: RawWriter,
         progress: Progress = lambda stream, rows: None,
     ) -> None:
         self.settings = settings
-        self.catalog = catalog
+        self.connection = connection
         self.writer = writer
         self.progress = progress
 
     # -- shared ------------------------------------------------------------------------------------
     def _raw_stream(
-        self,
-        connection: Connection,
-        stream: Stream,
-        columns: tuple[Column, ...],
-        cdc_kind: str | None,
+        self, stream: Stream, columns: tuple[Column, ...], cdc_kind: str | None
     ) -> RawStream:
+        connection = self.connection.connection
         return RawStream(
             namespace=connection.namespace.lower(),
             name=f"{connection.prefix}{stream.name}".lower(),
@@ -288,20 +271,15 @@ class Engine:
         entry.dropped_columns += result.dropped_columns
         self.progress(stream, result.rows)
 
-    def sync(self, connection_name: str) -> SyncReport:
-        try:
-            connection = self.catalog.connection(connection_name)
-        except StopIteration:
-            known = ", ".join(c.name for c in self.catalog.connections)
-            raise SyncError(f"unknown connection {connection_name!r}; known: {known}") from None
-        source = self.catalog.source(connection.source)
+    def sync(self) -> SyncReport:
+        connection = self.connection
         report = SyncReport(connection.name, sync_id=uuid.uuid4().hex[:12])
         started = time.monotonic()
         try:
-            if isinstance(source, PostgresSource):
-                self._sync_postgres(connection, source, report)
-            elif isinstance(source, MongoSource):
-                self._sync_mongo(connection, report)
+            if isinstance(connection.source, PostgresSource):
+                self._sync_postgres(report)
+            elif isinstance(connection.source, MongoSource):
+                self._sync_mongo(report)
         except SchemaChangeError as exc:
             # Nothing was written for the batch that hit it, and the slot did not move.
             raise SyncError(f"connection {connection.name}: {exc}") from exc
@@ -331,17 +309,14 @@ class Engine:
             if name not in excluded
         )
 
-    def _sync_postgres(
-        self, connection: Connection, source: PostgresSource, report: SyncReport
-    ) -> None:
+    def _sync_postgres(self, report: SyncReport) -> None:
         conninfo = db.conninfo(self.settings, with_key=False)
-        streams = self.catalog.connection_streams(connection)
+        streams = self.connection.streams
         with psycopg.connect(conninfo, autocommit=True) as conn:
             cdc.use_cdc_types(conn)  # full-refresh rows typed like change rows (inet as text, ...)
             conn.execute("SET TIME ZONE 'UTC'")
             raw = {
-                s.name: self._raw_stream(connection, s, self._pg_columns(conn, s), "postgres")
-                for s in streams
+                s.name: self._raw_stream(s, self._pg_columns(conn, s), "postgres") for s in streams
             }
             for stream in streams:
                 if not stream.sync_mode.incremental:
@@ -349,9 +324,8 @@ class Engine:
                         self._full_refresh(conn, report, stream, raw[stream.name])
                     except SchemaChangeError as exc:  # stop this stream, keep the others going
                         report.streams.setdefault(stream.name, StreamReport()).error = str(exc)
-            incremental = [s for s in streams if s.sync_mode.incremental]
-            if incremental:
-                self._cdc(conn, conninfo, connection, source, report, incremental, raw)
+            if self.connection.incremental:
+                self._cdc(conn, conninfo, report, raw)
 
     def _full_refresh(
         self, conn: psycopg.Connection, report: SyncReport, stream: Stream, raw: RawStream
@@ -371,50 +345,39 @@ class Engine:
         self,
         conn: psycopg.Connection,
         conninfo: str,
-        connection: Connection,
-        source: PostgresSource,
         report: SyncReport,
-        streams: list[Stream],
         raw: dict[str, RawStream],
     ) -> None:
-        slot = slot_name(source.cdc.replication_slot, connection.name, conn.info.dbname)
-        publication = source.cdc.publication
-        state_key = f"connection:{connection.name}"
-        state = self.writer.load_state(state_key) or {}
+        slot = self.connection.slot(conn.info.dbname)
+        state = self.writer.load_state(self.connection.state_key) or {}
         _drop_slot_of_older_name(conn, state, slot)
         refusal = _resume_refusal(state, cdc.slot_info_when_free(conn, slot), slot)
         if refusal is not None:
-            state = self._snapshot(
-                conn, conninfo, connection, slot, publication, report, streams, raw, refusal
-            )
+            state = self._snapshot(conn, conninfo, slot, report, raw, refusal)
         _wait_for_flush(conn)
         try:
-            self._drain_changes(conn, connection, slot, publication, state_key, state, raw, report)
+            self._drain_changes(conn, slot, state, raw, report)
         except _SlotReplaced as exc:  # a concurrent sync to another destination took the slot
-            state = self._snapshot(
-                conn, conninfo, connection, slot, publication, report, streams, raw, str(exc)
-            )
-            self._drain_changes(conn, connection, slot, publication, state_key, state, raw, report)
+            state = self._snapshot(conn, conninfo, slot, report, raw, str(exc))
+            self._drain_changes(conn, slot, state, raw, report)
 
     def _snapshot(
         self,
         conn: psycopg.Connection,
         conninfo: str,
-        connection: Connection,
         slot: str,
-        publication: str,
         report: SyncReport,
-        streams: list[Stream],
         raw: dict[str, RawStream],
         reason: str,
     ) -> dict[str, Any]:
-        """Take a snapshot consistent with a new slot, write every stream, and only then save
-        the state that resumes from that slot (returned)."""
-        state_key = f"connection:{connection.name}"
+        """Take a snapshot of the incremental streams consistent with a new slot, write every
+        stream, and only then save the state that resumes from that slot (returned)."""
+        state_key = self.connection.state_key
+        streams = self.connection.incremental
         report.phase = "snapshot"
         report.snapshot_reason = reason
         if reason != FIRST_SYNC:
-            log.warning("connection %s: taking a new snapshot: %s", connection.name, reason)
+            log.warning("connection %s: taking a new snapshot: %s", self.connection.name, reason)
         # A new generation: rows an interrupted earlier snapshot left behind, that the source
         # no longer has, are removed once this snapshot is complete.
         generation = _new_generation()
@@ -427,7 +390,9 @@ class Engine:
         cdc.drop_slot(conn, slot)
         with contextlib.ExitStack() as stack:
             snap = stack.enter_context(
-                cdc.consistent_snapshot(conninfo, slot, publication, [s.name for s in streams])
+                cdc.consistent_snapshot(
+                    conninfo, slot, self.connection.publication, [s.name for s in streams]
+                )
             )
             taken = dt.datetime.now(dt.UTC)
             reader = stack.enter_context(_SnapshotReader(snap, SNAPSHOT_READERS))
@@ -465,10 +430,7 @@ class Engine:
     def _drain_changes(
         self,
         conn: psycopg.Connection,
-        connection: Connection,
         slot: str,
-        publication: str,
-        state_key: str,
         state: dict[str, Any],
         raw: dict[str, RawStream],
         report: SyncReport,
@@ -483,10 +445,10 @@ class Engine:
         A column added to (or dropped from) a source table while this runs shows up in its change
         rows (inserts and updates carry every column): the stream's columns are read again before
         those rows are written (``raw`` is updated)."""
-        streams = {s.name: s for s in self.catalog.connection_streams(connection)}
+        connection = self.connection
         while True:
             try:
-                batch = cdc.read_changes(conn, slot, publication, max_changes=BATCH_ROWS)
+                batch = cdc.read_changes(conn, slot, connection.publication, max_changes=BATCH_ROWS)
             except (cdc.SlotNotFoundError, cdc.SlotLostError) as exc:
                 raise _SlotReplaced(f"connection {connection.name}: {exc}") from exc
             refusal = _resume_refusal(state, cdc.slot_info(conn, slot), slot)
@@ -499,7 +461,7 @@ class Engine:
             for table_name, changes in by_table.items():
                 if table_name not in raw:
                     continue
-                stream = streams[table_name]
+                stream = connection.stream(table_name)
                 names = {c.name for c in raw[table_name].columns}
                 allowed = names | set(stream.exclude_columns)
                 if not all(
@@ -507,7 +469,7 @@ class Engine:
                     for c in changes
                 ):
                     raw[table_name] = self._raw_stream(
-                        connection, stream, self._pg_columns(conn, stream), "postgres"
+                        stream, self._pg_columns(conn, stream), "postgres"
                     )
                 self._write(
                     report,
@@ -524,14 +486,12 @@ class Engine:
             if batch.changes or batch.resume_lsn != state.get("lsn"):
                 # Only now, with the changes durable in the destination, may the slot move on.
                 state = {**state, "lsn": batch.resume_lsn}
-                self.writer.save_state(state_key, state)
+                self.writer.save_state(connection.state_key, state)
                 cdc.advance(conn, slot, batch.resume_lsn)
             if batch.caught_up:
                 return state
 
-    def follow(
-        self, connection_name: str, stop: threading.Event, interval: float = 0.2
-    ) -> SyncReport:
+    def follow(self, stop: threading.Event, interval: float = 0.2) -> SyncReport:
         """Sync once, then keep the connection's change streams flowing until ``stop`` is set.
 
         PostgreSQL: one connection stays open and the slot is polled every ``interval`` seconds
@@ -540,9 +500,8 @@ class Engine:
         nothing. Full-refresh streams are read by the first sync only. Other sources:
         :meth:`sync` every ``interval`` seconds. Returns the report of everything written.
         """
-        first = self.sync(connection_name)
-        connection = self.catalog.connection(connection_name)
-        source = self.catalog.source(connection.source)
+        first = self.sync()
+        connection = self.connection
         total = SyncReport(
             connection.name,
             first.sync_id,
@@ -551,44 +510,32 @@ class Engine:
             snapshot_reason=first.snapshot_reason,
         )
         started = time.monotonic() - first.seconds
-        streams = [
-            s for s in self.catalog.connection_streams(connection) if s.sync_mode.incremental
-        ]
-        if not isinstance(source, PostgresSource) or not streams:
+        streams = connection.incremental
+        if not isinstance(connection.source, PostgresSource) or not streams:
             while not stop.wait(interval):
-                _add_report(total, self.sync(connection_name))
+                _add_report(total, self.sync())
             total.seconds = time.monotonic() - started
             return total
-        state_key = f"connection:{connection.name}"
         try:
             with psycopg.connect(
                 db.conninfo(self.settings, with_key=False), autocommit=True
             ) as conn:
-                slot = slot_name(source.cdc.replication_slot, connection.name, conn.info.dbname)
+                slot = connection.slot(conn.info.dbname)
                 cdc.use_cdc_types(conn)
                 conn.execute("SET TIME ZONE 'UTC'")
                 raw = {
-                    s.name: self._raw_stream(connection, s, self._pg_columns(conn, s), "postgres")
+                    s.name: self._raw_stream(s, self._pg_columns(conn, s), "postgres")
                     for s in streams
                 }
-                state = self.writer.load_state(state_key) or {}
+                state = self.writer.load_state(connection.state_key) or {}
                 while not stop.is_set():
                     try:
-                        state = self._drain_changes(
-                            conn,
-                            connection,
-                            slot,
-                            source.cdc.publication,
-                            state_key,
-                            state,
-                            raw,
-                            total,
-                        )
+                        state = self._drain_changes(conn, slot, state, raw, total)
                     except _SlotReplaced:  # another sync took the slot: snapshot again, go on
-                        again = self.sync(connection_name)
+                        again = self.sync()
                         _add_report(total, again)
                         total.phase, total.snapshot_reason = again.phase, again.snapshot_reason
-                        state = self.writer.load_state(state_key) or {}
+                        state = self.writer.load_state(connection.state_key) or {}
                         continue
                     stop.wait(interval)
         except SchemaChangeError as exc:
@@ -597,15 +544,15 @@ class Engine:
         return total
 
     # -- MongoDB ---------------------------------------------------------------------------------
-    def _sync_mongo(self, connection: Connection, report: SyncReport) -> None:
+    def _sync_mongo(self, report: SyncReport) -> None:
         from stripe_platform.docstore.client import connect
 
         docs = connect(self.settings)
         change_streams = mongo_source.supports_change_streams(docs)
         started = dt.datetime.now(dt.UTC)  # no saved cursor goes past it (CursorReader)
-        for stream in self.catalog.connection_streams(connection):
+        for stream in self.connection.streams:
             columns = mongo_source.collection_columns(stream.name)
-            raw = self._raw_stream(connection, stream, columns, "mongodb")
+            raw = self._raw_stream(stream, columns, "mongodb")
             state = self.writer.state(raw)
             if change_streams and state and state.get("mode") == "change_stream":
                 reader = mongo_source.read_change_stream(
@@ -904,52 +851,41 @@ def _change_table(
     )
 
 
-def open_writer(settings: Settings, catalog: Catalog, connection_name: str) -> RawWriter:
+def open_writer(settings: Settings, connection: ResolvedConnection) -> RawWriter:
     """Where a connection writes on the embedded engine: the lake for S3 connections, else the
     configured warehouse's raw layer."""
-    from stripe_platform.ingestion.catalog import S3Destination
     from stripe_platform.lake.target import LakeRaw
     from stripe_platform.lake.writer import LakeWriter
     from stripe_platform.warehouse import open_raw_writer
 
-    try:
-        connection = catalog.connection(connection_name)
-    except StopIteration:
-        known = ", ".join(c.name for c in catalog.connections)
-        raise SyncError(f"unknown connection {connection_name!r}; known: {known}") from None
-    if isinstance(catalog.destination(connection.destination), S3Destination):
-        return LakeRaw(LakeWriter.from_settings(settings), connection.namespace)
+    if connection.to_lake:
+        return LakeRaw(LakeWriter.from_settings(settings), connection.connection.namespace)
     return open_raw_writer(settings)
 
 
 def follow(
     settings: Settings,
-    connection_name: str,
+    connection: ResolvedConnection,
     stop_event: threading.Event,
     interval: float = 0.2,
     *,
-    catalog: Catalog | None = None,
     writer: RawWriter | None = None,
     progress: Progress = lambda stream, rows: None,
 ) -> SyncReport:
     """Run a connection continuously until ``stop_event`` is set (see :meth:`Engine.follow`):
-    change data lands within about ``interval`` seconds of its commit. ``catalog`` defaults to
-    airbyte/, ``writer`` to the connection's destination (:func:`open_writer`)."""
-    from stripe_platform.ingestion.catalog import load_catalog
-
-    catalog = catalog or load_catalog()
-    writer = writer if writer is not None else open_writer(settings, catalog, connection_name)
-    return Engine(settings, catalog, writer, progress).follow(connection_name, stop_event, interval)
+    change data lands within about ``interval`` seconds of its commit. ``writer`` defaults to
+    the connection's destination (:func:`open_writer`)."""
+    writer = writer if writer is not None else open_writer(settings, connection)
+    return Engine(settings, connection, writer, progress).follow(stop_event, interval)
 
 
 def run_sync(
     settings: Settings,
-    catalog: Catalog,
+    connection: ResolvedConnection,
     writer: RawWriter,
-    connection: str,
     progress: Progress = lambda stream, rows: None,
 ) -> SyncReport:
     try:
-        return Engine(settings, catalog, writer, progress).sync(connection)
+        return Engine(settings, connection, writer, progress).sync()
     except SchemaChangeError as exc:
-        raise SyncError(f"connection {connection}: {exc}") from exc
+        raise SyncError(f"connection {connection.name}: {exc}") from exc
