@@ -2,7 +2,8 @@
 reported once (``dropped_columns``), by every raw writer alike (docs/ingestion.md, "Schema drift").
 
 End to end on a real source table (the session's PostgreSQL, the demo sample) into DuckDB raw and
-PostgreSQL raw, through a sync and through ``follow``; the Snowflake and lake writers directly.
+PostgreSQL raw, through a sync and through ``follow``; every writer directly in the contract suite
+(tests/test_raw_layer.py).
 """
 
 from __future__ import annotations
@@ -14,17 +15,13 @@ from typing import Any
 
 import duckdb
 import psycopg
-import pyarrow as pa
 import pytest
 from psycopg import sql
 
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine
 from stripe_platform.ingestion.postgres import cdc
-from stripe_platform.lake.target import LakeRaw
-from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db
-from stripe_platform.rawlayer import Column, RawStream
 from stripe_platform.warehouse.duckdb import DuckDBRaw
 from stripe_platform.warehouse.postgres import PostgresRaw
 
@@ -162,73 +159,3 @@ def test_a_column_dropped_while_following_is_reported(source, tmp_path):
     assert merchants(writer)[4] == (None, 1.0)
     assert merchants(writer)[3] == ("5399", 4.7)
     conn.close()
-
-
-# -- the other writers, directly ---------------------------------------------------------------------
-BEFORE = RawStream(
-    namespace="raw_postgres",
-    name="merchant",
-    columns=(Column("id", "integer"), Column("name", "string"), Column("rating", "number")),
-    primary_key=("id",),
-    mode="append_dedup",
-    cdc="postgres",
-)
-AFTER = RawStream(  # the same stream once `name` was dropped at the source
-    namespace=BEFORE.namespace,
-    name=BEFORE.name,
-    columns=(Column("id", "integer"), Column("rating", "number")),
-    primary_key=BEFORE.primary_key,
-    mode=BEFORE.mode,
-    cdc=BEFORE.cdc,
-)
-
-
-def write(writer: Any, stream: RawStream, lsn: int, **columns: list[Any]) -> list[str]:
-    batch = pa.table({**columns, "_ab_cdc_lsn": [lsn] * len(columns["id"])})
-    result = writer.write(stream, batch, sync_id=f"s{lsn}", generation_id=1, state=None)
-    return result.dropped_columns
-
-
-@pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning")  # fakesnow's
-def test_snowflake_raw_keeps_a_dropped_column_nulls_it_and_reports_it_once(snowflake_server):
-    import snowflake.connector
-
-    from stripe_platform.warehouse.snowflake import SnowflakeRaw
-
-    conn = snowflake.connector.connect(
-        **{**snowflake_server, "database": "DROPPED_COLUMNS", "network_timeout": 10}
-    )
-    try:
-        raw = SnowflakeRaw(conn)
-        assert write(raw, BEFORE, 1, id=[1, 2], name=["a", "b"], rating=[1.0, 2.0]) == []
-        assert write(raw, AFTER, 2, id=[1, 3], rating=[1.5, 3.0]) == ["name"]
-        assert write(raw, AFTER, 3, id=[2], rating=[2.5]) == []
-        with conn.cursor() as cur:
-            rows = cur.execute(
-                "SELECT ID, NAME, RATING FROM RAW_POSTGRES.MERCHANT ORDER BY ID"
-            ).fetchall()
-        assert [tuple(r) for r in rows] == [(1, None, 1.5), (2, None, 2.5), (3, None, 3.0)]
-        # A new writer (the next sync) reads what was recorded: nothing to report again.
-        assert write(SnowflakeRaw(conn), AFTER, 4, id=[3], rating=[3.5]) == []
-    finally:
-        conn.close()
-
-
-def test_the_lake_reads_a_dropped_column_as_null_and_reports_it_once(tmp_path):
-    lake = LakeWriter(tmp_path / "lake", fsync=False)
-    raw = LakeRaw(lake, "postgres")
-    assert write(raw, BEFORE, 1, id=[1, 2], name=["a", "b"], rating=[1.0, 2.0]) == []
-    assert write(raw, AFTER, 2, id=[1], rating=[1.5]) == ["name"]
-    assert write(raw, AFTER, 3, id=[3], rating=[3.0]) == []
-    assert write(LakeRaw(lake, "postgres"), AFTER, 4, id=[2], rating=[2.5]) == []  # next sync
-    latest = (
-        duckdb.connect()
-        .execute(
-            "SELECT id, name, rating FROM read_parquet(?, union_by_name = true) "
-            "QUALIFY row_number() OVER (PARTITION BY id ORDER BY _ab_cdc_lsn DESC) = 1 "
-            "ORDER BY id",
-            [lake.duckdb_glob("postgres", BEFORE)],
-        )
-        .fetchall()
-    )
-    assert latest == [(1, None, 1.5), (2, None, 2.5), (3, None, 3.0)]

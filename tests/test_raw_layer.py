@@ -89,6 +89,10 @@ class Backend:
     def nothing_left_behind(self) -> None:
         """After a failed write: no staging table or temporary file is left."""
 
+    def next_writer(self) -> RawWriter:
+        """A new writer on the same store, as the next sync opens it."""
+        raise NotImplementedError
+
 
 class DuckDBBackend(Backend):
     widened: ClassVar[dict[str, str]] = {"amount": "DOUBLE", "note": "JSON"}
@@ -96,6 +100,9 @@ class DuckDBBackend(Backend):
     def __init__(self, path: Path) -> None:
         self.conn = duckdb.connect(str(path))
         self.writer = DuckDBRaw(self.conn)
+
+    def next_writer(self) -> RawWriter:
+        return DuckDBRaw(self.conn)
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
         return self.conn.execute(sql).fetchall()
@@ -120,6 +127,9 @@ class PostgresBackend(Backend):
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
         self.writer = PostgresRaw(conn)
+
+    def next_writer(self) -> RawWriter:
+        return PostgresRaw(self.conn)
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
         with self.conn.cursor() as cur:
@@ -163,6 +173,11 @@ class SnowflakeBackend(Backend):
             }
         )
         self.writer = SnowflakeRaw(self.conn)
+
+    def next_writer(self) -> RawWriter:
+        from stripe_platform.warehouse.snowflake import SnowflakeRaw
+
+        return SnowflakeRaw(self.conn)
 
     def rows(self, sql: str) -> list[tuple[Any, ...]]:
         # Unquoted names: Snowflake folds them to the upper-case identifiers the writer created.
@@ -210,6 +225,9 @@ class LakeBackend(Backend):
         self.lake = LakeWriter(root, fsync=False)
         # The source is the connection's namespace, as the engine's open_writer has it.
         self.writer = LakeRaw(self.lake, MERCHANT.namespace)
+
+    def next_writer(self) -> RawWriter:
+        return LakeRaw(self.lake, MERCHANT.namespace)
 
     def _reader(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB with a view per stream over its live prefix (docs/ingestion.md)."""
@@ -545,6 +563,37 @@ def test_text_that_is_not_json_survives_a_widening_to_json(backend):
         ]
     else:  # the lake's JSON is the text as written
         assert got == [(1, "plain"), (2, ""), (3, None), (4, '["x"]')]
+
+
+def test_a_dropped_column_is_kept_null_from_then_on_and_reported_once(backend):
+    """A column dropped at the source (docs/ingestion.md, "Schema drift"): the destination keeps
+    it, rows written after the drop (new keys and a key's new version) hold NULL in it, and the
+    drop is reported once, also to the next sync's writer, which reads what was recorded."""
+    without_name = RawStream(
+        namespace=MERCHANT.namespace,
+        name=MERCHANT.name,
+        columns=tuple(c for c in MERCHANT.columns if c.name != "name"),
+        primary_key=MERCHANT.primary_key,
+        mode=MERCHANT.mode,
+        cdc=MERCHANT.cdc,
+    )
+
+    def write(raw: RawWriter, stream: RawStream, lsn: int, **columns: list[Any]) -> list[str]:
+        table = batch(**columns, _ab_cdc_lsn=[lsn] * len(columns["id"]))
+        return raw.write(
+            stream, table, sync_id=f"s{lsn}", generation_id=1, state=None
+        ).dropped_columns
+
+    raw = backend.writer
+    assert write(raw, MERCHANT, 1, id=[1, 2], name=["a", "b"], rating=[1.0, 2.0]) == []
+    assert write(raw, without_name, 2, id=[1, 3], rating=[1.5, 3.0]) == ["name"]
+    assert write(raw, without_name, 3, id=[2], rating=[2.5]) == []
+    assert write(backend.next_writer(), without_name, 4, id=[3], rating=[3.5]) == []
+    assert backend.rows("SELECT id, name, rating FROM raw_postgres.merchant ORDER BY id") == [
+        (1, None, 1.5),
+        (2, None, 2.5),
+        (3, None, 3.5),
+    ]
 
 
 def test_state_under_any_key_is_upserted_on_its_own(backend):
