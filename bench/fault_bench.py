@@ -2,7 +2,7 @@
 lost, duplicated or changed in each destination.
 
     uv run python bench/fault_bench.py [--runs 20] [--destinations duckdb,postgres,snowflake,lake]
-                                       [--scale 0.003] [--tps 40] [--seed N] [--json]
+                                       [--scale 0.003] [--tps 40] [--seed N] [--json] [--output FILE]
 
 On the embedded profile, in a platform home of its own (a temporary directory unless --home):
 an OLTP database seeded at --scale, and `seed --tps` writing inserts, updates and deletes for the
@@ -22,7 +22,8 @@ latest `_ab_cdc_lsn`, deletions dropped), column by column:
 - duplicated: a key the warehouse holds more than once;
 - differing: a key both have with different values.
 
-Prints a table and writes bench/results/fault-<UTC time>.json. Exit 1 if any count is not 0.
+Prints a table and writes JSON (default bench/results/fault-<UTC time>.json). Exit 1 if any count
+is not 0. It measures correctness, not speed: a small scale is enough (run_all uses 0.01).
 """
 
 from __future__ import annotations
@@ -350,6 +351,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=16)
     parser.add_argument("--home", type=Path, help="platform home (default: a temporary one)")
     parser.add_argument("--json", action="store_true", help="print the JSON result only")
+    parser.add_argument("--output", type=Path, help="JSON file to write")
     args = parser.parse_args()
     chosen = [d.strip() for d in args.destinations.split(",") if d.strip()]
     unknown = set(chosen) - set(DESTINATIONS)
@@ -359,7 +361,8 @@ def main() -> int:
     home = args.home or Path(tempfile.mkdtemp(prefix="stripe-platform-fault-"))
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o755)  # the cluster runs as an unprivileged OS user under root
-    base = load_settings(home=home, pg_fsync=True, profile="embedded")
+    # A cluster of its own on a free port: a port or profile set for another cluster stays out.
+    base = load_settings(home=home, pg_fsync=True, profile="embedded", pg_port=None)
     cluster = db.embedded_cluster(base)
     cluster.up()
     s = base.model_copy(update={"pg_database": DATABASE, "mongodb_database": DATABASE})
@@ -376,10 +379,12 @@ def main() -> int:
         env = {
             **os.environ,
             "STRIPE_PLATFORM_HOME": str(home),
+            "STRIPE_PLATFORM_PROFILE": "embedded",
             "STRIPE_PLATFORM_PG_DATABASE": DATABASE,
             "STRIPE_PLATFORM_MONGODB_DATABASE": DATABASE,
         }
-        env.pop("MONGODB_URI", None)
+        for name in ("MONGODB_URI", "STRIPE_PLATFORM_PG_PORT", "STRIPE_PLATFORM_PG_DSN"):
+            env.pop(name, None)
         catalog = load_catalog()
         rng = random.Random(args.seed)
         factories = {
@@ -408,9 +413,8 @@ def main() -> int:
         "seed": args.seed,
         "results": results,
     }
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"fault-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    path = args.output or HERE / "results" / f"fault-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(output, indent=2) + "\n")
     if args.json:
         print(json.dumps(output, indent=2))

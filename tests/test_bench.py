@@ -1,8 +1,9 @@
 """The benchmarks stay runnable: a smoke run of bench/run_all.py at a tiny scale (seed and mongo: the
 whole path of run_all, from a fresh platform home and its cluster to the table, in about a minute;
-into a temporary home and output directory, never bench/results), and the table rows built from
-each other benchmark's JSON as its script writes it (ingest, transform and demo take minutes even
-at a tiny scale). The real benchmarks never run in `make test`."""
+into a temporary home and output directory, never bench/results), a smoke run of the fault suite
+(one killed sync into DuckDB, about 25 s), and the table rows built from each other benchmark's
+JSON as its script writes it (ingest, transform and demo take minutes even at a tiny scale). The
+real benchmarks never run in `make test`."""
 
 from __future__ import annotations
 
@@ -296,7 +297,120 @@ def test_transform_and_demo_rows() -> None:
     assert "PostgreSQL 15.0" in table and "| `stripe-platform demo --scale 0.05`" in table
 
 
+@pytest.mark.timeout(330)
+def test_smoke_fault_bench_kills_a_sync_and_counts_nothing_lost(tmp_path: Path) -> None:
+    out = tmp_path / "fault.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_PLATFORM_")}
+    env.pop("MONGODB_URI", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "fault_bench.py"),
+            *("--runs", "1", "--destinations", "duckdb", "--scale", "0.002"),
+            *("--output", str(out)),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "fault" and result["scale"] == 0.002
+    [duckdb] = result["results"]
+    assert duckdb["destination"] == "duckdb" and duckdb["runs"] == 1
+    assert duckdb["killed"] + duckdb["finished_before_kill"] == 1
+    for what in ("lost", "extra", "duplicated", "differing"):
+        assert type(duckdb[what]) is int, what
+    assert duckdb["lost"] == 0, duckdb["tables"]
+    assert duckdb["tables"]["transaction"]["source_rows"] > 0  # rows were compared
+    assert "| duckdb | 1 |" in done.stdout
+    # run_all reads what the script writes
+    [row] = run_all.rows_fault(result)
+    assert row.section == "fault" and "duckdb" in row.what
+
+
+def fault_result(**duckdb_counts: int) -> dict:
+    def destination(name: str, connection: str, killed: int, seconds: float, **counts) -> dict:
+        zero = {"lost": 0, "extra": 0, "duplicated": 0, "differing": 0}
+        return {
+            "destination": name,
+            "connection": connection,
+            "runs": 20,
+            "killed": killed,
+            "finished_before_kill": 20 - killed,
+            "seconds": seconds,
+            "tables": {
+                "customer": {"source_rows": 100, **zero},
+                "transaction": {"source_rows": 1900, **zero},
+            },
+            **zero,
+            **counts,
+        }
+
+    return {
+        "benchmark": "fault",
+        "scale": 0.01,
+        "tps": 40,
+        "seed": 16,
+        "results": [
+            destination("duckdb", "postgres-to-snowflake", 19, 80.0, **duckdb_counts),
+            destination("lake", "postgres-to-s3", 20, 9.5),
+        ],
+    }
+
+
+def test_fault_rows_show_counts_and_fail_on_any_non_zero() -> None:
+    duckdb, lake = run_all.rows_fault(fault_result())
+    assert duckdb.what == (
+        "sync killed (SIGKILL) at random points → duckdb (postgres-to-snowflake) "
+        "under `seed --tps 40`, scale 0.01"
+    )
+    assert duckdb.median == "lost 0, extra 0, duplicated 0, differing 0"
+    assert (
+        duckdb.spread == "19/20 runs killed, 80.0 s" and lake.spread == "20/20 runs killed, 9.50 s"
+    )
+    assert duckdb.rows == "2,000 source rows"
+    assert duckdb.value == 0 and not duckdb.failed and not lake.failed
+
+    bad, lake = run_all.rows_fault(fault_result(lost=2, differing=1))
+    assert bad.median == "FAILED: lost 2, extra 0, duplicated 0, differing 1"
+    assert bad.value == 3 and bad.failed and not lake.failed
+
+    # The script exits 1 with its counts written: its rows are kept, marked failed, nothing added.
+    report = {"rows": [], "not_measured": []}
+    entry = {"ok": False, "error": "| duckdb | 20 | 19 | 2 |", "result": fault_result(lost=2)}
+    assert run_all.collect(report, "fault", entry) is True
+    assert [r["failed"] for r in report["rows"]] == [True, False]
+    assert report["not_measured"] == [run_all.GAPS["fault"]]
+    report = {"rows": [], "not_measured": []}
+    assert run_all.collect(report, "fault", {"ok": True, "result": fault_result()}) is False
+    # a crash before any JSON: one FAILED row with the end of its output
+    report = {"rows": [], "not_measured": []}
+    assert run_all.collect(report, "fault", {"ok": False, "error": "Traceback: boom"}) is True
+    [failed] = report["rows"]
+    assert failed["what"] == "fault: FAILED" and failed["median"] == "Traceback: boom"
+
+    report = {
+        "date": "2026-01-01",
+        "scale": 1.0,
+        "runs": 3,
+        "fault_runs": 20,
+        "fault_scale": 0.01,
+        "machine": run_all.machine("15.0"),
+        "load_average_at_end": (0.0, 0.0, 0.0),
+        "rows": [vars(r) for r in run_all.rows_fault(fault_result())],
+        "not_measured": [run_all.GAPS["fault"]],
+        "benchmarks": {"fault": {"seconds": 90.0}},
+    }
+    table = run_all.markdown(report)
+    assert "fault suite at scale 0.01, 20 killed syncs per destination" in table
+    assert "| lost 0, extra 0, duplicated 0, differing 0 | 19/20 runs killed, 80.0 s |" in table
+
+
 def test_only_rejects_unknown_names() -> None:
     assert run_all.parse_only("demo,seed") == ["seed", "demo"]
+    assert run_all.parse_only("fault") == ["fault"]
     with pytest.raises(SystemExit):
         run_all.parse_only("seed,nope")
