@@ -60,22 +60,25 @@ _names = itertools.count()
 
 # -- the child: one sync that stops at an event ------------------------------------------------
 class _PausingWriter:
-    """A raw writer that, at ``pause`` ("snapshot-write": after the first snapshot batch of an
-    incremental stream is durable; "snapshot-finish": when the snapshot's streams are all
-    written, before its generation is finished and its state saved), prints one JSON line on
-    stdout and blocks until the process is killed."""
+    """A raw writer that, at ``pause`` ("snapshot-write": after the first batch of an
+    incremental stream is durable, snapshot or change rows; "snapshot-finish": when the
+    snapshot's streams are all written, before its generation is finished and its state saved),
+    prints one JSON line on stdout and blocks until the process is killed or told to go on
+    (:attr:`resume`, a line on stdin), after which it no longer stops."""
 
     def __init__(self, writer: Any, pause: str) -> None:
         self._writer, self._pause = writer, pause
-        self._lock, self._never = threading.Lock(), threading.Event()
+        self._lock, self.resume = threading.Lock(), threading.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._writer, name)
 
     def _stop(self, event: str, stream: str, phase: str) -> None:
         with self._lock:  # the lake writes two batches at once: one line only
+            if self.resume.is_set():
+                return
             print(json.dumps({"event": event, "stream": stream, "phase": phase}), flush=True)
-        self._never.wait()
+        self.resume.wait()
 
     def write(self, stream: Any, batch: Any, **kwargs: Any) -> Any:
         result = self._writer.write(stream, batch, **kwargs)
@@ -124,11 +127,16 @@ def _child(spec_file: str) -> None:
     spec = json.loads(Path(spec_file).read_text())
     settings = load_settings(**spec["settings"])
     catalog = load_catalog()
-    # The parent holds our stdin: if it dies, stop too, rather than hold the slot.
-    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(3)), daemon=True).start()
     writer = _PausingWriter(
         _open_destination(spec["destination"], settings, catalog), spec["pause"]
     )
+
+    def watch_parent() -> None:
+        for _ in sys.stdin:  # a line: go on past the pause
+            writer.resume.set()
+        os._exit(3)  # the parent holds our stdin: if it dies, stop too, rather than hold the slot
+
+    threading.Thread(target=watch_parent, daemon=True).start()
     report = Engine(settings, catalog.resolve(spec["connection"]), writer).sync()
     print(json.dumps({"event": "done", "phase": report.phase}), flush=True)
 
@@ -319,6 +327,15 @@ class PausedSync:
         assert line, f"the child ended before {pause}: {self.stderr_path.read_text()[-3000:]}"
         self.event = json.loads(line)
 
+    def resume(self) -> dict[str, Any]:
+        """Let the child go on past its pause; returns its last line (``done`` and its phase)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the child failed after its pause: {self.stderr_path.read_text()[-3000:]}"
+        return json.loads(line)
+
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         assert self.proc.wait(timeout=60) == -signal.SIGKILL
@@ -459,15 +476,15 @@ def test_a_sync_to_another_lake_does_not_make_the_first_lose_changes(source, mak
     assert default.sync(catalog).phase == "incremental"
 
 
-def test_following_notices_another_destination_taking_its_slot(source, make_destination):
-    """engine.follow checks the slot after every read: a sync to another destination that
-    re-creates the slot while the follower writes a batch (after its read, before its next one)
-    makes the follower take a new snapshot, not read on from the new slot past the changes
-    committed in between."""
+def test_following_notices_its_slot_created_again(source, make_destination):
+    """engine.follow checks the slot after every read: a slot dropped and created again (by a
+    DBA, a failover, or a sync that does not take the connection's run lock) while the follower
+    writes a batch (after its read, before its next one) makes the follower take a new
+    snapshot, not read on from the new slot past the changes committed in between."""
     from stripe_platform.warehouse.duckdb import DuckDBRaw
 
     catalog = load_catalog()
-    followed, other = make_destination("duckdb"), make_destination("duckdb")
+    followed = make_destination("duckdb")
     raw = DuckDBRaw(duckdb.connect(followed.spec["path"]))
     real_write, armed, blocked, release = (
         raw.write,
@@ -523,8 +540,14 @@ def test_following_notices_another_destination_taking_its_slot(source, make_dest
             )
         assert blocked.wait(60), "the follower never wrote the device change"
         write_at_source(source, seed=6)  # after the follower's read: in no batch of it yet
-        taken = other.sync(catalog)  # re-creates the slot past those changes
-        assert taken.phase == "snapshot"
+        resolved = catalog.resolve(WAREHOUSE)
+        with db.connect(source, autocommit=True) as conn:  # a new slot past those changes
+            slot = resolved.slot(conn.info.dbname)
+            assert cdc.drop_slot(conn, slot)
+        conninfo = db.conninfo(source, with_key=False)
+        tables = [s.name for s in resolved.incremental]
+        with cdc.consistent_snapshot(conninfo, slot, resolved.publication, tables):
+            pass
         release.set()
         count = source_rows(source, "transaction", ("count(*)",))
         wait_for(
@@ -541,6 +564,110 @@ def test_following_notices_another_destination_taking_its_slot(source, make_dest
     reader.close()
     raw.conn.close()
     assert_equal_to_source(source, followed)
+
+
+# -- one run of a connection at a time ----------------------------------------------------------
+def run_lock_waiters(s: Any, connection: str) -> int:
+    """Sessions waiting for the connection's run lock: the documented advisory lock key,
+    hashtextextended('stripe_platform:' || slot, 0), split as pg_locks shows a bigint key."""
+    with db.connect(s, autocommit=True) as conn:
+        slot = load_catalog().resolve(connection).slot(conn.info.dbname)
+        return conn.execute(
+            """SELECT count(*) FROM pg_locks l, hashtextextended(%s, 0) AS k(key)
+               WHERE l.locktype = 'advisory' AND NOT l.granted
+                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 AND l.classid::int8 = (k.key >> 32) & 4294967295
+                 AND l.objid::int8 = k.key & 4294967295 AND l.objsubid = 1""",
+            (f"stripe_platform:{slot}",),
+        ).fetchone()[0]
+
+
+@pytest.mark.parametrize("first_ends", ["done", "killed"])
+def test_a_second_sync_of_a_connection_waits_for_the_first(
+    source, make_destination, tmp_path, caplog, first_ends
+):
+    """Two syncs of one connection at once (the 5-minute CDC DAG and the 03:00 DAG, or a DAG
+    beside `sync --follow`): the second waits for the first's run lock, then resumes where the
+    first left the slot: no new snapshot, nothing lost. Killed (-9) instead of ending, the first
+    releases the lock with its process. Without the lock the second loads the state, the first
+    moves the slot past it, and the second takes the moved slot for a re-created one."""
+    catalog = load_catalog()
+    destination = make_destination("postgres")  # one database, written by both processes
+    assert destination.sync(catalog).phase == "snapshot"
+    write_at_source(source, seed=7)
+    first = PausedSync(destination, "snapshot-write", tmp_path)
+    loaded, first_over, out = threading.Event(), threading.Event(), {}
+
+    def second() -> None:
+        writer = _open_destination(destination.spec, source, catalog)
+        load = writer.load_state
+
+        def load_state(key: str) -> Any:
+            state = load(key)
+            loaded.set()
+            first_over.wait(120)  # reads the slot only once the first run is over
+            return state
+
+        writer.load_state = load_state
+        try:
+            out["report"] = Engine(source, catalog.resolve(WAREHOUSE), writer).sync()
+        except BaseException as exc:  # re-raised below
+            out["error"] = exc
+        finally:
+            _close_destination(writer)
+
+    thread = threading.Thread(target=second)
+    try:
+        # The first is reading changes (its slot read, its batch not yet saved), lock held.
+        assert first.event["phase"] == "change" and first.proc.poll() is None
+        thread.start()
+        for _ in range(2400):  # until the second is seen waiting (or, with no lock, reading)
+            if loaded.is_set() or "error" in out or run_lock_waiters(source, WAREHOUSE):
+                break
+            time.sleep(0.05)
+        waited = not loaded.is_set() and run_lock_waiters(source, WAREHOUSE) == 1
+        if first_ends == "done":
+            assert first.resume() == {"event": "done", "phase": "incremental"}
+            assert first.proc.wait(timeout=60) == 0
+        else:
+            first.kill()
+        first_over.set()
+        thread.join(timeout=180)
+    finally:
+        first_over.set()
+        first.close()
+    assert not thread.is_alive()
+    assert "error" not in out, out["error"]
+    report = out["report"]
+    assert (report.phase, report.snapshot_reason) == ("incremental", None), report.as_dict()
+    assert waited, "the second sync did not wait for the first"
+    assert f"connection {WAREHOUSE}: waiting up to" in caplog.text
+    assert_equal_to_source(source, destination)
+
+
+def test_a_sync_waiting_too_long_for_another_run_names_it(source, make_destination, monkeypatch):
+    """The wait is bounded: past it, a clear error naming the connection and the server process
+    holding the lock, and nothing touched (no slot, no state)."""
+    from stripe_platform.ingestion.engine import SyncError
+    from stripe_platform.ingestion.engine import sync as engine_sync
+
+    monkeypatch.setattr(engine_sync, "RUN_LOCK_TIMEOUT", 0.5)
+    catalog = load_catalog()
+    destination = make_destination("duckdb")
+    with db.connect(source, autocommit=True, application_name="nightly backfill") as holder:
+        slot = catalog.resolve(WAREHOUSE).slot(holder.info.dbname)
+        holder.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (f"stripe_platform:{slot}",)
+        )
+        with pytest.raises(SyncError) as raised:
+            destination.sync(catalog)
+        message = str(raised.value)
+        assert message.startswith(f"connection {WAREHOUSE}: another run of it still runs after")
+        assert f"PID {holder.info.backend_pid}, nightly backfill" in message
+        assert "sync --follow" in message
+    assert slot_of(source, WAREHOUSE) is None
+    assert destination.state(catalog) is None
+    assert destination.sync(catalog).phase == "snapshot"  # the holder gone, the sync runs
 
 
 # -- what the resume check stands on -----------------------------------------------------------

@@ -73,6 +73,9 @@ BATCH_ROWS = 50_000
 SNAPSHOT_BATCH_ROWS = 250_000
 SNAPSHOT_READERS = max(2, min(4, os.cpu_count() or 2))
 SNAPSHOT_WRITES = 2  # snapshot batches encoded and written at once, where the writer allows it
+# How long a PostgreSQL sync waits for another run of its connection (same slot) to end before
+# failing: two DAG runs due at once must both succeed, one after the other.
+RUN_LOCK_TIMEOUT = 600.0
 PG_TYPES = {
     "int2": "integer",
     "int4": "integer",
@@ -232,6 +235,7 @@ class Engine:
         self.connection = connection
         self.writer = writer
         self.progress = progress
+        self._run_locked = False  # this engine holds its connection's run lock (_one_run)
 
     # -- shared ------------------------------------------------------------------------------------
     def _raw_stream(
@@ -277,7 +281,8 @@ class Engine:
         started = time.monotonic()
         try:
             if isinstance(connection.source, PostgresSource):
-                self._sync_postgres(report)
+                with self._one_run():
+                    self._sync_postgres(report)
             elif isinstance(connection.source, MongoSource):
                 self._sync_mongo(report)
         except SchemaChangeError as exc:
@@ -293,6 +298,26 @@ class Engine:
         return report
 
     # -- PostgreSQL ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _one_run(self) -> Iterator[None]:
+        """Hold the connection's run lock (:func:`_lock_run`) on a session of its own for the
+        block; re-entrant, so :meth:`follow` holds it for its life across its syncs. Closing the
+        session releases it, and so does the server when the process dies (even ``kill -9``)."""
+        if self._run_locked:
+            yield
+            return
+        conninfo = db.conninfo(self.settings, with_key=False)
+        name = self.connection.name
+        with psycopg.connect(
+            conninfo, autocommit=True, application_name=f"stripe-platform sync {name}"[:63]
+        ) as conn:
+            _lock_run(conn, name, self.connection.slot(conn.info.dbname))
+            self._run_locked = True
+            try:
+                yield
+            finally:
+                self._run_locked = False
+
     def _pg_columns(self, conn: psycopg.Connection, stream: Stream) -> tuple[Column, ...]:
         rows = conn.execute(
             """SELECT a.attname, t.typname FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
@@ -497,9 +522,17 @@ class Engine:
         PostgreSQL: one connection stays open and the slot is polled every ``interval`` seconds
         (a backlog is drained at once); each batch is written, then the state saved, then the
         slot advanced, exactly as in :meth:`sync`, so stopping or killing it anywhere loses
-        nothing. Full-refresh streams are read by the first sync only. Other sources:
-        :meth:`sync` every ``interval`` seconds. Returns the report of everything written.
+        nothing. Full-refresh streams are read by the first sync only. The connection's run lock
+        is held throughout: any other sync of it waits until this returns (or times out). Other
+        sources: :meth:`sync` every ``interval`` seconds. Returns the report of everything
+        written.
         """
+        if isinstance(self.connection.source, PostgresSource):
+            with self._one_run():
+                return self._follow(stop, interval)
+        return self._follow(stop, interval)
+
+    def _follow(self, stop: threading.Event, interval: float) -> SyncReport:
         first = self.sync()
         connection = self.connection
         total = SyncReport(
@@ -771,6 +804,56 @@ def _new_generation() -> int:
     """A generation id greater than any earlier attempt's, including attempts that died before
     recording anything (their rows must not survive the next complete read)."""
     return time.time_ns() // 1_000_000
+
+
+def _lock_run(conn: psycopg.Connection, name: str, slot: str) -> None:
+    """Take the session-level advisory lock of the connection's slot on ``conn``: one run of a
+    connection at a time per source database. Two runs at once would take each other's slot
+    (a needless re-snapshot, phantom rows from overlapping snapshots). Waits up to
+    :data:`RUN_LOCK_TIMEOUT` seconds, saying so, then fails naming the session holding it."""
+    key = conn.execute("SELECT hashtextextended(%s, 0)", (f"stripe_platform:{slot}",)).fetchone()[0]
+    if conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        return
+    log.warning(
+        "connection %s: waiting up to %g s for another run of it to end (%s)",
+        name,
+        RUN_LOCK_TIMEOUT,
+        _lock_holder(conn, key),
+    )
+    # lock_timeout bounds advisory lock waits too; 0 would mean "wait forever".
+    conn.execute(f"SET lock_timeout = {max(1, int(RUN_LOCK_TIMEOUT * 1000))}")
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    except psycopg.errors.LockNotAvailable:
+        raise SyncError(
+            f"connection {name}: another run of it still runs after {RUN_LOCK_TIMEOUT:g} s "
+            f"({_lock_holder(conn, key)}); a `sync --follow` of it holds it until stopped: "
+            "stop that first, or run again once it ends"
+        ) from None
+    finally:
+        conn.execute("RESET lock_timeout")
+
+
+def _lock_holder(conn: psycopg.Connection, key: int) -> str:
+    """Who holds the advisory lock ``key``: its server process and client, as pg_locks and
+    pg_stat_activity show them (a bigint key is split into classid, objid; objsubid 1)."""
+    row = conn.execute(
+        """SELECT l.pid, a.application_name, a.client_addr, a.backend_start
+           FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             AND l.classid::int8 = (%(key)s::int8 >> 32) & 4294967295
+             AND l.objid::int8 = %(key)s::int8 & 4294967295""",
+        {"key": key},
+    ).fetchone()
+    if row is None:
+        return "its holder has just ended"
+    pid, application, client, since = row
+    where = f" from {client}" if client else ""
+    started = f", connected since {since:%Y-%m-%d %H:%M:%S %Z}" if since else ""
+    return (
+        f"held by PostgreSQL server process PID {pid}, {application or 'unnamed'}{where}{started}"
+    )
 
 
 def _wait_for_flush(conn: psycopg.Connection, timeout: float = 5.0) -> None:
