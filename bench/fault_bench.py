@@ -206,7 +206,8 @@ class LakeDestination(Destination):
         keys = ", ".join(key)
         rows = duckdb.sql(
             f"SELECT {', '.join(names)} FROM ("
-            f"  SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY _ab_cdc_lsn DESC,"
+            f"  SELECT *, row_number() OVER (PARTITION BY {keys}"
+            f"    ORDER BY _airbyte_generation_id DESC, _ab_cdc_lsn DESC,"
             f"    _ab_cdc_deleted_at DESC NULLS LAST) AS n"
             f"  FROM read_parquet('{glob}', union_by_name = true, hive_partitioning = false)"
             f") WHERE n = 1 AND _ab_cdc_deleted_at IS NULL"

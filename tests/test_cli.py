@@ -242,8 +242,32 @@ def test_a_sync_to_a_lake_it_cannot_write_names_the_variable(settings, database,
     finally:
         server.stop()
     assert result.returncode == 1, result.stdout
+    # Raised where the lake's filesystem refused, naming the object it was reaching.
     assert (
         "\nerror: STRIPE_PLATFORM_LAKE_URI: the lake s3://no-such-bucket-here/lake cannot be "
-        "written (" in result.stderr
+        "written (s3://no-such-bucket-here/lake/raw/postgres/" in result.stderr
     ), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_os_error_from_outside_the_lake_is_not_blamed_on_it(tmp_path, monkeypatch):
+    """A lake sync can fail on a file that is not the lake's (a source's TLS certificate, the
+    numba cache): that error is not relabelled as the lake's setting."""
+    from typer.testing import CliRunner
+
+    from stripe_platform.cli import app, ingestion
+    from stripe_platform.config import get_settings
+
+    def broken(*args):
+        raise FileNotFoundError(2, "No such file or directory", "/elsewhere/tls/ca.crt")
+
+    monkeypatch.setenv("STRIPE_PLATFORM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STRIPE_PLATFORM_LAKE_URI", str(tmp_path / "lake"))
+    monkeypatch.setattr(ingestion, "_sync_embedded", broken)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["sync", "postgres-to-s3"])
+    finally:
+        get_settings.cache_clear()
+    assert isinstance(result.exception, FileNotFoundError), result.output
+    assert "LAKE_URI" not in result.output

@@ -325,6 +325,59 @@ def test_temporary_files_from_a_killed_process_are_ignored_then_swept(lake: Lake
     assert Path(written.path).exists()
 
 
+def test_a_lake_sync_sweeps_old_temporaries_of_its_own_source_only(tmp_path: Path):
+    """Temporaries of killed writes hold rows (personal data): the first write of a stream in a
+    sync deletes those of that stream older than an hour; a recent one may be a write under way,
+    and another source's prefix may belong to another connection sharing the lake."""
+    lake = LakeWriter(tmp_path / "lake")
+    two_hours_ago = (dt.datetime.now() - dt.timedelta(hours=2)).timestamp()
+    planted = {}
+    for source, age in (("postgres", "old"), ("postgres", "new"), ("mongodb", "old")):
+        directory = Path(lake.stream_dir(source, TRANSACTION)) / "extracted_date=2024-03-05"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f".s-0.parquet.{age}.tmp"
+        path.write_bytes(b"PAR1 half a file")
+        if age == "old":
+            os.utime(path, (two_hours_ago, two_hours_ago))
+        planted[source, age] = path
+    raw = LakeRaw(lake, "postgres")
+    raw.write(TRANSACTION, batch(2), sync_id="s1", generation_id=1, state=None)
+    assert not planted["postgres", "old"].exists()
+    assert planted["postgres", "new"].exists() and planted["mongodb", "old"].exists()
+    # Only at a stream's first write of the sync: later writes list nothing again.
+    os.utime(planted["postgres", "new"], (two_hours_ago, two_hours_ago))
+    raw.write(TRANSACTION, batch(2, 3), sync_id="s1", generation_id=1, state=None)
+    assert planted["postgres", "new"].exists()
+    LakeRaw(lake, "postgres").write(
+        TRANSACTION, batch(1), sync_id="s2", generation_id=1, state=None
+    )
+    assert not planted["postgres", "new"].exists() and planted["mongodb", "old"].exists()
+    assert len(lake.list_files("postgres", TRANSACTION)) == 3
+
+
+def test_a_lake_that_cannot_be_written_or_read_names_its_variable_and_path(tmp_path: Path):
+    """Raised by the lake writer where its filesystem refuses: a one-line error of the platform
+    (no traceback on the command line) that is still an OSError."""
+    from stripe_platform.errors import PlatformError
+    from stripe_platform.lake.writer import LakeUnreachable
+
+    root = tmp_path / "lake"
+    root.mkdir()
+    (root / "raw").write_text("a file where the lake's directory belongs")
+    raw = LakeRaw(LakeWriter(root), "postgres")
+    with pytest.raises(LakeUnreachable) as written:
+        raw.write(TRANSACTION, batch(1), sync_id="s1", generation_id=1, state=None)
+    message = str(written.value)
+    assert message.startswith(f"STRIPE_PLATFORM_LAKE_URI: the lake {root} cannot be written (")
+    assert f"{root}/raw/postgres/transaction/extracted_date=" in message
+    assert "accepted forms: a local directory, or s3://bucket/prefix" in message
+    assert isinstance(written.value, PlatformError) and isinstance(written.value, OSError)
+    state = root / "_stripe_platform" / "state" / "postgres.transaction.json"
+    state.mkdir(parents=True)  # a directory where the state file belongs
+    with pytest.raises(LakeUnreachable, match=f"cannot be read \\({state}: "):
+        raw.state(TRANSACTION)
+
+
 @pytest.mark.parametrize(
     ("source", "sync_id", "part", "extracted_at", "message"),
     [

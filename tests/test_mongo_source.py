@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import duckdb
+import psycopg
 import pytest
 from bson import ObjectId, json_util
 
@@ -20,8 +21,10 @@ from stripe_platform.ingestion.engine.mongo_source import (
     read_change_stream,
     supports_change_streams,
 )
+from stripe_platform.oltp import db
 from stripe_platform.rawlayer import RawStream
 from stripe_platform.warehouse.duckdb import DuckDBRaw
+from stripe_platform.warehouse.postgres import PostgresRaw
 
 
 def at(minute: int) -> dt.datetime:
@@ -155,10 +158,10 @@ class Reviews:
     """CustomerReview (cursor ``timestamp``) synced by the engine, as ``stripe-platform sync``
     does, into an empty DuckDB raw layer."""
 
-    def __init__(self, docdb, home):
+    def __init__(self, docdb, home, raw=None):
         self.docs = docdb.CustomerReview
         self.settings = load_settings(home=home, mongodb_database=docdb.name)
-        self.raw = DuckDBRaw(duckdb.connect(str(home / "engine.duckdb")))
+        self.raw = raw or DuckDBRaw(duckdb.connect(str(home / "engine.duckdb")))
         self.connection = load_catalog().resolve(DOCS)
 
     def insert(self, message, **fields):
@@ -266,6 +269,47 @@ def test_a_synced_document_whose_cursor_goes_bad_is_updated(reviews, issue):
     assert reviews.raw.conn.execute(
         "SELECT rating, _airbyte_meta->'changes' FROM raw.mongodb_customerreview"
     ).fetchall() == [(2, json.dumps([change], separators=(",", ":")))]
+
+
+def test_non_finite_numbers_land_in_postgresql_raw_as_json(docdb, tmp_path, settings, database):
+    """JSON has no NaN or Infinity: PostgreSQL's jsonb refuses Python's tokens for them, so a
+    document holding one beyond its schema, or as a cursor of the wrong type (set aside in
+    _extra), would fail that stream on every sync. They land in relaxed Extended JSON, as values
+    inside objects always have."""
+    with psycopg.connect(
+        db.conninfo(settings, database=database, with_key=False), autocommit=True
+    ) as conn:
+        reviews = Reviews(docdb, tmp_path, PostgresRaw(conn))
+        reviews.insert(
+            "odd",
+            timestamp=float("nan"),
+            surprise=float("inf"),
+            inside={"x": float("-inf")},
+        )
+        reviews.insert("fine", timestamp=recent(3600))
+        first = reviews.sync()
+        assert (first.rows, first.cursor_issues) == (2, {"double": 1})
+        reviews.insert("later", timestamp=recent(60))
+        reviews.docs.update_one({"message": "odd"}, {"$set": {"rating": 1}})
+        assert reviews.sync().rows == 2  # later syncs go on
+        found = conn.execute(
+            "SELECT message, rating, _extra, _airbyte_meta->'changes' "
+            "FROM raw.mongodb_customerreview ORDER BY message"
+        ).fetchall()
+    assert found == [
+        ("fine", 4, None, []),
+        ("later", 4, None, []),
+        (
+            "odd",
+            1,
+            {
+                "timestamp": {"$numberDouble": "NaN"},
+                "surprise": {"$numberDouble": "Infinity"},
+                "inside": {"x": {"$numberDouble": "-Infinity"}},
+            },
+            [WRONG_TYPE],
+        ),
+    ]
 
 
 def test_a_cursor_in_the_future_holds_no_later_document_back(reviews):

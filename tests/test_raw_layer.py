@@ -6,8 +6,8 @@ Each contract test runs once per writer (the ``backend`` fixture). What differs 
 how they are read back and how a failed write is provoked, in the ``Backend`` classes below; what
 only one writer does is tested in tests/test_duckdb_raw.py, test_postgres_raw.py,
 test_snowflake_raw.py and test_lake.py. The lake is read as docs/ingestion.md tells its readers:
-the stream's live prefix through DuckDB's glob, the latest version of each key by ``_ab_cdc_lsn``
-then ``_airbyte_extracted_at`` (tombstones kept, as the raw tables keep them). Where the lake
+the stream's live prefix through DuckDB's glob, the latest version of each key by
+``_airbyte_generation_id``, then ``_ab_cdc_lsn``, then ``_airbyte_extracted_at`` (tombstones kept, as the raw tables keep them). Where the lake
 legitimately differs (append-only parquet files carry their own columns and types: nothing to
 add, widen or refuse, and its JSON is text), the test says so.
 """
@@ -243,7 +243,8 @@ class LakeBackend(Backend):
             if stream in self.keys:
                 latest = (
                     f" QUALIFY row_number() OVER (PARTITION BY {', '.join(self.keys[stream])} "
-                    "ORDER BY _ab_cdc_lsn DESC NULLS LAST, _airbyte_extracted_at DESC) = 1"
+                    "ORDER BY _airbyte_generation_id DESC, _ab_cdc_lsn DESC NULLS LAST, "
+                    "_airbyte_extracted_at DESC) = 1"
                 )
             reader.execute(f"CREATE VIEW {source}.{stream} AS SELECT * FROM {files}{latest}")
         return reader
@@ -494,6 +495,65 @@ def test_full_refresh_replaces_the_previous_generation(backend):
     assert raw.finish_overwrite(ref, 2, {"done": True}) == 2
     assert sorted(backend.rows("SELECT code FROM raw_postgres.currency")) == [("EUR",), ("GBP",)]
     assert raw.state(ref) == {"done": True}
+
+
+def test_a_later_generation_wins_over_a_higher_lsn(backend):
+    """A re-snapshot after the source's LSNs went backwards (a restore or migration to a new
+    cluster, a failover to a lagging replica): its rows carry lower LSNs than the stored ones,
+    yet they are the source's current state; within the new generation the LSN decides again."""
+    raw = backend.writer
+    raw.begin_snapshot(MERCHANT, 1)
+    raw.write(
+        MERCHANT,
+        batch(
+            id=[1, 2, 3, 4],
+            name=["a", "b", "c", "d"],
+            rating=[1.0, 2.0, 3.0, 4.0],
+            _ab_cdc_lsn=[9_000_000] * 4,
+        ),
+        sync_id="s1",
+        generation_id=1,
+        state=None,
+    )
+    raw.finish_overwrite(MERCHANT, 1, None)
+    raw.begin_snapshot(MERCHANT, 2)
+    raw.write(
+        MERCHANT,
+        batch(id=[1, 2, 3], name=["a2", "b2", "c2"], rating=[1.5, 2.5, 3.5], _ab_cdc_lsn=[100] * 3),
+        sync_id="s2",
+        generation_id=2,
+        state=None,
+    )
+    query = (
+        "SELECT id, name, _ab_cdc_lsn, _airbyte_generation_id FROM raw_postgres.merchant "
+        "ORDER BY id"
+    )
+    # Before the snapshot finishes, its rows already replace the older generation's; id 4, which
+    # the new source does not have, is still there until the finish.
+    assert backend.rows(query) == [
+        (1, "a2", 100, 2),
+        (2, "b2", 100, 2),
+        (3, "c2", 100, 2),
+        (4, "d", 9_000_000, 1),
+    ]
+    raw.finish_overwrite(MERCHANT, 2, None)
+    assert backend.rows(query) == [(1, "a2", 100, 2), (2, "b2", 100, 2), (3, "c2", 100, 2)]
+    # Changes read after the snapshot: a newer LSN wins, a re-delivered older one does not.
+    raw.write(
+        MERCHANT,
+        batch(id=[1], name=["a3"], rating=[1.75], _ab_cdc_lsn=[200]),
+        sync_id="s3",
+        generation_id=2,
+        state=None,
+    )
+    raw.write(
+        MERCHANT,
+        batch(id=[2], name=["stale"], rating=[0.0], _ab_cdc_lsn=[50]),
+        sync_id="s4",
+        generation_id=2,
+        state=None,
+    )
+    assert backend.rows(query) == [(1, "a3", 200, 2), (2, "b2", 100, 2), (3, "c2", 100, 2)]
 
 
 # (text written as a string, the JSON value it stands for once the column is json)

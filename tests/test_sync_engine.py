@@ -461,3 +461,43 @@ def test_two_databases_of_one_cluster_keep_their_own_slots(platform, settings, t
             conn.execute(
                 sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(other.pg_database))
             )
+
+
+def test_a_clock_stepped_back_still_gives_a_newer_generation(platform, monkeypatch):
+    """Generation ids come from the wall clock; after it steps back (NTP, a restored VM) a new
+    snapshot and a full refresh must still supersede the generation they replace."""
+    s, _, catalog, raw = platform
+    assert Engine(s, catalog.resolve(PG), raw).sync().phase == "snapshot"
+
+    def generations(table):
+        return raw.conn.execute(
+            f"SELECT DISTINCT _airbyte_generation_id FROM raw.{table}"
+        ).fetchall()
+
+    [(snapshot,)] = generations("postgres_merchant")
+    [(refresh,)] = generations("postgres_currency")
+    day_ns = 86_400 * 10**9
+    real_time_ns = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real_time_ns() - day_ns)
+    with db.connect(s, autocommit=True) as conn:
+        rating = conn.execute("SELECT Rating FROM Merchant WHERE ID = 1").fetchone()[0]
+        rating = Decimal("2.5") if rating != Decimal("2.5") else Decimal("3.5")
+        conn.execute("UPDATE Merchant SET Rating = %s WHERE ID = 1", (rating,))
+        unused = conn.execute(
+            "SELECT d.ID FROM Device d WHERE NOT EXISTS "
+            "(SELECT FROM Transaction t WHERE t.DeviceID = d.ID) LIMIT 1"
+        ).fetchone()[0]
+        conn.execute("DELETE FROM Device WHERE ID = %s", (unused,))
+        cdc.drop_slot(conn, catalog.resolve(PG).slot(conn.info.dbname))  # forces a new snapshot
+    assert Engine(s, catalog.resolve(PG), raw).sync().phase == "snapshot"
+    assert generations("postgres_merchant") == [(snapshot + 1,)]
+    assert generations("postgres_device") == [(snapshot + 1,)]
+    assert generations("postgres_currency") == [(refresh + 1,)]
+    assert raw.conn.execute("SELECT rating FROM raw.postgres_merchant WHERE id = 1").fetchone() == (
+        rating,
+    )
+    # The deleted device went with the older generation (the new snapshot does not have it).
+    assert raw.conn.execute(
+        "SELECT count(*) FROM raw.postgres_device WHERE id = ?", [unused]
+    ).fetchone() == (0,)
+    assert raw.conn.execute("SELECT count(*) FROM raw.postgres_currency").fetchone() == (8,)

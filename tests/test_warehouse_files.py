@@ -67,6 +67,7 @@ def test_the_warehouse_its_wal_and_directory_are_private(tmp_path):
 def test_a_warehouse_an_earlier_version_left_readable_is_narrowed(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
+    home.chmod(0o755)
     legacy = home / "warehouse.duckdb"  # where homes made before kept it
     duckdb.connect(str(legacy)).close()
     legacy.chmod(0o644)
@@ -79,3 +80,28 @@ def test_a_warehouse_an_earlier_version_left_readable_is_narrowed(tmp_path):
         assert mode(legacy.with_name("warehouse.duckdb.wal")) == 0o600
     finally:
         raw.conn.close()
+    assert mode(home) == 0o755  # the home holds it: not narrowed (<home>/pg must stay reachable)
+
+
+def test_an_existing_warehouse_directory_of_its_own_is_narrowed(tmp_path):
+    """<home>/warehouse/ as an earlier version made it (the umask's mode): narrowed to 0700 with
+    its file; one holding anything else (here one WAREHOUSE_PATH names, of the same name) is left
+    as it is."""
+    home = tmp_path / "home"
+    own = home / "warehouse"
+    own.mkdir(parents=True)
+    own.chmod(0o755)
+    duckdb.connect(str(own / "warehouse.duckdb")).close()
+    (own / "warehouse.duckdb").chmod(0o644)
+    settings = load_settings(home=home, warehouse="duckdb")
+    assert settings.warehouse_file == own / "warehouse.duckdb"
+    open_raw_writer(settings).conn.close()
+    assert (mode(own), mode(own / "warehouse.duckdb")) == (0o700, 0o600)
+
+    shared = tmp_path / "warehouse"
+    shared.mkdir()
+    shared.chmod(0o755)
+    (shared / "notes.txt").write_text("someone else's")
+    elsewhere = load_settings(home=home, warehouse="duckdb", warehouse_path=shared / "w.duckdb")
+    open_raw_writer(elsewhere).conn.close()
+    assert (mode(shared), mode(shared / "w.duckdb")) == (0o755, 0o600)

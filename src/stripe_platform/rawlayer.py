@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -196,6 +196,30 @@ class RawWriter(Protocol):
     def save_state(self, key: str, state: dict[str, Any]) -> None:
         """Replace the state under ``key`` on its own."""
         ...
+
+
+def latest_first(stream: RawStream, quote: Callable[[str], str]) -> str:
+    """ORDER BY putting a key's latest version first: the later generation (a new snapshot is
+    the source's current state even when its LSNs are lower, as after a restore or a failover),
+    then the stream's order (LSN, document cursor), then extraction time. ``quote`` turns a
+    column name into the destination's identifier."""
+    order = [f"{quote('_airbyte_generation_id')} DESC NULLS LAST"]
+    if stream.order_by:
+        order.append(f"{quote(stream.order_by)} DESC NULLS LAST")
+    return ", ".join([*order, f"{quote('_airbyte_extracted_at')} DESC"])
+
+
+def newer_than_stored(stream: RawStream, quote: Callable[[str], str]) -> str:
+    """When a merge's incoming version ``s`` replaces the stored ``t`` of the same key: a later
+    generation always, the same one when its LSN/cursor is not lower (a re-delivery replaces
+    nothing newer), an earlier one never. Document streams are all generation 0: their cursor
+    decides."""
+    g = quote("_airbyte_generation_id")
+    same = "TRUE"
+    if stream.order_by:
+        o = quote(stream.order_by)
+        same = f"s.{o} >= t.{o} OR t.{o} IS NULL"
+    return f"(s.{g} > t.{g} OR t.{g} IS NULL OR (s.{g} = t.{g} AND ({same})))"
 
 
 def source_columns(stream: RawStream) -> list[str]:

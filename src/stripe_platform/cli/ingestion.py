@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from stripe_platform.cli.common import command, console, err, group, settings
-from stripe_platform.config import ENV_PREFIX, LAKE_FORMS, Settings, SettingsError
+from stripe_platform.config import Settings
 
 if TYPE_CHECKING:  # the catalog is imported by the commands that read it
     from stripe_platform.ingestion.catalog import ResolvedConnection
@@ -55,23 +53,9 @@ def sync(
         }
         console.print_json(data=result) if as_json else console.print(result)
         return
-    resolved = catalog.resolve(connection)
-    with _lake_errors_named(s, resolved):
-        _sync_embedded(s, resolved, as_json, follow, interval)
-
-
-@contextlib.contextmanager
-def _lake_errors_named(s: Settings, connection: ResolvedConnection) -> Iterator[None]:
-    """A lake that cannot be reached or written (a bucket that does not exist, no credentials,
-    a full or read-only disk) fails a sync with the variable that names it, not a traceback."""
-    try:
-        yield
-    except OSError as exc:  # pyarrow's filesystems raise OSError for local and S3 failures
-        if not connection.to_lake:
-            raise
-        raise SettingsError(
-            f"{ENV_PREFIX}LAKE_URI: the lake {s.lake_root} cannot be written ({exc}); {LAKE_FORMS}"
-        ) from None
+    # A lake that cannot be reached or written fails with the variable that names it: the lake
+    # writer raises LakeUnreachable (a PlatformError) where its filesystem refuses.
+    _sync_embedded(s, catalog.resolve(connection), as_json, follow, interval)
 
 
 def _sync_embedded(

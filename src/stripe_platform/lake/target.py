@@ -49,11 +49,8 @@ class LakeRaw:
         pass  # a snapshot's batches are files like any other; finish_overwrite supersedes
 
     def load_state(self, key: str) -> dict[str, Any] | None:
-        path = self._state_path(key)
-        if self.lake.filesystem.get_file_info(path).type.name == "NotFound":
-            return None
-        with self.lake.filesystem.open_input_stream(path) as f:
-            return json.loads(f.read())
+        data = self.lake.get_bytes(self._state_path(key))
+        return None if data is None else json.loads(data)
 
     def save_state(self, key: str, state: dict[str, Any]) -> None:
         self.lake.put_bytes(self._state_path(key), json.dumps(state, default=str).encode())
@@ -74,10 +71,16 @@ class LakeRaw:
         with self._parts_lock:  # two writes never share a file name
             part = self._parts.get(stream.name, 0)
             self._parts[stream.name] = part + 1
-            if stream.name not in self._columns:
+            first = stream.name not in self._columns
+            if first:
                 self._columns[stream.name] = (self.load_state(columns_key) or {}).get("columns")
             previous = self._columns[stream.name]
             self._columns[stream.name] = source_columns(stream)
+        if first:
+            # Once per sync and stream: what killed writes left (mode 0600, but personal data),
+            # in this source's prefix only (other connections may share the lake's root), and
+            # only temporaries too old to be a write under way (LakeWriter.sweep_temporary).
+            self.lake.sweep_temporary(self.source, stream)
         written = self.lake.write(
             self.source, stream, batch, sync_id=sync_id, generation_id=generation_id, part=part
         )

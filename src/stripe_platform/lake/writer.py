@@ -32,7 +32,7 @@ import datetime as dt
 import os
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +44,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from stripe_platform.config import ENV_PREFIX, LAKE_FORMS
+from stripe_platform.errors import PlatformError
 from stripe_platform.rawlayer import RawStream, prepare
 
 if TYPE_CHECKING:
     from stripe_platform.config import Settings
 
-__all__ = ["LakeError", "LakeFile", "LakeWriter", "StoredFile", "Superseded"]
+__all__ = ["LakeError", "LakeFile", "LakeUnreachable", "LakeWriter", "StoredFile", "Superseded"]
 
 PARTITION = "extracted_date"
 LIVE = "raw"
@@ -68,8 +70,15 @@ _DATE_DIR = re.compile(rf"^{PARTITION}=(\d{{4}}-\d{{2}}-\d{{2}})$")
 _TMP_SUFFIX = ".tmp"
 
 
-class LakeError(RuntimeError):
+class LakeError(PlatformError, RuntimeError):
     """The lake holds something the writer cannot work with; the message says what to do."""
+
+
+class LakeUnreachable(LakeError, OSError):
+    """The lake's filesystem refused a read or a write (no such bucket, no credentials, a full or
+    read-only disk): raised where it happens, with the path and the setting that names the lake,
+    and still an OSError for callers that catch one. Other OSErrors of a lake sync (a source's
+    TLS file, a cache) are not the lake's, and are not labelled so."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,18 @@ class LakeWriter:
             return cls(root, fs)
         return cls(root)
 
+    @contextlib.contextmanager
+    def reaching(self, path: str, doing: str = "written") -> Iterator[None]:
+        """Around the lake's filesystem calls: an OSError (pyarrow raises it for local and S3
+        failures alike) becomes :class:`LakeUnreachable`, naming ``path`` and the variable."""
+        try:
+            yield
+        except OSError as exc:
+            raise LakeUnreachable(
+                f"{ENV_PREFIX}LAKE_URI: the lake {self.uri(self.base)} cannot be {doing} "
+                f"({self.uri(path)}: {exc}); {LAKE_FORMS}"
+            ) from exc
+
     # Paths -----------------------------------------------------------------------------------------
     def stream_dir(self, source: str, stream: RawStream | str) -> str:
         """The stream's live directory inside the filesystem (``<root>/raw/<source>/<stream>``)."""
@@ -309,13 +330,15 @@ class LakeWriter:
         directory = f"{self.stream_dir(source, stream)}/{PARTITION}={day.isoformat()}"
         final = f"{directory}/{sync_id}-{part}.parquet"
         if self._local:
-            size = self._write_local(
-                lambda out: _write_parquet(typed, out, self.compression, generation_id), final
-            )
+            with self.reaching(final):
+                size = self._write_local(
+                    lambda out: _write_parquet(typed, out, self.compression, generation_id), final
+                )
         else:
             buffer = pa.BufferOutputStream()
             _write_parquet(typed, buffer, self.compression, generation_id)
-            size = self._write_object(buffer.getvalue(), final)
+            with self.reaching(final):
+                size = self._write_object(buffer.getvalue(), final)
         return LakeFile(self.uri(final), typed.num_rows, size, day, nulled)
 
     def put_bytes(self, path: str, data: bytes) -> None:
@@ -323,10 +346,19 @@ class LakeWriter:
         with the same rules as the data files."""
         if not path.startswith(f"{self.base}/"):
             raise ValueError(f"{path!r} is not inside the lake {self.base!r}")
-        if self._local:
-            self._write_local(lambda out: out.write(data), path)
-        else:
-            self._write_object(pa.py_buffer(data), path)
+        with self.reaching(path):
+            if self._local:
+                self._write_local(lambda out: out.write(data), path)
+            else:
+                self._write_object(pa.py_buffer(data), path)
+
+    def get_bytes(self, path: str) -> bytes | None:
+        """A small file inside the lake (sync state) as :meth:`put_bytes` wrote it; None if absent."""
+        with self.reaching(path, "read"):
+            if self.filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+                return None
+            with self.filesystem.open_input_stream(path) as f:
+                return f.read()
 
     def _private_dir(self, directory: str) -> None:
         """Create ``directory`` and its missing parents; those inside the lake (the root included,
@@ -407,11 +439,12 @@ class LakeWriter:
         self, source: str, stream: RawStream | str
     ) -> list[tuple[str, int, dt.date, str, int]]:
         """(filesystem path, bytes, extracted date, sync id, part) of each live data file."""
-        selector = pafs.FileSelector(
-            self.stream_dir(source, stream), recursive=True, allow_not_found=True
-        )
+        directory = self.stream_dir(source, stream)
+        selector = pafs.FileSelector(directory, recursive=True, allow_not_found=True)
+        with self.reaching(directory, "read"):
+            listed = self.filesystem.get_file_info(selector)
         found = []
-        for info in self.filesystem.get_file_info(selector):
+        for info in listed:
             if info.type != pafs.FileType.File:
                 continue
             parent, _, name = info.path.rpartition("/")
@@ -473,11 +506,12 @@ class LakeWriter:
             )
             for (path, _, date, _, _), generation, _ in older
         ]
-        if self._local:
-            self._move_local(moves)
-        else:
-            with ThreadPoolExecutor(_FOOTER_READERS) as pool:
-                list(pool.map(lambda m: self._move_object(*m), moves))
+        with self.reaching(history):
+            if self._local:
+                self._move_local(moves)
+            else:
+                with ThreadPoolExecutor(_FOOTER_READERS) as pool:
+                    list(pool.map(lambda m: self._move_object(*m), moves))
         return Superseded(len(older), sum(rows for _, _, rows in older), live)
 
     def _footer(self, path: str) -> tuple[int | None, int]:
@@ -529,15 +563,19 @@ class LakeWriter:
         *,
         older_than: dt.timedelta = dt.timedelta(hours=1),
     ) -> int:
-        """Delete temporary files a killed process left behind (readers ignore them already)."""
+        """Delete temporary files a killed process left behind in the stream's live directory
+        (readers ignore them, but they hold the batch's rows): those not modified for
+        ``older_than``, so a write under way is left alone. Were one deleted anyway (a writer
+        paused that long), its rename fails, and the sync with it, before any state is saved."""
         if not self._local:
             return 0  # object stores never see a temporary name
         cutoff = dt.datetime.now(dt.UTC) - older_than
-        selector = pafs.FileSelector(
-            self.stream_dir(source, stream), recursive=True, allow_not_found=True
-        )
+        directory = self.stream_dir(source, stream)
+        selector = pafs.FileSelector(directory, recursive=True, allow_not_found=True)
         removed = 0
-        for info in self.filesystem.get_file_info(selector):
+        with self.reaching(directory, "read"):
+            listed = self.filesystem.get_file_info(selector)
+        for info in listed:
             name = info.base_name
             if (
                 info.type == pafs.FileType.File
@@ -546,6 +584,7 @@ class LakeWriter:
                 and info.mtime is not None
                 and info.mtime.astimezone(dt.UTC) < cutoff
             ):
-                self.filesystem.delete_file(info.path)
-                removed += 1
+                with contextlib.suppress(FileNotFoundError):  # another sweep got it first
+                    self.filesystem.delete_file(info.path)
+                    removed += 1
         return removed

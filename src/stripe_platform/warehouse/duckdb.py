@@ -96,12 +96,26 @@ def _private(method: _F) -> _F:
 
 def private_duckdb_file(path: Path) -> Path:
     """Ready a DuckDB warehouse file to be kept private like the keyring (it holds personal data):
-    a directory made for it is 0700, and a file or WAL an earlier version left readable to others
-    is narrowed to 0600. Whatever then opens it for writing does so in ``private_files()``, which
-    creates them 0600 (``connect_duckdb``; dbt's runs)."""
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)  # parents keep default modes (the home)
-        path.parent.chmod(0o700)
+    a directory made for it is 0700, and so is made an existing ``warehouse/`` of its own (the
+    platform's ``<home>/warehouse/``: holding nothing but the warehouse's files) that this user
+    owns and an earlier version left open; a file or WAL left readable to others is narrowed to
+    0600. Whatever then opens it for writing does so in ``private_files()``, which creates them
+    0600 (``connect_duckdb``; dbt's runs)."""
+    directory = path.parent
+    if not directory.exists():
+        directory.mkdir(parents=True, exist_ok=True)  # parents keep default modes (the home)
+        directory.chmod(0o700)
+    else:
+        # Not the platform's to narrow: the home, for a home made before (the cluster's OS user
+        # must reach <home>/pg), or a directory WAREHOUSE_PATH names that holds anything else.
+        info = directory.stat()
+        if (
+            directory.name == "warehouse"
+            and info.st_mode & 0o077
+            and info.st_uid == os.geteuid()
+            and all(entry.name.startswith(path.name) for entry in directory.iterdir())
+        ):
+            directory.chmod(0o700)
     for file in (path, path.with_name(f"{path.name}.wal")):
         with contextlib.suppress(FileNotFoundError):
             if file.stat().st_mode & 0o077:

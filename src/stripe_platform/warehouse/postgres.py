@@ -36,6 +36,8 @@ from stripe_platform.rawlayer import (
     WriteResult,
     dropped_columns,
     kept_columns,
+    latest_first,
+    newer_than_stored,
     prepare,
     source_columns,
 )
@@ -300,17 +302,18 @@ class PostgresRaw:
         columns: list[Column],
     ) -> None:
         keys = [sql.Identifier(k) for k in stream.primary_key]
-        extracted = sql.Identifier("_airbyte_extracted_at")
-        order = sql.Identifier(stream.order_by) if stream.order_by else None
-        ordering = [*keys, *([sql.SQL("{} DESC NULLS LAST").format(order)] if order else [])]
-        ordering.append(sql.SQL("{} DESC").format(extracted))
-        latest = sql.SQL("SELECT DISTINCT ON ({}) * FROM {} ORDER BY {}").format(
-            sql.SQL(", ").join(keys), staging, sql.SQL(", ").join(ordering)
+
+        def quote(name: str) -> str:
+            return sql.Identifier(name).as_string(self.conn)
+
+        latest = sql.SQL("SELECT DISTINCT ON ({}) * FROM {} ORDER BY {}, {}").format(
+            sql.SQL(", ").join(keys),
+            staging,
+            sql.SQL(", ").join(keys),
+            sql.SQL(latest_first(stream, quote)),
         )
         on = sql.SQL(" AND ").join(sql.SQL("t.{k} = s.{k}").format(k=k) for k in keys)
-        newer = (
-            sql.SQL("s.{o} >= t.{o} OR t.{o} IS NULL").format(o=order) if order else sql.SQL("true")
-        )
+        newer = sql.SQL(newer_than_stored(stream, quote))
         idents = [sql.Identifier(c.name) for c in columns]
         # Columns the stream no longer has (dropped_columns) are NULL in a key's new version.
         cleared = [

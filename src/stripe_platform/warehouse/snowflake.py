@@ -48,6 +48,8 @@ from stripe_platform.rawlayer import (
     SchemaChangeError,
     WriteResult,
     dropped_columns,
+    latest_first,
+    newer_than_stored,
     prepare,
     source_columns,
 )
@@ -93,6 +95,11 @@ def sf_name(name: str) -> str:
 
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+def _sf_q(name: str) -> str:
+    """A stream's column name as the quoted identifier the writer created (``sf_name``)."""
+    return _q(sf_name(name))
 
 
 def _kind(data_type: str, scale: int | None) -> str:
@@ -363,15 +370,13 @@ class SnowflakeRaw:
 
         def load() -> None:
             if typed.num_rows and stream.mode == "append_dedup" and stream.primary_key:
-                keys = [_q(sf_name(k)) for k in stream.primary_key]
-                order = _q(sf_name(stream.order_by)) if stream.order_by else None
+                keys = [_sf_q(k) for k in stream.primary_key]
                 latest = (
                     f"SELECT * FROM {staging} QUALIFY ROW_NUMBER() OVER (PARTITION BY "
-                    f"{', '.join(keys)} ORDER BY {f'{order} DESC NULLS LAST, ' if order else ''}"
-                    '"_AIRBYTE_EXTRACTED_AT" DESC) = 1'
+                    f"{', '.join(keys)} ORDER BY {latest_first(stream, _sf_q)}) = 1"
                 )
                 on = " AND ".join(f"t.{k} = s.{k}" for k in keys)
-                newer = f"(s.{order} >= t.{order} OR t.{order} IS NULL)" if order else "TRUE"
+                newer = newer_than_stored(stream, _sf_q)
                 # MERGE's "latest wins" as DELETE + INSERT (see the module docstring).
                 self._run(f"DELETE FROM {table} t USING ({latest}) s WHERE {on} AND {newer}")
                 self._run(

@@ -18,6 +18,7 @@ import collections
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -85,6 +86,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _finite(value: Any) -> Any:
+    """A plain value as JSON can hold it: a non-finite double (NaN, ±Infinity; JSON has no token
+    for them, and PostgreSQL's jsonb refuses Python's) in relaxed Extended JSON,
+    ``{"$numberDouble": "NaN"}``, as :func:`_plain` already writes those inside objects."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.loads(json_util.dumps(value, json_options=json_util.RELAXED_JSON_OPTIONS))
+    return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(_finite(value), default=str, allow_nan=False)
+
+
 def to_table(
     docs: list[dict[str, Any]],
     columns: tuple[Column, ...],
@@ -100,15 +114,13 @@ def to_table(
         aside = set_aside[i] if set_aside else {}
         for n in names:
             data[n].append(None if n in aside else _plain(doc.get(n)))
-        rest = {k: _plain(v) for k, v in doc.items() if k not in known or k in aside}
-        extra.append(json.dumps(rest, default=str) if rest else None)
+        rest = {k: _finite(_plain(v)) for k, v in doc.items() if k not in known or k in aside}
+        extra.append(_json(rest) if rest else None)
     arrays = {}
     kinds = {c.name: c.type for c in columns}
     for n, values in data.items():
         if kinds[n] == "json":
-            arrays[n] = pa.array(
-                [None if v is None else json.dumps(v, default=str) for v in values], pa.string()
-            )
+            arrays[n] = pa.array([None if v is None else _json(v) for v in values], pa.string())
         else:
             try:
                 arrays[n] = pa.array(values)
@@ -117,11 +129,7 @@ def to_table(
                 # raw layer cast each to the column type, nulling and recording what does not fit.
                 arrays[n] = pa.array(
                     [
-                        None
-                        if v is None
-                        else json.dumps(v)
-                        if isinstance(v, (dict, list))
-                        else str(v)
+                        None if v is None else _json(v) if isinstance(v, (dict, list)) else str(v)
                         for v in values
                     ],
                     pa.string(),

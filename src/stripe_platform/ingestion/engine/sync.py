@@ -355,7 +355,7 @@ class Engine:
     def _full_refresh(
         self, conn: psycopg.Connection, report: SyncReport, stream: Stream, raw: RawStream
     ) -> None:
-        generation = _new_generation()
+        generation = _new_generation((self.writer.state(raw) or {}).get("generation"))
         columns = ", ".join(f'"{c.name}"' for c in raw.columns)
         rows = _source_rows(conn, f"SELECT {columns} FROM public.{stream.name}")
         schema = pa.schema([(c.name, ARROW[c.type]) for c in raw.columns])
@@ -405,7 +405,7 @@ class Engine:
             log.warning("connection %s: taking a new snapshot: %s", self.connection.name, reason)
         # A new generation: rows an interrupted earlier snapshot left behind, that the source
         # no longer has, are removed once this snapshot is complete.
-        generation = _new_generation()
+        generation = _new_generation((self.writer.load_state(state_key) or {}).get("generation"))
         # Durably "in progress" before the slot is touched: a sync killed from here until the
         # complete state below is saved leaves a state that cannot resume (whatever slot the
         # next sync finds), so that sync snapshots again instead of trusting the new slot.
@@ -800,10 +800,12 @@ def _typed(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, names=schema.names)
 
 
-def _new_generation() -> int:
+def _new_generation(previous: Any = None) -> int:
     """A generation id greater than any earlier attempt's, including attempts that died before
-    recording anything (their rows must not survive the next complete read)."""
-    return time.time_ns() // 1_000_000
+    recording anything (their rows must not survive the next complete read): the wall clock in
+    milliseconds, but past ``previous`` (the last generation the state recorded) if the clock
+    has stepped back (NTP, a restored VM), or the older generation would outlive the new one."""
+    return max(time.time_ns() // 1_000_000, int(previous or 0) + 1)
 
 
 def _lock_run(conn: psycopg.Connection, name: str, slot: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import codecs
 import datetime as dt
-import json
 import struct
 import uuid
 from collections.abc import Callable
@@ -581,7 +580,8 @@ _CONVERTERS: dict[int, Callable[[str], Any]] = {
     23: int,  # int4
     25: _str,  # text
     26: int,  # oid
-    114: json.loads,  # json
+    114: _str,  # json: the server's text, as snapshots read it (never re-serialised: Python
+    # would write a number past a double's range, 1e400, as the non-JSON token Infinity)
     650: _str,  # cidr
     700: float,  # float4
     701: float,  # float8
@@ -593,7 +593,7 @@ _CONVERTERS: dict[int, Callable[[str], Any]] = {
     1184: _timestamptz,  # timestamptz
     1700: Decimal,  # numeric
     2950: uuid.UUID,  # uuid
-    3802: json.loads,  # jsonb
+    3802: _str,  # jsonb: as json
 }
 TYPED_OIDS: Final = frozenset(oid for oid, f in _CONVERTERS.items() if f is not _str)
 """OIDs that :func:`convert_value` turns into something other than ``str``."""
@@ -610,7 +610,8 @@ def _convert(converter: Callable[[str], Any], text: str) -> Any:
 
 def convert_value(type_oid: int, value: Value) -> Any:
     """Text output of a built-in type -> Python value (int, Decimal, float, bool, str, datetime,
-    date, bytes, parsed JSON, UUID). NULL and UNCHANGED pass through; unknown types stay text.
+    date, bytes, UUID; json and jsonb stay the server's text). NULL and UNCHANGED pass through;
+    unknown types stay text.
 
     Timestamps with time zone come back as aware UTC datetimes; ±infinity maps to the
     datetime/date min and max; a date or timestamp outside Python's years 1-9999 (BC, year 10000

@@ -24,7 +24,6 @@ rows loaded as that same text. Per type:
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
@@ -210,11 +209,7 @@ def column(values: Sequence[Any], kind: str) -> pa.Array:
             return _temporal(values, ARROW[kind])
         except (ValueError, TypeError, pa.ArrowInvalid, pa.ArrowTypeError):
             pass
-    elif kind == "json":  # text, like snapshot rows: Arrow would force one shape on all rows
-        return pa.array(
-            [None if v is None else json.dumps(v, default=str) for v in values], pa.string()
-        )
-    elif kind == "string":
+    elif kind in ("json", "string"):  # json: the server's text, like snapshot rows
         if any(v is not None and v.__class__ is not str for v in values):  # uuid, ...
             values = [v if v is None or v.__class__ is str else _text(v) for v in values]
         return pa.array(values, pa.string())
