@@ -98,11 +98,12 @@ TODAY = f"extracted_date={dt.datetime.now(dt.UTC).date().isoformat()}"
 # Generations: a snapshot's rows and the changes after it carry the snapshot's generation id.
 G1, G2, G3 = 1_000, 2_000, 3_000
 # What a reader does to see the stream's current rows (docs/ingestion.md): the latest version of
-# each key by LSN, without the keys whose latest version is a deletion.
+# each key by generation then LSN, without the keys whose latest version is a deletion.
 LIVE_ROWS = """
     SELECT id, amount::VARCHAR FROM {source}
     QUALIFY row_number() OVER (PARTITION BY id
-                               ORDER BY _ab_cdc_lsn DESC NULLS LAST, _airbyte_extracted_at DESC) = 1
+                               ORDER BY _airbyte_generation_id DESC, _ab_cdc_lsn DESC NULLS LAST,
+                                        _airbyte_extracted_at DESC) = 1
         AND _ab_cdc_deleted_at IS NULL
     ORDER BY id"""
 
@@ -708,7 +709,8 @@ def test_the_engine_after_a_lost_slot_shows_no_row_deleted_in_between(
     assert sync() == "snapshot"
     live = lake_rows(
         "SELECT id FROM {stream} QUALIFY row_number() OVER (PARTITION BY id, datetime "
-        "ORDER BY _ab_cdc_lsn DESC NULLS LAST, _airbyte_extracted_at DESC) = 1 "
+        "ORDER BY _airbyte_generation_id DESC, _ab_cdc_lsn DESC NULLS LAST, "
+        "_airbyte_extracted_at DESC) = 1 "
         "AND _ab_cdc_deleted_at IS NULL ORDER BY id",
         "transaction",
     )

@@ -3,7 +3,8 @@
 The lake appends (one parquet file per batch); sync state sits beside the data in
 ``<root>/_stripe_platform/state/<key>.json``, written after the batch's file is durable, so a crash in
 between re-delivers that batch as a new file: readers that want one row per key deduplicate on the
-primary key and ``_ab_cdc_lsn``/``_ab_cdc_cursor``, as the staging models do. When a snapshot or
+primary key, latest by ``_airbyte_generation_id`` then ``_ab_cdc_lsn``/``_ab_cdc_cursor``
+(docs/ingestion.md). When a snapshot or
 full refresh completes, older generations leave the live prefix for the history prefix
 (``LakeWriter.supersede``), as the warehouse deletes them from its tables.
 """

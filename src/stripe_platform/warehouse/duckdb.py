@@ -3,8 +3,9 @@
 Tables are ``<namespace>.<stream>`` with the stream's own (lower-case) names; the sync state lives
 in ``airbyte_internal.stripe_platform_sync_state`` (``rawlayer.STATE_TABLE``). A batch is written in
 one DuckDB transaction together with the stream's state; deduplicated streams are merged on their
-primary key (``MERGE``, latest by LSN/cursor wins), except a snapshot into an empty table, which
-appends and removes duplicate keys once at ``finish_overwrite``.
+primary key (``MERGE``, latest wins: a later generation, then within one the higher LSN/cursor,
+``rawlayer.newer_than_stored``), except a snapshot into an empty table, which appends and removes
+duplicate keys once at ``finish_overwrite``.
 
 The file holds personal data: it and its write-ahead log are created 0600 in a 0700 directory
 (``connect_duckdb``, ``private_files``).
@@ -32,6 +33,8 @@ from stripe_platform.rawlayer import (
     WriteResult,
     dropped_columns,
     kept_columns,
+    latest_first,
+    newer_than_stored,
     prepare,
     source_columns,
 )
@@ -281,17 +284,12 @@ class DuckDBRaw:
             self.conn.register("_raw_batch", typed)
             if stream.mode == "append_dedup" and stream.primary_key and not fresh:
                 keys = ", ".join(_q(k) for k in stream.primary_key)
-                order = f"{_q(stream.order_by)} DESC NULLS LAST, " if stream.order_by else ""
                 latest = (
                     f"SELECT * FROM _raw_batch QUALIFY row_number() OVER (PARTITION BY {keys} "
-                    f"ORDER BY {order}_airbyte_extracted_at DESC) = 1"
+                    f"ORDER BY {latest_first(stream, _q)}) = 1"
                 )
                 on = " AND ".join(f"t.{_q(k)} = s.{_q(k)}" for k in stream.primary_key)
-                newer = (
-                    f"s.{_q(stream.order_by)} >= t.{_q(stream.order_by)} OR t.{_q(stream.order_by)} IS NULL"
-                    if stream.order_by
-                    else "true"
-                )
+                newer = newer_than_stored(stream, _q)
                 updates = ", ".join(
                     [f"{_q(c)} = s.{_q(c)}" for c in cols]
                     + [f"{_q(c)} = NULL" for c in self._kept.get(stream.key, [])]
@@ -359,9 +357,7 @@ class DuckDBRaw:
         ).fetchone()[0]
         if not duplicated:
             return
-        order = f"{_q(stream.order_by)} DESC NULLS LAST, " if stream.order_by else ""
         self.conn.execute(
             f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} QUALIFY "
-            f"row_number() OVER (PARTITION BY {keys} ORDER BY {order}"
-            "_airbyte_extracted_at DESC) > 1)"
+            f"row_number() OVER (PARTITION BY {keys} ORDER BY {latest_first(stream, _q)}) > 1)"
         )
