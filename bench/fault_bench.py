@@ -240,14 +240,29 @@ def _timed_clean_sync(env: dict[str, str], connection: str) -> float:
     return time.monotonic() - started
 
 
-def _writer(env: dict[str, str], tps: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "stripe_platform.cli", "seed", "--tps", str(tps)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+def _writer(env: dict[str, str], tps: int, log: Path) -> subprocess.Popen:
+    # Its output goes to a file: a pipe nobody reads fills up and blocks the writer.
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stripe_platform.cli", "seed", "--tps", str(tps)],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+
+
+def _stop_writer(writer: subprocess.Popen) -> str:
+    """Ctrl-C, as a user stops `seed --tps` (its tick commits whole or not at all); a writer
+    that has not stopped 30 s later is killed: the comparison reads what the source committed."""
+    writer.send_signal(signal.SIGINT)
+    try:
+        writer.wait(timeout=30)
+        return "interrupted"
+    except subprocess.TimeoutExpired:
+        os.killpg(writer.pid, signal.SIGKILL)
+        writer.wait()
+        return "killed (did not stop within 30 s of Ctrl-C)"
 
 
 def _compare(settings, catalog, dest: Destination) -> dict[str, dict[str, int]]:
@@ -293,7 +308,8 @@ def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, r
             cdc.drop_slot(conn, connection.slot(conn.info.dbname))
         snapshot_seconds = _timed_clean_sync(dest.env, dest.connection)  # the first: a snapshot
         incremental_seconds = _timed_clean_sync(dest.env, dest.connection)
-        writer = _writer(dest.env, tps)
+        writer_log = dest.home / f"fault-writer-{dest.name}.log"
+        writer = _writer(dest.env, tps, writer_log)
         kills = Counter()
         try:
             for number in range(runs):
@@ -320,8 +336,10 @@ def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, r
                         f"{dest.name} sync failed: {proc.stderr.read().decode()[-2000:]}"
                     )
         finally:
-            writer.send_signal(signal.SIGINT)  # seed --tps stops cleanly on Ctrl-C
-            writer.wait(timeout=60)
+            writer_stop = _stop_writer(writer)
+            if writer_stop != "interrupted":
+                tail = writer_log.read_text(errors="replace")[-2000:]
+                print(f"  {dest.name}: the writer was {writer_stop}; its last output:\n{tail}")
         reports = [_clean_sync(dest.env, dest.connection) for _ in range(2)]
         tables = _compare(settings, catalog, dest)
         return {
@@ -332,6 +350,7 @@ def run_destination(settings, catalog, dest: Destination, runs: int, tps: int, r
             "finished_before_kill": kills["finished before the kill"],
             "clean_snapshot_seconds": round(snapshot_seconds, 2),
             "clean_incremental_seconds": round(incremental_seconds, 2),
+            "writer": writer_stop,
             "final_phases": [r.get("phase") for r in reports],
             "tables": tables,
             **{
