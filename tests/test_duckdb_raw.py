@@ -1,20 +1,10 @@
 """What only the DuckDB raw writer does (the contract every writer keeps: tests/test_raw_layer.py)."""
 
 import duckdb
-import pyarrow as pa
 import pytest
 
-from stripe_platform.rawlayer import Column, RawStream
+from raw_streams import MERCHANT, batch
 from stripe_platform.warehouse.duckdb import DuckDBRaw
-
-MERCHANT = RawStream(
-    namespace="raw_postgres",
-    name="merchant",
-    columns=(Column("id", "integer"), Column("name", "string"), Column("rating", "number")),
-    primary_key=("id",),
-    mode="append_dedup",
-    cdc="postgres",
-)
 
 
 @pytest.fixture
@@ -26,10 +16,6 @@ def raw(tmp_path):
 
 def rows(raw, sql):
     return raw.conn.execute(sql).fetchall()
-
-
-def batch(**columns):
-    return pa.table(columns)
 
 
 def test_a_snapshot_into_an_empty_table_appends_then_dedupes(raw):

@@ -16,21 +16,13 @@ import psycopg
 import pyarrow as pa
 import pytest
 
+from raw_streams import MERCHANT, batch
 from stripe_platform.config import Settings
 from stripe_platform.oltp.db import conninfo
 from stripe_platform.rawlayer import STATE_TABLE, Column, RawStream
 from stripe_platform.warehouse.postgres import PostgresRaw
 
 pytestmark = pytest.mark.timeout(60)
-
-MERCHANT = RawStream(
-    namespace="raw_postgres",
-    name="merchant",
-    columns=(Column("id", "integer"), Column("name", "string"), Column("rating", "number")),
-    primary_key=("id",),
-    mode="append_dedup",
-    cdc="postgres",
-)
 
 
 @pytest.fixture
@@ -49,10 +41,6 @@ def raw(warehouse: psycopg.Connection[Any]) -> PostgresRaw:
 
 def rows(raw: PostgresRaw, sql: str) -> list[tuple[Any, ...]]:
     return raw.conn.execute(sql).fetchall()  # type: ignore[arg-type]
-
-
-def batch(**columns: Any) -> pa.Table:
-    return pa.table(columns)
 
 
 def test_every_type_round_trips_through_copy(raw):

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import pytest
 from psycopg.types.string import TextLoader
 
+from raw_streams import MERCHANT, batch
 from stripe_platform import rawlayer
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
@@ -44,19 +45,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning"),
 ]
 
-MERCHANT = RawStream(
-    namespace="raw_postgres",
-    name="merchant",
-    columns=(Column("id", "integer"), Column("name", "string"), Column("rating", "number")),
-    primary_key=("id",),
-    mode="append_dedup",
-    cdc="postgres",
-)
 _snowflake_databases = itertools.count()
-
-
-def batch(**columns: Any) -> pa.Table:
-    return pa.table(columns)
 
 
 def json_value(text: str | None) -> Any:

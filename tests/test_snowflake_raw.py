@@ -21,6 +21,7 @@ import pytest
 import snowflake.connector
 from snowflake.connector import SnowflakeConnection
 
+from raw_streams import MERCHANT, batch
 from stripe_platform.rawlayer import Column, RawStream
 from stripe_platform.warehouse.snowflake import WIDEN_SUFFIX, SnowflakeRaw
 
@@ -30,14 +31,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning"),
 ]
 
-MERCHANT = RawStream(
-    namespace="raw_postgres",
-    name="merchant",
-    columns=(Column("id", "integer"), Column("name", "string"), Column("rating", "number")),
-    primary_key=("id",),
-    mode="append_dedup",
-    cdc="postgres",
-)
 _databases = itertools.count()
 
 
@@ -65,10 +58,6 @@ def raw(sf: SnowflakeConnection) -> SnowflakeRaw:
 def rows(raw: SnowflakeRaw, sql: str) -> list[tuple[Any, ...]]:
     with raw.conn.cursor() as cur:
         return [tuple(r) for r in cur.execute(sql).fetchall()]
-
-
-def batch(**columns: Any) -> pa.Table:
-    return pa.table(columns)
 
 
 def test_identifiers_follow_airbyte_upper_case_and_the_session_is_left_alone(raw):
