@@ -476,6 +476,90 @@ def test_a_sync_to_another_lake_does_not_make_the_first_lose_changes(source, mak
     assert default.sync(catalog).phase == "incremental"
 
 
+# -- the source's identity: positions compare only within one server history -----------------
+def server_identity(s: Any) -> tuple[str, int]:
+    """The cluster's system id and timeline from its control file, as SQL reads them: not the
+    replication protocol's IDENTIFY_SYSTEM the engine uses."""
+    with db.connect(s) as conn:
+        (system_id,) = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+        (timeline,) = conn.execute("SELECT timeline_id FROM pg_control_checkpoint()").fetchone()
+    return str(system_id), timeline
+
+
+def save_state(destination: Destination, catalog: Any, state: dict[str, Any]) -> None:
+    writer = _open_destination(destination.spec, destination.settings, catalog)
+    try:
+        writer.save_state(f"connection:{destination.connection}", state)
+    finally:
+        _close_destination(writer)
+
+
+def test_a_snapshot_records_the_source_system_and_timeline(source, make_destination):
+    catalog = load_catalog()
+    destination = make_destination("duckdb")
+    assert destination.sync(catalog).phase == "snapshot"
+    state = destination.state(catalog)
+    system_id, timeline = server_identity(source)
+    assert (state["system_id"], state["timeline"]) == (system_id, timeline)
+    assert destination.sync(catalog).phase == "incremental"
+
+
+def test_a_state_from_another_postgresql_system_takes_a_new_snapshot(source, make_destination):
+    """A restore or migration to another cluster: a slot there, created between the state's
+    snapshot and saved positions, would pass the position checks, so the system id decides."""
+    catalog = load_catalog()
+    destination = make_destination("duckdb")
+    assert destination.sync(catalog).phase == "snapshot"
+    state = destination.state(catalog)
+    system_id, _ = server_identity(source)
+    elsewhere = str(int(system_id) + 1)
+    save_state(destination, catalog, {**state, "system_id": elsewhere})
+    write_at_source(source, seed=4)
+    report = destination.sync(catalog)
+    assert report.phase == "snapshot", report.as_dict()
+    assert report.snapshot_reason.startswith(
+        f"the source is another PostgreSQL system (system id {system_id}, the state's "
+        f"{elsewhere}): restored or migrated"
+    )
+    assert_equal_to_source(source, destination)
+    assert destination.state(catalog)["system_id"] == system_id
+    assert destination.sync(catalog).phase == "incremental"
+
+
+def test_a_state_from_a_different_timeline_takes_a_new_snapshot(source, make_destination):
+    catalog = load_catalog()
+    destination = make_destination("duckdb")
+    assert destination.sync(catalog).phase == "snapshot"
+    state = destination.state(catalog)
+    _, timeline = server_identity(source)
+    save_state(destination, catalog, {**state, "timeline": timeline + 1})
+    report = destination.sync(catalog)
+    assert report.phase == "snapshot", report.as_dict()
+    assert report.snapshot_reason.startswith(
+        f"the source's timeline changed (failover or point-in-time recovery: timeline "
+        f"{timeline}, the state's {timeline + 1})"
+    )
+    assert destination.state(catalog)["timeline"] == timeline
+
+
+def test_a_state_saved_before_identities_were_recorded_still_resumes(source, make_destination):
+    """No forced new snapshot for existing users: the identity is recorded at the next complete
+    snapshot only."""
+    catalog = load_catalog()
+    destination = make_destination("duckdb")
+    assert destination.sync(catalog).phase == "snapshot"
+    state = destination.state(catalog)
+    older = {k: v for k, v in state.items() if k not in ("system_id", "timeline")}
+    assert len(older) == len(state) - 2
+    save_state(destination, catalog, older)
+    write_at_source(source, seed=4)
+    report = destination.sync(catalog)
+    assert (report.phase, report.snapshot_reason) == ("incremental", None), report.as_dict()
+    assert report.rows > 0
+    assert_equal_to_source(source, destination)
+    assert "system_id" not in destination.state(catalog)
+
+
 def test_following_notices_its_slot_created_again(source, make_destination):
     """engine.follow checks the slot after every read: a slot dropped and created again (by a
     DBA, a failover, or a sync that does not take the connection's run lock) while the follower

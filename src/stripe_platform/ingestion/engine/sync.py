@@ -6,9 +6,10 @@ the slot's changes (pgoutput), mapping inserts, updates and deletes to the ``_ab
 The slot is advanced only after the destination committed the changes, so a crash (even
 ``kill -9``) re-delivers and the merge on primary key makes re-delivery harmless. A sync resumes
 only from the slot its destination's own snapshot created (``_resume_refusal``: the slot's
-position must lie between the state's snapshot and saved positions); a slot that is missing,
-lost, or was re-created meanwhile, and a snapshot interrupted half-way (its state says "in
-progress" from before the slot is touched), are snapshotted again, and the report says why.
+position must lie between the state's snapshot and saved positions, on the PostgreSQL system and
+timeline the snapshot recorded); a slot that is missing, lost, or was re-created meanwhile, and
+a snapshot interrupted half-way (its state says "in progress" from before the slot is touched),
+are snapshotted again, and the report says why.
 
 MongoDB sources: a full read, then incremental reads by cursor field (or change streams on a
 server that has them), the cursor saved with each batch.
@@ -164,7 +165,12 @@ def _drop_slot_of_older_name(conn: psycopg.Connection, state: dict[str, Any], sl
             cdc.drop_slot(conn, old)
 
 
-def _resume_refusal(state: dict[str, Any], info: cdc.SlotInfo | None, slot: str) -> str | None:
+def _resume_refusal(
+    state: dict[str, Any],
+    info: cdc.SlotInfo | None,
+    slot: str,
+    identity: cdc.SystemIdentity | None = None,
+) -> str | None:
     """Why this destination's ``state`` cannot resume from ``slot`` as the server has it now
     (None: it can).
 
@@ -176,6 +182,12 @@ def _resume_refusal(state: dict[str, Any], info: cdc.SlotInfo | None, slot: str)
     half-way, or a sync of this connection to another destination, whose state is its own)
     starts past every position flushed before its creation, hence past ``state["lsn"]``: the
     changes in between are in neither, and resuming from it would lose them.
+
+    Those positions compare only within one server history: ``identity`` (the server's now,
+    checked once per sync start; None: not checked) must be the one the state recorded at its
+    snapshot, or a slot created on a restored or migrated cluster, or on a new primary after a
+    failover (which may be at a lower LSN), could pass. A state saved before identities were
+    recorded has none: it resumes, and records one at its next complete snapshot.
     """
     if not state:
         if info is None:
@@ -187,6 +199,19 @@ def _resume_refusal(state: dict[str, Any], info: cdc.SlotInfo | None, slot: str)
         )
     if state.get("snapshot") == "in_progress" or "snapshot_lsn" not in state or "lsn" not in state:
         return f"the previous snapshot (generation {state.get('generation')}) did not finish"
+    if identity is not None and "system_id" in state:
+        if state["system_id"] != identity.system_id:
+            return (
+                f"the source is another PostgreSQL system (system id {identity.system_id}, the "
+                f"state's {state['system_id']}): restored or migrated, so its slot positions "
+                "say nothing about this destination's"
+            )
+        if state.get("timeline") != identity.timeline:
+            return (
+                f"the source's timeline changed (failover or point-in-time recovery: timeline "
+                f"{identity.timeline}, the state's {state.get('timeline')}), so its slot "
+                "positions say nothing about this destination's"
+            )
     if state.get("slot") != slot:
         return f"the state names slot {state.get('slot')}, not {slot}"
     if info is None:
@@ -376,7 +401,8 @@ class Engine:
         slot = self.connection.slot(conn.info.dbname)
         state = self.writer.load_state(self.connection.state_key) or {}
         _drop_slot_of_older_name(conn, state, slot)
-        refusal = _resume_refusal(state, cdc.slot_info_when_free(conn, slot), slot)
+        identity = cdc.identify_system(conninfo, slot) if "system_id" in state else None
+        refusal = _resume_refusal(state, cdc.slot_info_when_free(conn, slot), slot, identity)
         if refusal is not None:
             state = self._snapshot(conn, conninfo, slot, report, raw, refusal)
         _wait_for_flush(conn)
@@ -449,6 +475,9 @@ class Engine:
                 "lsn": snap.lsn,
                 "generation": generation,
             }
+            if snap.identity is not None:  # the history snapshot_lsn and lsn belong to
+                state["system_id"] = snap.identity.system_id
+                state["timeline"] = snap.identity.timeline
             self.writer.save_state(state_key, state)
         return state
 

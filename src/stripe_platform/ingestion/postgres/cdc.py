@@ -70,6 +70,7 @@ __all__ = [
     "SlotLostError",
     "SlotNotFoundError",
     "Snapshot",
+    "SystemIdentity",
     "TableNotFoundError",
     "TableRef",
     "WalLevelError",
@@ -80,6 +81,7 @@ __all__ = [
     "drop_slot",
     "ensure_publication",
     "ensure_slot",
+    "identify_system",
     "read_changes",
     "resolve_tables",
     "slot_info",
@@ -276,6 +278,35 @@ class SlotInfo:
     restart_lsn: int | None
     confirmed_flush_lsn: int | None
     wal_status: str | None
+
+
+class SystemIdentity(NamedTuple):
+    """Which PostgreSQL history a position belongs to (``IDENTIFY_SYSTEM``): LSNs compare only
+    within one system (``system_id``, new for every ``initdb``; a restore or a physical copy
+    keeps it) and one timeline (new at every promotion: failover, point-in-time recovery)."""
+
+    system_id: str
+    timeline: int
+
+
+def _identify(repl: pq.PGconn, what: str) -> SystemIdentity:
+    result = repl.exec_(b"IDENTIFY_SYSTEM")
+    if result.status != pq.ExecStatus.TUPLES_OK:
+        message = (result.get_error_message() or "").strip()
+        raise CDCError(f"{what}: IDENTIFY_SYSTEM failed: {message}")
+    fields = {result.fname(i): result.get_value(0, i) for i in range(result.nfields)}
+    return SystemIdentity(
+        (fields[b"systemid"] or b"").decode(), int((fields[b"timeline"] or b"0").decode())
+    )
+
+
+def identify_system(conninfo: str, slot: str) -> SystemIdentity:
+    """The server's identity, over a replication connection of its own (closed on return)."""
+    repl = _replication_connect(conninfo, slot)
+    try:
+        return _identify(repl, f"slot {slot!r}")
+    finally:
+        repl.finish()
 
 
 def _lsn_or_none(text: str | None) -> int | None:
@@ -655,6 +686,7 @@ class Snapshot:
         snapshot_name: str,
         tables: Sequence[TableRef],
         conninfo: str | None = None,
+        identity: SystemIdentity | None = None,
     ) -> None:
         self.conn = conn
         self.slot = slot
@@ -663,6 +695,7 @@ class Snapshot:
         self.snapshot_name = snapshot_name
         self.tables = tuple(tables)
         self.conninfo = conninfo
+        self.identity = identity  # the server (system, timeline) the slot was created on
         self._cursors = itertools.count()
 
     def table(self, table: TableName | TableRef) -> TableRef:
@@ -888,11 +921,15 @@ def consistent_snapshot(
         repl = _replication_connect(conninfo, slot)
         created = False
         try:
+            # Before the slot: any later command on this connection would end the export.
+            identity = _identify(repl, f"slot {slot!r}")
             lsn, snapshot_name = _create_slot_exporting_snapshot(repl, slot)
             created = True
             with psycopg.connect(conninfo) as conn:
                 _import_snapshot(conn, snapshot_name)
-                yield Snapshot(conn, slot, publication, lsn, snapshot_name, refs, conninfo)
+                yield Snapshot(
+                    conn, slot, publication, lsn, snapshot_name, refs, conninfo, identity
+                )
                 conn.rollback()  # read-only: nothing to commit
         except BaseException:
             repl.finish()
