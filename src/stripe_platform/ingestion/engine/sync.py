@@ -128,6 +128,19 @@ class StreamReport:
     cursor_issues: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
+    def add(self, part: StreamReport | WriteResult) -> None:
+        """Count ``part`` in: one batch's write result, or another run's report of the stream."""
+        self.rows += part.rows
+        for column, n in part.nulled.items():
+            self.nulled[column] = self.nulled.get(column, 0) + n
+        self.added_columns += part.added_columns
+        self.dropped_columns += part.dropped_columns
+        if isinstance(part, StreamReport):
+            self.error = part.error or self.error
+            for issue, n in part.cursor_issues.items():
+                self.cursor_issues[issue] = self.cursor_issues.get(issue, 0) + n
+            self.warnings += part.warnings
+
 
 @dataclass
 class SyncReport:
@@ -292,12 +305,7 @@ class Engine:
         self._count(report, stream, result)
 
     def _count(self, report: SyncReport, stream: str, result: WriteResult) -> None:
-        entry = report.streams.setdefault(stream, StreamReport())
-        entry.rows += result.rows
-        for column, n in result.nulled.items():
-            entry.nulled[column] = entry.nulled.get(column, 0) + n
-        entry.added_columns += result.added_columns
-        entry.dropped_columns += result.dropped_columns
+        report.streams.setdefault(stream, StreamReport()).add(result)
         self.progress(stream, result.rows)
 
     def sync(self) -> SyncReport:
@@ -648,16 +656,7 @@ class Engine:
 
 def _add_report(total: SyncReport, more: SyncReport) -> None:
     for name, part in more.streams.items():
-        entry = total.streams.setdefault(name, StreamReport())
-        entry.rows += part.rows
-        for column, n in part.nulled.items():
-            entry.nulled[column] = entry.nulled.get(column, 0) + n
-        entry.added_columns += part.added_columns
-        entry.dropped_columns += part.dropped_columns
-        entry.error = part.error or entry.error
-        for issue, n in part.cursor_issues.items():
-            entry.cursor_issues[issue] = entry.cursor_issues.get(issue, 0) + n
-        entry.warnings += part.warnings
+        total.streams.setdefault(name, StreamReport()).add(part)
 
 
 class _SnapshotReader:
