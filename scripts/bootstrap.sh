@@ -49,3 +49,10 @@ say "syncing the Python environment (uv sync --frozen)"
 # from source at every start (dbt alone: ~6 s instead of ~3 s). Here rather than in pyproject.toml,
 # where uv would re-check all 17k files (~2 s) on every `uv run`.
 uv_cmd sync --frozen --quiet --compile-bytecode
+
+# The embedded document server (FerretDB) is built from its Go module once and cached by the digest
+# of its launcher's sources (.cache/ferretdb/); a MongoDB named by MONGODB_URI needs none.
+if [ -z "${MONGODB_URI:-}${STRIPE_PLATFORM_MONGODB_URI:-}" ]; then
+  say "the embedded document server (FerretDB, built from its Go module on first run)"
+  .venv/bin/python -m stripe_platform.runtime.ferretdb
+fi

@@ -1,6 +1,7 @@
 """Shared fixtures: one real PostgreSQL cluster per test session (started by the platform's own
-runtime code), a migrated template database cloned per test, and a document store that is the
-stand-in unless MONGODB_URI points at a real server."""
+runtime code) with its document server (FerretDB, in the same cluster), a migrated template database
+cloned per test, and a document database per test: on that server, or on the MongoDB that
+MONGODB_URI names."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from stripe_platform.config import Settings, load_settings
 from stripe_platform.docstore import client as docstore
 from stripe_platform.oltp import db, partitions
 from stripe_platform.oltp.migrate import migrate
+from stripe_platform.runtime import embedded
 from stripe_platform.showcase import brief_examples
 
 TEMPLATE_DB = "stripe_template"
@@ -45,16 +47,15 @@ def fresh_home() -> Iterator[Path]:
 def settings() -> Iterator[Settings]:
     home = make_home()
     s = load_settings(home=home, pg_fsync=False, profile="embedded")
-    cluster = db.embedded_cluster(s)
-    cluster.up()
-    try:  # a failed set-up stops the cluster too: a leaked one holds a port and memory
+    try:  # a failed set-up stops the servers too: a leaked one holds a port and memory
+        embedded.up(s)
         with db.connect(s, database="postgres", autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
         with db.connect(s, database=TEMPLATE_DB, autocommit=True) as conn:
             migrate(conn)
         yield s
     finally:
-        cluster.down()
+        embedded.down(s)
         shutil.rmtree(home, ignore_errors=True)
 
 
@@ -88,19 +89,23 @@ def loaded(conn: psycopg.Connection) -> psycopg.Connection:
 
 
 @pytest.fixture
-def docdb(tmp_path: Path):
-    """A document database: real MongoDB when MONGODB_URI is set, else the stand-in."""
-    s = load_settings(home=tmp_path, mongodb_database=f"test_{os.getpid()}_{next(_db_counter)}")
+def docdb(settings: Settings):
+    """A document database of its own on the session's document server (FerretDB), or on the
+    MongoDB server that MONGODB_URI names."""
+    s = settings.model_copy(update={"mongodb_database": f"test_{os.getpid()}_{next(_db_counter)}"})
     database = docstore.connect(s)
     yield database
-    if not docstore.is_standin(database):
-        database.client.drop_database(database.name)
+    database.client.drop_database(database.name)
+    database.client.close()
 
 
 @pytest.fixture
 def real_mongodb(docdb):
-    if docstore.is_standin(docdb):
-        pytest.skip("needs a real MongoDB server: set MONGODB_URI")
+    if docstore.server_kind(docdb) == "ferretdb":
+        pytest.skip(
+            "needs what FerretDB v1 lacks ($jsonSchema validators, views, change streams or "
+            "transactions): set MONGODB_URI to a real MongoDB"
+        )
     return docdb
 
 

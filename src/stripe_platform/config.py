@@ -100,9 +100,13 @@ class Settings(BaseSettings):
     mongodb_uri: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices(f"{ENV_PREFIX}MONGODB_URI", "MONGODB_URI"),
-        description="A real MongoDB; unset means the embedded stand-in under `home`.",
+        description="A MongoDB server; unset means the embedded document server (FerretDB on the "
+        "embedded PostgreSQL cluster).",
     )
     mongodb_database: str = Field("stripe", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    docstore_port: int | None = Field(
+        None, ge=1024, le=65535, description="The embedded document server's port (default: free)."
+    )
 
     # Ingestion, warehouse and lake -----------------------------------------------------------------
     ingestion: Literal["embedded", "airbyte"] | None = Field(
@@ -186,8 +190,11 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}PG_DSN is required when {ENV_PREFIX}PROFILE={self.profile} "
                 "(the embedded cluster only runs on the `embedded` profile)"
             )
-        if self.profile == "prod" and self.mongodb_uri is None:
-            raise ValueError(f"MONGODB_URI is required when {ENV_PREFIX}PROFILE=prod")
+        if self.profile != "embedded" and self.mongodb_uri is None:
+            raise ValueError(
+                f"MONGODB_URI is required when {ENV_PREFIX}PROFILE={self.profile} "
+                "(the embedded document server only runs on the `embedded` profile)"
+            )
         if self.warehouse_backend == "postgres" and self.warehouse_dsn is None:
             raise ValueError(
                 f"{ENV_PREFIX}WAREHOUSE_DSN is required when {ENV_PREFIX}WAREHOUSE=postgres"
@@ -234,11 +241,6 @@ class Settings(BaseSettings):
             return self.warehouse_path
         legacy = self.home_dir / "warehouse.duckdb"
         return legacy if legacy.exists() else self.home_dir / "warehouse" / "warehouse.duckdb"
-
-    @property
-    def docstore_dir(self) -> Path:
-        """The document store stand-in's files (litemongo), used when MONGODB_URI is unset."""
-        return self.home_dir / "docstore"
 
     @property
     def lake_root(self) -> str:

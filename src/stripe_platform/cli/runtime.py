@@ -28,34 +28,44 @@ def require_embedded(s: Settings) -> None:
 
 @command(commands)
 def up() -> None:
-    """Start the embedded runtime (PostgreSQL cluster; the document stand-in needs no process)."""
-    from stripe_platform.oltp.db import embedded_cluster
+    """Start the embedded runtime: the PostgreSQL cluster and the document server (FerretDB,
+    built on first use; not started when MONGODB_URI names a MongoDB server)."""
+    from stripe_platform.runtime import embedded
 
     s = settings()
     require_embedded(s)
-    with console.status("starting PostgreSQL"):
-        status = embedded_cluster(s).up()
+    with console.status("starting PostgreSQL and the document server"):
+        status = embedded.up(s)
+    pg = status.postgres
     console.print(
-        f"PostgreSQL {status.version} running on 127.0.0.1:{status.port} "
-        f"(pid {status.pid}, data {status.datadir})"
+        f"PostgreSQL {pg.version} running on 127.0.0.1:{pg.port} (pid {pg.pid}, data {pg.datadir})"
     )
+    if status.documents is not None:
+        docs = status.documents
+        console.print(
+            f"{docs.version} running on 127.0.0.1:{docs.port} with TLS (pid {docs.pid}, "
+            f"documents in {docs.backend_database}, log {docs.log})"
+        )
+    else:
+        console.print("documents: MONGODB_URI (no embedded document server)")
 
 
 @command(commands)
 def down() -> None:
-    """Stop the embedded PostgreSQL cluster (data is kept)."""
-    from stripe_platform.oltp.db import embedded_cluster
+    """Stop the embedded document server and PostgreSQL cluster (data is kept)."""
+    from stripe_platform.runtime import embedded
 
     s = settings()
     require_embedded(s)
-    stopped = embedded_cluster(s).down()
-    console.print("PostgreSQL stopped" if stopped else "PostgreSQL was not running")
+    postgres, documents = embedded.down(s)
+    console.print("document server stopped" if documents else "document server was not running")
+    console.print("PostgreSQL stopped" if postgres else "PostgreSQL was not running")
 
 
 @command(commands)
 def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Say what runs where."""
-    from stripe_platform.oltp.db import embedded_cluster
+    from stripe_platform.runtime import embedded
 
     s = settings()
     info: dict[str, Any] = {
@@ -63,15 +73,19 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
         "home": str(s.home_dir),
         "home_from": s.home_origin,
     }
-    if s.profile == "embedded":
-        info["postgres"] = embedded_cluster(s).status().as_dict()
+    runtime = embedded.status(s) if s.profile == "embedded" else None
+    if runtime is not None:
+        info["postgres"] = runtime.postgres.as_dict()
     else:
         info["postgres"] = {"dsn": "STRIPE_PLATFORM_PG_DSN (set)"}
-    info["documents"] = (
-        {"backend": "mongodb", "database": s.mongodb_database}
-        if s.mongodb_uri
-        else {"backend": "stand-in (litemongo)", "path": str(s.docstore_dir)}
-    )
+    if runtime is not None and runtime.documents is not None:
+        info["documents"] = {
+            **runtime.documents.as_dict(),
+            "backend": "ferretdb",
+            "database": s.mongodb_database,
+        }
+    else:
+        info["documents"] = {"backend": "mongodb (MONGODB_URI)", "database": s.mongodb_database}
     info["warehouse"] = {"backend": s.warehouse_backend}
     if s.warehouse_backend == "duckdb":
         info["warehouse"]["path"] = str(s.warehouse_file)
@@ -96,7 +110,16 @@ def status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     else:
         console.print("postgres  external (STRIPE_PLATFORM_PG_DSN)")
     docs = info["documents"]
-    console.print(f"documents {docs['backend']}  {docs.get('path') or docs.get('database')}")
+    if docs["backend"] == "ferretdb":
+        state = "[green]running[/green]" if docs["running"] else "[yellow]stopped[/yellow]"
+        console.print(
+            f"documents {state}  127.0.0.1:{docs['port']}  {docs['version']}  TLS  "
+            f"database {docs['database']} in {escape(docs['backend_database'])}  "
+            f"log {escape(docs['log'])}",
+            markup=True,
+        )
+    else:
+        console.print(f"documents {docs['backend']}  database {docs['database']}")
     warehouse = info["warehouse"]
     console.print(f"warehouse {warehouse['backend']}  {warehouse.get('path', '')}".rstrip())
     lake = info["lake"]

@@ -26,7 +26,8 @@ def seed(
     max_documents: Annotated[
         int | None,
         typer.Option(
-            help="Cap per large collection (default 25000 on the stand-in, none on MongoDB; 0 = none)"
+            help="Cap per large document collection (default: none, every payment gets its "
+            "document)"
         ),
     ] = None,
     reset: Annotated[bool, typer.Option(help="Empty both stores first")] = False,
@@ -41,7 +42,7 @@ def seed(
     """Generate realistic synthetic data into both stores (or append activity to it)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from stripe_platform.docstore.client import connect, is_standin
+    from stripe_platform.docstore.client import connect
     from stripe_platform.oltp import db
     from stripe_platform.oltp.migrate import migrate
     from stripe_platform.seed import incremental
@@ -49,7 +50,11 @@ def seed(
     from stripe_platform.seed.load import seed as load_seed
     from stripe_platform.seed.spec import make_spec
 
+    from stripe_platform.runtime import embedded
+
     s = settings()
+    if s.profile == "embedded":
+        embedded.up(s)
     if minutes is not None or tps is not None:
         docs = connect(s)
         report = incremental.run(
@@ -77,14 +82,10 @@ def seed(
             values["end"] = dt.date.fromisoformat(end)
         except ValueError:
             raise SeedError(f"--end {end!r}: expected YYYY-MM-DD") from None
-    if max_documents is not None:
-        values["max_documents"] = max_documents or None
-    docs = connect(s)
-    if max_documents is None and not is_standin(docs):
-        values["max_documents"] = None
+    if max_documents:
+        values["max_documents"] = max_documents
     spec = make_spec(**values)  # every argument is checked before anything is written
-    if s.profile == "embedded":
-        db.embedded_cluster(s).up()
+    docs = connect(s)
     with db.connect(s, autocommit=True) as conn:
         migrate(conn)
     with console.status(f"generating {spec.n_transactions:,} transactions (seed {spec.seed})"):

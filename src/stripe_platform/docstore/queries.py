@@ -8,7 +8,7 @@ from typing import Any
 
 from bson import json_util
 
-from stripe_platform.docstore.client import is_standin
+from stripe_platform.docstore.client import server_kind
 from stripe_platform.docstore.specs import view_sources
 from stripe_platform.errors import PlatformError
 from stripe_platform.paths import MONGO_DIR
@@ -47,7 +47,7 @@ def load_queries(directory: Path = MONGO_DIR / "queries") -> dict[str, DocumentQ
 
 def run_query(db: Any, query: DocumentQuery, limit: int | None = None) -> list[dict[str, Any]]:
     name = query.collection
-    if is_standin(db):
+    if server_kind(db) == "ferretdb":
         # The stand-in has no views: read the view's source collection directly.
         name = view_sources().get(name, name)
     collection = db[name]

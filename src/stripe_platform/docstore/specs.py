@@ -9,7 +9,7 @@ from typing import Any
 
 from pymongo.errors import OperationFailure
 
-from stripe_platform.docstore.client import is_standin
+from stripe_platform.docstore.client import server_kind
 from stripe_platform.errors import PlatformError
 from stripe_platform.paths import MONGO_DIR
 
@@ -76,7 +76,7 @@ class ApplyReport:
 def apply_specs(db: Any, specs: list[CollectionSpec] | None = None) -> list[ApplyReport]:
     """Create collections, validators, indexes and views; safe to run again."""
     specs = specs or load_specs()
-    standin = is_standin(db)
+    standin = server_kind(db) == "ferretdb"
     existing = set(db.list_collection_names())
     reports = []
     for spec in specs:

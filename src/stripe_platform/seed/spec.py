@@ -32,9 +32,9 @@ class SeedSpec(BaseModel):
     )
     days: int = Field(730, ge=60, le=3650, description="Length of history in days")
     max_documents: int | None = Field(
-        25_000,
+        None,
         ge=100,
-        description="Cap per large collection (stand-in); None writes them in full",
+        description="Cap per large document collection; None (the default) writes them in full",
     )
 
     @field_validator("end")

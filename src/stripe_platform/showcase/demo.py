@@ -32,6 +32,7 @@ from stripe_platform.oltp import db, partitions
 from stripe_platform.oltp.migrate import migrate
 from stripe_platform.oltp.status import StatusChangeError, change_status
 from stripe_platform.paths import SQL_EXAMPLES_DIR
+from stripe_platform.runtime import embedded
 from stripe_platform.showcase import brief_examples
 
 
@@ -100,9 +101,13 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
         stage_started[0] = now
 
     if settings.profile == "embedded":
-        step("starting the embedded PostgreSQL cluster")
-        status = db.embedded_cluster(settings).up()
-        step(f"PostgreSQL {status.version} on 127.0.0.1:{status.port} (data {status.datadir})")
+        step("starting the embedded PostgreSQL cluster and document server")
+        status = embedded.up(settings)
+        pg = status.postgres
+        step(f"PostgreSQL {pg.version} on 127.0.0.1:{pg.port} (data {pg.datadir})")
+        if status.documents is not None:
+            docs = status.documents
+            step(f"{docs.version} on 127.0.0.1:{docs.port}, TLS (documents in {docs.backend_database})")
     stage_done("runtime")
 
     brief = brief_settings(settings)
@@ -217,7 +222,11 @@ def where_things_are(settings: Settings, console: Console) -> None:
     console.rule("[bold]Where things are")
     lines = [
         ("OLTP", f"`stripe-platform psql` (database {settings.pg_database})"),
-        ("documents", f"{settings.docstore_dir} (`stripe-platform mongo query NAME`)"),
+        (
+            "documents",
+            "MONGODB_URI" if settings.mongodb_uri else "FerretDB on the embedded cluster "
+            "(`stripe-platform status`, `stripe-platform mongo query NAME`)",
+        ),
         ("warehouse", f"{settings.warehouse_file} (DuckDB; marts in schema analytics)"),
         ("lake", f"{settings.lake_root}/raw/<source>/<stream>/extracted_date=…/*.parquet"),
         (

@@ -28,7 +28,7 @@ import bson
 import pyarrow as pa
 from bson import Decimal128, ObjectId, json_util
 
-from stripe_platform.docstore.client import is_standin
+from stripe_platform.docstore.client import server_kind
 from stripe_platform.docstore.specs import load_specs
 from stripe_platform.rawlayer import SOURCE_CHANGES, Column
 
@@ -436,7 +436,7 @@ def read_by_cursor(
 
 
 def supports_change_streams(db: Any) -> bool:
-    if is_standin(db):
+    if server_kind(db) == "ferretdb":  # FerretDB v1 has no change streams
         return False
     hello = db.client.admin.command("hello")
     return bool(hello.get("setName") or hello.get("msg") == "isdbgrid")
