@@ -45,12 +45,11 @@ def seed(
     from stripe_platform.docstore.client import connect
     from stripe_platform.oltp import db
     from stripe_platform.oltp.migrate import migrate
+    from stripe_platform.runtime import embedded
     from stripe_platform.seed import incremental
     from stripe_platform.seed.dataset import build
     from stripe_platform.seed.load import seed as load_seed
     from stripe_platform.seed.spec import make_spec
-
-    from stripe_platform.runtime import embedded
 
     s = settings()
     if s.profile == "embedded":

@@ -15,6 +15,7 @@ client can do nothing: the launcher scrubs the libpq defaults it would otherwise
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -226,9 +227,8 @@ class EmbeddedFerretDB:
                 "STRIPE_PLATFORM_DOCSTORE_PORT to a free one."
             )
         tls = ensure_certificates(self.tls_dir)
-        pg_url = (
-            f"postgres://127.0.0.1:{self.postgres.port}/{BACKEND_DATABASE}?"
-            + urlencode({"sslmode": "verify-full", "sslrootcert": str(tls.ca_cert)})
+        pg_url = f"postgres://127.0.0.1:{self.postgres.port}/{BACKEND_DATABASE}?" + urlencode(
+            {"sslmode": "verify-full", "sslrootcert": str(tls.ca_cert)}
         )
         args = [
             str(binary),
@@ -264,9 +264,11 @@ class EmbeddedFerretDB:
                     f"{self.log_file}:\n{self._log_tail()}"
                 )
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as raw:
-                    with context.wrap_socket(raw, server_hostname="127.0.0.1"):
-                        return
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=1) as raw,
+                    context.wrap_socket(raw, server_hostname="127.0.0.1"),
+                ):
+                    return
             except OSError:
                 if time.monotonic() > deadline:
                     self.down()
@@ -340,10 +342,8 @@ class EmbeddedFerretDB:
 
 def _reap(pid: int) -> None:
     """Collect the exit status of a launcher this process started (else it stays a zombie)."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 if __name__ == "__main__":  # the bootstrap builds the binary up front: `python -m ...ferretdb`

@@ -107,7 +107,9 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
         step(f"PostgreSQL {pg.version} on 127.0.0.1:{pg.port} (data {pg.datadir})")
         if status.documents is not None:
             docs = status.documents
-            step(f"{docs.version} on 127.0.0.1:{docs.port}, TLS (documents in {docs.backend_database})")
+            step(
+                f"{docs.version} on 127.0.0.1:{docs.port}, TLS (documents in {docs.backend_database})"
+            )
     stage_done("runtime")
 
     brief = brief_settings(settings)
@@ -224,7 +226,9 @@ def where_things_are(settings: Settings, console: Console) -> None:
         ("OLTP", f"`stripe-platform psql` (database {settings.pg_database})"),
         (
             "documents",
-            "MONGODB_URI" if settings.mongodb_uri else "FerretDB on the embedded cluster "
+            "MONGODB_URI"
+            if settings.mongodb_uri
+            else "FerretDB on the embedded cluster "
             "(`stripe-platform status`, `stripe-platform mongo query NAME`)",
         ),
         ("warehouse", f"{settings.warehouse_file} (DuckDB; marts in schema analytics)"),
