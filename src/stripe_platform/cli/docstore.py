@@ -19,7 +19,7 @@ def mongo_apply() -> None:
     from stripe_platform.docstore.client import connect
     from stripe_platform.docstore.specs import apply_specs
 
-    for r in apply_specs(connect(settings())):
+    for r in apply_specs(connect(settings()), settings()):
         made = "created" if r.created else "exists"
         console.print(
             f"{r.collection:<20} {made:<8} indexes +{len(r.indexes_created)}  "

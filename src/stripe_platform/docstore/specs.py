@@ -1,4 +1,5 @@
-"""Collection specs in ``mongo/collections``: validator, indexes and views per collection."""
+"""Collection specs in ``mongo/collections``: validator, indexes and views per collection, and
+:func:`apply_specs`, which makes a document database match them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 
 from pymongo.errors import OperationFailure
 
+from stripe_platform.config import Settings
+from stripe_platform.docstore import ferretdb
 from stripe_platform.docstore.client import server_kind
 from stripe_platform.errors import PlatformError
 from stripe_platform.paths import MONGO_DIR
@@ -71,18 +74,35 @@ class ApplyReport:
     indexes_created: list[str] = field(default_factory=list)
     validator: str = "applied"
     views: list[str] = field(default_factory=list)
+    # FerretDB only: GIN indexes on the collection's backend table that keyed finds and updates use
+    # (docstore/ferretdb.py), as "field: index name"; the ones this run created, and a warning when
+    # the backend is out of reach.
+    backend_indexes: list[str] = field(default_factory=list)
+    backend_indexes_created: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-def apply_specs(db: Any, specs: list[CollectionSpec] | None = None) -> list[ApplyReport]:
-    """Create collections, validators, indexes and views; safe to run again."""
+FERRETDB_VALIDATOR = (
+    "enforced by the application on the platform's writes (FerretDB v1 has no validators: "
+    "docstore/validation.py)"
+)
+
+
+def apply_specs(
+    db: Any, settings: Settings, specs: list[CollectionSpec] | None = None
+) -> list[ApplyReport]:
+    """Create collections, validators, indexes and views; safe to run again. ``settings`` says
+    where the embedded FerretDB's backend is (its keyed-access indexes live there)."""
     specs = specs or load_specs()
-    standin = server_kind(db) == "ferretdb"
+    on_ferretdb = server_kind(db) == "ferretdb"
+    # Only the embedded FerretDB's PostgreSQL is the platform's to index.
+    backend_reachable = on_ferretdb and settings.mongodb_uri is None
     existing = set(db.list_collection_names())
     reports = []
     for spec in specs:
         report = ApplyReport(spec.collection)
         if spec.collection not in existing:
-            if standin:
+            if on_ferretdb:
                 db.create_collection(spec.collection)
             else:
                 db.create_collection(
@@ -92,7 +112,7 @@ def apply_specs(db: Any, specs: list[CollectionSpec] | None = None) -> list[Appl
                     validationAction="error",
                 )
             report.created = True
-        elif not standin:
+        elif not on_ferretdb:
             db.command(
                 "collMod",
                 spec.collection,
@@ -100,8 +120,8 @@ def apply_specs(db: Any, specs: list[CollectionSpec] | None = None) -> list[Appl
                 validationLevel="strict",
                 validationAction="error",
             )
-        if standin:
-            report.validator = "not enforced by the stand-in (set MONGODB_URI for a real server)"
+        if on_ferretdb:
+            report.validator = FERRETDB_VALIDATOR
         have = set(db[spec.collection].index_information())
         for index in spec.indexes:
             if index.name not in have:
@@ -109,9 +129,22 @@ def apply_specs(db: Any, specs: list[CollectionSpec] | None = None) -> list[Appl
                     list(index.keys.items()), name=index.name, unique=index.unique
                 )
                 report.indexes_created.append(index.name)
+        if backend_reachable:
+            fields = ferretdb.keyed_fields(i.keys for i in spec.indexes)
+            for found in ferretdb.ensure_keyed_indexes(settings, db.name, spec.collection, fields):
+                report.backend_indexes.append(f"{found.field}: {found.name}")
+                if found.created:
+                    report.backend_indexes_created.append(found.name)
+        elif on_ferretdb:
+            report.warnings.append(
+                "the FerretDB at MONGODB_URI keeps its PostgreSQL out of the platform's reach: "
+                "finds and updates by _id or key scan the collection (docstore/ferretdb.py)"
+            )
         for view in spec.views:
-            if standin:
-                report.views.append(f"{view} (resolved to {spec.collection} by the query runner)")
+            if on_ferretdb:
+                report.views.append(
+                    f"{view} (FerretDB v1 has no views: the query runner reads {spec.collection})"
+                )
             elif view not in existing:
                 try:
                     db.create_collection(view, viewOn=spec.collection, pipeline=[])

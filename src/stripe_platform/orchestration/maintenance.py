@@ -58,7 +58,7 @@ def check_document_indexes(settings: Settings, *, repair: bool = True) -> dict[s
     if found and repair:
         created = {
             r.collection: r.indexes_created
-            for r in apply_specs(database, specs)
+            for r in apply_specs(database, settings, specs)
             if r.indexes_created
         }
         found = missing_indexes(database, specs)

@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from pymongo import UpdateOne
 
 from stripe_platform.config import Settings
+from stripe_platform.docstore import validation
 from stripe_platform.oltp import db, partitions
 from stripe_platform.seed import reference as ref
 from stripe_platform.seed.dataset import transaction_table
@@ -246,16 +248,17 @@ def _tick(
         for k, i in enumerate(ids)
     ]
     if docs:
-        docdb.Transaction.insert_many(docs)
+        validation.insert_many(docdb.Transaction, docs)
     report.add("inserted", "Transaction", len(docs))
     new_ids = set(ids.tolist())
-    for tx, _ in changes:
-        if tx not in new_ids:
-            docdb.Transaction.update_one(
-                {"transaction_id": tx}, {"$set": {"transaction_status_id": final[tx]}}
-            )
-    for cid, device, method, currency, updated in prefs:
-        docdb.Customer.update_one(
+    statuses = [
+        UpdateOne({"transaction_id": tx}, {"$set": {"transaction_status_id": final[tx]}})
+        for tx, _ in changes
+        if tx not in new_ids
+    ]
+    validation.bulk_write(docdb.Transaction, statuses)
+    preferences = [
+        UpdateOne(
             {"oltp_id": cid},
             {
                 "$set": {
@@ -268,6 +271,9 @@ def _tick(
                 }
             },
         )
+        for cid, device, method, currency, updated in prefs
+    ]
+    validation.bulk_write(docdb.Customer, preferences)
     report.add("updated", "Customer", len(prefs))
     # Moderation removes a review now and then.
     stale = docdb.CustomerReview.find_one({"rating": 1})

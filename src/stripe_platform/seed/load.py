@@ -9,8 +9,9 @@ change is a permitted transition, and each transaction's status is its last reco
 Personal data goes through a session-temporary staging table and is hashed (bcrypt) and encrypted
 (pii_encrypt) by the database, as for any other write.
 
-Documents: insert_many in batches with deterministic ids; a batch that was partly written before an
-interruption is completed with upserts.
+Documents: insert_many in batches with deterministic ids, each batch checked against its
+collection's validator first where the server does not enforce it (docstore/validation.py); a batch
+that was partly written before an interruption is completed with upserts.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pyarrow as pa
+from pymongo import ReplaceOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from stripe_platform.config import Settings
+from stripe_platform.docstore import validation
 from stripe_platform.docstore.specs import apply_specs, load_specs
 from stripe_platform.oltp import db, partitions
 from stripe_platform.seed import documents, logs
@@ -385,11 +388,11 @@ def _insert_documents(
     while batch := list(islice(it, DOC_BATCH)):
         if number not in done:
             try:
-                collection.insert_many(batch, ordered=False)
+                validation.insert_many(collection, batch, ordered=False)
             except (BulkWriteError, DuplicateKeyError):
                 # Part of this batch landed before an interruption: complete it idempotently.
-                for doc in batch:
-                    collection.replace_one({"_id": doc["_id"]}, doc, upsert=True)
+                replace = [ReplaceOne({"_id": doc["_id"]}, doc, upsert=True) for doc in batch]
+                validation.bulk_write(collection, replace, ordered=False)
             conn.execute(
                 "INSERT INTO platform.seed_batch (run_key, entity, batch, rows) VALUES (%s, %s, %s, %s)",
                 (run_key, f"doc:{entity}", number, len(batch)),
@@ -472,7 +475,7 @@ def seed(
         _finish(conn, spec)
         report.oltp_seconds = time.monotonic() - oltp_started
 
-        apply_specs(docdb)
+        apply_specs(docdb, settings)
         for name, total, make in document_plan(data):
             started = time.monotonic()
             count = _insert_documents(

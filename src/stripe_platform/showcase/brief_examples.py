@@ -454,9 +454,13 @@ def _documents() -> dict[str, list[dict[str, Any]]]:
 
 def load_documents(db: Any) -> dict[str, int]:
     """Upsert the example documents by _id (idempotent); return the count per collection."""
+    from pymongo import ReplaceOne
+
+    from stripe_platform.docstore import validation  # checks the validators FerretDB lacks
+
     counts = {}
     for collection, docs in _documents().items():
-        for doc in docs:
-            db[collection].replace_one({"_id": doc["_id"]}, doc, upsert=True)
+        upserts = [ReplaceOne({"_id": doc["_id"]}, doc, upsert=True) for doc in docs]
+        validation.bulk_write(db[collection], upserts)
         counts[collection] = db[collection].count_documents({})
     return counts

@@ -141,7 +141,7 @@ def seed_or_append(settings: Settings, scale: float, step: Callable[[str], None]
     from stripe_platform.seed.spec import make_spec
 
     documents = docstore.connect(settings)
-    apply_specs(documents)
+    apply_specs(documents, settings)
     with db.connect(settings, autocommit=True) as conn:
         migrate(conn, on_apply=lambda m: step(f"applying {m.path.name}"))
         previous = {k for (k,) in conn.execute("SELECT run_key FROM platform.seed_run")}
@@ -351,7 +351,7 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
         )
 
     documents = docstore.connect(settings)
-    apply_specs(documents)
+    apply_specs(documents, settings)
     loaded = brief_examples.load_documents(documents)
     step(
         "document collections applied, sample loaded: "

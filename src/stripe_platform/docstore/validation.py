@@ -1,0 +1,364 @@
+"""The specs' ``$jsonSchema`` validators, enforced by the application where the server does not.
+
+FerretDB v1 has no validators: ``create`` with ``validator`` and ``collMod`` answer NotImplemented
+(code 238), so on it the platform's own document writes go through :func:`insert_many` and
+:func:`bulk_write` here, which check every document (or update) against the collection's validator
+before anything is sent: one bad document refuses the whole batch, with its collection, ``_id``
+and field named. On MongoDB the server enforces the validator (``strict``/``error``) and these
+functions only write.
+
+The check is the ``jsonschema`` library's, on a JSON Schema translated from MongoDB's dialect:
+``bsonType`` becomes ``type`` with BSON type names that a type checker tests the way pymongo
+encodes Python values (``int`` is a Python int that fits 32 bits, ``long`` an ``Int64`` or a
+larger int, ``double`` a float, ``date`` a datetime, ...). A keyword the translation does not know
+is a SpecError, never ignored.
+
+What it does not cover: writes from outside the platform's code (a mongosh user on FerretDB is
+not checked), and an update is checked on what it sets (each ``$set`` value against the schema at
+its path, ``$unset`` against ``required``), not on the whole document after it as MongoDB does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import functools
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from bson import Binary, Code, Decimal128, Int64, MaxKey, MinKey, ObjectId, Regex, Timestamp
+from bson.datetime_ms import DatetimeMS
+from jsonschema import Draft202012Validator, ValidationError, validators
+from jsonschema.exceptions import best_match
+from pymongo import DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
+
+from stripe_platform.docstore import ferretdb
+from stripe_platform.docstore.client import server_kind
+from stripe_platform.docstore.specs import CollectionSpec, SpecError, load_specs
+from stripe_platform.errors import PlatformError
+
+INT32 = (-(2**31), 2**31)
+INT64 = (-(2**63), 2**63)
+
+
+class DocumentRefused(PlatformError, ValueError):
+    """A document (or update) that breaks its collection's validator; nothing of its batch was
+    written."""
+
+
+# -- BSON types as pymongo encodes Python values -------------------------------------------------------
+def _is_int(value: Any) -> bool:
+    return type(value) is int and INT32[0] <= value < INT32[1]
+
+
+def _is_long(value: Any) -> bool:
+    if isinstance(value, Int64):
+        return True
+    return type(value) is int and INT64[0] <= value < INT64[1] and not _is_int(value)
+
+
+def _is_double(value: Any) -> bool:
+    return isinstance(value, float)
+
+
+BSON_TYPES = {
+    "double": _is_double,
+    "string": lambda v: isinstance(v, str),
+    "object": lambda v: isinstance(v, Mapping),
+    "array": lambda v: isinstance(v, list | tuple),
+    "binData": lambda v: isinstance(v, bytes | Binary | uuid.UUID),
+    "objectId": lambda v: isinstance(v, ObjectId),
+    "bool": lambda v: isinstance(v, bool),
+    "date": lambda v: isinstance(v, dt.datetime | DatetimeMS),
+    "null": lambda v: v is None,
+    "regex": lambda v: isinstance(v, re.Pattern | Regex),
+    "javascript": lambda v: isinstance(v, Code),
+    "int": _is_int,
+    "timestamp": lambda v: isinstance(v, Timestamp),
+    "long": _is_long,
+    "decimal": lambda v: isinstance(v, Decimal128),
+    "minKey": lambda v: isinstance(v, MinKey),
+    "maxKey": lambda v: isinstance(v, MaxKey),
+    # MongoDB's alias for the four numeric types.
+    "number": lambda v: _is_int(v) or _is_long(v) or _is_double(v) or isinstance(v, Decimal128),
+}
+# `type` (JSON Schema's names) in MongoDB's dialect: the JSON names map onto BSON ones.
+JSON_TYPES = {
+    "object": "object",
+    "array": "array",
+    "number": "number",
+    "boolean": "bool",
+    "string": "string",
+    "null": "null",
+}
+
+
+def _numeric(value: Any) -> Any:
+    return value.to_decimal() if isinstance(value, Decimal128) else value
+
+
+def _bound(keyword: str, holds: Any, words: str):
+    # jsonschema's own bounds cannot compare a Decimal128; MongoDB does, by value.
+    def check(validator: Any, limit: Any, instance: Any, schema: Any):
+        if not validator.is_type(instance, "number"):
+            return
+        value = _numeric(instance)
+        if isinstance(value, decimal.Decimal) and not value.is_finite():
+            value = float(value)
+        if not holds(value, limit):
+            yield ValidationError(f"{instance!r} is {words} {limit!r}")
+
+    check.__name__ = keyword
+    return check
+
+
+BsonValidator = validators.extend(
+    Draft202012Validator,
+    validators={
+        "minimum": _bound("minimum", lambda v, m: v >= m, "less than the minimum of"),
+        "maximum": _bound("maximum", lambda v, m: v <= m, "more than the maximum of"),
+        "exclusiveMinimum": _bound(
+            "exclusiveMinimum", lambda v, m: v > m, "less than or equal to the minimum of"
+        ),
+        "exclusiveMaximum": _bound(
+            "exclusiveMaximum", lambda v, m: v < m, "more than or equal to the maximum of"
+        ),
+    },
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {name: (lambda check: lambda _checker, v: check(v))(f) for name, f in BSON_TYPES.items()}
+    ),
+)
+
+
+# -- MongoDB's $jsonSchema dialect -> JSON Schema -------------------------------------------------------
+_SAME = {  # keywords that mean the same in both
+    "required",
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "multipleOf",
+    "title",
+    "description",
+}
+_SUBSCHEMA = {"not"}
+_SUBSCHEMA_LISTS = {"allOf", "anyOf", "oneOf"}
+_SUBSCHEMA_MAPS = {"properties", "patternProperties"}
+
+
+def to_json_schema(schema: Mapping[str, Any], where: str = "$jsonSchema") -> dict[str, Any]:
+    """Translate one MongoDB ``$jsonSchema`` (draft 4 with ``bsonType``) to JSON Schema 2020-12
+    with BSON type names. Raises SpecError for what it does not know."""
+    if not isinstance(schema, Mapping):
+        raise SpecError(f"{where}: a schema is an object, not {schema!r}")
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        at = f"{where}.{key}"
+        if key == "bsonType":
+            names = [value] if isinstance(value, str) else list(value)
+            unknown = [n for n in names if n not in BSON_TYPES]
+            if unknown:
+                raise SpecError(f"{at}: unknown BSON type(s) {unknown}")
+            out["type"] = names if len(names) > 1 else names[0]
+        elif key == "type":
+            names = [value] if isinstance(value, str) else list(value)
+            unknown = [n for n in names if n not in JSON_TYPES]
+            if unknown:
+                raise SpecError(f"{at}: unknown type(s) {unknown} (MongoDB has no 'integer')")
+            mapped = [JSON_TYPES[n] for n in names]
+            out["type"] = mapped if len(mapped) > 1 else mapped[0]
+        elif key in _SAME:
+            out[key] = value
+        elif key in ("minimum", "maximum"):
+            exclusive = schema.get("exclusive" + key.capitalize(), False)
+            if not isinstance(exclusive, bool):
+                raise SpecError(f"{where}.exclusive{key.capitalize()}: true or false (draft 4)")
+            out[("exclusive" + key.capitalize()) if exclusive else key] = value
+        elif key in ("exclusiveMinimum", "exclusiveMaximum"):
+            continue  # draft 4's boolean form, folded into minimum/maximum above
+        elif key in _SUBSCHEMA:
+            out[key] = to_json_schema(value, at)
+        elif key in _SUBSCHEMA_LISTS:
+            out[key] = [to_json_schema(s, f"{at}[{i}]") for i, s in enumerate(value)]
+        elif key in _SUBSCHEMA_MAPS:
+            out[key] = {k: to_json_schema(s, f"{at}.{k}") for k, s in value.items()}
+        elif key == "additionalProperties":
+            out[key] = value if isinstance(value, bool) else to_json_schema(value, at)
+        elif key == "items":
+            if isinstance(value, list):  # draft 4's tuple form
+                out["prefixItems"] = [to_json_schema(s, f"{at}[{i}]") for i, s in enumerate(value)]
+                extra = schema.get("additionalItems", True)
+                out["items"] = extra if isinstance(extra, bool) else to_json_schema(extra, at)
+            else:
+                out["items"] = to_json_schema(value, at)
+        elif key == "additionalItems":
+            continue  # meaningful only beside a tuple `items`, handled there
+        elif key == "dependencies":
+            for name, dep in value.items():
+                if isinstance(dep, list):
+                    out.setdefault("dependentRequired", {})[name] = dep
+                else:
+                    out.setdefault("dependentSchemas", {})[name] = to_json_schema(
+                        dep, f"{at}.{name}"
+                    )
+        else:
+            raise SpecError(f"{at}: keyword not supported by the application's validation")
+    return out
+
+
+class CollectionValidator:
+    """One collection's validator, compiled once."""
+
+    def __init__(self, collection: str, validator: Mapping[str, Any]) -> None:
+        if set(validator) != {"$jsonSchema"}:
+            raise SpecError(
+                f"{collection}: the application enforces $jsonSchema validators only, not "
+                f"{sorted(set(validator) - {'$jsonSchema'})}"
+            )
+        self.collection = collection
+        self.schema = to_json_schema(validator["$jsonSchema"], f"{collection}.$jsonSchema")
+        self._validator = BsonValidator(self.schema)
+
+    def refusal(self, document: Mapping[str, Any], what: str) -> DocumentRefused | None:
+        """None when the document is valid, else the error to raise."""
+        if self._validator.is_valid(document):
+            return None
+        return self._refusal(self._validator, document, what, prefix="")
+
+    def _refusal(self, validator: Any, value: Any, what: str, prefix: str) -> DocumentRefused:
+        error = best_match(validator.iter_errors(value))
+        path = [prefix] if prefix else []
+        path += [str(p) for p in error.absolute_path]
+        if error.validator == "required":
+            missing = [r for r in error.validator_value if r not in error.instance]
+            path += missing[:1]
+        field = ".".join(path) or "(the document)"
+        return DocumentRefused(
+            f"{what} refused by the {self.collection} validator: field {field!r}: "
+            f"{error.message}; nothing of this batch was written"
+        )
+
+    def check_document(self, document: Mapping[str, Any]) -> None:
+        refused = self.refusal(document, _describe(self.collection, document))
+        if refused is not None:
+            raise refused
+
+    def check_update(self, update: Mapping[str, Any] | Sequence[Any], what: str) -> None:
+        if not isinstance(update, Mapping):
+            raise DocumentRefused(
+                f"{what}: an aggregation-pipeline update cannot be checked against the "
+                f"{self.collection} validator here (FerretDB does not enforce it)"
+            )
+        for operator, fields in update.items():
+            if operator in ("$set", "$setOnInsert"):
+                for path, value in fields.items():
+                    schema = self._schema_at(path, what)
+                    if schema is None:
+                        continue
+                    checker = BsonValidator(schema)
+                    if not checker.is_valid(value):
+                        raise self._refusal(checker, value, what, prefix=path)
+            elif operator == "$unset":
+                for path in fields:
+                    parent, _, name = path.rpartition(".")
+                    holder = self._schema_at(parent, what) if parent else self.schema
+                    if holder is not None and name in holder.get("required", ()):
+                        raise DocumentRefused(
+                            f"{what} refused by the {self.collection} validator: field "
+                            f"{path!r} is required; nothing of this batch was written"
+                        )
+            else:
+                raise DocumentRefused(
+                    f"{what}: the update operator {operator} cannot be checked against the "
+                    f"{self.collection} validator here (FerretDB does not enforce it); use $set"
+                )
+
+    def _schema_at(self, path: str, what: str) -> dict[str, Any] | None:
+        """The schema that constrains the value at a dotted path; None when nothing does."""
+        schema: Any = self.schema
+        for part in path.split("."):
+            if part.isdigit() and "items" in schema:
+                schema = schema["items"] if isinstance(schema["items"], dict) else {}
+            elif part in schema.get("properties", {}):
+                schema = schema["properties"][part]
+            elif schema.get("additionalProperties") is False:
+                raise DocumentRefused(
+                    f"{what} refused by the {self.collection} validator: field {path!r} is "
+                    "not allowed (additionalProperties); nothing of this batch was written"
+                )
+            elif isinstance(schema.get("additionalProperties"), dict):
+                schema = schema["additionalProperties"]
+            else:
+                return None
+        return schema
+
+
+def _describe(collection: str, document: Mapping[str, Any]) -> str:
+    return f"{collection} document _id={document.get('_id', '(none yet)')!r}"
+
+
+@functools.cache
+def _validators() -> dict[str, CollectionValidator]:
+    return compile_validators(load_specs())
+
+
+def compile_validators(specs: Iterable[CollectionSpec]) -> dict[str, CollectionValidator]:
+    return {s.collection: CollectionValidator(s.collection, s.validator) for s in specs}
+
+
+def validator_for(collection: str) -> CollectionValidator | None:
+    return _validators().get(collection)
+
+
+def enforced_by_application(db: Any) -> bool:
+    """True where the server does not enforce the specs' validators (FerretDB)."""
+    return server_kind(db) == "ferretdb"
+
+
+# -- the platform's document writes ---------------------------------------------------------------------
+def check_documents(collection: str, documents: Iterable[Mapping[str, Any]]) -> None:
+    validator = validator_for(collection)
+    if validator is None:
+        return
+    for document in documents:
+        validator.check_document(document)
+
+
+def check_requests(collection: str, requests: Iterable[Any]) -> None:
+    validator = validator_for(collection)
+    if validator is None:
+        return
+    for request in requests:
+        # pymongo keeps a request's document and filter in _doc and _filter (stable since 3.0).
+        if isinstance(request, InsertOne | ReplaceOne):
+            validator.check_document(request._doc)
+        elif isinstance(request, UpdateOne | UpdateMany):
+            validator.check_update(request._doc, f"update of {collection} {request._filter!r}")
+        elif not isinstance(request, DeleteOne | DeleteMany):
+            raise TypeError(f"not a pymongo write request: {request!r}")
+
+
+def insert_many(
+    collection: Any, documents: list[Mapping[str, Any]], *, ordered: bool = True
+) -> Any:
+    """``collection.insert_many`` after checking every document where the server does not."""
+    if enforced_by_application(collection.database):
+        check_documents(collection.name, documents)
+    return collection.insert_many(documents, ordered=ordered)
+
+
+def bulk_write(
+    collection: Any, requests: Sequence[Any], *, ordered: bool = True
+) -> ferretdb.BulkCounts:
+    """:func:`ferretdb.bulk_write` (<= 40 updates per command on FerretDB) after checking every
+    request where the server does not enforce the validator."""
+    if enforced_by_application(collection.database):
+        check_requests(collection.name, requests)
+    return ferretdb.bulk_write(collection, requests, ordered=ordered)
