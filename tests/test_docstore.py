@@ -350,6 +350,28 @@ def test_the_application_validator_refuses_what_mongodb_would():
     assert "field 'email'" in refusal("Customer", bad_email)
 
 
+def test_updates_are_checked_on_what_they_set():
+    fraud = {"$set": {"isFraud": 1, "AnomalyScore": 0.9}}
+    validation.check_requests("Transaction", [UpdateOne({"transaction_id": 1}, fraud)])
+    cases = [
+        ("Log", {"$set": {"lines.$.error_severity": "OOPS"}}, r"field 'lines\.\$\.error_severity'"),
+        (
+            "Customer",
+            {"$set": {"preferences": {"device": "Mobile"}}},
+            "'preferences.paymentMethod'",
+        ),
+        ("Transaction", {"$set": {"AnomalyScore": "high"}}, "field 'AnomalyScore'"),
+        ("Transaction", {"$unset": {"amount": ""}}, "field 'amount' is required"),
+        ("Transaction", {"$inc": {"amount": 1}}, r"operator \$inc cannot be checked"),
+    ]
+    for collection, update, message in cases:
+        with pytest.raises(validation.DocumentRefused, match=message):
+            validation.check_requests(collection, [UpdateOne({"_id": 1}, update)])
+    upsert = UpdateOne({"transaction_id": 1}, fraud, upsert=True)
+    with pytest.raises(validation.DocumentRefused, match="upserting update cannot be checked"):
+        validation.check_requests("Transaction", [upsert])
+
+
 def test_translation_refuses_what_it_does_not_know():
     with pytest.raises(SpecError, match=r"X.\$jsonSchema.properties.a.bsonType: unknown BSON"):
         validation.CollectionValidator(

@@ -284,7 +284,8 @@ class CollectionValidator:
         """The schema that constrains the value at a dotted path; None when nothing does."""
         schema: Any = self.schema
         for part in path.split("."):
-            if part.isdigit() and "items" in schema:
+            positional = part.isdigit() or part == "$" or (part[:2] == "$[" and part[-1:] == "]")
+            if positional and "items" in schema:
                 schema = schema["items"] if isinstance(schema["items"], dict) else {}
             elif part in schema.get("properties", {}):
                 schema = schema["properties"][part]
@@ -340,7 +341,15 @@ def check_requests(collection: str, requests: Iterable[Any]) -> None:
         if isinstance(request, InsertOne | ReplaceOne):
             validator.check_document(request._doc)
         elif isinstance(request, UpdateOne | UpdateMany):
-            validator.check_update(request._doc, f"update of {collection} {request._filter!r}")
+            what = f"update of {collection} {request._filter!r}"
+            if request._upsert:
+                # What it would insert is the filter's equalities plus the update: not checked.
+                raise DocumentRefused(
+                    f"{what}: an upserting update cannot be checked against the {collection} "
+                    "validator here (FerretDB does not enforce it); use ReplaceOne with the "
+                    "whole document"
+                )
+            validator.check_update(request._doc, what)
         elif not isinstance(request, DeleteOne | DeleteMany):
             raise TypeError(f"not a pymongo write request: {request!r}")
 
