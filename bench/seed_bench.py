@@ -1,7 +1,7 @@
-"""Benchmark: `seed` at a given scale into PostgreSQL (and the document store), on the embedded
-profile, in a throwaway database `bench_seed` so the user's data is untouched.
+"""Benchmark: `seed` at a given scale into PostgreSQL, on the embedded profile, in a throwaway
+database `bench_seed` so the user's data is untouched.
 
-    uv run python bench/seed_bench.py --scale 1 [--runs 3] [--no-documents] [--no-reference]
+    uv run python bench/seed_bench.py --scale 1 [--runs 3] [--no-reference]
 
 Each run, after the platform's seed (generation + load, as `stripe-platform seed` does it), loads
 the very same generated rows again, per table, into an empty plain copy of the table (schema
@@ -14,13 +14,8 @@ no indexes, constraints, triggers or partitions), generation and encoding exclud
   TLS connection included).
 `transaction` includes its state changes, as the platform's own figure does.
 
-The document store (the embedded stand-in), per collection: the same documents, generated again
-first (timed apart, as "generation"), written by
-- floor: each encoded to BSON (what the stand-in stores) and inserted into a plain SQLite table
-  (id, document) in one transaction, with the stand-in's pragmas (WAL, synchronous=NORMAL);
-- reference: the stand-in's own `insert_many`, in one call, into an empty collection with none
-  of the platform's indexes.
-The platform's own figure includes generation (the seed generates documents as it inserts them).
+The seed's documents are not written here: the document seed (into the embedded document server)
+is measured by mongo_bench.py, beside its own references.
 
 Prints a markdown table (rows/s per table) and writes bench/results/seed-<UTC time>.json.
 Goal (issue 3): scale 1 into PostgreSQL in under 60 s on a 2-core machine.
@@ -29,34 +24,31 @@ Goal (issue 3): scale 1 into PostgreSQL in under 60 s on a 2-core machine.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import io
 import json
 import os
 import platform
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
-import bson
-import litemongo
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
 
 from stripe_platform.config import load_settings
-from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
 from stripe_platform.runtime.postgres import find_bindir
+from stripe_platform.seed import load
 from stripe_platform.seed.dataset import build
-from stripe_platform.seed.load import document_plan, seed
+from stripe_platform.seed.load import seed
 from stripe_platform.seed.spec import make_spec
 
 DATABASE = "bench_seed"
@@ -65,13 +57,16 @@ LOCATION_COLUMNS = ("id", "city", "region", "country", "countrycode", "latitude"
 
 
 class NoDocuments:
-    """Stands in for the document store when only PostgreSQL is measured."""
+    """Stands in for the document store: any attribute, item or call, answering [] when called."""
 
     def __getitem__(self, name):
         return self
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: []
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return []
 
 
 def fresh_database(settings) -> None:
@@ -195,62 +190,22 @@ def references(settings, data, work: Path) -> dict[str, dict]:
     return out
 
 
-def document_references(data, work: Path) -> dict[str, dict]:
-    """Per collection: the same documents written by the floor (BSON into plain SQLite) and by the
-    stand-in's own bulk insert (see the module's docstring)."""
-    out: dict[str, dict] = {}
-    store = litemongo.connect(str(work / "store"), tz_aware=True)["reference"]
-    for name, _, make in document_plan(data):
-        started = time.perf_counter()
-        docs = list(make())
-        generate_s = time.perf_counter() - started
-        nbytes = 0
-        started = time.perf_counter()
-        with contextlib.closing(sqlite3.connect(work / f"{name}.sqlite")) as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            with conn:  # one transaction
-                conn.execute("CREATE TABLE documents (id TEXT PRIMARY KEY, document BLOB)")
-                for doc in docs:
-                    encoded = bson.encode(doc)
-                    nbytes += len(encoded)
-                    conn.execute("INSERT INTO documents VALUES (?, ?)", (str(doc["_id"]), encoded))
-        floor_s = time.perf_counter() - started
-        started = time.perf_counter()
-        store[name].insert_many(docs)
-        bulk_s = time.perf_counter() - started
-        if store[name].count_documents({}) != len(docs):
-            raise RuntimeError(f"reference store: {name} lacks documents")
-        out[name] = {
-            "documents": len(docs),
-            "bson_bytes": nbytes,
-            "generate_s": generate_s,
-            "floor_s": floor_s,
-            "bulk_s": bulk_s,
-        }
-    return out
-
-
-def one_run(settings, scale: float, documents: bool, number: int, reference: bool = True) -> dict:
+def one_run(settings, scale: float, reference: bool = True) -> dict:
     fresh_database(settings)
-    docs_db = f"{DATABASE}_{os.getpid()}_{number}"  # an empty document database per run
-    s = settings.model_copy(update={"pg_database": DATABASE, "mongodb_database": docs_db})
-    docs = connect_docs(s) if documents else NoDocuments()
+    s = settings.model_copy(update={"pg_database": DATABASE})
     spec = make_spec(scale=scale, end=dt.date(2026, 11, 1))
     started = time.monotonic()
     data = build(spec)
     generated = time.monotonic() - started
-    report = seed(s, data, docs)
-    if documents:
-        docs.client.drop_database(docs_db)
-    refs, doc_refs = {}, {}
+    # PostgreSQL only: no documents are generated or written (mongo_bench measures those).
+    with mock.patch.object(load, "document_plan", lambda data: []):
+        report = seed(s, data, NoDocuments())
+    refs = {}
     if reference:
         work = Path(tempfile.mkdtemp(prefix="seed-bench-"))
         work.chmod(0o755)
         try:
             refs = references(s, data, work)
-            if documents and not settings.mongodb_uri:
-                doc_refs = document_references(data, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return {
@@ -263,11 +218,6 @@ def one_run(settings, scale: float, documents: bool, number: int, reference: boo
         },
         "state_changes": data.state_changes.num_rows,
         "reference": refs,
-        "documents": {
-            k: {"rows": t.rows, "seconds": t.seconds, "rows_per_s": t.rows_per_second}
-            for k, t in report.documents.items()
-        },
-        "document_reference": doc_refs,
     }
 
 
@@ -275,17 +225,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=1)
-    parser.add_argument("--no-documents", action="store_true")
     parser.add_argument(
         "--no-reference", action="store_true", help="skip the floor (COPY binary) and psql peer"
     )
     args = parser.parse_args()
     settings = load_settings()
     db.embedded_cluster(settings).up()
-    runs = [
-        one_run(settings, args.scale, not args.no_documents, n, not args.no_reference)
-        for n in range(args.runs)
-    ]
+    runs = [one_run(settings, args.scale, not args.no_reference) for _ in range(args.runs)]
     median = statistics.median(r["oltp_total_s"] for r in runs)
     last = runs[-1]
     print(f"\n## seed at scale {args.scale} ({args.runs} run(s); median shown)\n")
@@ -311,14 +257,6 @@ def main() -> None:
         f"| **generation + PostgreSQL** (min {min(r['oltp_total_s'] for r in runs):.1f}, "
         f"max {max(r['oltp_total_s'] for r in runs):.1f}) | | **{median:.1f}** | | | |"
     )
-    for name, t in last["documents"].items() if not args.no_documents else ():
-        ref = last["document_reference"].get(name)
-        floor = f"{ref['documents'] / ref['floor_s']:,.0f}" if ref else ""
-        bulk = f"{ref['documents'] / ref['bulk_s']:,.0f} (store's insert_many)" if ref else ""
-        print(
-            f"| documents {name} | {t['rows']:,} | {t['seconds']:.1f} | {t['rows_per_s']:,.0f} | "
-            f"{floor} | {bulk} |"
-        )
     out = Path(__file__).parent / "results" / f"seed-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
     out.write_text(
         json.dumps(

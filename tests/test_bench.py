@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,17 +81,34 @@ def test_smoke_run_all_writes_json_and_markdown_with_real_numbers(tmp_path: Path
 
     rows = report["rows"]
     sections = {r["section"] for r in rows}
-    assert {"seed", "documents"} <= sections
+    assert {"seed", "document seed", "documents", "keyed access", "score updates"} <= sections
     assert all(positive(r["value"]) for r in rows), [r for r in rows if not positive(r["value"])]
-    assert sum(r["section"] == "documents" for r in rows) == 3  # the brief's three queries
     assert any(r["what"].startswith("seed into PostgreSQL: transaction") for r in rows)
     oltp = [r for r in rows if r["what"].startswith("seed into PostgreSQL")]
     assert oltp and all(" floor, " in r["ratio"] and "peer" in r["ratio"] for r in oltp), oltp
-    documents = [r for r in rows if r["what"].startswith("seed into the document store")]
-    assert len(documents) == 6 and all(
-        " floor, " in r["ratio"] and "insert_many" in r["ratio"] for r in documents
-    ), documents
-    assert all("scan" in r["ratio"] for r in rows if r["section"] == "documents")
+    # The document store is the embedded server, beside its PostgreSQL floors and the stand-in.
+    assert report["benchmarks"]["mongo"]["result"]["server"] == "ferretdb"
+    documents = [r for r in rows if r["section"] == "document seed"]
+    assert len(documents) == 7, documents  # six collections and all of them
+    assert all(r["what"].startswith("seed into the document store") for r in documents)
+    assert all(r["ratio"].endswith("× floor") for r in documents), documents
+    queries = [r for r in rows if r["section"] == "documents" and "stand-in (" not in r["what"]]
+    standin = [r for r in rows if r["section"] == "documents" and "stand-in (" in r["what"]]
+    assert len(queries) == len(standin) == 3  # the brief's three queries, each on both stores
+    assert all("× floor, " in r["ratio"] and "× stand-in" in r["ratio"] for r in queries), queries
+    # Every query answers what its SQL floor answers (FerretDB's $elemMatch is worked around).
+    assert not any("different results" in r["reference"] for r in queries), queries
+    keyed = [r for r in rows if r["section"] == "keyed access"]
+    assert len(keyed) == 3 and all(r["rows"].endswith(" 1 scanned → 1") for r in keyed), keyed
+    assert all("Index Scan on " in r["reference"] for r in keyed), keyed  # not a Seq Scan
+    updates = [r for r in rows if r["section"] == "score updates"]
+    # at most 40 updates in flight in all: FerretDB v1 hangs on an update command of ~49
+    assert [re.search(r"\d+ writers?, at most \d+ per command", r["what"])[0] for r in updates] == [
+        "1 writer, at most 40 per command",
+        "2 writers, at most 20 per command",
+        "4 writers, at most 10 per command",
+    ]
+    assert all("× floor, " in r["ratio"] and "× set-based" in r["ratio"] for r in updates)
 
     table = md_file.read_text()
     lines = [line for line in table.splitlines() if line.startswith("|")]
@@ -252,6 +270,213 @@ def test_seed_rows_stand_beside_floor_and_peer_with_ratios() -> None:
     older = run_all.rows_seed({"runs": [{**run(1.0), "reference": {}, "document_reference": {}}]})
     assert older[0].reference == "no floor or peer measured" and older[0].ratio == ""
     assert older[-1].reference == "no floor or peer measured"
+
+
+def _ms(median: float, low: float, high: float, n: int) -> dict:
+    return {"median": median, "p95": high, "min": low, "max": high, "n": n}
+
+
+MONGO = {
+    "benchmark": "mongo",
+    "runs": 3,
+    "server": "ferretdb",
+    "backend": "FerretDB v1.24.2 on PostgreSQL",
+    "goals": {
+        "query_ms": 100.0,
+        "seed_docs_per_s": 20_000.0,
+        "keyed_ms": 5.0,
+        "updates_per_s": 20_000.0,
+    },
+    "seed": {
+        "collections": {
+            "Log": {
+                "documents": 5000,
+                "seconds": 0.5,
+                "docs_per_s": 10_000.0,
+                "generate_s": 0.1,
+                "check_s": 0.25,
+                "checked_by_application": True,
+                "stored_bytes": 2_000_000,
+                "floor_s": 0.05,
+            },
+            "Transaction": {
+                "documents": 45_000,
+                "seconds": 1.5,
+                "docs_per_s": 30_000.0,
+                "generate_s": 0.4,
+                "check_s": 1.5,
+                "checked_by_application": True,
+                "stored_bytes": 8_000_000,
+                "floor_s": 0.95,
+            },
+        },
+        "all": {
+            "documents": 50_000,
+            "seconds": 2.0,
+            "docs_per_s": 25_000.0,
+            "generate_s": 0.5,
+            "check_s": 1.75,
+            "floor_s": 1.0,
+        },
+    },
+    "queries": {
+        "top": {
+            "documents_in_collection": 200_000,
+            "scanned": 200_000,
+            "results": 5,
+            "ms": _ms(250.0, 200.0, 300.0, 6),
+            "plan": {"nodes": ["Seq Scan"], "index": False},
+            "floor": {"results": 5, "same_results": True, "ms": _ms(50.0, 40.0, 60.0, 30)},
+        },
+        "logs": {
+            "documents_in_collection": 5_004,
+            "scanned": 1_700,
+            "results": 0,
+            "ms": _ms(8.0, 7.0, 9.0, 30),
+            "plan": {"nodes": ["Bitmap Heap Scan", "Bitmap Index Scan on log_user_gin"]},
+            "floor": {"results": 85, "same_results": False, "ms": _ms(2.0, 1.0, 3.0, 30)},
+        },
+    },
+    "standin": {
+        "version": "0.2.0",
+        "cap": 25_000,
+        "queries": {
+            "top": {
+                "documents_in_collection": 25_000,
+                "results": 5,
+                "ms": _ms(12_500.0, 12_000.0, 13_000.0, 4),
+            },
+            "logs": {
+                "documents_in_collection": 5_004,
+                "results": 85,
+                "ms": _ms(16.0, 15.0, 17.0, 30),
+            },
+        },
+    },
+    "keyed": {
+        "documents": 1_000_000,
+        "ops": {
+            "find_one_by_id": {
+                "ms": {"median": 1.0, "p95": 6.0, "min": 0.5, "max": 9.0, "n": 600},
+                "plan": {"nodes": ["Bitmap Heap Scan", "Bitmap Index Scan on t_id_gin"]},
+                "scanned": 1,
+                "floor": {"ms": _ms(0.25, 0.2, 0.3, 600)},
+            },
+            "update_one_by_transaction_id": {
+                "ms": {"median": 2.0, "p95": 4.0, "min": 1.0, "max": 7.0, "n": 600},
+                "plan": {"nodes": ["Bitmap Heap Scan", "Bitmap Index Scan on t_tid_gin"]},
+                "scanned": 1,
+            },
+        },
+    },
+    "bulk": {
+        "writers": {
+            "1": {
+                "per_command": 40,
+                "runs": [
+                    {"updates": 5000, "updates_per_s": 500.0},
+                    {"updates": 5000, "updates_per_s": 400.0},
+                    {"updates": 4000, "updates_per_s": 600.0},
+                ],
+            }
+        },
+        "floor": {"updates_per_s": 1000.0, "per_transaction": 40},
+        "set_based_floor": {"updates_per_s": 25_000.0, "per_statement": 1000},
+    },
+}
+
+
+def test_mongo_rows_stand_beside_floors_and_the_stand_in_against_the_goals() -> None:
+    rows = {r.what: r for r in run_all.rows_mongo(MONGO)}
+    server = "(FerretDB v1.24.2 on PostgreSQL, 1 run, no cap)"
+    log = rows[f"seed into the document store: Log {server}"]
+    assert (log.median, log.spread, log.rows) == ("10,000 docs/s", "1 run", "5,000")
+    assert log.size == "2.0 MB stored in PostgreSQL"
+    assert log.reference == (
+        "floor (the stored rows, COPY binary into a plain table) 100,000 docs/s; "
+        "generation alone 50,000 docs/s; validator checks alone 20,000 docs/s"
+    )
+    assert log.ratio == "0.10× floor"
+    everything = rows[f"seed into the document store: all (2 collections) {server}"]
+    assert (
+        everything.median == "25,000 docs/s" and everything.size == "10.0 MB stored in PostgreSQL"
+    )
+    assert everything.reference.startswith("goal ≥ 20,000 docs/s: met; floor (the stored rows")
+    assert everything.ratio == "0.50× floor"
+
+    top = rows["document query `top` (FerretDB v1.24.2 on PostgreSQL, 6 executions in 3 runs)"]
+    assert (top.median, top.spread) == ("250 ms", "200 ms – 300 ms")
+    assert top.rows == "200,000 docs, 200,000 scanned → 5"
+    assert top.reference == (
+        "goal < 100 ms: MISSED; plan: Seq Scan; floor (one SQL statement on FerretDB's table) "
+        "50.00 ms → 5; stand-in at its 25,000 cap 12,500 ms on 25,000 docs → 5"
+    )
+    assert top.ratio == "5.00× floor, 0.02× stand-in"
+    logs = rows["document query `logs` (FerretDB v1.24.2 on PostgreSQL, 30 executions in 3 runs)"]
+    assert logs.reference.startswith(
+        "goal < 100 ms: met; plan: Bitmap Heap Scan > Bitmap Index Scan on log_user_gin; "
+        "floor (one SQL statement on FerretDB's table) 2.00 ms → 85 (different results); "
+    )
+    standin = rows[
+        "document query `top`, stand-in (litemongo 0.2.0) at its 25,000-document cap "
+        "(4 executions in 3 runs)"
+    ]
+    assert (standin.median, standin.rows) == ("12,500 ms", "25,000 docs → 5")
+
+    by_id = rows["keyed find_one by _id (FerretDB v1.24.2 on PostgreSQL, 600 calls in 3 runs)"]
+    assert (by_id.median, by_id.spread) == ("1.00 ms", "p95 6.00 ms, min 0.50 ms, max 9.00 ms")
+    assert by_id.rows == "1,000,000 docs, 1 scanned → 1"
+    assert by_id.reference == (
+        "goal < 5 ms median and p95: MISSED; plan: Bitmap Heap Scan > Bitmap Index Scan on "
+        "t_id_gin; floor (FerretDB's own SQL over psycopg) 0.25 ms"
+    )
+    assert by_id.ratio == "4.00× floor"
+    update = rows[
+        "keyed update_one by transaction_id ($set AnomalyScore) (FerretDB v1.24.2 on PostgreSQL, "
+        "600 calls in 3 runs)"
+    ]
+    assert update.reference == (
+        "goal < 5 ms median and p95: met; plan (of its lookup): Bitmap Heap Scan > "
+        "Bitmap Index Scan on t_tid_gin"
+    )
+    assert update.ratio == ""
+
+    [bulk] = [r for r in rows.values() if r.section == "score updates"]
+    assert bulk.what == (
+        "bulk score updates by transaction_id ($set AnomalyScore, isFraud), 1 writer, at most 40 "
+        "per command (FerretDB v1.24.2 on PostgreSQL, 3 runs)"
+    )
+    assert (bulk.median, bulk.spread, bulk.rows) == (
+        "500 updates/s",
+        "400 – 600",
+        "4,000 updates a run",
+    )
+    assert bulk.reference == (
+        "goal ≥ 20,000/s: MISSED; floor (the same UPDATEs over one psycopg connection, 40 a "
+        "transaction) 1,000 updates/s; set-based floor (one UPDATE joined to 1,000 new scores) "
+        "25,000 updates/s"
+    )
+    assert bulk.ratio == "0.50× floor, 0.02× set-based"
+    assert len(rows) == 2 + 1 + 2 + 2 + 2 + 1
+
+
+def test_mongo_rows_of_the_stand_in_era_still_render() -> None:
+    older = {
+        "backend": "litemongo stand-in",
+        "runs": 3,
+        "executions_per_run": 10,
+        "queries": {
+            "top": {
+                "documents_in_collection": 25_025,
+                "results": 5,
+                "ms": {"median": 12_224.0, "min": 11_114.0, "max": 13_423.0},
+                "reference_ms": {"median": 11_594.0},
+            }
+        },
+    }
+    [row] = run_all.rows_mongo(older)
+    assert row.what == "document query `top` (litemongo stand-in, 3 runs × 10)"
+    assert (row.median, row.ratio) == ("12,224 ms", "1.05× scan")
 
 
 def test_transform_and_demo_rows() -> None:
