@@ -259,6 +259,7 @@ def test_elem_match_rewrite_takes_one_positive_field_condition_only():
         {"lines": {"$elemMatch": {"n": {"$gte": 2, "$lte": 4}}}},
         {"lines": {"$elemMatch": {"s": {"$ne": "LOG"}}}},
         {"lines": {"$elemMatch": {"s": None}}},
+        {"lines": {"$elemMatch": {"s": {"$in": ["ERROR", None]}}}},
         {"lines": {"$elemMatch": {"s": "ERROR"}, "$size": 2}},
     ):
         with pytest.raises(QueryError, match="query 'my-query'"):

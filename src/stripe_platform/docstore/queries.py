@@ -55,6 +55,8 @@ def _dotted_condition(value: Any) -> bool:
         return False  # `a.f: null` also matches documents without `a`
     if isinstance(value, dict) and any(k.startswith("$") for k in value):
         operators = set(value) - {"$options"} if "$regex" in value else set(value)
+        if value.get("$eq", 0) is None or None in value.get("$in", ()):
+            return False
         return len(operators) == 1 and operators <= _POSITIVE_OPERATORS
     return True
 
