@@ -65,10 +65,12 @@ def test_main_job_end_to_end_and_again(cli):
 
     status = json.loads(cli("status", "--json").stdout)
     assert status["postgres"]["running"] is True
+    assert status["documents"]["backend"] == "ferretdb" and status["documents"]["running"] is True
     plain = cli("status").stdout
-    assert "running" in plain and "stand-in" in plain
-    assert cli("down").stdout.strip() == "PostgreSQL stopped"
-    assert json.loads(cli("status", "--json").stdout)["postgres"]["running"] is False
+    assert "documents running  127.0.0.1:" in plain and "FerretDB v1.24.2  TLS" in plain
+    assert cli("down").stdout.splitlines() == ["document server stopped", "PostgreSQL stopped"]
+    stopped = json.loads(cli("status", "--json").stdout)
+    assert stopped["postgres"]["running"] is False and stopped["documents"]["running"] is False
 
 
 def test_db_commands(cli):
@@ -88,6 +90,9 @@ def test_db_commands(cli):
 
 
 def test_mongo_commands(cli):
+    stopped = cli("mongo", "apply", check=False)
+    assert stopped.returncode == 1 and "run `stripe-platform up`" in stopped.stderr
+    cli("up")
     assert "CustomerReview" in cli("mongo", "apply").stdout
     unknown = cli("mongo", "query", "nope", check=False)
     assert unknown.returncode == 1 and "known: admin-error-logs" in unknown.stderr
@@ -164,7 +169,7 @@ def test_rules_paths_and_names_keep_their_brackets(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert f"home      {home}  (STRIPE_PLATFORM_HOME)" in shown.stdout
     assert f"data {home}/pg/data  audit log {home}/pg/data/log" in shown.stdout  # a styled line
-    assert f"documents stand-in (litemongo)  {home}/docstore" in shown.stdout
+    assert f"log {home}/docstore/ferretdb.log" in shown.stdout  # another styled line
 
 
 def test_the_demo_tables_print_values_as_they_are():

@@ -52,9 +52,9 @@ def seed(
     from stripe_platform.seed.spec import make_spec
 
     s = settings()
-    if s.profile == "embedded":
-        embedded.up(s)
     if minutes is not None or tps is not None:
+        if s.profile == "embedded":
+            embedded.up(s)
         docs = connect(s)
         report = incremental.run(
             s,
@@ -84,6 +84,8 @@ def seed(
     if max_documents:
         values["max_documents"] = max_documents
     spec = make_spec(**values)  # every argument is checked before anything is written
+    if s.profile == "embedded":
+        embedded.up(s)
     docs = connect(s)
     with db.connect(s, autocommit=True) as conn:
         migrate(conn)
