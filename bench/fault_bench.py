@@ -55,6 +55,7 @@ from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
+from stripe_platform.runtime import embedded
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.load import seed
 from stripe_platform.seed.spec import make_spec
@@ -383,8 +384,7 @@ def main() -> int:
     home.chmod(0o755)  # the cluster runs as an unprivileged OS user under root
     # A cluster of its own on a free port: a port or profile set for another cluster stays out.
     base = load_settings(home=home, pg_fsync=True, profile="embedded", pg_port=None)
-    cluster = db.embedded_cluster(base)
-    cluster.up()
+    embedded.up(base)
     s = base.model_copy(update={"pg_database": DATABASE, "mongodb_database": DATABASE})
     try:
         with db.connect(base, database="postgres", autocommit=True) as conn:
@@ -421,7 +421,7 @@ def main() -> int:
             result["seconds"] = round(time.monotonic() - started, 1)
             results.append(result)
     finally:
-        cluster.down()
+        embedded.down(base)
         if args.home is None:
             shutil.rmtree(home, ignore_errors=True)
 

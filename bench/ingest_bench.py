@@ -58,6 +58,7 @@ from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
+from stripe_platform.runtime import embedded
 from stripe_platform.runtime.postgres import find_bindir
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.load import seed
@@ -418,7 +419,7 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     args = parser.parse_args()
     settings = load_settings()
-    db.embedded_cluster(settings).up()
+    embedded.up(settings)
     s = prepare_database(settings, args.scale)
     work = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
     catalog = load_catalog()

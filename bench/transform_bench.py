@@ -37,6 +37,7 @@ from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import open_writer, run_sync
 from stripe_platform.oltp import db, partitions
 from stripe_platform.oltp.migrate import migrate
+from stripe_platform.runtime import embedded
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.load import seed
 from stripe_platform.seed.spec import make_spec
@@ -113,6 +114,8 @@ def main() -> None:
     args = parser.parse_args()
 
     base = load_settings()
+    if base.profile == "embedded":
+        embedded.up(base)  # the seed writes documents too: the document server must run
     settings = base.model_copy(
         update={
             "pg_database": args.database,
