@@ -14,7 +14,6 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from stripe_platform.config import load_settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.oltp import db
 from stripe_platform.seed import incremental
@@ -27,26 +26,35 @@ END = dt.date(2026, 11, 1)
 SPEC = {"scale": 0.01, "seed": 7, "end": END, "max_documents": None}
 
 
-def clone_database(settings, name: str) -> None:
+@pytest.fixture(scope="module")
+def seeded(settings):
+    """One seeded database and document database, on the session's servers, shared by the
+    read-only tests of this module (the per-test `database` and `docdb` fixtures cannot be)."""
+    name = f"seeded_{os.getpid()}"
     with db.connect(settings, database="postgres", autocommit=True) as conn:
         conn.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE stripe_template STRATEGY FILE_COPY").format(
                 sql.Identifier(name)
             )
         )
+    s = settings.model_copy(update={"pg_database": name, "mongodb_database": name})
+    docs = connect_docs(s)
+    try:
+        data = build(make_spec(**SPEC))
+        seed_load.seed(s, data, docs)
+        with db.connect(s, autocommit=True) as conn:
+            yield s, conn, docs, data
+    finally:
+        docs.client.drop_database(name)
+        docs.client.close()
+        with db.connect(settings, database="postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-@pytest.fixture(scope="module")
-def seeded(settings, tmp_path_factory):
-    """One seeded database and document store shared by the read-only tests of this module."""
-    name = f"seeded_{os.getpid()}"
-    clone_database(settings, name)
-    s = settings.model_copy(update={"pg_database": name})
-    docs = connect_docs(load_settings(home=tmp_path_factory.mktemp("docs")))
-    data = build(make_spec(**SPEC))
-    seed_load.seed(s, data, docs)
-    with db.connect(s, autocommit=True) as conn:
-        yield s, conn, docs, data
+def stores(settings, database, docdb):
+    """Settings naming the test's own PostgreSQL and document databases on the session's
+    servers (both dropped after the test by their fixtures)."""
+    return settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
 
 
 def rows(conn, query, *params):
@@ -298,11 +306,8 @@ def test_every_month_of_history_is_populated(seeded):
     assert by_month[12] > by_month[2] * 1.2
 
 
-def test_interrupted_run_resumes_to_exactly_the_data(settings, tmp_path, monkeypatch):
-    name = f"resume_{os.getpid()}"
-    clone_database(settings, name)
-    s = settings.model_copy(update={"pg_database": name})
-    docs = connect_docs(load_settings(home=tmp_path))
+def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, monkeypatch):
+    s, docs = stores(settings, database, docdb), docdb
     data = build(make_spec(**{**SPEC, "max_documents": 500}))
     monkeypatch.setattr(seed_load, "TX_BATCH", 2_000)
     real_writer = seed_load._transaction_writer
@@ -341,16 +346,14 @@ def test_interrupted_run_resumes_to_exactly_the_data(settings, tmp_path, monkeyp
     assert changes == data.state_changes.num_rows
 
 
-def test_killed_process_leaves_consistent_stores_and_rerun_completes(settings, tmp_path):
-    name = f"killed_{os.getpid()}"
-    clone_database(settings, name)
+def test_killed_process_leaves_consistent_stores_and_rerun_completes(settings, database, docdb):
+    s = stores(settings, database, docdb)
     env = {
         **os.environ,
-        "STRIPE_PLATFORM_HOME": str(settings.home_dir),
-        "STRIPE_PLATFORM_PG_DATABASE": name,
-        "STRIPE_PLATFORM_MONGODB_DATABASE": name,
+        "STRIPE_PLATFORM_HOME": str(s.home_dir),
+        "STRIPE_PLATFORM_PG_DATABASE": s.pg_database,
+        "STRIPE_PLATFORM_MONGODB_DATABASE": s.mongodb_database,
     }
-    env.pop("MONGODB_URI", None)
     args = [
         sys.executable,
         "-m",
@@ -366,7 +369,6 @@ def test_killed_process_leaves_consistent_stores_and_rerun_completes(settings, t
         "300",
     ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    s = settings.model_copy(update={"pg_database": name})
     deadline = time.monotonic() + 120
     with db.connect(s, autocommit=True) as conn:
         while time.monotonic() < deadline:
@@ -391,16 +393,12 @@ def test_killed_process_leaves_consistent_stores_and_rerun_completes(settings, t
             == expected.entities.customers.num_rows
         )
         assert conn.execute("SELECT count(*) FROM platform.seed_batch").fetchone()[0] >= n_batches
-    docs = connect_docs(load_settings(home=settings.home_dir, mongodb_database=name))
-    assert docs.Customer.count_documents({}) == expected.entities.customers.num_rows
-    assert docs.Transaction.count_documents({}) == 300
+    assert docdb.Customer.count_documents({}) == expected.entities.customers.num_rows
+    assert docdb.Transaction.count_documents({}) == 300
 
 
-def test_incremental_mode_inserts_updates_and_deletes(settings, tmp_path):
-    name = f"incremental_{os.getpid()}"
-    clone_database(settings, name)
-    s = settings.model_copy(update={"pg_database": name})
-    docs = connect_docs(load_settings(home=tmp_path))
+def test_incremental_mode_inserts_updates_and_deletes(settings, database, docdb):
+    s, docs = stores(settings, database, docdb), docdb
     seed_load.seed(s, build(make_spec(scale=0.005, seed=11, end=END, max_documents=500)), docs)
 
     def snapshot(conn):
@@ -431,9 +429,8 @@ def test_incremental_mode_inserts_updates_and_deletes(settings, tmp_path):
         incremental.run(s, docs, seed=3)
 
 
-def test_seeding_over_foreign_data_needs_reset(settings, loaded, database, tmp_path):
-    s = settings.model_copy(update={"pg_database": database})
-    docs = connect_docs(load_settings(home=tmp_path))
+def test_seeding_over_foreign_data_needs_reset(settings, loaded, database, docdb):
+    s, docs = stores(settings, database, docdb), docdb
     data = build(make_spec(scale=0.005, seed=5, end=END, max_documents=200))
     with pytest.raises(SeedError, match="--reset"):
         seed_load.seed(s, data, docs)
