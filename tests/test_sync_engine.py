@@ -14,7 +14,6 @@ import duckdb
 import pytest
 from psycopg import sql
 
-from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import UnknownConnectionError, load_catalog
 from stripe_platform.ingestion.engine import Engine, SyncError
 from stripe_platform.ingestion.postgres import cdc
@@ -30,14 +29,14 @@ END = dt.date(2026, 11, 1)
 
 
 @pytest.fixture
-def platform(settings, database, tmp_path):
-    """A seeded database, its document store and an empty DuckDB warehouse."""
-    s = settings.model_copy(update={"pg_database": database, "mongodb_database": database})
-    docs = connect_docs(s)
-    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docs)
+def platform(settings, database, docdb, tmp_path):
+    """A seeded database, its document database (both the test's own, on the session's servers)
+    and an empty DuckDB warehouse."""
+    s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
+    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
     catalog = load_catalog()
     warehouse = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
-    yield s, docs, catalog, DuckDBRaw(warehouse)
+    yield s, docdb, catalog, DuckDBRaw(warehouse)
     with db.connect(s, autocommit=True) as conn:
         for c in catalog.connections:
             connection = catalog.resolve(c.name)
@@ -121,7 +120,6 @@ def test_snapshot_and_stream_equal_the_source_under_concurrent_writes(platform):
         "STRIPE_PLATFORM_PG_DATABASE": s.pg_database,
         "STRIPE_PLATFORM_MONGODB_DATABASE": s.mongodb_database,
     }
-    env.pop("MONGODB_URI", None)
     # Another process inserts, updates and deletes while the snapshot and the stream run.
     writer = subprocess.Popen(
         [sys.executable, "-m", "stripe_platform.cli", "seed", "--tps", "40", "--duration", "6"],
