@@ -2,6 +2,7 @@
 the brief's queries, the validators and the bulk-write helper, on the session's document server."""
 
 import datetime as dt
+import threading
 
 import pymongo
 import pytest
@@ -19,6 +20,7 @@ from stripe_platform.docstore.queries import (
     without_elem_match,
 )
 from stripe_platform.docstore.specs import SpecError, apply_specs, load_specs
+from stripe_platform.seed import load
 from stripe_platform.showcase import brief_examples
 
 BRIEF_INDEXES = {
@@ -483,3 +485,89 @@ def test_bulk_updates_go_in_commands_of_at_most_40_on_ferretdb(ferret, settings)
         assert sorted(d["rank"] for d in collection.find()) == list(range(1, 101))
     finally:
         client.close()
+
+
+# -- the seed's document inserts ---------------------------------------------------------------------------
+def seed_transactions(n: int) -> list[dict]:
+    return [transaction(_id=ObjectId(f"{i:024x}"), transaction_id=i) for i in range(1, n + 1)]
+
+
+def recorded_batches(conn, run_key: str) -> list[tuple[int, int]]:
+    return conn.execute(
+        "SELECT batch, rows FROM platform.seed_batch WHERE run_key = %s "
+        "AND entity = 'doc:Transaction' ORDER BY batch",
+        (run_key,),
+    ).fetchall()
+
+
+def test_a_bad_document_stops_the_seed_after_the_batches_before_it(
+    ferret, settings, conn, monkeypatch
+):
+    """Batches 0 and 1 are written and recorded, batch 2 (holding the bad document) is not sent;
+    the corrected run resumes at batch 2."""
+    monkeypatch.setattr(load, "DOC_BATCH", 50)
+    apply_specs(ferret, settings)
+    conn.execute("INSERT INTO platform.seed_run (run_key, spec) VALUES ('run', '{}')")
+    docs = seed_transactions(200)
+    docs[120]["isFraud"] = 2  # transaction 121, in batch 2
+    seen: list[int] = []
+
+    def progress(entity: str, rows: int, total: int) -> None:
+        seen.append(rows)
+
+    with pytest.raises(
+        validation.DocumentRefused,
+        match=r"Transaction document _id=ObjectId\('0{22}79'\) refused .*'isFraud'.*nothing of",
+    ):
+        load._insert_documents(conn, "run", ferret.Transaction, docs, "Transaction", progress, 200)
+    assert recorded_batches(conn, "run") == [(0, 50), (1, 50)]
+    stored = sorted(d["transaction_id"] for d in ferret.Transaction.find({}, {"transaction_id": 1}))
+    assert stored == list(range(1, 101))
+    assert seen == [50, 50]
+
+    docs[120]["isFraud"] = 1
+    written = load._insert_documents(
+        conn, "run", ferret.Transaction, docs, "Transaction", progress, 200
+    )
+    assert written == 100
+    assert recorded_batches(conn, "run") == [(0, 50), (1, 50), (2, 50), (3, 50)]
+    assert ferret.Transaction.count_documents({}) == 200
+    assert ferret.Transaction.count_documents({"isFraud": 1}) == 1
+
+
+def test_the_seed_checks_the_next_batch_while_one_is_being_written(
+    ferret, settings, conn, monkeypatch
+):
+    """The first batch's insert waits until the second batch has been checked: a seed that
+    checked and wrote in turn would never check it and this insert would report so."""
+    monkeypatch.setattr(load, "DOC_BATCH", 50)
+    apply_specs(ferret, settings)
+    conn.execute("INSERT INTO platform.seed_run (run_key, spec) VALUES ('run', '{}')")
+    docs = seed_transactions(100)
+    checked_second = threading.Event()
+    overlapped: list[bool] = []
+    real_check = validation.check_documents
+
+    def check(collection: str, batch: list[dict]) -> None:
+        real_check(collection, batch)
+        if batch[0]["transaction_id"] == 51:
+            checked_second.set()
+
+    class FirstInsertWaits:
+        def __init__(self, collection) -> None:
+            self._collection = collection
+            self.database, self.name = collection.database, collection.name
+
+        def insert_many(self, batch, ordered: bool):
+            if batch[0]["transaction_id"] == 1:
+                overlapped.append(checked_second.wait(timeout=30))
+            return self._collection.insert_many(batch, ordered=ordered)
+
+    monkeypatch.setattr(validation, "check_documents", check)
+    written = load._insert_documents(
+        conn, "run", FirstInsertWaits(ferret.Transaction), docs, "Transaction", lambda *_: None, 100
+    )
+    assert overlapped == [True]
+    assert written == 100
+    assert recorded_batches(conn, "run") == [(0, 50), (1, 50)]
+    assert ferret.Transaction.count_documents({}) == 100

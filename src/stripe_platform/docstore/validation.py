@@ -4,7 +4,8 @@ FerretDB v1 has no validators: ``create`` with ``validator`` and ``collMod`` ans
 (code 238), so on it the platform's own document writes go through :func:`insert_many` and
 :func:`bulk_write` here, which check every document (or update) against the collection's validator
 before anything is sent: one bad document refuses the whole batch, with its collection, ``_id``
-and field named. On MongoDB the server enforces the validator (``strict``/``error``) and these
+and field named. The seed checks each batch with :func:`check_documents` before it sends it, so
+that the check of one batch overlaps the write of the one before (``seed/load.py``). On MongoDB the server enforces the validator (``strict``/``error``) and these
 functions only write.
 
 The check is the ``jsonschema`` library's, on a JSON Schema translated from MongoDB's dialect:

@@ -10,7 +10,8 @@ Personal data goes through a session-temporary staging table and is hashed (bcry
 (pii_encrypt) by the database, as for any other write.
 
 Documents: insert_many in batches with deterministic ids, each batch checked against its
-collection's validator first where the server does not enforce it (docstore/validation.py); a batch
+collection's validator before it is sent where the server does not enforce it
+(docstore/validation.py), the check of one batch overlapping the write of the one before; a batch
 that was partly written before an interruption is completed with upserts.
 """
 
@@ -20,7 +21,7 @@ import datetime as dt
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
@@ -32,7 +33,7 @@ from pymongo import ReplaceOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from stripe_platform.config import Settings
-from stripe_platform.docstore import validation
+from stripe_platform.docstore import ferretdb, validation
 from stripe_platform.docstore.specs import apply_specs, load_specs
 from stripe_platform.oltp import db, partitions
 from stripe_platform.seed import documents, logs
@@ -380,26 +381,55 @@ def _insert_documents(
     progress: Progress,
     total: int,
 ) -> int:
-    """Insert in batches; each batch is recorded in platform.seed_batch once it is written."""
+    """Insert in batches; each batch is recorded in platform.seed_batch once it is written.
+
+    Where the application enforces the collection's validator (FerretDB), every batch is checked
+    before it is sent. One writer thread sends batch k while this thread generates and checks
+    batch k+1 (pymongo waits on the socket without the GIL; generation and the check are Python):
+    an invalid document stops the seed before its batch is sent, once the batch in flight is
+    written and recorded."""
     done = {b for e, b in _committed(conn, run_key) if e == f"doc:{entity}"}
+    check = validation.enforced_by_application(collection.database)
     written = 0
-    it = iter(docs)
-    number = 0
-    while batch := list(islice(it, DOC_BATCH)):
-        if number not in done:
-            try:
-                validation.insert_many(collection, batch, ordered=False)
-            except (BulkWriteError, DuplicateKeyError):
-                # Part of this batch landed before an interruption: complete it idempotently.
-                replace = [ReplaceOne({"_id": doc["_id"]}, doc, upsert=True) for doc in batch]
-                validation.bulk_write(collection, replace, ordered=False)
-            conn.execute(
-                "INSERT INTO platform.seed_batch (run_key, entity, batch, rows) VALUES (%s, %s, %s, %s)",
-                (run_key, f"doc:{entity}", number, len(batch)),
-            )
-            written += len(batch)
+    in_flight: tuple[Future[None], int, list[dict[str, Any]]] | None = None
+
+    def write(batch: list[dict[str, Any]]) -> None:
+        try:
+            collection.insert_many(batch, ordered=False)
+        except (BulkWriteError, DuplicateKeyError):
+            # Part of this batch landed before an interruption: complete it idempotently (the
+            # same documents, checked already).
+            replace = [ReplaceOne({"_id": doc["_id"]}, doc, upsert=True) for doc in batch]
+            ferretdb.bulk_write(collection, replace, ordered=False)
+
+    def settle() -> None:
+        """Wait for the batch in flight and record it; its write error, if any, is raised."""
+        nonlocal in_flight, written
+        if in_flight is None:
+            return
+        future, number, batch = in_flight
+        in_flight = None
+        future.result()
+        conn.execute(
+            "INSERT INTO platform.seed_batch (run_key, entity, batch, rows) VALUES (%s, %s, %s, %s)",
+            (run_key, f"doc:{entity}", number, len(batch)),
+        )
+        written += len(batch)
         progress(entity, len(batch), total)
-        number += 1
+
+    it = iter(docs)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        try:
+            for number, batch in enumerate(iter(lambda: list(islice(it, DOC_BATCH)), [])):
+                if number in done:
+                    progress(entity, len(batch), total)
+                    continue
+                if check:
+                    validation.check_documents(collection.name, batch)
+                settle()
+                in_flight = (writer.submit(write, batch), number, batch)
+        finally:
+            settle()  # also when this thread stops: what was sent is recorded as written
     return written
 
 
