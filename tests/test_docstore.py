@@ -7,6 +7,7 @@ import threading
 import pymongo
 import pytest
 from bson import Decimal128, Int64, ObjectId
+from psycopg import sql
 from pymongo import UpdateOne, monitoring
 from pymongo.errors import DuplicateKeyError, OperationFailure, WriteError
 
@@ -20,6 +21,11 @@ from stripe_platform.docstore.queries import (
     without_elem_match,
 )
 from stripe_platform.docstore.specs import SpecError, apply_specs, load_specs
+from stripe_platform.orchestration.maintenance import (
+    IndexCheckError,
+    check_document_indexes,
+    missing_indexes,
+)
 from stripe_platform.seed import load
 from stripe_platform.showcase import brief_examples
 
@@ -571,3 +577,38 @@ def test_the_seed_checks_the_next_batch_while_one_is_being_written(
     assert written == 100
     assert recorded_batches(conn, "run") == [(0, 50), (1, 50)]
     assert ferret.Transaction.count_documents({}) == 100
+
+
+# -- index maintenance ------------------------------------------------------------------------------------
+def test_maintenance_reports_and_repairs_a_dropped_backend_index(ferret, settings):
+    own = settings.model_copy(update={"mongodb_database": ferret.name})
+    before = missing_indexes(ferret, settings=own)
+    assert before["Transaction"] == [
+        "transaction_id_1",
+        "_id (backend GIN index)",
+        "transaction_id (backend GIN index)",
+    ]
+    apply_specs(ferret, own)
+    assert missing_indexes(ferret, settings=own) == {}
+
+    with ferretdb.backend_connection(own) as conn:
+        table = ferretdb.backend_table(conn, ferret.name, "Transaction")
+        gin_on_transaction_id = (
+            "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = %s "
+            "AND indexdef LIKE '%%USING gin%%' AND indexdef LIKE '%%''transaction_id''%%'"
+        )
+        [(name,)] = conn.execute(gin_on_transaction_id, (ferret.name, table)).fetchall()
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(ferret.name, name)))
+        assert conn.execute(gin_on_transaction_id, (ferret.name, table)).fetchall() == []
+
+        assert missing_indexes(ferret, settings=own) == {
+            "Transaction": [f"transaction_id (backend GIN index {name})"]
+        }
+        assert missing_indexes(ferret) == {}  # the spec indexes alone are all there
+        with pytest.raises(IndexCheckError, match="transaction_id \\(backend GIN index"):
+            check_document_indexes(own, repair=False)
+
+        repaired = check_document_indexes(own)
+        assert repaired["created"] == {"Transaction": [name]}
+        assert conn.execute(gin_on_transaction_id, (ferret.name, table)).fetchall() == [(name,)]
+    assert missing_indexes(ferret, settings=own) == {}
