@@ -93,7 +93,17 @@ def test_mongo_commands(cli):
     stopped = cli("mongo", "apply", check=False)
     assert stopped.returncode == 1 and "run `stripe-platform up`" in stopped.stderr
     cli("up")
-    assert "CustomerReview" in cli("mongo", "apply").stdout
+    first = {r["collection"]: r for r in json.loads(cli("mongo", "apply", "--json").stdout)}
+    assert first["Transaction"]["created"] and first["Transaction"]["warnings"] == []
+    assert first["Transaction"]["indexes_created"] == ["transaction_id_1"]
+    backend = first["Transaction"]["backend_indexes"]
+    assert [entry.split(": ")[0] for entry in backend] == ["_id", "transaction_id"]
+    assert [entry.split(": ")[1] for entry in backend] == first["Transaction"][
+        "backend_indexes_created"
+    ]
+    again = cli("mongo", "apply").stdout
+    assert "CustomerReview" in again
+    assert "backend GIN indexes: _id (present), transaction_id (present)" in again
     unknown = cli("mongo", "query", "nope", check=False)
     assert unknown.returncode == 1 and "known: admin-error-logs" in unknown.stderr
     assert "db.LogData.find" in cli("mongo", "query", "admin-error-logs").stdout
