@@ -232,7 +232,11 @@ def write_at_source(s: Any, seed: int) -> None:
     state changes, refunds, a device registered and one removed, preferences changed (the load
     generator's own step, three days of activity at once), plus merchant ratings and removed
     devices."""
-    incremental.run(s, connect_docs(s), seed=seed, minutes=3 * 1440)
+    docs = connect_docs(s)
+    try:
+        incremental.run(s, docs, seed=seed, minutes=3 * 1440)
+    finally:
+        docs.client.close()
     with db.connect(s, autocommit=True) as conn:
         conn.execute(
             "UPDATE Merchant SET Rating = ((ID * %s) %% 50) / 10.0 WHERE ID %% 3 = %s",
@@ -247,12 +251,11 @@ def write_at_source(s: Any, seed: int) -> None:
 
 
 @pytest.fixture
-def source(settings, database):
-    """A seeded source database; its connections' slots are dropped afterwards."""
-    s = settings.model_copy(update={"pg_database": database, "mongodb_database": database})
-    seed_load.seed(
-        s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=100)), connect_docs(s)
-    )
+def source(settings, database, docdb):
+    """A seeded source database and document database (the test's own, on the session's
+    servers); its connections' slots are dropped afterwards."""
+    s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
+    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=100)), docdb)
     yield s
     catalog = load_catalog()
     with db.connect(s, autocommit=True) as conn:
@@ -439,7 +442,6 @@ def test_a_first_sync_killed_mid_snapshot_starts_over_from_the_cli(
         "STRIPE_PLATFORM_WAREHOUSE": "duckdb",
         "STRIPE_PLATFORM_WAREHOUSE_PATH": destination.spec["path"],
     }
-    env.pop("MONGODB_URI", None)
     done = subprocess.run(
         [sys.executable, "-m", "stripe_platform.cli", "sync", WAREHOUSE, "--json"],
         env=env,
