@@ -23,9 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from moto.server import ThreadedMotoServer
+from pymongo.database import Database
 
 from stripe_platform.config import Settings, get_settings, load_settings
-from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine, open_writer
 from stripe_platform.ingestion.postgres import cdc
@@ -666,11 +666,12 @@ def test_an_interrupted_supersede_keeps_the_live_generation_and_finishes_next_ti
 
 
 @pytest.fixture
-def seeded(settings: Settings, database: str) -> Iterator[Settings]:
-    """A small seeded source database (as test_sync_engine's platform fixture seeds it)."""
-    s = settings.model_copy(update={"pg_database": database, "mongodb_database": database})
+def seeded(settings: Settings, database: str, docdb: Database) -> Iterator[Settings]:
+    """A small seeded source database and document database, the test's own on the session's
+    servers (as test_sync_engine's platform fixture seeds them)."""
+    s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
     spec = make_spec(scale=0.003, seed=4, end=dt.date(2026, 11, 1), max_documents=300)
-    seed_load.seed(s, build(spec), connect_docs(s))
+    seed_load.seed(s, build(spec), docdb)
     yield s
     with db.connect(s, autocommit=True) as conn:
         cdc.drop_slot(conn, load_catalog().resolve("postgres-to-s3").slot(conn.info.dbname))
