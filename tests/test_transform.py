@@ -167,18 +167,17 @@ def assert_answers_match_the_sources(s: Settings) -> None:
 
 
 @pytest.fixture
-def pipeline(settings, database, tmp_path):
-    """A seeded source (OLTP + documents) and an empty DuckDB warehouse."""
+def pipeline(settings, database, docdb, tmp_path):
+    """A seeded source (OLTP + documents, the test's own databases on the session's servers) and
+    an empty DuckDB warehouse."""
     s = settings.model_copy(
         update={
             "pg_database": database,
-            "mongodb_database": database,
+            "mongodb_database": docdb.name,
             "warehouse_path": tmp_path / "warehouse.duckdb",
         }
     )
-    seed_load.seed(
-        s, build(make_spec(scale=0.004, seed=11, end=END, max_documents=2000)), connect_docs(s)
-    )
+    seed_load.seed(s, build(make_spec(scale=0.004, seed=11, end=END, max_documents=2000)), docdb)
     yield s
     with db.connect(s, autocommit=True) as conn:
         catalog = load_catalog()
