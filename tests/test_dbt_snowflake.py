@@ -29,7 +29,6 @@ import pytest
 import snowflake.connector
 from pydantic import SecretStr
 
-from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import open_writer, run_sync
 from stripe_platform.ingestion.postgres import cdc
@@ -55,7 +54,8 @@ DBT_TIMEOUT = 600  # seconds; a statement fakesnow cannot handle would otherwise
 
 
 def transform(home: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    """`stripe-platform transform --json` in a subprocess with its own platform home."""
+    """`stripe-platform transform --json` in a subprocess with its own platform home (its dbt
+    profile and target; a transform reaches only the warehouse, never the session's servers)."""
     base = {
         k: v
         for k, v in os.environ.items()
@@ -102,13 +102,11 @@ def answers(settings: Any) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
-    snowflake_server, settings, database, tmp_path
+    snowflake_server, settings, database, docdb, tmp_path
 ):
     started = time.monotonic()
-    s = settings.model_copy(update={"pg_database": database, "mongodb_database": database})
-    seed_load.seed(
-        s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), connect_docs(s)
-    )
+    s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
+    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
     catalog = load_catalog()
     sf_home, duck_home = tmp_path / "snowflake", tmp_path / "duckdb"
     sf_home.mkdir()
