@@ -180,6 +180,28 @@ def test_merchant_risk_respects_the_label_delay_and_when_a_label_became_known():
     assert same(by_public_api(t), batch_features(t)).all()
 
 
+def test_online_state_warmed_with_labels_known_later_counts_them_only_from_then():
+    """Warming from history adds every label at once; one known after a payment does not count
+    for it."""
+    history = payments(
+        [
+            {"timestamp": T0, "label": 1, "label_time": T0 + 20 * DAY},
+            {"timestamp": T0 + HOUR},
+        ]
+    )
+    state = OnlineFeatureState()
+    state.ingest_history(history)
+    later = payments([{"timestamp": T0 + 10 * DAY}, {"timestamp": T0 + 21 * DAY}])
+    day10, day21 = (
+        dict(zip(FEATURE_NAMES, state.features(r), strict=True)) for r in records(later.table)
+    )
+    assert day10["merchant_fraud_rate_7d_delay_7d"] == 0.0  # 0 of 2: not known on day 10
+    assert day21["merchant_fraud_rate_28d_delay_7d"] == 0.5  # known on day 20
+    assert math.isnan(day21["merchant_fraud_rate_7d_delay_7d"])  # no payment in its window
+    assert day21["merchant_count_7d"] == 0.0
+    assert day10["customer_count_30d"] == 2.0
+
+
 def test_new_device_country_mismatch_hour_and_weekend():
     saturday_late = dt.datetime(2025, 1, 4, 23, 30, tzinfo=UTC)
     monday_early = dt.datetime(2025, 1, 6, 0, 15, tzinfo=UTC)

@@ -10,7 +10,8 @@ timestamp           timestamp[us, UTC], required when it happened (a file's time
                                                  zone is read as UTC; nanoseconds are truncated)
 customer_id         string, required             the paying customer (or card)
 merchant_id         string, required             the merchant; a file may name it ``terminal_id``
-amount              float64, required, finite    one currency per source (the platform's: EUR)
+amount              float64, required, finite,   one currency per source (the platform's: EUR)
+                    below 1e12 in absolute value
 label               int8 0/1, nullable           1 = fraud; required without nulls for training,
                                                  optional when scoring (null = not known)
 label_time          timestamp[us, UTC], nullable when the fraud became known (positives only);

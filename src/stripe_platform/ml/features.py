@@ -41,8 +41,9 @@ Engines:
   known) one at a time and returns the same vector for a new payment
   (:meth:`~OnlineFeatureState.features`, or :meth:`~OnlineFeatureState.update` = features then
   ingest). Memory is bounded by the longest window (plus ``allowed_lateness``): older entries are
-  evicted as time advances. :func:`online_features` replays a canonical table through it (tests,
-  and the proof that both engines agree).
+  evicted as time advances. :meth:`~OnlineFeatureState.ingest_history` warms it from a canonical
+  table; :func:`online_features` replays a canonical table through it (the proof that both
+  engines agree).
 """
 
 from __future__ import annotations
@@ -600,6 +601,25 @@ class OnlineFeatureState:
         (and changes nothing) when the payment is unknown or already out of every window, or
         already labelled (the first label counts)."""
         return self._add_label(transaction_id, _epoch_us(known_at))
+
+    def ingest_history(self, transactions: Transactions | pa.Table) -> None:
+        """Warm the state from a canonical table (the recent history, e.g. the platform's last
+        weeks): every payment in order, then every fraud label with the time it became known,
+        which may be after later payments (a label counts only for payments after that time)."""
+        table = _table(transactions)
+        ts = table["timestamp"].cast(pa.int64()).to_pylist()
+        units = amount_units(table["amount"].to_numpy()).tolist()
+        cols = [
+            table[k].to_pylist()
+            for k in ("transaction_id", "customer_id", "merchant_id", "device_id", "ip")
+        ]
+        for tid, t, u, customer, merchant, device, ip in zip(
+            cols[0], ts, units, *cols[1:], strict=True
+        ):
+            self._ingest(tid, t, u, customer, merchant, device, ip)
+        label_rows, label_known = _label_events(table)
+        for r, known in zip(label_rows.tolist(), label_known.tolist(), strict=True):
+            self._add_label(cols[0][r], known)
 
     def retained(self) -> dict[str, int]:
         """Entries held per entity (and payments a label may still name): memory, for tests."""
