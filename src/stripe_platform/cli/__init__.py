@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import typer
 
-from stripe_platform.cli import bench, docstore, ingestion, oltp, runtime, seed, transform
+from stripe_platform.cli import bench, docstore, ingestion, ml, oltp, runtime, seed, transform
 
 app = typer.Typer(help="Open data platform for payments.", no_args_is_help=True)
 
@@ -24,5 +24,6 @@ app.add_typer(bench.commands)
 app.add_typer(oltp.db_app, name="db")
 app.add_typer(docstore.mongo_app, name="mongo")
 app.add_typer(ingestion.airbyte_app, name="airbyte")
+app.add_typer(ml.ml_app, name="ml")
 
 __all__ = ["app"]
