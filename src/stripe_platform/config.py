@@ -144,6 +144,18 @@ class Settings(BaseSettings):
         None, description="Failed Airflow tasks are POSTed here as JSON (unset: logged only)."
     )
 
+    # Machine learning ------------------------------------------------------------------------------
+    mlflow_tracking_uri: SecretStr | None = Field(
+        None,
+        description="MLflow tracking server or store URI; unset means the home's own store "
+        "(<home>/mlflow/mlflow.db, artifacts in <home>/mlflow/artifacts).",
+    )
+    ml_model_name: str = Field(
+        "fraud",
+        pattern=r"^[A-Za-z][A-Za-z0-9_-]*$",
+        description="The fraud model's registered name (its champion: models:/<name>@champion).",
+    )
+
     # Keys ----------------------------------------------------------------------------------------
     pii_key: SecretStr | None = Field(
         None,
