@@ -45,6 +45,11 @@ def document_indexes_asset() -> Asset:
     return Asset(name="docstore.indexes", uri=f"{SCHEME}://docstore/indexes")
 
 
+def fraud_scores_asset() -> Asset:
+    """The fraud model's batch scores: OLTP FraudScore and the Transaction documents' scores."""
+    return Asset(name="oltp.fraud_scores", uri=f"{SCHEME}://oltp/public/fraudscore")
+
+
 def mart_asset(name: str) -> Asset:
     """A mart of the star schema (dbt_project/models/marts), e.g. ``FACT_Revenue``."""
     return Asset(name=f"warehouse.analytics.{name}", uri=f"{SCHEME}://warehouse/analytics/{name}")

@@ -231,6 +231,58 @@ def promote(settings: Settings, candidate: Mapping[str, Any]) -> dict[str, Any]:
     return {"model_name": name, "champion": version, "previous": now}
 
 
+# Every container of the training pod (the XCom sidecar too) meets the namespace's "restricted"
+# Pod Security Standard (deploy/k8s/namespace.yaml).
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _train_in_process() -> dict[str, Any]:
+    from stripe_platform.config import load_settings
+
+    return train_candidate(load_settings())
+
+
+def training_task(
+    settings: Settings | None = None, *, task_id: str = "train", **kwargs: Any
+) -> Any:
+    """The train task inside a DAG definition; returns its result (an XComArg: the candidate's
+    report). On ``prod`` a KubernetesPodOperator runs the training entry point in the training
+    image with the Job's pod template (decided at parse time, like the syncs); elsewhere the same
+    entry point runs in the worker's process."""
+    from stripe_platform.config import load_settings
+
+    settings = settings or load_settings()
+    if settings.profile == "prod":
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        pod = training_pod()
+        operator = KubernetesPodOperator(
+            task_id=task_id,
+            name="fraud-training",
+            namespace=pod["metadata"]["namespace"],
+            pod_template_dict=pod,
+            base_container_name=pod["spec"]["containers"][0]["name"],
+            arguments=["train", "--result", XCOM_RESULT],
+            do_xcom_push=True,
+            get_logs=True,
+            on_finish_action="delete_succeeded_pod",
+            # The node group may scale up from zero: minutes before the pod starts.
+            startup_timeout_seconds=900,
+            deferrable=True,
+            xcom_sidecar_container_security_context=RESTRICTED_CONTAINER,
+            **kwargs,
+        )
+        return operator.output
+    from airflow.sdk import task
+
+    return task(task_id=task_id, **kwargs)(_train_in_process)()
+
+
 # -- the scoring DAG's job --------------------------------------------------------------------------------
 def score_batch(settings: Settings) -> dict[str, Any]:
     from stripe_platform.ml.score import score_platform
