@@ -130,6 +130,7 @@ def test_keyed_finds_use_the_backend_gin_index_on_ferretdb(ferret, settings):
     by_field = dict(entry.split(": ") for entry in report.backend_indexes)
     assert set(gin) == set(by_field.values())
     assert "jsonb_path_ops" in gin[by_field["transaction_id"]]
+    assert "fastupdate=off" in gin[by_field["transaction_id"]]  # no pending list after a load
     assert all(len(name) <= 63 for name in gin)
     # An update runs the same backend query as a find (FerretDB's msg_update.go passes its filter
     # to the same Query); FerretDB does not explain updates (it answers with an unfiltered scan),

@@ -109,9 +109,13 @@ def ensure_keyed_indexes(
                 (database, name),
             ).fetchone()
             if not exists:
+                # fastupdate off: the index is made on an empty table before a bulk load, and
+                # with GIN's pending list every entry of that load would wait there, scanned by
+                # each keyed lookup until a vacuum (measured: 200,000 pending, 77-100 lookups/s).
                 conn.execute(
                     sql.SQL(
-                        "CREATE INDEX IF NOT EXISTS {} ON {} USING gin ((_jsonb -> {}) jsonb_path_ops)"
+                        "CREATE INDEX IF NOT EXISTS {} ON {} USING gin ((_jsonb -> {}) "
+                        "jsonb_path_ops) WITH (fastupdate = off)"
                     ).format(
                         sql.Identifier(name), sql.Identifier(database, table), sql.Literal(field)
                     )
