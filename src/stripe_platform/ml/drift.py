@@ -20,9 +20,9 @@ drift verdict triggers retraining) writes, under ``<home>/ml/drift/<UTC time>/``
 HTML report (``report.html``) and the JSON verdict (``verdict.json``), and copies the verdict to
 ``<home>/ml/drift/latest.json``. Files are written whole (a temporary file renamed), never half.
 
-The reference is the champion's training period (the split its run recorded, the ``split.json``
-document), recomputed from the platform's PostgreSQL: the labelled history the model was trained
-on is still there. A champion trained from a user's file (``ml train --transactions``) has no
+The reference is the champion's training period (the version's ``train_start`` and ``train_end``
+tags), recomputed from the platform's PostgreSQL: the history the model was trained on is still
+there. A champion trained from a user's file (``ml train --transactions``) has no
 such period on the platform: the check refuses it with a clear error.
 """
 
@@ -331,47 +331,43 @@ def latest_payment_time(settings: Settings) -> dt.datetime | None:
     return None if row is None else row[0]
 
 
+PLATFORM_SOURCE = "PostgreSQL database"  # how the contract names the platform's data
+
+
 def champion_training_period(settings: Settings) -> tuple[dict[str, str], dt.datetime, dt.datetime]:
-    """The champion (name, version) and its training period, from its run's ``split.json``."""
+    """The champion (name, version) and its training period (UTC days, end excluded), as its
+    version records them (tags ``train_start``, ``train_end``; the run's ``data_source``)."""
     from stripe_platform.ml import registry as reg
 
     registry = reg.Registry.from_settings(settings)
     registry.check()
     version = registry.require_champion(settings.ml_model_name)
+    label = f"{version.name} version {version.version}"
     model = {"name": version.name, "version": str(version.version)}
-    split = _run_document(registry, version.run_id, "split.json")
-    source = _run_document(registry, version.run_id, "data.json") or {}
-    if str(source.get("source", "PostgreSQL")).endswith(".parquet") or source.get("file"):
+    tags = version.tags or {}
+    from mlflow.exceptions import MlflowException
+
+    try:
+        source = registry.client().get_run(version.run_id).data.tags.get("data_source", "")
+    except MlflowException as exc:
+        raise reg.RegistryError(f"reading the run of {label} failed: {exc.message}") from exc
+    if not source.startswith(PLATFORM_SOURCE):
         raise DriftError(
-            f"the champion ({version.name} version {version.version}) was trained from a file "
-            f"({source.get('source') or source.get('file')}): its training payments are not on "
-            "the platform to compare with; retrain it on the platform's data or compare files"
+            f"the champion ({label}) was trained on {source or 'data it did not record'}, not "
+            "the platform's: its training payments are not here to compare with; retrain it on "
+            "the platform's data (stripe-platform ml train)"
         )
-    if not split or "train_start" not in split or "train_end" not in split:
+    if "train_start" not in tags or "train_end" not in tags:
         raise DriftError(
-            f"the champion ({version.name} version {version.version}) recorded no training "
-            "period (split.json in its run): retrain it with `stripe-platform ml train`"
+            f"the champion ({label}) records no training period (version tags train_start, "
+            "train_end): retrain it with `stripe-platform ml train`"
         )
-    start = _day(split["train_start"])
-    end = _day(split["train_end"])
-    return model, start, end
+    return model, _day(tags["train_start"]), _day(tags["train_end"])
 
 
 def _day(text: str) -> dt.datetime:
     day = dt.date.fromisoformat(str(text)[:10])
     return dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
-
-
-def _run_document(registry: Any, run_id: str, name: str) -> dict[str, Any] | None:
-    """A JSON document a run logged, or None when it has none."""
-    import mlflow.artifacts
-    from mlflow.exceptions import MlflowException
-
-    with registry.active():
-        try:
-            return mlflow.artifacts.load_dict(f"runs:/{run_id}/{name}")
-        except (MlflowException, OSError):
-            return None
 
 
 def check_platform_drift(

@@ -71,38 +71,23 @@ class ScoringError(PlatformError, ValueError):
 class Scorer:
     """The champion, ready to score feature frames."""
 
-    model_name: str
-    version: str
-    feature_version: str
+    loaded: LoadedModel
     threshold: float
-    model: Any  # the flavor's own model (LightGBM) or, failing that, the pyfunc model
 
     @classmethod
     def from_loaded(cls, loaded: LoadedModel) -> Scorer:
-        from stripe_platform.ml.registry import TAG_FEATURE_VERSION
-
-        raw: Any
-        try:
-            raw = loaded.raw
-        except Exception:  # a pyfunc without a flavor object: predict through pyfunc
-            raw = loaded.model
         threshold = float(loaded.tags.get(THRESHOLD_TAG, DEFAULT_THRESHOLD))
         if not 0 <= threshold <= 1:
             raise ScoringError(
                 f"{loaded.model_name} version {loaded.version}: {THRESHOLD_TAG} {threshold} is "
                 "not a probability"
             )
-        return cls(
-            loaded.model_name,
-            loaded.version,
-            loaded.tags.get(TAG_FEATURE_VERSION, "unknown"),
-            threshold,
-            raw,
-        )
+        return cls(loaded, threshold)
 
     @classmethod
     def champion(cls, settings: Settings) -> Scorer:
-        """``models:/<ml_model_name>@champion``, its feature version checked."""
+        """``models:/<ml_model_name>@champion``, refused when its recorded features differ from
+        the code's (FeatureMismatch)."""
         from stripe_platform.ml import registry as reg
 
         registry = reg.Registry.from_settings(settings)
@@ -110,23 +95,30 @@ class Scorer:
         return cls.from_loaded(reg.load_champion(registry, settings.ml_model_name))
 
     @property
+    def model_name(self) -> str:
+        return self.loaded.model_name
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    @property
+    def feature_version(self) -> str:
+        from stripe_platform.ml.registry import TAG_FEATURE_VERSION
+
+        return self.loaded.tags.get(TAG_FEATURE_VERSION, "unknown")
+
+    @property
     def label(self) -> str:
         return f"{self.model_name} version {self.version}"
 
     def scores(self, features: pd.DataFrame) -> np.ndarray:
         """Fraud probabilities (float64 in [0, 1]) for a frame with the model's feature columns."""
+        from stripe_platform.ml.train import model_scores
+
         if features.empty:
             return np.empty(0, np.float64)
-        values = np.ascontiguousarray(features.to_numpy(np.float64))
-        model = self.model
-        if hasattr(model, "predict_proba"):  # scikit-learn API
-            out = model.predict_proba(values)[:, 1]
-        elif type(model).__name__ == "Booster":  # LightGBM's native model: the fastest path
-            out = model.predict(values)
-        else:
-            out = model.predict(features)
-            out = out.to_numpy() if hasattr(out, "to_numpy") else np.asarray(out)
-        out = np.asarray(out, np.float64).reshape(-1)
+        out = model_scores(self.loaded, features)
         if len(out) != len(features) or not np.all((out >= 0) & (out <= 1)):
             raise ScoringError(f"{self.label} does not return one probability per payment")
         return out

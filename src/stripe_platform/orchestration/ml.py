@@ -10,14 +10,16 @@ Training, weekly (``ml_fraud_training``)::
 - :func:`retrain_needed`: retrain on a drift verdict, when there is no champion yet (or it can no
   longer be compared), or when the run asks for it (``force``); otherwise the run stops there.
 - :func:`train_candidate`: **the training entry point**, the same on every profile: train on the
-  platform's data, log and register a candidate version, and evaluate it and the champion on the
-  same held-back period (``stripe_platform.ml.train.train_fraud`` without promotion). On
+  platform's data, evaluate the candidate beside the champion and the rules on the same held-back
+  period, log and register it (``stripe_platform.ml.train.train_fraud``, its promotion left to
+  the promote task). On
   ``embedded`` it runs in the Airflow worker's process; on ``prod`` a KubernetesPodOperator runs it
   in the training image (deploy/training.Dockerfile) with the Job's pod template
   (deploy/k8s/training-job.yaml): ``python -m stripe_platform.orchestration.ml train --result
   /airflow/xcom/return.json``, whose JSON the next task reads.
-- :func:`gate`: the promotion gate (:func:`stripe_platform.ml.registry.decide`): the candidate must
-  beat the champion on the held-back period; a worse one stops the run, nothing promoted.
+- :func:`gate`: the promotion gate (``train_fraud``'s decision, :func:`stripe_platform.ml.registry.
+  decide`): the candidate must beat the champion on the held-back period; a worse one stops the
+  run, nothing promoted.
 - :func:`promote`: moves ``models:/fraud@champion`` to the candidate, unless the champion changed
   since the candidate was compared with it (then nothing moves and the task fails: retrain).
 
@@ -189,27 +191,35 @@ def retrain_needed(verdict: Mapping[str, Any], *, force: bool = False) -> tuple[
     return False, f"no retraining: {verdict.get('reason')}"
 
 
+def _deferred_registry(settings: Settings) -> Any:
+    """The settings' registry, except that moving the champion alias is left to the DAG's promote
+    task: ``train_fraud`` decides (its gate) but does not act."""
+    from stripe_platform.ml.registry import Registry
+
+    class DeferredPromotion(Registry):
+        def promote(self, model_name: str, version: str) -> None:
+            return None
+
+    base = Registry.from_settings(settings)
+    return DeferredPromotion(base.tracking_uri, base.artifact_location, base.local_dir)
+
+
 def train_candidate(settings: Settings) -> dict[str, Any]:
-    """The training entry point: a registered candidate, evaluated beside the champion on the
-    same held-back period, not promoted (the gate and promote tasks decide)."""
+    """The training entry point: train on the platform's data, evaluate the candidate beside the
+    champion and the rules on the same held-back period, log and register it, and decide the
+    gate (``passed_gate``, ``gate_reason``); the alias is moved by :func:`promote`."""
     from stripe_platform.ml.train import train_fraud
 
-    return train_fraud(settings, promote=False).as_dict()
+    report = train_fraud(settings, registry=_deferred_registry(settings)).as_dict()
+    report["passed_gate"] = report.pop("promoted")
+    report["promoted"] = False
+    return report
 
 
 def gate(candidate: Mapping[str, Any]) -> tuple[bool, str]:
-    """The promotion gate on the candidate's report (its metric and the champion's, measured on
-    the same held-back payments)."""
-    from stripe_platform.ml.registry import decide
-
-    decision = candidate["decision"]
-    checked = decide(
-        decision["candidate"],
-        decision["champion"],
-        metric=decision["metric"],
-        champion_version=candidate.get("champion_version"),
-    )
-    return checked.promote, checked.reason
+    """The promotion gate's verdict on the candidate (decided in training, on average precision
+    over held-back payments neither model trained on)."""
+    return bool(candidate["passed_gate"]), str(candidate["gate_reason"])
 
 
 def promote(settings: Settings, candidate: Mapping[str, Any]) -> dict[str, Any]:
