@@ -4,8 +4,9 @@ Where: on the ``embedded`` profile the platform home keeps its own store, a SQLi
 ``<home>/mlflow/mlflow.db`` (runs, params, metrics, registered models, aliases) and the artifacts
 (the model files) under ``<home>/mlflow/artifacts``; no server runs. ``mlflow_tracking_uri``
 (``STRIPE_PLATFORM_MLFLOW_TRACKING_URI``) names another store instead: an MLflow tracking server
-(``http://host:5000``, which keeps its own artifacts) or a database URI. The same URI serves as
-tracking and registry store.
+(``http://host:5000``, which keeps its own artifacts) or a database URI (its artifacts beside a
+SQLite file, else under ``<home>/mlflow/artifacts``). The same URI serves as tracking and
+registry store.
 
 What is generic (any model name: the fraud model, later the log anomaly model):
 
@@ -141,9 +142,19 @@ class Registry:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
-        if settings.mlflow_tracking_uri is not None:
-            return cls(settings.mlflow_tracking_uri.get_secret_value())
         root = settings.home_dir / "mlflow"
+        if settings.mlflow_tracking_uri is not None:
+            uri = settings.mlflow_tracking_uri.get_secret_value()
+            scheme = urlsplit(uri).scheme
+            if scheme in ("http", "https"):
+                return cls(uri)  # the server keeps the artifacts
+            # A database URI has no artifact store: MLflow would write to ./mlruns wherever the
+            # process runs. A SQLite file keeps them beside it, another database in the home.
+            if scheme == "sqlite" and uri.startswith("sqlite:///"):
+                artifacts = Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
+            else:
+                artifacts = root / "artifacts"
+            return cls(uri, artifact_location=artifacts.as_uri())
         return cls(
             f"sqlite:///{root / 'mlflow.db'}",
             artifact_location=(root / "artifacts").as_uri(),

@@ -194,7 +194,8 @@ class TrainResult:
     version: str
     run_id: str
     model_uri: str
-    promoted: bool
+    promoted: bool  # the champion alias now points at this version
+    passed_gate: bool  # it beat the champion (promoted unless train_fraud(promote=False))
     gate_reason: str
     source: str
     rows: int
@@ -275,13 +276,15 @@ def train_fraud(
     num_boost_round: int = NUM_BOOST_ROUND,
     feature_columns: list[str] | None = None,
     registry: Registry | None = None,
+    promote: bool = True,
 ) -> TrainResult:
     """Train, evaluate, log, register and gate the fraud model (see the module's docstring).
 
     ``transactions``: canonical transactions, a parquet file's path, or None for the platform's
     PostgreSQL. ``model_name``: default ``settings.ml_model_name``. ``feature_columns`` trains on
     a subset of the features (the others are given to the model as missing; for experiments).
-    Raises before writing anything on bad data, an impossible split or an unreachable store.
+    ``promote=False`` decides the gate (``passed_gate``) but leaves the alias where it is, for a
+    caller that moves it later (the DAG's promote task). Raises before writing anything on bad data, an impossible split or an unreachable store.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -357,9 +360,9 @@ def train_fraud(
             metric=GATE_METRIC,
             champion_version=None if champion_version is None else str(champion_version.version),
         )
-        promote, reason = decision.promote, decision.reason
+        passed, reason = decision.promote, decision.reason
     else:
-        promote = False
+        passed = False
         reason = (
             f"no test payment after champion version {champion_version.version}'s training "
             "holds both a fraud and a legitimate payment: nothing to compare on, the champion "
@@ -421,18 +424,25 @@ def train_fraud(
         feature_names=FEATURE_NAMES,
     )
     t = lap("register", t)
-    if promote:
+    promoted = passed and promote
+    if promoted:
         registry.promote(name, registered.version)
-    registry.set_version_tag(
-        name, registered.version, "gate", ("promoted: " if promote else "not promoted: ") + reason
+    verdict = (
+        "promoted"
+        if promoted
+        else "passed, promotion left to the caller"
+        if passed
+        else ("not promoted")
     )
+    registry.set_version_tag(name, registered.version, "gate", f"{verdict}: {reason}")
     lap("promote", t)
     return TrainResult(
         model_name=name,
         version=registered.version,
         run_id=registered.run_id,
         model_uri=f"models:/{name}/{registered.version}",
-        promoted=promote,
+        promoted=promoted,
+        passed_gate=passed,
         gate_reason=reason,
         source=data.source,
         rows=data.num_rows,
