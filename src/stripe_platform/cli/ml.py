@@ -142,3 +142,84 @@ def ml_evaluate(
         f"model: {escape(report['model_name'])} version {report['version']} (champion); "
         f"average precision {report['ap_ratio']:.2f}x the rules'"
     )
+
+
+@command(ml_app, "score")
+def ml_score(
+    transactions: Annotated[
+        Path | None,
+        typer.Option(
+            "--transactions",
+            help="A parquet file to score (the contract in docs/ml.md, label optional) instead "
+            "of the platform's payments",
+            dir_okay=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the file's scores (parquet); with --transactions only"),
+    ] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Score with the champion: the platform's payments not scored yet (FraudScore and the
+    Transaction documents' AnomalyScore/isFraud; a re-run writes nothing twice), or a file."""
+    from stripe_platform.ml.score import score_file, score_platform
+
+    if (transactions is None) != (output is None):
+        raise typer.BadParameter("--transactions and --output go together")
+    if transactions is not None and output is not None:
+        report: Any = score_file(settings(), transactions, output)
+        summary = (
+            f"scored {report.rows:,} payments of {escape(report.source)} with "
+            f"{escape(report.model_name)} version {report.model_version}: "
+            f"{report.flagged:,} flagged (score >= {report.threshold:g}) -> {escape(report.output)}"
+        )
+    else:
+        report = score_platform(settings())
+        summary = (
+            f"{escape(report.model_name)} version {report.model_version}: scored "
+            f"{report.scored:,} payments ({report.flagged:,} flagged, score >= "
+            f"{report.threshold:g}; {report.already_scored:,} scored before), "
+            f"{report.documents_updated:,} Transaction documents updated "
+            f"({report.documents_missing:,} payments have none), {report.seconds_total:.1f}s"
+        )
+    if as_json:
+        console.print_json(data=report.as_dict())
+        return
+    for note in getattr(report, "notes", []):
+        console.print(f"note: {escape(note)}")
+    console.print(summary)
+
+
+@command(ml_app, "drift")
+def ml_drift(
+    window_days: Annotated[
+        int, typer.Option(min=1, help="Days of the latest payments compared with the training")
+    ] = 7,
+    as_json: AsJson = False,
+) -> None:
+    """Compare the latest window of payments' features with the champion's training payments
+    (Evidently): an HTML report and a JSON verdict under the platform home."""
+    from stripe_platform.ml.drift import check_platform_drift
+
+    verdict = check_platform_drift(settings(), window_days=window_days)
+    if as_json:
+        console.print_json(data=verdict.as_dict())
+        return
+    console.print(verdict.summary())
+    if verdict.drifted_features:
+        console.print(f"drifted: {', '.join(verdict.drifted_features)}")
+    console.print(f"report: {verdict.html_path}\nverdict: {verdict.json_path}")
+
+
+@command(ml_app, "manifests")
+def ml_manifests(
+    values: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="name=value over deploy/k8s/values.yaml (repeatable)"),
+    ] = None,
+) -> None:
+    """Print the training Job's Kubernetes manifests (deploy/k8s), for `kubectl apply -f -`."""
+    from stripe_platform.orchestration.ml import parse_overrides, render_yaml
+
+    console.print(render_yaml(parse_overrides(values or [])), end="")
