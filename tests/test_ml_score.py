@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from ml_data import seed_transactions
 from ml_platform import ROUNDS, SPLIT, ml_settings, seeded_platform, train_champion
 from stripe_platform.cli import app
+from stripe_platform.config import get_settings
 from stripe_platform.ml.contract import (
     MissingColumn,
     load_platform_transactions,
@@ -219,11 +220,15 @@ def test_bad_files_and_outputs_are_refused_and_nothing_is_written(
         "STRIPE_PLATFORM_ML_MODEL_NAME": "fraud_file",
     }
     args = ["ml", "score", "--transactions", str(tmp_path / "no_amount.parquet")]
-    done = CliRunner().invoke(app, [*args, "--output", str(out)], env=env)
-    assert done.exit_code == 1
-    assert "required column 'amount' is missing" in done.stderr
-    assert "Traceback" not in done.output + done.stderr
-    done = CliRunner().invoke(app, args, env=env)
+    get_settings.cache_clear()  # the CLI's settings come from this environment
+    try:
+        done = CliRunner().invoke(app, [*args, "--output", str(out)], env=env)
+        assert done.exit_code == 1
+        assert "required column 'amount' is missing" in done.stderr
+        assert "Traceback" not in done.output + done.stderr
+        done = CliRunner().invoke(app, args, env=env)
+    finally:
+        get_settings.cache_clear()
     assert done.exit_code == 2 and "--transactions and --output go together" in done.stderr
     assert not out.exists()
 
