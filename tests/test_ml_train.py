@@ -447,9 +447,7 @@ def test_an_empty_test_period_fails_training_before_anything_is_written(shared, 
             shared,
             transactions=seed_tx,
             model_name="empty-test",
-            split=SplitSpec(
-                train_start=dt.date(2025, 6, 1), train_days=220
-            ),  # test from 2026-01-14
+            split=SplitSpec(train_start=dt.date(2025, 6, 1), train_days=220),  # test: 2026-01-14..
         )
     assert "empty-test" not in registered_names(shared)
 
