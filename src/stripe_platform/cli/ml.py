@@ -105,8 +105,14 @@ def ml_train(
         console.print(f"note: {escape(note)}")
     _show_split(report)
     console.print(_metrics_line("candidate", report["metrics"]))
-    if report["champion_metrics"] is not None:
-        console.print(_metrics_line("champion", report["champion_metrics"]))
+    champion, mine = report["champion_metrics"], report["gate_metrics"]
+    if champion is not None and champion["transactions"] == report["metrics"]["transactions"]:
+        console.print(_metrics_line("champion", champion))
+    elif champion is not None:
+        # The gate compared on the test payments the champion did not train on (a note says).
+        console.print(f"the gate's {champion['transactions']:,} payments:")
+        console.print(_metrics_line("candidate", mine))
+        console.print(_metrics_line("champion", champion))
     console.print(_metrics_line("rules", report["rules_metrics"]))
     console.print(
         f"registered {escape(report['model_name'])} version {report['version']} "
