@@ -11,8 +11,8 @@ Training, weekly (``ml_fraud_training``)::
   longer be compared), or when the run asks for it (``force``); otherwise the run stops there.
 - :func:`train_candidate`: **the training entry point**, the same on every profile: train on the
   platform's data, evaluate the candidate beside the champion and the rules on the same held-back
-  period, log and register it (``stripe_platform.ml.train.train_fraud``, its promotion left to
-  the promote task). On
+  period, log and register it (``stripe_platform.ml.train.train_fraud(promote=False)``: the
+  promote task moves the alias). On
   ``embedded`` it runs in the Airflow worker's process; on ``prod`` a KubernetesPodOperator runs it
   in the training image (deploy/training.Dockerfile) with the Job's pod template
   (deploy/k8s/training-job.yaml): ``python -m stripe_platform.orchestration.ml train --result
@@ -191,29 +191,13 @@ def retrain_needed(verdict: Mapping[str, Any], *, force: bool = False) -> tuple[
     return False, f"no retraining: {verdict.get('reason')}"
 
 
-def _deferred_registry(settings: Settings) -> Any:
-    """The settings' registry, except that moving the champion alias is left to the DAG's promote
-    task: ``train_fraud`` decides (its gate) but does not act."""
-    from stripe_platform.ml.registry import Registry
-
-    class DeferredPromotion(Registry):
-        def promote(self, model_name: str, version: str) -> None:
-            return None
-
-    base = Registry.from_settings(settings)
-    return DeferredPromotion(base.tracking_uri, base.artifact_location, base.local_dir)
-
-
 def train_candidate(settings: Settings) -> dict[str, Any]:
     """The training entry point: train on the platform's data, evaluate the candidate beside the
     champion and the rules on the same held-back period, log and register it, and decide the
     gate (``passed_gate``, ``gate_reason``); the alias is moved by :func:`promote`."""
     from stripe_platform.ml.train import train_fraud
 
-    report = train_fraud(settings, registry=_deferred_registry(settings)).as_dict()
-    report["passed_gate"] = report.pop("promoted")
-    report["promoted"] = False
-    return report
+    return train_fraud(settings, promote=False).as_dict()
 
 
 def gate(candidate: Mapping[str, Any]) -> tuple[bool, str]:
