@@ -17,6 +17,17 @@ is a SpecError, never ignored.
 What it does not cover: writes from outside the platform's code (a mongosh user on FerretDB is
 not checked), and an update is checked on what it sets (each ``$set`` value against the schema at
 its path, ``$unset`` against ``required``), not on the whole document after it as MongoDB does.
+
+Setting fields by key (:func:`set_fields`) is the platform's one way to write "these fields on
+these documents", fraud scores into Transaction documents by ``transaction_id`` among them. On
+FerretDB v1 an update command costs one PostgreSQL statement, transaction and pooled connection
+per document (a few hundred documents/s; ``docstore/ferretdb.py``), so on the embedded FerretDB,
+whose PostgreSQL the platform reaches, the fields are written set-based: one UPDATE per chunk of
+keys, straight into FerretDB's table, in its stored form (:func:`ferretdb.set_fields`). Elsewhere
+(MongoDB, or a FerretDB at ``MONGODB_URI``) they go as ``UpdateOne`` requests through
+:func:`ferretdb.bulk_write`. Both paths check everything first (the values' types, then the
+validator on every server), so a refused value leaves nothing written, and both give the same
+documents and report the same matched count and missing keys.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from jsonschema.exceptions import best_match
 from pymongo import DeleteMany, DeleteOne, InsertOne, ReplaceOne, UpdateMany, UpdateOne
 
+from stripe_platform.config import Settings
 from stripe_platform.docstore import ferretdb
 from stripe_platform.docstore.client import server_kind
 from stripe_platform.docstore.specs import CollectionSpec, SpecError, load_specs
@@ -226,6 +238,9 @@ class CollectionValidator:
         self.collection = collection
         self.schema = to_json_schema(validator["$jsonSchema"], f"{collection}.$jsonSchema")
         self._validator = BsonValidator(self.schema)
+        # per $set path: the compiled checker of the schema there (None: nothing constrains it);
+        # compiling one costs more than checking a value with it
+        self._set_checkers: dict[str, Any] = {}
 
     def refusal(self, document: Mapping[str, Any], what: str) -> DocumentRefused | None:
         """None when the document is valid, else the error to raise."""
@@ -259,13 +274,7 @@ class CollectionValidator:
             )
         for operator, fields in update.items():
             if operator in ("$set", "$setOnInsert"):
-                for path, value in fields.items():
-                    schema = self._schema_at(path, what)
-                    if schema is None:
-                        continue
-                    checker = BsonValidator(schema)
-                    if not checker.is_valid(value):
-                        raise self._refusal(checker, value, what, prefix=path)
+                self.check_set(fields, what)
             elif operator == "$unset":
                 for path in fields:
                     parent, _, name = path.rpartition(".")
@@ -280,6 +289,19 @@ class CollectionValidator:
                     f"{what}: the update operator {operator} cannot be checked against the "
                     f"{self.collection} validator here (FerretDB does not enforce it); use $set"
                 )
+
+    def check_set(self, fields: Mapping[str, Any], what: str) -> None:
+        """Each value of a ``$set`` against the schema at its path."""
+        for path, value in fields.items():
+            if path in self._set_checkers:
+                checker = self._set_checkers[path]
+            else:
+                schema = self._schema_at(path, what)  # raises for a path the schema forbids
+                checker = self._set_checkers[path] = (
+                    None if schema is None else BsonValidator(schema)
+                )
+            if checker is not None and not checker.is_valid(value):
+                raise self._refusal(checker, value, what, prefix=path)
 
     def _schema_at(self, path: str, what: str) -> dict[str, Any] | None:
         """The schema that constrains the value at a dotted path; None when nothing does."""
@@ -372,3 +394,99 @@ def bulk_write(
     if enforced_by_application(collection.database):
         check_requests(collection.name, requests)
     return ferretdb.bulk_write(collection, requests, ordered=ordered)
+
+
+def set_fields(
+    db: Any,
+    settings: Settings,
+    collection: str,
+    key_field: str,
+    updates: Iterable[tuple[Any, Mapping[str, Any]]],
+    *,
+    chunk_size: int = ferretdb.SET_FIELDS_CHUNK,
+    writers: int = ferretdb.SET_FIELDS_WRITERS,
+) -> ferretdb.SetFieldsResult:
+    """Set fields on the documents of ``collection`` keyed by ``key_field``: ``updates`` is a
+    sequence of ``(key, {field: value})``, one per document, values of simple BSON types (double,
+    bool, int, long, string, date, null). Returns the documents matched and the keys no document
+    has (``missing``, in the order given).
+
+    Everything is checked before anything is written: the key field (``_id`` or a field with a
+    unique index: one document per key), the keys (numbers, strings or ObjectIds, each once), the
+    field names and value types (``ferretdb.FieldUpdateRefused``), then each value against the
+    collection's validator (``DocumentRefused``). On the embedded FerretDB the write is set-based
+    in its backend (:func:`ferretdb.set_fields`: ``chunk_size`` keys an UPDATE and a transaction,
+    ``writers`` connections); elsewhere ``UpdateOne`` requests (:func:`ferretdb.bulk_write`: at
+    most 40 a command on FerretDB, ``chunk_size`` a call on MongoDB). Either way a failure after
+    the checks leaves the chunks before it written, and a re-run writes the same values again."""
+    prepared = ferretdb.prepare_field_updates(key_field, updates)
+    _check_unique_key(db[collection], key_field)
+    validator = validator_for(collection)
+    if validator is not None:
+        for item in prepared.items:
+            validator.check_set(item.fields, f"set_fields on {collection} {key_field}={item.key!r}")
+    if server_kind(db) == "ferretdb" and settings.mongodb_uri is None:
+        # the embedded FerretDB: its PostgreSQL is the platform's (as apply_specs decides)
+        return ferretdb.set_fields(
+            settings,
+            db.name,
+            collection,
+            key_field,
+            prepared,
+            chunk_size=chunk_size,
+            writers=writers,
+        )
+    return _set_fields_by_commands(db[collection], prepared, chunk_size)
+
+
+def _check_unique_key(collection: Any, key_field: str) -> None:
+    if key_field == "_id":
+        return
+    for index in collection.index_information().values():
+        if index.get("unique") and [k for k, _ in index["key"]] == [key_field]:
+            return
+    raise ferretdb.FieldUpdateRefused(
+        f"{collection.name}.{key_field} has no unique index: set_fields keys one document per "
+        "key, by _id or a field with a unique index (is the collection there and its spec "
+        "applied?)"
+    )
+
+
+def _set_fields_by_commands(
+    collection: Any, prepared: ferretdb.FieldUpdates, chunk_size: int
+) -> ferretdb.SetFieldsResult:
+    """``UpdateOne`` requests; a slice whose matched count falls short is looked up key by key
+    to name its missing keys (FerretDB pushes down only an equality, not ``$in``)."""
+    key_field = prepared.key_field
+    on_ferretdb = server_kind(collection.database) == "ferretdb"
+    size = ferretdb.MAX_UPDATES_PER_COMMAND if on_ferretdb else max(1, chunk_size)
+    result = ferretdb.SetFieldsResult(path="protocol")
+    items = prepared.items
+    for start in range(0, len(items), size):
+        piece = items[start : start + size]
+        counts = ferretdb.bulk_write(
+            collection,
+            [UpdateOne({key_field: i.key}, {"$set": i.fields}) for i in piece],
+            ordered=False,
+        )
+        result.statements += counts.commands
+        result.matched += counts.matched
+        if counts.matched < len(piece):
+            keys = [i.key for i in piece]
+            if on_ferretdb:
+                found = [k for k in keys if collection.find_one({key_field: k}, {"_id": 1})]
+            else:
+                found = [
+                    d[key_field]
+                    for d in collection.find({key_field: {"$in": keys}}, {key_field: 1})
+                ]
+            present = {_key_identity(k) for k in found}
+            result.missing += [k for k in keys if _key_identity(k) not in present]
+    return result
+
+
+def _key_identity(key: Any) -> tuple[str, Any]:
+    # 5, 5.0 and Int64(5) are one key; the string "5" and an ObjectId are others.
+    if isinstance(key, int | float) and not isinstance(key, bool):
+        return ("number", key)
+    return (type(key).__name__, key)
