@@ -41,6 +41,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     features_s: list[float] = []
     training: list[dict[str, Any]] = []
     scoring: list[dict[str, float]] = []
-    quality: dict[str, Any] | None = None
+    quality: list[dict[str, Any]] = []
     for run in range(args.runs):
         started = time.perf_counter()
         frame = batch_features(transactions)
@@ -164,13 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             training.append({"seconds": wall, "store_create_s": store_s, "timings": result.timings})
             print(f"run {run + 1}: training {wall:.1f} s {result.timings}", flush=True)
             report = result.as_dict()
-            quality = {
-                "split": report["split"],
-                "model": report["metrics"],
-                "rules": report["rules_metrics"],
-                "ap_ratio": report["ap_ratio"],
-                "model_version": result.version,
-            }
+            quality.append(
+                {
+                    "split": report["split"],
+                    "model": report["metrics"],
+                    "rules": report["rules_metrics"],
+                    "ap_ratio": report["ap_ratio"],
+                }
+            )
 
             started = time.perf_counter()
             scorer = Scorer.from_loaded(load_champion(registry, settings.ml_model_name))
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "feature_version": FEATURE_VERSION,
         "features_count": len(FEATURE_NAMES),
         "num_boost_round": rounds,
-        "goals": GOALS,
+        "goals": {**GOALS, **scaled_goals(n)},
         "setup": {
             "imports_s": imports_s,
             "generation_s": generation_s,
@@ -222,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "load_average_at_start": load_start,
             "load_average_at_end": os.getloadavg(),
+            # Linux reports kilobytes: the process's peak memory over the whole benchmark.
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         },
     }
     out = args.output or RESULTS / f"ml-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}.json"
@@ -232,25 +236,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def goals_for(result: dict[str, Any]) -> dict[str, float]:
-    """The goals in this run's terms: the seconds ones scaled to the payments measured."""
-    share = result["transactions"] / MILLION
-    goals = result["goals"]
+def scaled_goals(transactions: int) -> dict[str, float]:
+    """The goals in seconds for the payments measured (the issue's are for 1,000,000)."""
+    share = transactions / MILLION
     return {
-        "features_s": goals["features_s_per_million"] * share,
-        "training_s": goals["training_s_per_million"] * share,
-        "scoring_tx_per_s": goals["scoring_tx_per_s"],
-        "ap_ratio": goals["ap_ratio"],
+        "features_s": GOALS["features_s_per_million"] * share,
+        "training_s": GOALS["training_s_per_million"] * share,
     }
 
 
 def report_table(r: dict[str, Any]) -> str:
     """A short markdown table of the headline figures (run_all builds the full rows)."""
-    goals, n = goals_for(r), r["transactions"]
+    goals, n = r["goals"], r["transactions"]
     features = statistics.median(r["features"]["seconds"])
     training = statistics.median(t["seconds"] for t in r["training"])
     scoring = statistics.median(n / (s["features_s"] + s["predict_s"]) for s in r["scoring"])
-    q = r["quality"]
+    q = r["quality"][0]
     model, rules = q["model"], q["rules"]
 
     def verdict(met: bool) -> str:
