@@ -3,11 +3,14 @@ the brief's queries, the validators and the bulk-write helper, on the session's 
 
 import datetime as dt
 import threading
+import time
 
 import pymongo
 import pytest
-from bson import Decimal128, Int64, ObjectId
+from bson import CodecOptions, Decimal128, Int64, ObjectId
+from bson.raw_bson import RawBSONDocument
 from psycopg import sql
+from pydantic import SecretStr
 from pymongo import UpdateOne, monitoring
 from pymongo.errors import DuplicateKeyError, OperationFailure, WriteError
 
@@ -613,3 +616,227 @@ def test_maintenance_reports_and_repairs_a_dropped_backend_index(ferret, setting
         assert repaired["created"] == {"Transaction": [name]}
         assert conn.execute(gin_on_transaction_id, (ferret.name, table)).fetchall() == [(name,)]
     assert missing_indexes(ferret, settings=own) == {}
+
+
+# -- set_fields: fields by key, set-based on the embedded FerretDB --------------------------------------
+LATER = dt.datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=dt.UTC)
+TRANSACTION_FIELDS = [  # transaction()'s order, as inserted
+    "_id",
+    "transaction_id",
+    "transaction_status_id",
+    "merchant_id",
+    "amount",
+    "currency_id",
+    "device_id",
+    "customer_email",
+    "AnomalyScore",
+    "isFraud",
+    "timestamp",
+]
+
+
+def score_updates(ids) -> list:
+    """Existing fields (AnomalyScore null -> double, isFraud int, merchant_id int -> long,
+    device_id null -> null) and new ones of each simple type, given out of name order."""
+    return [
+        (
+            i,
+            {
+                "scored_at": LATER,
+                "AnomalyScore": i / 1_000,
+                "isFraud": 1,
+                "merchant_id": Int64(3_000_000_000 + i),
+                "reviewed": i % 2 == 0,
+                "model": "lgbm-3",
+                "device_id": None,
+                "model_version": 3,
+            },
+        )
+        for i in ids
+    ]
+
+
+def raw_documents(db) -> list[bytes]:
+    raw = db.Transaction.with_options(codec_options=CodecOptions(document_class=RawBSONDocument))
+    return [d.raw for d in raw.find().sort("_id", 1)]
+
+
+@pytest.fixture
+def via_protocol(ferret, settings):
+    """A second database on the same FerretDB reached through MONGODB_URI: its backend is out of
+    the platform's reach, so set_fields sends update commands there."""
+    own = settings.model_copy(
+        update={
+            "mongodb_uri": SecretStr(docstore.embedded_server(settings).uri()),
+            "mongodb_database": f"{ferret.name}_protocol",
+        }
+    )
+    db = docstore.connect(own)
+    yield db, own
+    db.client.drop_database(db.name)
+    db.client.close()
+
+
+def test_set_fields_on_the_backend_matches_update_commands(ferret, settings, via_protocol):
+    protocol_db, protocol_settings = via_protocol
+    docs = seed_transactions(60)
+    for db, own in ((ferret, settings), (protocol_db, protocol_settings)):
+        apply_specs(db, own)
+        db.Transaction.insert_many(docs)
+    updates = [*score_updates(range(2, 61, 2)), *score_updates([1_000, 999])]
+
+    done = validation.set_fields(ferret, settings, "Transaction", "transaction_id", updates)
+    assert (done.path, done.matched, done.missing, done.statements) == (
+        "backend",
+        30,
+        [1_000, 999],
+        1,
+    )
+
+    # Read back through pymongo: the values with their types, the old fields in place, the new
+    # ones appended in byte order of their names (FerretDB's $set sorts them).
+    ten = ferret.Transaction.find_one({"transaction_id": 10})
+    assert list(ten) == [*TRANSACTION_FIELDS, "model", "model_version", "reviewed", "scored_at"]
+    expected = {
+        "AnomalyScore": (0.01, float),
+        "isFraud": (1, int),
+        "merchant_id": (3_000_000_010, Int64),
+        "device_id": (None, type(None)),
+        "model": ("lgbm-3", str),
+        "model_version": (3, int),
+        "reviewed": (True, bool),
+        "scored_at": (LATER, dt.datetime),
+    }
+    assert {k: (ten[k], type(ten[k])) for k in expected} == expected
+    assert ferret.Transaction.find_one({"transaction_id": 11}) == docs[10]  # not in the updates
+    untouched = {
+        k: ten[k] for k in ("transaction_status_id", "amount", "customer_email", "timestamp")
+    }
+    assert untouched == {
+        "transaction_status_id": 2,
+        "amount": 12.5,
+        "customer_email": "a@example.com",
+        "timestamp": AT,
+    }
+    assert ferret.Transaction.count_documents({"isFraud": 1}) == 30  # a filter on the new values
+    assert ferret.Transaction.find_one({"scored_at": LATER, "transaction_id": 60})["reviewed"]
+
+    by_commands = validation.set_fields(
+        protocol_db, protocol_settings, "Transaction", "transaction_id", updates
+    )
+    assert (by_commands.path, by_commands.matched, by_commands.missing) == (
+        "protocol",
+        30,
+        [1_000, 999],
+    )
+    # FerretDB's own $set and the backend path stored the same documents, byte for byte.
+    written = raw_documents(ferret)
+    assert written == raw_documents(protocol_db)
+
+    again = validation.set_fields(ferret, settings, "Transaction", "transaction_id", updates)
+    assert (again.matched, again.missing) == (30, [1_000, 999])
+    assert raw_documents(ferret) == written  # a re-run changes nothing
+
+
+def test_set_fields_refuses_before_writing_anything(ferret, settings):
+    apply_specs(ferret, settings)
+    docs = seed_transactions(20)
+    ferret.Transaction.insert_many(docs)
+    good = [(i, {"AnomalyScore": 0.5, "isFraud": 0}) for i in range(1, 20)]
+
+    def refused(error, match, updates, key_field="transaction_id"):
+        with pytest.raises(error, match=match):
+            validation.set_fields(ferret, settings, "Transaction", key_field, updates)
+        assert list(ferret.Transaction.find().sort("_id", 1)) == docs
+
+    # the validator: AnomalyScore is at most 1, isFraud 0 or 1
+    refused(
+        validation.DocumentRefused,
+        "transaction_id=20.*'AnomalyScore'",
+        [*good, (20, {"AnomalyScore": 1.5})],
+    )
+    refused(validation.DocumentRefused, "'isFraud'", [*good, (20, {"isFraud": True})])
+    # what set_fields does not write
+    refused(ferretdb.FieldUpdateRefused, "Decimal128", [*good, (20, {"x": Decimal128("1")})])
+    refused(ferretdb.FieldUpdateRefused, "not a finite double", [*good, (20, {"x": float("inf")})])
+    refused(ferretdb.FieldUpdateRefused, "more than once", [*good, (1.0, {"isFraud": 1})])
+    refused(ferretdb.FieldUpdateRefused, "does not change '_id'", [(1, {"_id": 5})])
+    refused(ferretdb.FieldUpdateRefused, "top-level field name", [(1, {"a.b": 5})])
+    refused(ferretdb.FieldUpdateRefused, "a key is a number", [(AT, {"isFraud": 1})])
+    refused(ferretdb.FieldUpdateRefused, "has no unique index", good, key_field="merchant_id")
+
+
+def test_set_fields_joins_on_the_keys_gin_index(ferret, settings):
+    apply_specs(ferret, settings)
+    ferret.Transaction.insert_many(seed_transactions(2_000))
+    with ferretdb.backend_connection(settings) as conn:
+        table = ferretdb.backend_table(conn, ferret.name, "Transaction")
+        gin = ferretdb.gin_index_name(table, "transaction_id")
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(ferret.name, gin)))
+        conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(ferret.name, table)))
+    updates = [(i, {"AnomalyScore": 0.5, "isFraud": 1}) for i in range(1, 2_001, 7)]
+
+    done = validation.set_fields(ferret, settings, "Transaction", "transaction_id", updates)
+    assert done.matched == len(updates)  # and the missing index was made first
+    plan = plan_nodes(
+        ferretdb.explain_set_fields(settings, ferret.name, "Transaction", "transaction_id", updates)
+    )
+    assert ("Bitmap Index Scan", gin) in plan
+    assert ("Seq Scan", None) not in plan
+    assert ferret.Transaction.count_documents({"isFraud": 1}) == len(updates)
+
+
+def test_set_fields_rolls_back_a_chunk_whose_key_matches_two_documents(ferret, settings):
+    ferret.Merchant.insert_many([{"_id": n, "batch": min(n, 2), "rank": 0} for n in range(6)])
+    with pytest.raises(ferretdb.BackendError, match="batch=2 matches more than one document"):
+        ferretdb.set_fields(
+            settings, ferret.name, "Merchant", "batch", [(b, {"rank": 1}) for b in range(3)]
+        )
+    assert [d["rank"] for d in ferret.Merchant.find()] == [0] * 6
+
+
+def test_set_fields_waits_for_a_concurrent_writer_and_keeps_its_change(ferret, settings):
+    """The UPDATE locks rows like any: a writer holding a document's row (as FerretDB's own
+    UPDATE by _id does in its transaction) makes it wait, and it then writes over the committed
+    row, the writer's change kept."""
+    apply_specs(ferret, settings)
+    ferret.Transaction.insert_many(seed_transactions(5))
+    result: list = []
+    with ferretdb.backend_connection(settings) as writer:
+        table = sql.Identifier(
+            ferret.name, ferretdb.backend_table(writer, ferret.name, "Transaction")
+        )
+        with writer.transaction():
+            writer.execute(
+                sql.SQL(
+                    "UPDATE {} SET _jsonb = jsonb_set(_jsonb, '{{merchant_id}}', '42') "
+                    "WHERE _jsonb -> 'transaction_id' = '3'"
+                ).format(table)
+            )
+            backend_pid = writer.info.backend_pid
+            thread = threading.Thread(
+                target=lambda: result.append(
+                    validation.set_fields(
+                        ferret,
+                        settings,
+                        "Transaction",
+                        "transaction_id",
+                        [(i, {"AnomalyScore": 0.75, "isFraud": 1}) for i in range(1, 6)],
+                        writers=1,
+                    )
+                )
+            )
+            thread.start()
+            with ferretdb.backend_connection(settings) as watcher:
+                # observed, not timed: a session waits for a lock the writer holds
+                while not watcher.execute(
+                    "SELECT 1 FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))",
+                    (backend_pid,),
+                ).fetchone():
+                    assert thread.is_alive()
+                    time.sleep(0.01)
+            assert not result
+        thread.join()
+    assert result[0].matched == 5
+    three = ferret.Transaction.find_one({"transaction_id": 3})
+    assert (three["merchant_id"], three["AnomalyScore"], three["isFraud"]) == (42, 0.75, 1)
