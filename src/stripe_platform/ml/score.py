@@ -13,11 +13,13 @@
    ``IsFraud`` is the decision ``Score >= Threshold`` (the threshold the version records).
 3. The rows whose document is not written yet (``DocumentWrittenAt IS NULL``: these rows are the
    outbox of the document writes) set ``AnomalyScore`` and ``isFraud`` in the ``Transaction``
-   documents (the brief's shape, keyed by ``transaction_id``), checked against the collection's
-   validator and sent in commands of at most 40 updates (``docstore.validation.bulk_write``, which
-   FerretDB needs), each slice marked written in PostgreSQL once the document store acknowledged
-   it. A run interrupted between the two resumes with the slice in flight; a payment without a
-   document (the seed's documents may be a sample) is marked written with nothing to update.
+   documents (the brief's shape, keyed by ``transaction_id``) through the platform's one way to
+   set fields by key, ``docstore.validation.set_fields`` (every value checked against the
+   collection's validator first; on the embedded FerretDB set-based UPDATEs of its backend table,
+   elsewhere update commands, at most 40 a command on FerretDB), ``DOCUMENT_BATCH`` rows at a
+   time, each batch marked written in PostgreSQL once it is. A run interrupted between the two
+   writes that batch again (the same values); a payment without a document (the seed's documents
+   may be a sample) is marked written with nothing to update.
 
 Re-running scores nothing and writes nothing. A new champion version scores every payment again
 (its own rows): the documents then carry the newest champion's scores, and ``FraudScore`` keeps
@@ -57,7 +59,7 @@ if TYPE_CHECKING:
 
 THRESHOLD_TAG = "decision_threshold"
 DEFAULT_THRESHOLD = 0.5  # without a recorded threshold: flagged when fraud is likelier than not
-DOCUMENT_SLICE = 40  # = MAX_UPDATES_PER_COMMAND: each acknowledged command is marked at once
+DOCUMENT_BATCH = 10_000  # pending rows written (then marked) at a time: one set_fields chunk
 LOCK_KEY = 0x4652_4144  # "FRAD": the scorers' advisory lock
 COLLECTION = "Transaction"
 
@@ -240,7 +242,7 @@ class PlatformScores:
     already_scored: int  # payments this version had scored before the run
     documents_updated: int  # Transaction documents whose score this run wrote
     documents_missing: int  # scored payments without a Transaction document
-    document_commands: int
+    document_statements: int  # UPDATEs on FerretDB's backend, update commands elsewhere
     seconds_features: float
     seconds_scoring: float
     seconds_rows: float
@@ -287,7 +289,7 @@ def _insert_scores(conn: Any, rows: pa.Table) -> tuple[int, int]:
     return inserted, flagged
 
 
-def _pending(conn: Any, scorer: Scorer, batch: int = 10_000) -> Iterator[list[tuple]]:
+def _pending(conn: Any, scorer: Scorer) -> Iterator[list[tuple]]:
     """This version's rows whose document is not written yet, in batches (by transaction id)."""
     after = -1
     while True:
@@ -296,7 +298,7 @@ def _pending(conn: Any, scorer: Scorer, batch: int = 10_000) -> Iterator[list[tu
                WHERE ModelName = %s AND ModelVersion = %s AND DocumentWrittenAt IS NULL
                  AND TransactionID > %s
                ORDER BY TransactionID LIMIT %s""",
-            (scorer.model_name, int(scorer.version), after, batch),
+            (scorer.model_name, int(scorer.version), after, DOCUMENT_BATCH),
         ).fetchall()
         if not rows:
             return
@@ -305,39 +307,37 @@ def _pending(conn: Any, scorer: Scorer, batch: int = 10_000) -> Iterator[list[tu
 
 
 def _write_documents(settings: Settings, conn: Any, scorer: Scorer) -> tuple[int, int, int]:
-    """AnomalyScore and isFraud into the Transaction documents of the pending rows; each
-    acknowledged slice is marked written. Returns (matched, without a document, commands)."""
-    from pymongo import UpdateOne
-
+    """AnomalyScore and isFraud into the Transaction documents of the pending rows, a batch at a
+    time (``docstore.validation.set_fields``), each batch marked written once it is. Returns
+    (documents matched, payments without a document, statements sent)."""
     from stripe_platform.docstore import validation
     from stripe_platform.docstore.client import connect
 
     database = connect(settings)
-    collection = database[COLLECTION]
-    matched = missing = commands = 0
+    matched = missing = statements = 0
     try:
         for rows in _pending(conn, scorer):
-            for start in range(0, len(rows), DOCUMENT_SLICE):
-                piece = rows[start : start + DOCUMENT_SLICE]
-                requests = [
-                    UpdateOne(
-                        {"transaction_id": int(tid)},
-                        {"$set": {"AnomalyScore": float(score), "isFraud": int(bool(flag))}},
-                    )
-                    for tid, score, flag in piece
-                ]
-                counts = validation.bulk_write(collection, requests, ordered=False)
-                conn.execute(
-                    """UPDATE FraudScore SET DocumentWrittenAt = CURRENT_TIMESTAMP
-                       WHERE ModelName = %s AND ModelVersion = %s AND TransactionID = ANY(%s)""",
-                    (scorer.model_name, int(scorer.version), [int(r[0]) for r in piece]),
-                )
-                matched += counts.matched
-                missing += len(piece) - counts.matched
-                commands += counts.commands
+            result = validation.set_fields(
+                database,
+                settings,
+                COLLECTION,
+                "transaction_id",
+                [
+                    (int(tid), {"AnomalyScore": float(score), "isFraud": int(bool(flag))})
+                    for tid, score, flag in rows
+                ],
+            )
+            conn.execute(
+                """UPDATE FraudScore SET DocumentWrittenAt = CURRENT_TIMESTAMP
+                   WHERE ModelName = %s AND ModelVersion = %s AND TransactionID = ANY(%s)""",
+                (scorer.model_name, int(scorer.version), [int(r[0]) for r in rows]),
+            )
+            matched += result.matched
+            missing += len(result.missing)
+            statements += result.statements
     finally:
         database.client.close()
-    return matched, missing, commands
+    return matched, missing, statements
 
 
 def score_platform(settings: Settings, *, scorer: Scorer | None = None) -> PlatformScores:
@@ -402,7 +402,7 @@ def score_platform(settings: Settings, *, scorer: Scorer | None = None) -> Platf
                 scored, flagged = _insert_scores(conn, rows)
                 seconds_rows = time.perf_counter() - middle
             documents_started = time.perf_counter()
-            matched, missing, commands = _write_documents(settings, conn, scorer)
+            matched, missing, statements = _write_documents(settings, conn, scorer)
             seconds_documents = time.perf_counter() - documents_started
         finally:
             conn.execute(sql.SQL("SELECT pg_advisory_unlock({})").format(sql.Literal(LOCK_KEY)))
@@ -415,7 +415,7 @@ def score_platform(settings: Settings, *, scorer: Scorer | None = None) -> Platf
         already_scored=done,
         documents_updated=matched,
         documents_missing=missing,
-        document_commands=commands,
+        document_statements=statements,
         seconds_features=seconds_features,
         seconds_scoring=seconds_scoring,
         seconds_rows=seconds_rows,
