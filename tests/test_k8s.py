@@ -224,6 +224,7 @@ def test_the_entry_point_runs_without_airflow_or_dbt():
         except SystemExit as exc:
             assert exc.code == 0, exc.code
         import stripe_platform.ml.drift, stripe_platform.ml.score, stripe_platform.ml.registry
+        import stripe_platform.ml.train
         import stripe_platform.ml.features, stripe_platform.ml.contract
         import mlflow, lightgbm, evidently
         print("ok")

@@ -184,3 +184,30 @@ def test_scoring_dag_scores_once_hourly_runs_write_nothing_twice(airflow_metadat
     assert (report["scored"], report["documents_updated"], report["already_scored"]) == (0, 0, n)
     with db.connect(s) as conn:
         assert conn.execute("SELECT count(*) FROM FraudScore").fetchone() == (n,)
+
+
+def test_the_pods_entry_point_writes_its_report_where_the_operator_reads_it(
+    ml_env, tmp_path, capsys
+):
+    """`python -m stripe_platform.orchestration.ml train --result FILE`, as the training pod runs
+    it (settings from the environment): the candidate's report on stdout and in FILE."""
+    result = tmp_path / "airflow" / "xcom" / "return.json"
+    assert ml_jobs.main(["train", "--result", str(result)]) == 0
+    report = json.loads(result.read_text())
+    assert json.loads(capsys.readouterr().out) == report
+    assert (report["version"], report["passed_gate"], report["promoted"]) == ("1", True, False)
+    assert Registry.from_settings(ml_env.settings).champion("fraud") is None  # promote's job
+
+
+def test_the_entry_point_fails_clearly_without_data(
+    settings, database, tmp_path, monkeypatch, capsys
+):
+    clear_platform_env(monkeypatch)
+    monkeypatch.setenv("STRIPE_PLATFORM_HOME", str(settings.home_dir))
+    monkeypatch.setenv("STRIPE_PLATFORM_PG_DATABASE", database)
+    monkeypatch.setenv("STRIPE_PLATFORM_MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    result = tmp_path / "return.json"
+    assert ml_jobs.main(["train", "--result", str(result)]) == 1
+    assert not result.exists()
+    err = capsys.readouterr().err
+    assert f"error: PostgreSQL database {database!r}" in err and "Traceback" not in err
