@@ -683,14 +683,21 @@ def test_set_fields_on_the_backend_matches_update_commands(ferret, settings, via
     for db, own in ((ferret, settings), (protocol_db, protocol_settings)):
         apply_specs(db, own)
         db.Transaction.insert_many(docs)
-    updates = [*score_updates(range(2, 61, 2)), *score_updates([1_000, 999])]
+    odd = {  # another set of fields (a second UPDATE), with text and numbers JSON escapes
+        "note": 'é😀\n"\\',
+        "born": dt.datetime(1960, 1, 1, 0, 0, 0, 999),  # before 1970, naive (UTC), ms truncated
+        "tiny": 1e-7,
+        "huge": 1e22,
+        "whole": 2.0,
+    }
+    updates = [*score_updates(range(2, 61, 2)), *score_updates([1_000, 999]), (1, odd)]
 
     done = validation.set_fields(ferret, settings, "Transaction", "transaction_id", updates)
     assert (done.path, done.matched, done.missing, done.statements) == (
         "backend",
-        30,
+        31,
         [1_000, 999],
-        1,
+        2,
     )
 
     # Read back through pymongo: the values with their types, the old fields in place, the new
@@ -709,6 +716,15 @@ def test_set_fields_on_the_backend_matches_update_commands(ferret, settings, via
     }
     assert {k: (ten[k], type(ten[k])) for k in expected} == expected
     assert ferret.Transaction.find_one({"transaction_id": 11}) == docs[10]  # not in the updates
+    one = ferret.Transaction.find_one({"transaction_id": 1})
+    assert list(one) == [*TRANSACTION_FIELDS, "born", "huge", "note", "tiny", "whole"]
+    assert {k: (one[k], type(one[k])) for k in odd} == {
+        "note": ('é😀\n"\\', str),
+        "born": (dt.datetime(1960, 1, 1, tzinfo=dt.UTC), dt.datetime),
+        "tiny": (1e-7, float),
+        "huge": (1e22, float),
+        "whole": (2.0, float),
+    }
     untouched = {
         k: ten[k] for k in ("transaction_status_id", "amount", "customer_email", "timestamp")
     }
@@ -726,7 +742,7 @@ def test_set_fields_on_the_backend_matches_update_commands(ferret, settings, via
     )
     assert (by_commands.path, by_commands.matched, by_commands.missing) == (
         "protocol",
-        30,
+        31,
         [1_000, 999],
     )
     # FerretDB's own $set and the backend path stored the same documents, byte for byte.
@@ -734,7 +750,7 @@ def test_set_fields_on_the_backend_matches_update_commands(ferret, settings, via
     assert written == raw_documents(protocol_db)
 
     again = validation.set_fields(ferret, settings, "Transaction", "transaction_id", updates)
-    assert (again.matched, again.missing) == (30, [1_000, 999])
+    assert (again.matched, again.missing) == (31, [1_000, 999])
     assert raw_documents(ferret) == written  # a re-run changes nothing
 
 

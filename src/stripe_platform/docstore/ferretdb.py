@@ -49,6 +49,7 @@ import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from bson import Int64, ObjectId
@@ -191,7 +192,6 @@ INT32 = (-(2**31), 2**31)
 INT64 = (-(2**63), 2**63)
 # The stored types a key may match: MongoDB's equality treats int, long and double alike.
 KEY_TYPES = {"number": ("int", "long", "double"), "string": ("string",), "objectId": ("objectId",)}
-_to_json = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode  # one encoder for all
 
 
 class FieldUpdateRefused(PlatformError, ValueError):
@@ -199,60 +199,62 @@ class FieldUpdateRefused(PlatformError, ValueError):
     call was written."""
 
 
-def stored_value(value: Any, where: str) -> tuple[str, Any]:
-    """(FerretDB's type name, the value as FerretDB stores it in JSON) for a simple BSON value, as
-    pymongo would encode it; FieldUpdateRefused for anything else."""
-    if value is None:
-        return "null", None
-    if isinstance(value, bool):  # before int: bool is an int in Python
-        return "bool", value
-    if isinstance(value, Int64):
-        return "long", int(value)
-    if isinstance(value, int):
-        if INT32[0] <= value < INT32[1]:
-            return "int", value
-        if INT64[0] <= value < INT64[1]:
-            return "long", value
-        raise FieldUpdateRefused(f"{where}: {value} does not fit a 64-bit integer")
-    if isinstance(value, float):
+def stored_value(value: Any) -> tuple[str, str]:
+    """(FerretDB's type name, the value's JSON text as FerretDB stores it) for a simple BSON value,
+    as pymongo would encode it; FieldUpdateRefused for anything else. The text is made here, not
+    by the json module: these few types need no more, and this runs once per value."""
+    kind = type(value)
+    if kind is float:  # the common cases first, by exact type
         if not math.isfinite(value):  # FerretDB refuses infinities and cannot store NaN
-            raise FieldUpdateRefused(f"{where}: {value} is not a finite double")
-        return "double", value
+            raise FieldUpdateRefused(f"{value} is not a finite double")
+        return "double", repr(value)  # the shortest text that reads back as the same double
+    if kind is int:
+        if INT32[0] <= value < INT32[1]:
+            return "int", str(value)
+        if INT64[0] <= value < INT64[1]:
+            return "long", str(value)
+        raise FieldUpdateRefused(f"{value} does not fit a 64-bit integer")
+    if value is None:
+        return "null", "null"
+    if kind is bool:
+        return "bool", "true" if value else "false"
+    if isinstance(value, Int64):
+        return "long", str(int(value))
+    if isinstance(value, int | float):  # subclasses (an IntEnum, numpy's float64)
+        return stored_value(int(value) if isinstance(value, int) else float(value))
     if isinstance(value, str):
-        return "string", _checked_text(value, where)
+        return "string", encode_basestring_ascii(_checked_text(value))
     if isinstance(value, DatetimeMS):
-        return "date", int(value)
-    if isinstance(value, dt.datetime):
-        return "date", _datetime_to_millis(value)  # pymongo's own encoding: naive is UTC
+        return "date", str(int(value))
+    if isinstance(value, dt.datetime):  # pymongo's own encoding: naive is UTC
+        return "date", str(_datetime_to_millis(value))
     raise FieldUpdateRefused(
-        f"{where}: a {type(value).__name__} is not a value set_fields writes (double, bool, int, "
-        "long, string, date or null); write it with an update command "
-        "(docstore.validation.bulk_write)"
+        f"a {type(value).__name__} is not a value set_fields writes (double, bool, int, long, "
+        "string, date or null); write it with an update command (docstore.validation.bulk_write)"
     )
 
 
-def _checked_text(text: str, where: str) -> str:
+def _checked_text(text: str) -> str:
     # PostgreSQL's jsonb stores no NUL character, and a lone surrogate is not UTF-8.
     if "\0" in text:
-        raise FieldUpdateRefused(f"{where}: a string with a NUL character cannot be stored")
+        raise FieldUpdateRefused("a string with a NUL character cannot be stored")
     try:
         text.encode()
     except UnicodeEncodeError:
-        raise FieldUpdateRefused(f"{where}: {text!r} is not valid Unicode text") from None
+        raise FieldUpdateRefused(f"{text!r} is not valid Unicode text") from None
     return text
 
 
-def _stored_key(key: Any, where: str) -> tuple[str, str]:
-    """(key kind, the key as JSON text) for a key: a number, a string or an ObjectId."""
+def _stored_key(key: Any) -> tuple[str, str]:
+    """(key kind, the key's JSON text) for a key: a number, a string or an ObjectId."""
     if isinstance(key, int | float) and not isinstance(key, bool):
-        _, value = stored_value(key, where)
-        return "number", _to_json(value)
+        return "number", stored_value(key)[1]
     if isinstance(key, str):
-        return "string", _to_json(_checked_text(key, where))
+        return "string", encode_basestring_ascii(_checked_text(key))
     if isinstance(key, ObjectId):
-        return "objectId", _to_json(str(key))
+        return "objectId", f'"{key}"'  # FerretDB stores an ObjectId as its hex text
     raise FieldUpdateRefused(
-        f"{where}: a key is a number, a string or an ObjectId, not a {type(key).__name__}"
+        f"a key is a number, a string or an ObjectId, not a {type(key).__name__}"
     )
 
 
@@ -263,14 +265,17 @@ def check_field_name(name: Any, what: str) -> str:
         raise FieldUpdateRefused(
             f"{what} {name!r}: a top-level field name (no leading '$', no '.', no NUL)"
         )
-    _checked_text(name, f"{what} {name!r}")
+    try:
+        _checked_text(name)
+    except FieldUpdateRefused as exc:
+        raise FieldUpdateRefused(f"{what} {name!r}: {exc}") from None
     return name
 
 
 @dataclass(frozen=True, slots=True)
 class FieldUpdate:
     key: Any
-    fields: dict[str, Any]
+    fields: Mapping[str, Any]  # as given (not copied)
     key_json: str
     values_json: str  # the fields as FerretDB stores them, one JSON object
     shape: tuple[str, tuple[tuple[str, str], ...]]  # (key kind, ((field, type), ...) by name)
@@ -289,42 +294,51 @@ def prepare_field_updates(
 ) -> FieldUpdates:
     """Check every update before anything is written: the key field, each key (a number, a string
     or an ObjectId, given once: 5 and 5.0 are one key), each field name (top level, not the key
-    field, not ``_id``) and each value's type (:func:`stored_value`)."""
+    field, not ``_id``) and each value's type (:func:`stored_value`). An error names the update
+    (its position and key) and the field."""
     check_field_name(key_field, "key field")
-    items, seen, names = [], set(), set()
-    for position, update in enumerate(updates):
-        try:
-            key, fields = update
-        except (TypeError, ValueError):
-            raise FieldUpdateRefused(
-                f"update #{position}: a (key, {{field: value}}) pair, not {update!r}"
-            ) from None
-        where = f"update #{position} ({key_field}={key!r})"
-        kind, key_json = _stored_key(key, where)
-        # Numbers equal in value are one key (hash(5) == hash(5.0) == hash(Int64(5))).
-        if (kind, key if kind == "number" else str(key)) in seen:
-            raise FieldUpdateRefused(f"{where}: the key is given more than once")
-        seen.add((kind, key if kind == "number" else str(key)))
-        if not isinstance(fields, Mapping) or not fields:
-            raise FieldUpdateRefused(f"{where}: the fields to set are a non-empty mapping")
-        stored, types = {}, []
-        for name, value in fields.items():
-            if name not in names:  # the same few names in every update: checked once
-                check_field_name(name, f"{where}: field")
-                if name in ("_id", key_field):
-                    raise FieldUpdateRefused(f"{where}: set_fields does not change {name!r}")
-                names.add(name)
-            type_name, stored[name] = stored_value(value, f"{where}: field {name!r}")
-            types.append((name, type_name))
-        items.append(
-            FieldUpdate(
-                key=key,
-                fields=dict(fields),
-                key_json=key_json,
-                values_json=_to_json(stored),
-                shape=(kind, tuple(sorted(types))),
-            )
-        )
+    items: list[FieldUpdate] = []
+    seen: set[Any] = set()
+    names: dict[str, str] = {}  # checked field names -> their JSON text and colon
+    shapes: dict[tuple, tuple] = {}  # the types in the order given -> sorted by name
+    position, key, name = 0, None, None
+    try:
+        for position, update in enumerate(updates):  # noqa: B007 (named in the error below)
+            key = name = None
+            try:
+                key, fields = update
+            except (TypeError, ValueError):
+                raise FieldUpdateRefused(
+                    f"a (key, {{field: value}}) pair, not {update!r}"
+                ) from None
+            kind, key_json = _stored_key(key)
+            # Numbers equal in value are one key (hash(5) == hash(5.0) == hash(Int64(5))).
+            identity = key if kind == "number" else (kind, str(key))
+            if identity in seen:
+                raise FieldUpdateRefused("the key is given more than once")
+            seen.add(identity)
+            if not isinstance(fields, Mapping) or not fields:
+                raise FieldUpdateRefused("the fields to set are a non-empty mapping")
+            texts, types = [], []
+            for name, value in fields.items():
+                if name not in names:  # the same few names in every update: checked once
+                    check_field_name(name, "field")
+                    if name in ("_id", key_field):
+                        raise FieldUpdateRefused(f"set_fields does not change {name!r}")
+                    names[name] = encode_basestring_ascii(name) + ":"
+                type_name, text = stored_value(value)
+                texts.append(names[name] + text)
+                types.append((name, type_name))
+            name = None
+            given = tuple(types)
+            typed = shapes.get(given) or shapes.setdefault(given, tuple(sorted(given)))
+            values_json = "{" + ",".join(texts) + "}"
+            items.append(FieldUpdate(key, fields, key_json, values_json, (kind, typed)))
+    except FieldUpdateRefused as exc:
+        field = f", field {name!r}" if name is not None else ""
+        raise FieldUpdateRefused(
+            f"update #{position} ({key_field}={key!r}{field}): {exc}; nothing was written"
+        ) from None
     return FieldUpdates(key_field, items)
 
 

@@ -226,6 +226,9 @@ def to_json_schema(schema: Mapping[str, Any], where: str = "$jsonSchema") -> dic
     return out
 
 
+_REMEMBERED = (int, bool, str, type(None))  # hashable, and equal only to values of their type
+
+
 class CollectionValidator:
     """One collection's validator, compiled once."""
 
@@ -241,6 +244,9 @@ class CollectionValidator:
         # per $set path: the compiled checker of the schema there (None: nothing constrains it);
         # compiling one costs more than checking a value with it
         self._set_checkers: dict[str, Any] = {}
+        # (path, type, value) of valid $set values seen: a flag like isFraud takes a few values
+        # over and over (bounded; floats are not kept)
+        self._valid_sets: set[tuple[str, type, Any]] = set()
 
     def refusal(self, document: Mapping[str, Any], what: str) -> DocumentRefused | None:
         """None when the document is valid, else the error to raise."""
@@ -300,8 +306,15 @@ class CollectionValidator:
                 checker = self._set_checkers[path] = (
                     None if schema is None else BsonValidator(schema)
                 )
-            if checker is not None and not checker.is_valid(value):
+            if checker is None:
+                continue
+            seen = (path, type(value), value) if type(value) in _REMEMBERED else None
+            if seen is not None and seen in self._valid_sets:
+                continue
+            if not checker.is_valid(value):
                 raise self._refusal(checker, value, what, prefix=path)
+            if seen is not None and len(self._valid_sets) < 10_000:
+                self._valid_sets.add(seen)
 
     def _schema_at(self, path: str, what: str) -> dict[str, Any] | None:
         """The schema that constrains the value at a dotted path; None when nothing does."""
