@@ -5,8 +5,11 @@ history have not happened yet, so recent transactions can still be pending or di
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 
+from stripe_platform.paths import REPO_ROOT
 from stripe_platform.seed.fraud import DISPUTE_RATE
 
 PENDING, COMPLETED, REFUNDED, FAILED, DISPUTED, CHARGED_BACK, CANCELLED = 3, 1, 2, 4, 5, 6, 7
@@ -17,9 +20,11 @@ FAIL_REASONS = np.array(
 )
 REFUND_REASONS = np.array(["customer request", "item returned", "Exceptional refund"], dtype=object)
 DISPUTE_REASONS = np.array(["product not received", "duplicate charge"], dtype=object)
-FRAUD_DISPUTE_REASONS = np.array(
-    ["fraudulent: card not present", "unauthorized transaction"], dtype=object
-)
+# The dispute reasons that report fraud, defined once for the seed, the model's label
+# (ml.contract) and the warehouse's confirmed fraud: the dbt seed, in its order (the seed draws by
+# index).
+with (REPO_ROOT / "dbt_project" / "seeds" / "fraud_dispute_reasons.csv").open(newline="") as _f:
+    FRAUD_DISPUTE_REASONS = np.array([row["reason"] for row in csv.DictReader(_f)], dtype=object)
 
 
 def life_cycles(
