@@ -1,7 +1,10 @@
 -- Fraud per day, customer, merchant, location and payment method. FraudCount counts the payments
--- labelled fraudulent (isFraud in the scored Transaction documents); ChargebackCount the payments
--- whose dispute was lost, the OLTP side of fraud. Feeds the CDC micro-batches of cdc_fraud_stream:
--- each run recomputes only the days that received changes.
+-- labelled fraudulent in their Transaction documents (isFraud: the seed's label, the model's
+-- decision once batch-scored; the brief's query reads it); ChargebackCount the payments whose
+-- dispute was lost. Beside them, the fraud model's predictions (ScoredCount, PredictedFraudCount,
+-- AvgFraudScore: the newest champion's score of each payment, FraudScore) and the confirmed fraud
+-- (ConfirmedFraudCount: fraud reports), and the payments both predicted and confirmed. Feeds the
+-- CDC micro-batches of cdc_fraud_stream: each run recomputes only the days that received changes.
 -- depends_on: {{ source('postgres', 'transaction') }}
 {{
     config(
@@ -32,6 +35,13 @@ select
     cast(sum(case when is_charged_back then 1 else 0 end) as integer) as ChargebackCount,
     cast(count(*) as integer) as TransactionCount,
     cast(sum(case when is_fraud then amount_eur else 0 end) as numeric(18, 2)) as FraudAmount,
+    cast(sum(case when is_scored then 1 else 0 end) as integer) as ScoredCount,
+    cast(sum(case when is_predicted_fraud then 1 else 0 end) as integer) as PredictedFraudCount,
+    -- avg ignores the unscored payments: NULL for a group none of whose payments is scored.
+    cast(avg(fraud_score) as numeric(7, 6)) as AvgFraudScore,
+    cast(sum(case when is_confirmed_fraud then 1 else 0 end) as integer) as ConfirmedFraudCount,
+    cast(sum(case when is_predicted_fraud and is_confirmed_fraud then 1 else 0 end) as integer)
+        as PredictedConfirmedFraudCount,
     max(extracted_at) as LastExtractedAt
 from transactions
 group by date_key, customer_id, merchant_id, location_id, payment_method_id

@@ -1,0 +1,267 @@
+"""FACT_FraudAnalysis sets the fraud model's predictions (FraudScore) beside the confirmed fraud
+(fraud reports): a seeded source synced into DuckDB and built before any payment is scored, then
+with score rows and fraud reports the test writes itself, incrementally and from scratch, and on
+a PostgreSQL warehouse. Every expected figure is computed here from the OLTP rows, never through
+dbt's models."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+from collections import defaultdict
+from decimal import Decimal
+
+import pytest
+from psycopg import sql
+from pydantic import SecretStr
+
+from stripe_platform.ingestion.catalog import load_catalog
+from stripe_platform.ingestion.postgres import cdc
+from stripe_platform.ml.contract import load_platform_transactions
+from stripe_platform.oltp import db
+from stripe_platform.oltp.status import change_status
+from stripe_platform.seed import load as seed_load
+from stripe_platform.seed.dataset import build
+from stripe_platform.seed.spec import make_spec
+from stripe_platform.transform import analyses
+from stripe_platform.transform import dbt as transform
+from test_transform import END, cli, duckdb_rows, sync_all
+
+pytestmark = pytest.mark.timeout(1500)  # five dbt builds on shared cores
+
+GROUP = ("DateKey", "CustomerKey", "MerchantKey", "LocationKey", "PaymentMethodKey")
+MEASURES = (
+    "ScoredCount",
+    "PredictedFraudCount",
+    "AvgFraudScore",
+    "ConfirmedFraudCount",
+    "PredictedConfirmedFraudCount",
+)
+MART_SQL = f"SELECT {', '.join(GROUP + MEASURES)} FROM analytics.fact_fraudanalysis"
+T0 = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)  # scoring runs after the seeded history
+
+
+@pytest.fixture
+def source(settings, database, docdb, tmp_path):
+    """A seeded source (the test's own OLTP and document databases) and an empty DuckDB
+    warehouse."""
+    s = settings.model_copy(
+        update={
+            "pg_database": database,
+            "mongodb_database": docdb.name,
+            "warehouse_path": tmp_path / "warehouse.duckdb",
+        }
+    )
+    seed_load.seed(s, build(make_spec(scale=0.003, seed=7, end=END, max_documents=300)), docdb)
+    yield s
+    with db.connect(s, autocommit=True) as conn:
+        catalog = load_catalog()
+        for c in catalog.connections:
+            connection = catalog.resolve(c.name)
+            if connection.source.kind == "postgres":
+                cdc.drop_slot(conn, connection.slot(conn.info.dbname))
+
+
+def payments(s) -> dict[int, tuple]:
+    """Each payment's group in the mart, from the OLTP row: (YYYYMMDD of its UTC date, customer,
+    merchant, location, payment method)."""
+    with db.connect(s) as conn:
+        rows = conn.execute(
+            "SELECT ID, to_char(DateTime AT TIME ZONE 'UTC', 'YYYYMMDD')::int, CustomerID, "
+            "MerchantID, TransactionLocationID, PaymentMethodID FROM Transaction"
+        ).fetchall()
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def fraud_reasons() -> list[str]:
+    with (transform.DBT_PROJECT_DIR / "seeds" / "fraud_dispute_reasons.csv").open() as fh:
+        return [r["reason"] for r in csv.DictReader(fh)]
+
+
+def reported(s) -> set[int]:
+    """Payments with a fraud report: a status change to disputed with a fraud reason."""
+    with db.connect(s) as conn:
+        return {
+            r[0]
+            for r in conn.execute(
+                "SELECT c.TransactionID FROM TransactionStateChanges c "
+                "JOIN TransactionStatus st ON st.ID = c.ToStatusID "
+                "WHERE st.Name = 'disputed' AND c.Reason = ANY(%s)",
+                (fraud_reasons(),),
+            )
+        }
+
+
+def insert_scores(s, rows: list[tuple]) -> None:
+    """FraudScore rows as `ml score` writes them: (transaction id, version, score, threshold,
+    scored at)."""
+    with db.connect(s, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO FraudScore (TransactionID, TransactionDateTime, ModelName, ModelVersion, "
+            "FeatureVersion, Score, Threshold, IsFraud, ScoredAt) "
+            "SELECT ID, DateTime, 'fraud', %s, 'v1', %s, %s, %s >= %s, %s "
+            "FROM Transaction WHERE ID = %s",
+            [(v, score, th, score, th, at, tid) for tid, v, score, th, at in rows],
+        )
+
+
+def expected_mart(groups: dict[int, tuple], scores: dict, confirmed: set[int]) -> dict:
+    """The mart's measures per group with rows in it: each payment's newest score (its latest
+    scored row, then its highest version), its decision (score >= threshold) and its report."""
+    newest: dict[int, tuple] = {}
+    for (tid, version), (score, threshold, at) in scores.items():
+        if tid not in newest or (at, version) > newest[tid][0]:
+            newest[tid] = ((at, version), score, score >= threshold)
+    acc: dict[tuple, list] = defaultdict(lambda: [0, 0, [], 0, 0])
+    for tid, group in groups.items():
+        a = acc[group]
+        flagged = tid in newest and newest[tid][2]
+        if tid in newest:
+            a[0] += 1
+            a[1] += flagged
+            a[2].append(newest[tid][1])
+        a[3] += tid in confirmed
+        a[4] += flagged and tid in confirmed
+    return {
+        g: (a[0], a[1], sum(a[2]) / len(a[2]) if a[2] else None, a[3], a[4]) for g, a in acc.items()
+    }
+
+
+def mart(rows: list[tuple]) -> dict:
+    return {tuple(r[:5]): tuple(r[5:]) for r in rows}
+
+
+def assert_mart(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for group, want in expected.items():
+        got = actual[group]
+        assert (got[0], got[1], got[3], got[4]) == (want[0], want[1], want[3], want[4]), group
+        if want[2] is None:
+            assert got[2] is None, group
+        else:  # AvgFraudScore is rounded to 6 decimals
+            assert abs(Decimal(got[2]) - Decimal(want[2])) <= Decimal("0.0000005"), group
+
+
+def totals(expected: dict) -> tuple[int, ...]:
+    return tuple(sum(v[i] for v in expected.values()) for i in (0, 1, 3, 4))
+
+
+def test_predicted_fraud_beside_confirmed_fraud_before_and_after_scoring(source, settings):
+    s = source
+    groups = payments(s)
+    ids = sorted(groups)
+    assert len(ids) > 1000
+    with db.connect(s, autocommit=True) as conn:
+        # Reports of the test's own: two fraud reports (one dispute later won: still fraud
+        # reported) and a dispute for a reason that is not fraud. Completed payments, which may
+        # be disputed.
+        completed = [
+            r[0]
+            for r in conn.execute(
+                "SELECT ID FROM Transaction WHERE TransactionStatusID = "
+                "(SELECT ID FROM TransactionStatus WHERE Name = 'completed') ORDER BY ID"
+            )
+        ]
+    confirmed = reported(s)
+    own_fraud = [t for t in completed if t not in confirmed][:2]
+    not_fraud = [t for t in completed if t not in confirmed][2:3]
+    assert len(confirmed) > 5 and len(own_fraud) == 2
+
+    # 1. Before any scoring: no FraudScore row. The mart builds, predicts nothing, and its
+    # confirmed fraud is the seed's reports, the fraud model's label on the same payments.
+    sync_all(s)
+    first = json.loads(cli(s, "transform", "--json").stdout)
+    assert first["success"] and first["counts"].get("error", 0) == 0
+    labels = load_platform_transactions(s, require_labels=False).table
+    labelled = {
+        int(t)
+        for t, label in zip(
+            labels["transaction_id"].to_pylist(), labels["label"].to_pylist(), strict=True
+        )
+        if label
+    }
+    assert labelled == confirmed
+    expected = expected_mart(groups, {}, confirmed)
+    assert_mart(mart(duckdb_rows(s, MART_SQL)), expected)
+    assert totals(expected) == (0, 0, len(confirmed), 0)
+    brief_answer = analyses.run_analysis(s, "fraud-daily-small-credit").rows
+    assert sum(n for _, n in brief_answer) > 0
+
+    # 2. Scores: version 1 for a third of the payments, version 2 (a later champion, another
+    # threshold) rescoring half of those, and version 3 scoring a few before version 2 did (the
+    # champion went back to 2): the latest scored row is the newest champion's. The confirmed
+    # payments are scored high, so some are predicted too.
+    scores: dict[tuple[int, int], tuple[float, float, dt.datetime]] = {}
+    for n, tid in enumerate(ids):
+        score = 0.97 if tid in confirmed and n % 2 else (tid * 7919 % 1000) / 1000
+        if n % 3 == 0:
+            scores[(tid, 1)] = (score, 0.5, T0)
+        if n % 6 == 0:
+            scores[(tid, 2)] = ((score + 0.25) % 1, 0.3, T0 + dt.timedelta(days=7))
+        if n % 60 == 0:
+            scores[(tid, 3)] = (0.99, 0.5, T0 + dt.timedelta(days=3))
+    insert_scores(s, [(t, v, *row) for (t, v), row in scores.items()])
+    sync_all(s)
+    cli(s, "transform")
+    expected = expected_mart(groups, scores, confirmed)
+    scored, predicted, _, both = totals(expected)
+    assert scored == len(range(0, len(ids), 3)) and 0 < both < predicted < scored
+    assert_mart(mart(duckdb_rows(s, MART_SQL)), expected)
+    # FraudCount reads the documents, which these rows did not change: the brief's answer stays.
+    assert analyses.run_analysis(s, "fraud-daily-small-credit").rows == brief_answer
+
+    # 3. Changes: the newest score of a payment deleted (its previous one counts again), a new
+    # version for another, and the test's reports (fraud reported, one of them then won by the
+    # merchant; a dispute that is not fraud).
+    dropped = ids[6]
+    with db.connect(s, autocommit=True) as conn:
+        conn.execute(
+            "DELETE FROM FraudScore WHERE TransactionID = %s AND ModelVersion = 2", (dropped,)
+        )
+        del scores[(dropped, 2)]
+        for tid, reason in zip(own_fraud, fraud_reasons(), strict=True):
+            change_status(conn, tid, "disputed", reason=reason, updated_by="test")
+        change_status(conn, own_fraud[0], "completed", reason="dispute won", updated_by="test")
+        change_status(conn, not_fraud[0], "disputed", reason="duplicate charge", updated_by="test")
+    assert reported(s) == confirmed | set(own_fraud)
+    confirmed |= set(own_fraud)
+    rescored = ids[1]
+    scores[(rescored, 4)] = (0.9, 0.5, T0 + dt.timedelta(days=10))
+    insert_scores(s, [(rescored, 4, *scores[(rescored, 4)])])
+    sync_all(s)
+    cli(s, "transform")
+    expected = expected_mart(groups, scores, confirmed)
+    assert_mart(mart(duckdb_rows(s, MART_SQL)), expected)
+    assert totals(expected)[2] == len(confirmed)
+
+    # The incremental runs left exactly what a rebuild from scratch computes.
+    everything = "SELECT * FROM analytics.fact_fraudanalysis"
+    incremental = sorted(duckdb_rows(s, everything), key=repr)
+    cli(s, "transform", "--full-refresh")
+    assert sorted(duckdb_rows(s, everything), key=repr) == incremental
+
+    # 4. A PostgreSQL warehouse builds the same mart from the same data.
+    warehouse_db = f"{s.pg_database}_warehouse"
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(warehouse_db)))
+    try:
+        on_postgres = s.model_copy(
+            update={
+                "warehouse": "postgres",
+                "warehouse_dsn": SecretStr(
+                    db.conninfo(settings, database=warehouse_db, with_key=False)
+                ),
+            }
+        )
+        sync_all(on_postgres)
+        cli(on_postgres, "transform")
+        with db.connect(settings, database=warehouse_db) as conn:
+            assert_mart(mart(conn.execute(MART_SQL).fetchall()), expected)
+    finally:
+        with db.connect(settings, database="postgres", autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(warehouse_db)
+                )
+            )
