@@ -44,6 +44,9 @@ def test_main_job_end_to_end_and_again(cli):
     first = cli("demo", "--scale", "0.005")
     out = first.stdout
     assert "elt_warehouse_daily: success" in out and "elt_lake_daily: success" in out
+    # The fraud model: trained and promoted (no champion yet), then every payment scored.
+    assert "ml_fraud_training: success" in out and "ml_fraud_scoring: success" in out
+    assert "✓ promote" in out
     for name in ("revenue-tax-fr", "fraud-daily-small-credit", "premium-spend-fr"):
         answer = json.loads(cli("query", name, "--json").stdout)
         assert answer["rows"], f"{name} returned no rows"
@@ -60,6 +63,7 @@ def test_main_job_end_to_end_and_again(cli):
     assert "0 migration(s) applied now" in second.stdout
     assert "appended 60 minutes of activity" in second.stdout
     assert "elt_warehouse_daily: success" in second.stdout
+    assert "ml_fraud_scoring: success" in second.stdout
     assert "refunded by an earlier run" in second.stdout
     assert second.stdout.count("Exceptional refund") == 1
 

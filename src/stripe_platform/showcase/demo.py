@@ -4,8 +4,11 @@
 2. the brief's OLTP statements and document queries on its own example records (brief_examples.py,
    in the `<database>_brief` databases, so they never mix with the synthetic data);
 3. synthetic data seeded at ``scale`` (a re-run appends an hour of activity instead);
-4. real Airflow runs ``elt_warehouse_daily`` (sync to the warehouse, dbt through cosmos, mart
-   Assets) and ``elt_lake_daily`` (sync to the lake) with ``airflow dags test``;
+4. real Airflow runs, with ``airflow dags test``, ``ml_fraud_training`` (drift check, train the
+   fraud model, gate, promote ``models:/fraud@champion``: a re-run retrains only on drift),
+   ``ml_fraud_scoring`` (the champion scores every payment not scored yet: FraudScore and the
+   Transaction documents), ``elt_warehouse_daily`` (sync to the warehouse, dbt through cosmos, mart
+   Assets) and ``elt_lake_daily`` (sync to the lake);
 5. the brief's three OLAP queries answered from the marts, and where everything is.
 Every stage is idempotent, so Ctrl-C and a re-run leave everything consistent."""
 
@@ -65,7 +68,9 @@ def audit_log_tail(log_dir: Path, n: int = 3) -> list[dict[str, Any]]:
 
 DEFAULT_SCALE = 0.05  # 50,000 payments: a first run takes a few minutes
 ACTIVITY_MINUTES = 60  # appended by a re-run, so its syncs and builds are incremental
-DAGS = ("elt_warehouse_daily", "elt_lake_daily")
+# The fraud model first: its scores (FraudScore, the Transaction documents) then reach the warehouse
+# and the lake in the same run's syncs.
+DAGS = ("ml_fraud_training", "ml_fraud_scoring", "elt_warehouse_daily", "elt_lake_daily")
 
 
 def brief_settings(settings: Settings) -> Settings:
@@ -232,6 +237,17 @@ def where_things_are(settings: Settings, console: Console) -> None:
             "(`stripe-platform status`, `stripe-platform mongo query NAME`)",
         ),
         ("warehouse", f"{settings.warehouse_file} (DuckDB; marts in schema analytics)"),
+        (
+            "fraud model",
+            "MLflow store "
+            + (
+                "STRIPE_PLATFORM_MLFLOW_TRACKING_URI"
+                if settings.mlflow_tracking_uri
+                else str(settings.home_dir / "mlflow")
+            )
+            + " (`stripe-platform ml evaluate`, "
+            "`ml drift`, `ml score`); models:/fraud@champion",
+        ),
         ("lake", f"{settings.lake_root}/raw/<source>/<stream>/extracted_date=…/*.parquet"),
         (
             "dbt",
