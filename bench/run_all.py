@@ -762,7 +762,8 @@ def rows_ml(result: dict) -> list[Row]:
                 "1,000,000)",
             )
             + "; "
-            + ", ".join(f"{k} {_secs(v)}" for k, v in stages.items())
+            # the stages that took any time (checking the store, loading given data: nothing)
+            + ", ".join(f"{k} {_secs(v)}" for k, v in stages.items() if v >= 0.005)
             + "; store creation (before, not counted) "
             + _secs(statistics.median(t["store_create_s"] for t in training)),
             value=wall["median"],
