@@ -225,7 +225,7 @@ def ml_manifests(
         typer.Option("--set", help="name=value over deploy/k8s/values.yaml (repeatable)"),
     ] = None,
 ) -> None:
-    """Print the training Job's Kubernetes manifests (deploy/k8s), for `kubectl apply -f -`."""
+    """Print the training Job's Kubernetes manifests (deploy/k8s), for `kubectl create -f -` (the Job has a generateName, which `kubectl apply` refuses)."""
     from stripe_platform.orchestration.ml import parse_overrides, render_yaml
 
     console.print(render_yaml(parse_overrides(values or [])), end="")
