@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 import snowflake.connector
 from pydantic import SecretStr
@@ -51,6 +52,11 @@ END = dt.date(2026, 11, 1)
 CONNECTIONS = ("postgres-to-snowflake", "mongodb-to-snowflake")
 DATABASE = "STRIPE"
 DBT_TIMEOUT = 600  # seconds; a statement fakesnow cannot handle would otherwise hang the build
+FRAUD_MART = (
+    "SELECT DateKey, CustomerKey, MerchantKey, LocationKey, PaymentMethodKey, ScoredCount, "
+    "PredictedFraudCount, AvgFraudScore, ConfirmedFraudCount, PredictedConfirmedFraudCount "
+    "FROM FACT_FraudAnalysis"
+)
 
 
 def transform(home: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -107,6 +113,17 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
     started = time.monotonic()
     s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
     seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
+    # Model scores for a third of the payments, as `ml score` writes them: FACT_FraudAnalysis's
+    # predicted fraud is built on Snowflake too.
+    with db.connect(s, autocommit=True) as conn:
+        scored, flagged = conn.execute(
+            "WITH s AS (INSERT INTO FraudScore (TransactionID, TransactionDateTime, ModelName, "
+            "ModelVersion, FeatureVersion, Score, Threshold, IsFraud) "
+            "SELECT ID, DateTime, 'fraud', 1, 'v1', ID * 7919 % 1000 / 1000.0, 0.5, "
+            "ID * 7919 % 1000 >= 500 FROM Transaction WHERE ID % 3 = 0 RETURNING IsFraud) "
+            "SELECT count(*), count(*) FILTER (WHERE IsFraud) FROM s"
+        ).fetchone()
+    assert 0 < flagged < scored
     catalog = load_catalog()
     sf_home, duck_home = tmp_path / "snowflake", tmp_path / "duckdb"
     sf_home.mkdir()
@@ -224,6 +241,17 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
         assert all(after.values()), after
         assert after["revenue-tax-fr"] != before["revenue-tax-fr"]  # the refunds arrived
         assert after == answers(duck)
+        # The model's predictions beside confirmed fraud: Snowflake's mart is DuckDB's.
+        with marts.cursor() as cur:
+            predicted = sorted(
+                tuple(normalise(v) for v in row) for row in cur.execute(FRAUD_MART).fetchall()
+            )
+        with duckdb.connect(str(duck.warehouse_file), read_only=True) as conn:
+            assert predicted == sorted(
+                tuple(normalise(v) for v in row)
+                for row in conn.execute(FRAUD_MART.replace("FROM ", "FROM analytics.")).fetchall()
+            )
+        assert sum(r[5] for r in predicted) == scored and sum(r[6] for r in predicted) == flagged
     finally:
         marts.close()
         writer.conn.close()
