@@ -113,17 +113,6 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
     started = time.monotonic()
     s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
     seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
-    # Model scores for a third of the payments, as `ml score` writes them: FACT_FraudAnalysis's
-    # predicted fraud is built on Snowflake too.
-    with db.connect(s, autocommit=True) as conn:
-        scored, flagged = conn.execute(
-            "WITH s AS (INSERT INTO FraudScore (TransactionID, TransactionDateTime, ModelName, "
-            "ModelVersion, FeatureVersion, Score, Threshold, IsFraud) "
-            "SELECT ID, DateTime, 'fraud', 1, 'v1', ID * 7919 % 1000 / 1000.0, 0.5, "
-            "ID * 7919 % 1000 >= 500 FROM Transaction WHERE ID % 3 = 0 RETURNING IsFraud) "
-            "SELECT count(*), count(*) FILTER (WHERE IsFraud) FROM s"
-        ).fetchone()
-    assert 0 < flagged < scored
     catalog = load_catalog()
     sf_home, duck_home = tmp_path / "snowflake", tmp_path / "duckdb"
     sf_home.mkdir()
@@ -174,9 +163,16 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
         built = time.monotonic()
         before = answers(sf)
         assert all(before.values()), before
+        with marts.cursor() as cur:  # nothing scored yet: nothing predicted, fraud reported
+            unscored = cur.execute(
+                "SELECT sum(ScoredCount), sum(PredictedFraudCount), count(AvgFraudScore), "
+                "sum(ConfirmedFraudCount) FROM FACT_FraudAnalysis"
+            ).fetchone()
+        assert tuple(unscored[:3]) == (0, 0, 0) and unscored[3] > 0
 
         # 2. Changes at the source: refunds (FACT_Revenue merges, aggregate facts recompute their
-        # days) and a merchant update (a new merchants_snapshot version); then a CDC re-sync.
+        # days), a merchant update (a new merchants_snapshot version) and model scores; then a CDC
+        # re-sync.
         with db.connect(s, autocommit=True) as conn:
             refunded = [
                 r[0]
@@ -196,6 +192,16 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
                 )
             merchant = conn.execute("SELECT min(ID) FROM Merchant").fetchone()[0]
             conn.execute("UPDATE Merchant SET Rating = 1.5 WHERE ID = %s", (merchant,))
+            # The first build had no model score (the mart built with nothing predicted); now a
+            # third of the payments are scored, as `ml score` writes them.
+            scored, flagged = conn.execute(
+                "WITH s AS (INSERT INTO FraudScore (TransactionID, TransactionDateTime, ModelName, "
+                "ModelVersion, FeatureVersion, Score, Threshold, IsFraud) "
+                "SELECT ID, DateTime, 'fraud', 1, 'v1', ID * 7919 % 1000 / 1000.0, 0.5, "
+                "ID * 7919 % 1000 >= 500 FROM Transaction WHERE ID % 3 = 0 RETURNING IsFraud) "
+                "SELECT count(*), count(*) FILTER (WHERE IsFraud) FROM s"
+            ).fetchone()
+            assert 0 < flagged < scored
         again = run_sync(sf, connections[0], writer)
         assert again.phase == "incremental" and again.rows >= len(refunded) + 1
 
@@ -241,7 +247,8 @@ def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
         assert all(after.values()), after
         assert after["revenue-tax-fr"] != before["revenue-tax-fr"]  # the refunds arrived
         assert after == answers(duck)
-        # The model's predictions beside confirmed fraud: Snowflake's mart is DuckDB's.
+        # The model's predictions beside confirmed fraud, merged incrementally: Snowflake's mart
+        # is DuckDB's.
         with marts.cursor() as cur:
             predicted = sorted(
                 tuple(normalise(v) for v in row) for row in cur.execute(FRAUD_MART).fetchall()
