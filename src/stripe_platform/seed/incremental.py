@@ -116,6 +116,7 @@ def population_from_db(conn: psycopg.Connection, rng: np.random.Generator) -> Po
 
 
 def _tick(
+    settings: Settings,
     conn: psycopg.Connection,
     docdb: Any,
     pop: Population,
@@ -251,12 +252,16 @@ def _tick(
         validation.insert_many(docdb.Transaction, docs)
     report.add("inserted", "Transaction", len(docs))
     new_ids = set(ids.tolist())
-    statuses = [
-        UpdateOne({"transaction_id": tx}, {"$set": {"transaction_status_id": final[tx]}})
-        for tx, _ in changes
-        if tx not in new_ids
-    ]
-    validation.bulk_write(docdb.Transaction, statuses)
+    # Through set_fields, as the fraud scorer writes: on the embedded FerretDB both are row-locked
+    # UPDATEs of its backend table, so neither can put back what the other just wrote (FerretDB's
+    # own update reads, changes and writes back a document without a lock).
+    validation.set_fields(
+        docdb,
+        settings,
+        "Transaction",
+        "transaction_id",
+        [(tx, {"transaction_status_id": final[tx]}) for tx, _ in changes if tx not in new_ids],
+    )
     preferences = [
         UpdateOne(
             {"oltp_id": cid},
@@ -318,7 +323,7 @@ def run(
                 retention_months=settings.partition_retention_months,
                 archive=False,
             )
-            _tick(conn, docdb, pop, rng, times, report)
+            _tick(settings, conn, docdb, pop, rng, times, report)
             on_tick(report)
             return report
 
@@ -336,7 +341,13 @@ def run(
                 n = max(1, int(rng.poisson(tps)))
                 now_ms = int(time.time() * 1000)
                 _tick(
-                    conn, docdb, pop, rng, np.sort(rng.integers(now_ms - 1000, now_ms, n)), report
+                    settings,
+                    conn,
+                    docdb,
+                    pop,
+                    rng,
+                    np.sort(rng.integers(now_ms - 1000, now_ms, n)),
+                    report,
                 )
                 on_tick(report)
                 time.sleep(max(0.0, 1.0 - (time.monotonic() - tick_start)))
