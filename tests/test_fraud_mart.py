@@ -16,17 +16,12 @@ import pytest
 from psycopg import sql
 from pydantic import SecretStr
 
-from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.ml.contract import load_platform_transactions
 from stripe_platform.oltp import db
 from stripe_platform.oltp.status import change_status
-from stripe_platform.seed import load as seed_load
-from stripe_platform.seed.dataset import build
-from stripe_platform.seed.spec import make_spec
 from stripe_platform.transform import analyses
 from stripe_platform.transform import dbt as transform
-from test_transform import END, cli, duckdb_rows, sync_all
+from test_transform import cli, duckdb_rows, seeded_source, sync_all
 
 pytestmark = pytest.mark.timeout(1500)  # five dbt builds on shared cores
 
@@ -46,21 +41,7 @@ T0 = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)  # scoring runs after the seeded hi
 def source(settings, database, docdb, tmp_path):
     """A seeded source (the test's own OLTP and document databases) and an empty DuckDB
     warehouse."""
-    s = settings.model_copy(
-        update={
-            "pg_database": database,
-            "mongodb_database": docdb.name,
-            "warehouse_path": tmp_path / "warehouse.duckdb",
-        }
-    )
-    seed_load.seed(s, build(make_spec(scale=0.003, seed=7, end=END, max_documents=300)), docdb)
-    yield s
-    with db.connect(s, autocommit=True) as conn:
-        catalog = load_catalog()
-        for c in catalog.connections:
-            connection = catalog.resolve(c.name)
-            if connection.source.kind == "postgres":
-                cdc.drop_slot(conn, connection.slot(conn.info.dbname))
+    yield from seeded_source(settings, database, docdb, tmp_path, scale=0.003, seed=7, docs=300)
 
 
 def payments(s) -> dict[int, tuple]:

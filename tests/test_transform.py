@@ -168,8 +168,12 @@ def assert_answers_match_the_sources(s: Settings) -> None:
 
 @pytest.fixture
 def pipeline(settings, database, docdb, tmp_path):
+    yield from seeded_source(settings, database, docdb, tmp_path, scale=0.004, seed=11, docs=2000)
+
+
+def seeded_source(settings, database, docdb, tmp_path, *, scale, seed, docs):
     """A seeded source (OLTP + documents, the test's own databases on the session's servers) and
-    an empty DuckDB warehouse."""
+    an empty DuckDB warehouse; the replication slots the syncs made are dropped after."""
     s = settings.model_copy(
         update={
             "pg_database": database,
@@ -177,7 +181,7 @@ def pipeline(settings, database, docdb, tmp_path):
             "warehouse_path": tmp_path / "warehouse.duckdb",
         }
     )
-    seed_load.seed(s, build(make_spec(scale=0.004, seed=11, end=END, max_documents=2000)), docdb)
+    seed_load.seed(s, build(make_spec(scale=scale, seed=seed, end=END, max_documents=docs)), docdb)
     yield s
     with db.connect(s, autocommit=True) as conn:
         catalog = load_catalog()
