@@ -1,10 +1,14 @@
 """The embedded cluster: lifecycle, TLS, SCRAM-only access and JSON audit logs."""
 
 import json
+import stat
 import time
+from urllib.parse import quote
 
 import psycopg
+import pymongo
 import pytest
+from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 
 from stripe_platform.config import load_settings
 from stripe_platform.oltp import db
@@ -137,3 +141,36 @@ def test_connecting_before_up_says_what_to_do(tmp_path):
     s = load_settings(home=tmp_path)
     with pytest.raises(RuntimeErrorWithHint, match="stripe-platform up"):
         db.conninfo(s)
+
+
+# -- the embedded document server (FerretDB) ------------------------------------------------------------
+def test_document_server_needs_tls_and_the_platform_login(settings):
+    """TLS only on 127.0.0.1, and no command without the stripe_docstore password: a wrong one
+    and none at all are refused (the launcher scrubs libpq's defaults, which FerretDB would
+    otherwise fall back on), and a client without TLS never gets an answer."""
+    from stripe_platform.docstore.client import embedded_server
+
+    server = embedded_server(settings)
+    status = server.status()
+    assert status.running and status.port is not None
+    assert stat.S_IMODE(server.password_file.stat().st_mode) == 0o600
+    ca = settings.home_dir / "tls" / "ca.crt"
+
+    good = pymongo.MongoClient(server.uri(), serverSelectionTimeoutMS=5000)
+    assert good.admin.command("ping")["ok"] == 1
+    good.close()
+
+    wrong = server.uri().replace(quote(server.password(), safe=""), "not-the-password")
+    anonymous = f"mongodb://127.0.0.1:{status.port}/?tls=true&tlsCAFile={ca}"
+    for uri in (wrong, anonymous):
+        client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+        with pytest.raises(OperationFailure, match="password authentication failed"):
+            client.stripe.Transaction.find_one()
+        client.close()
+
+    plain = pymongo.MongoClient(
+        f"mongodb://127.0.0.1:{status.port}/", serverSelectionTimeoutMS=2000
+    )
+    with pytest.raises(ServerSelectionTimeoutError):
+        plain.admin.command("ping")
+    plain.close()
