@@ -13,15 +13,13 @@ from collections import defaultdict
 from decimal import Decimal
 
 import pytest
-from psycopg import sql
-from pydantic import SecretStr
 
 from stripe_platform.ml.contract import load_platform_transactions
 from stripe_platform.oltp import db
 from stripe_platform.oltp.status import change_status
 from stripe_platform.transform import analyses
 from stripe_platform.transform import dbt as transform
-from test_transform import cli, duckdb_rows, seeded_source, sync_all
+from test_transform import cli, duckdb_rows, postgres_warehouse, seeded_source, sync_all
 
 pytestmark = pytest.mark.timeout(1500)  # five dbt builds on shared cores
 
@@ -223,26 +221,8 @@ def test_predicted_fraud_beside_confirmed_fraud_before_and_after_scoring(source,
     assert sorted(duckdb_rows(s, everything), key=repr) == incremental
 
     # 4. A PostgreSQL warehouse builds the same mart from the same data.
-    warehouse_db = f"{s.pg_database}_warehouse"
-    with db.connect(settings, database="postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(warehouse_db)))
-    try:
-        on_postgres = s.model_copy(
-            update={
-                "warehouse": "postgres",
-                "warehouse_dsn": SecretStr(
-                    db.conninfo(settings, database=warehouse_db, with_key=False)
-                ),
-            }
-        )
+    with postgres_warehouse(settings, s) as on_postgres:
         sync_all(on_postgres)
         cli(on_postgres, "transform")
-        with db.connect(settings, database=warehouse_db) as conn:
+        with db.connect(settings, database=f"{s.pg_database}_warehouse") as conn:
             assert_mart(mart(conn.execute(MART_SQL).fetchall()), expected)
-    finally:
-        with db.connect(settings, database="postgres", autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(warehouse_db)
-                )
-            )

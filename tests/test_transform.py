@@ -4,6 +4,7 @@ brief's three queries answered from the marts."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import json
@@ -278,13 +279,14 @@ def test_build_answers_the_brief_and_incremental_runs_equal_a_full_rebuild(pipel
         conn.execute("UPDATE analytics.fact_revenue SET Amount = NULL WHERE ID = ?", [completed])
 
 
-def test_postgres_warehouse_gives_the_same_answers_as_duckdb(pipeline, settings):
-    s = pipeline
+@contextlib.contextmanager
+def postgres_warehouse(settings, s):
+    """``s`` pointed at a PostgreSQL warehouse database of its own, dropped afterwards."""
     warehouse_db = f"{s.pg_database}_warehouse"
     with db.connect(settings, database="postgres", autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(warehouse_db)))
     try:
-        on_postgres = s.model_copy(
+        yield s.model_copy(
             update={
                 "warehouse": "postgres",
                 "warehouse_dsn": SecretStr(
@@ -292,13 +294,6 @@ def test_postgres_warehouse_gives_the_same_answers_as_duckdb(pipeline, settings)
                 ),
             }
         )
-        for target in (s, on_postgres):
-            sync_all(target)
-            cli(target, "transform")
-        for name in QUERIES:
-            expected = analyses.run_analysis(s, name).rows
-            assert expected
-            assert analyses.run_analysis(on_postgres, name).rows == expected, name
     finally:
         with db.connect(settings, database="postgres", autocommit=True) as conn:
             conn.execute(
@@ -306,6 +301,18 @@ def test_postgres_warehouse_gives_the_same_answers_as_duckdb(pipeline, settings)
                     sql.Identifier(warehouse_db)
                 )
             )
+
+
+def test_postgres_warehouse_gives_the_same_answers_as_duckdb(pipeline, settings):
+    s = pipeline
+    with postgres_warehouse(settings, s) as on_postgres:
+        for target in (s, on_postgres):
+            sync_all(target)
+            cli(target, "transform")
+        for name in QUERIES:
+            expected = analyses.run_analysis(s, name).rows
+            assert expected
+            assert analyses.run_analysis(on_postgres, name).rows == expected, name
 
 
 def test_profiles_are_generated_without_secrets(settings, tmp_path):
