@@ -156,6 +156,34 @@ class Settings(BaseSettings):
         description="The fraud model's registered name (its champion: models:/<name>@champion).",
     )
 
+    # Real time: the stream scorer and the API ---------------------------------------------------
+    stream_source: Literal["embedded", "kafka"] | None = Field(
+        None,
+        description="Where the stream scorer reads changes: the embedded cluster's replication "
+        "slot, or Debezium's topics on Kafka (default: kafka on compose/prod, embedded elsewhere).",
+    )
+    stream_alert_threshold: float = Field(
+        0.9, ge=0, le=1, description="A payment scored at or above this raises a fraud alert."
+    )
+    stream_lag_alert_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="The supervisor alerts when the stream's slot holds more WAL than this.",
+    )
+    stream_lag_alert_seconds: float = Field(
+        60.0, gt=0, description="...or when its commit-to-score delay (p95) exceeds this."
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka brokers (host:port,...); the embedded profile's test stack sets its own.",
+    )
+    kafka_topic_prefix: str = Field(
+        "stripe", pattern=r"^[A-Za-z0-9._-]+$", description="Debezium's topic.prefix."
+    )
+    kafka_consumer_group: str = Field("fraud-stream", pattern=r"^[A-Za-z0-9._-]+$")
+    api_host: str = Field("127.0.0.1", description="Where `stripe-platform api` listens.")
+    api_port: int = Field(8443, ge=1, le=65535)
+
     # Keys ----------------------------------------------------------------------------------------
     pii_key: SecretStr | None = Field(
         None,
@@ -224,6 +252,10 @@ class Settings(BaseSettings):
                 "(the local keyring is for development only)"
             )
         return self
+
+    @property
+    def stream_backend(self) -> str:
+        return self.stream_source or ("embedded" if self.profile == "embedded" else "kafka")
 
     @property
     def home_dir(self) -> Path:
