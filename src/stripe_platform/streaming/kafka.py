@@ -1,0 +1,476 @@
+"""The Kafka change source: Debezium's change events on Kafka as :class:`RowEvent`.
+
+Debezium's PostgreSQL connector writes one topic per table (``<prefix>.public.<table>``), each
+message's value an envelope (``before``, ``after``, ``source`` with ``lsn``/``ts_ms``/``table``,
+``op``), alone or wrapped in ``{"schema": ..., "payload": ...}`` when the JSON converter keeps
+schemas. :class:`KafkaSource` reads those topics as a consumer group and hands the scorer the
+same :class:`RowEvent` the embedded source does.
+
+Delivery: offsets are committed only in :meth:`KafkaSource.checkpoint` (never automatically), so a
+crash or a rebalance between ``poll`` and ``checkpoint`` re-delivers (the scorer's writes are
+idempotent by transaction id and LSN). A message that cannot be decoded (a poison message) is copied
+to the dead-letter topic ``<prefix>.dlq``, its origin and the error in its headers, and returned as
+a :class:`Rejected`; its offset then moves on like any other's, so it never blocks a partition.
+Deletes' tombstones (null values) and heartbeats carry no row and are skipped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final
+
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from stripe_platform.config import Settings
+from stripe_platform.errors import PlatformError
+from stripe_platform.streaming.changes import TABLES, Lag, Operation, Poll, Rejected, RowEvent
+
+__all__ = [
+    "DLQ_HEADERS",
+    "KafkaSource",
+    "KafkaSourceError",
+    "decode",
+    "dlq_topic",
+    "table_topics",
+]
+
+log = logging.getLogger(__name__)
+
+OPS: Final[Mapping[str, Operation]] = {
+    "c": "insert",
+    "u": "update",
+    "d": "delete",
+    "r": "snapshot",
+}
+# Operations with no row for the scorer: truncate ("t", only when skipped.operations lets it
+# through) and logical decoding messages ("m").
+ROWLESS_OPS: Final = frozenset({"t", "m"})
+
+HEARTBEAT_SCHEMA: Final = "io.debezium.connector.common.Heartbeat"
+
+DLQ_HEADERS: Final = (
+    "dlq.original.topic",
+    "dlq.original.partition",
+    "dlq.original.offset",
+    "dlq.consumer.group",
+    "dlq.error.reason",
+    "dlq.error.detail",
+)
+"""Headers of a dead-lettered message, beside its original key, value and headers."""
+
+# Commit failures that mean "this member no longer owns the partition": the events will be
+# re-delivered to the new owner, so dropping the commit loses nothing.
+_REBALANCE_ERRORS: Final = frozenset(
+    {
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError.STALE_MEMBER_EPOCH,
+        KafkaError.FENCED_MEMBER_EPOCH,
+    }
+)
+
+
+class KafkaSourceError(PlatformError, RuntimeError):
+    """Kafka cannot be used as configured (no brokers set, a dead-letter write refused, ...)."""
+
+
+def table_topics(prefix: str, tables: Iterable[str] = TABLES) -> list[str]:
+    """Debezium's topic of each followed table (``<topic.prefix>.<schema>.<table>``)."""
+    return [f"{prefix}.public.{table}" for table in tables]
+
+
+def dlq_topic(prefix: str) -> str:
+    return f"{prefix}.dlq"
+
+
+# Decoding (pure: no broker) ------------------------------------------------------------------
+
+
+class _Undecodable(ValueError):
+    pass
+
+
+def decode(value: bytes | None, *, where: str) -> RowEvent | Rejected | None:
+    """One Debezium message value -> its :class:`RowEvent`; ``None`` for what carries no row
+    (a tombstone, a heartbeat, a truncate); a :class:`Rejected` (reason ``undecodable``) for
+    anything else. ``where`` names the message (``topic[partition]@offset``)."""
+    if value is None:
+        return None  # the tombstone after a delete: compaction's marker, no change of its own
+    try:
+        return _decode(value)
+    except _Undecodable as exc:
+        return Rejected("debezium", where, "undecodable", str(exc))
+
+
+def _decode(value: bytes) -> RowEvent | None:
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _Undecodable(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _Undecodable(f"not a JSON object: {type(doc).__name__}")
+    schema_name = None
+    if doc.keys() == {"schema", "payload"}:  # JsonConverter with schemas.enable=true
+        schema = doc["schema"]
+        schema_name = schema.get("name") if isinstance(schema, dict) else None
+        doc = doc["payload"]
+        if doc is None:
+            return None  # a tombstone as a converter with schemas may write it
+        if not isinstance(doc, dict):
+            raise _Undecodable(f"payload is not a JSON object: {type(doc).__name__}")
+    if "op" not in doc:
+        if schema_name == HEARTBEAT_SCHEMA or doc.keys() == {"ts_ms"}:
+            return None  # a heartbeat: keeps the slot moving, no row
+        raise _Undecodable("no 'op': not a Debezium change event")
+    op = doc["op"]
+    if op in ROWLESS_OPS:
+        return None
+    if op not in OPS:
+        raise _Undecodable(f"unknown op {op!r}")
+    image = "before" if op == "d" else "after"
+    row = doc.get(image)
+    if not isinstance(row, dict):
+        raise _Undecodable(f"op {op!r} without a row in {image!r}")
+    source = doc.get("source")
+    if not isinstance(source, dict):
+        raise _Undecodable("no 'source' block")
+    table = source.get("table")
+    if not isinstance(table, str) or not table:
+        raise _Undecodable("source.table missing")
+    lsn = source.get("lsn")
+    if not _is_int(lsn) or lsn < 0:
+        raise _Undecodable(f"source.lsn is not a WAL position: {lsn!r}")
+    return RowEvent(
+        source="debezium",
+        table=table.lower(),
+        op=OPS[op],
+        row={str(k).lower(): v for k, v in row.items()},
+        lsn=lsn,
+        commit_time=_commit_time(source),
+    )
+
+
+def _commit_time(source: Mapping[str, Any]) -> dt.datetime:
+    """The source transaction's commit time: ``source.ts_us`` (Debezium 2.6+, PostgreSQL's own
+    microsecond precision) or ``source.ts_ms``."""
+    us = source.get("ts_us")
+    if _is_int(us):
+        seconds, micros = divmod(us, 1_000_000)
+    else:
+        ms = source.get("ts_ms")
+        if not _is_int(ms):
+            raise _Undecodable(f"source.ts_ms is not a time: {ms!r}")
+        seconds, millis = divmod(ms, 1000)
+        micros = millis * 1000
+    try:
+        return dt.datetime.fromtimestamp(seconds, dt.UTC).replace(microsecond=micros)
+    except (OverflowError, OSError, ValueError) as exc:
+        raise _Undecodable(f"source timestamp out of range: {exc}") from None
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _where(msg: Message) -> str:
+    return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
+
+
+# The consumer ----------------------------------------------------------------------------------
+
+
+class KafkaSource:
+    """Debezium's topics as a :class:`~stripe_platform.streaming.changes.ChangeSource`: a member
+    of consumer group ``group`` (one per scorer; add members to share the partitions)."""
+
+    name = "debezium"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        group: str | None = None,
+        topics: Sequence[str] | None = None,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        servers = settings.kafka_bootstrap_servers
+        if not servers:
+            raise KafkaSourceError(
+                "kafka_bootstrap_servers is not set: set STRIPE_PLATFORM_KAFKA_BOOTSTRAP_SERVERS "
+                "(host:port,...) or use the embedded stream source"
+            )
+        self.group = group or settings.kafka_consumer_group
+        self.topics = list(topics) if topics else table_topics(settings.kafka_topic_prefix)
+        self.dlq_topic = dlq_topic(settings.kafka_topic_prefix)
+        self._servers = servers
+        self._lock = threading.Lock()
+        # Next offset to commit per partition: past every message poll returned since the last
+        # checkpoint (tombstones, heartbeats and dead-lettered messages included).
+        self._pending: dict[tuple[str, int], int] = {}
+        self._committed: dict[tuple[str, int], int] = {}  # durable positions known to us
+        self._assigned: set[tuple[str, int]] = set()
+        self._producer: Producer | None = None
+        self._dlq_ready = False
+        self._dlq_failures: list[str] = []
+        self._warned: set[int] = set()
+        self._broken: str | None = None
+        conf: dict[str, Any] = {
+            "bootstrap.servers": servers,
+            "group.id": self.group,
+            "client.id": f"stripe-platform-{self.group}",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            # Incremental rebalancing: a member joining or leaving moves only the partitions
+            # that change owner, the others keep flowing.
+            "partition.assignment.strategy": "cooperative-sticky",
+            # Debezium creates a table's topic at its first change: find it within seconds,
+            # not librdkafka's default 5 minutes.
+            "topic.metadata.refresh.interval.ms": 5000,
+            "allow.auto.create.topics": False,
+            "logger": log,
+            **(config or {}),
+        }
+        self._consumer = Consumer(conf)
+        self._consumer.subscribe(
+            self.topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        self._closed = False
+
+    # Rebalance callbacks (run inside poll/consume/close, on this thread) ----------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        with self._lock:
+            self._assigned.update((tp.topic, tp.partition) for tp in partitions)
+        log.info("kafka source %s: assigned %s", self.group, _names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Offsets of events returned but not yet checkpointed are dropped, never committed: the
+        # scorer may not have written them yet; the partition's next owner re-reads them.
+        self._forget(partitions)
+        log.info("kafka source %s: revoked %s", self.group, _names(partitions))
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions)
+        log.warning("kafka source %s: lost %s", self.group, _names(partitions))
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        with self._lock:
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                self._assigned.discard(key)
+                self._pending.pop(key, None)
+                self._committed.pop(key, None)
+
+    # ChangeSource ---------------------------------------------------------------------------
+
+    def poll(self, max_events: int, timeout: float) -> Poll:
+        self._check_usable()
+        # consume(n, timeout) waits for n messages or the whole timeout: wait for the first
+        # message only, then take what is already fetched without waiting.
+        first = self._consumer.poll(timeout)
+        messages: list[Message] = [] if first is None else [first]
+        if first is not None and max_events > 1:
+            messages += self._consumer.consume(max_events - 1, 0)
+        events: list[RowEvent] = []
+        rejected: list[Rejected] = []
+        taken = 0
+        for msg in messages:
+            if msg.error() is not None:
+                self._on_error(msg.error())
+                continue
+            taken += 1
+            decoded = decode(msg.value(), where=_where(msg))
+            if isinstance(decoded, Rejected):
+                self._dead_letter(msg, decoded)
+                rejected.append(decoded)
+            elif decoded is not None:
+                events.append(decoded)
+            key = (msg.topic(), msg.partition())
+            with self._lock:
+                if key in self._assigned:
+                    self._pending[key] = msg.offset() + 1
+        if rejected:
+            self._flush_dlq()
+        return Poll(events=events, rejected=rejected, caught_up=taken < max_events)
+
+    def checkpoint(self) -> None:
+        self._check_usable()
+        self._flush_dlq()  # a dead-lettered message's offset moves on only once the DLQ has it
+        with self._lock:
+            pending = dict(self._pending)
+        if not pending:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in sorted(pending.items())]
+        try:
+            result = self._consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if err.code() in _REBALANCE_ERRORS:
+                log.warning("kafka source %s: commit dropped by a rebalance: %s", self.group, err)
+                with self._lock:
+                    self._pending.clear()
+                return
+            raise
+        failed = [tp for tp in result or () if tp.error is not None]
+        with self._lock:
+            for tp in result or offsets:
+                key = (tp.topic, tp.partition)
+                if tp.error is None and self._pending.get(key) == tp.offset:
+                    del self._pending[key]
+                    if key in self._assigned:
+                        self._committed[key] = tp.offset
+        for tp in failed:
+            if tp.error.code() not in _REBALANCE_ERRORS:
+                raise KafkaSourceError(
+                    f"commit of {tp.topic}[{tp.partition}]@{tp.offset} failed: {tp.error}"
+                )
+
+    def lag(self) -> Lag:
+        with self._lock:
+            assigned = sorted(self._assigned)
+            committed = dict(self._committed)
+        unknown = [TopicPartition(t, p) for t, p in assigned if (t, p) not in committed]
+        if unknown:
+            for tp in self._consumer.committed(unknown, timeout=5):
+                committed[(tp.topic, tp.partition)] = tp.offset
+        total = 0
+        parts = []
+        for topic, partition in assigned:
+            tp = TopicPartition(topic, partition)
+            low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:  # nothing fetched yet: ask the broker
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            offset = committed.get((topic, partition), OFFSET_INVALID)
+            if offset < 0:  # no commit yet: the group starts at the earliest offset
+                offset = max(low, 0)
+            total += max(high - offset, 0)
+            parts.append(f"{topic}[{partition}]@{offset}")
+        return Lag(
+            consumer_lag_messages=total,
+            position=",".join(parts) or None,
+            extra={"group": self.group, "partitions": len(assigned)},
+        )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._producer is not None:
+                self._producer.flush(10)
+        finally:
+            self._consumer.close()  # leaves the group at once: its partitions move without delay
+
+    # Internals --------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise KafkaSourceError(f"{self._broken}: restart the stream (nothing was committed)")
+        if self._closed:
+            raise KafkaSourceError("the Kafka source is closed")
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._PARTITION_EOF:
+            return
+        if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            # Debezium has not written to this table yet: its topic appears with the first change.
+            if err.code() not in self._warned:
+                self._warned.add(err.code())
+                log.info("kafka source %s: %s (waiting for the topic)", self.group, err.str())
+            return
+        if err.fatal():
+            raise KafkaSourceError(f"Kafka consumer failed: {err.str()}")
+        log.warning("kafka source %s: %s", self.group, err.str())
+
+    def _dead_letter(self, msg: Message, why: Rejected) -> None:
+        if self._producer is None:
+            self._producer = Producer(
+                {
+                    "bootstrap.servers": self._servers,
+                    "client.id": f"stripe-platform-{self.group}-dlq",
+                    "enable.idempotence": True,  # acks=all, no duplicates on retry
+                    "linger.ms": 0,
+                    "logger": log,
+                }
+            )
+        if not self._dlq_ready:
+            self._ensure_dlq()
+        headers = [
+            *(msg.headers() or ()),
+            ("dlq.original.topic", msg.topic()),
+            ("dlq.original.partition", str(msg.partition())),
+            ("dlq.original.offset", str(msg.offset())),
+            ("dlq.consumer.group", self.group),
+            ("dlq.error.reason", why.reason),
+            ("dlq.error.detail", why.detail),
+        ]
+        self._producer.produce(
+            self.dlq_topic,
+            key=msg.key(),
+            value=msg.value(),
+            headers=headers,
+            on_delivery=self._delivered,
+        )
+        log.warning(
+            "kafka source %s: %s dead-lettered to %s: %s",
+            self.group,
+            why.where,
+            self.dlq_topic,
+            why.detail,
+        )
+
+    def _ensure_dlq(self) -> None:
+        """Create the dead-letter topic if missing (replication: the broker's default)."""
+        admin = AdminClient({"bootstrap.servers": self._servers, "logger": log})
+        futures = admin.create_topics([NewTopic(self.dlq_topic, num_partitions=1)])
+        try:
+            futures[self.dlq_topic].result(timeout=30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise KafkaSourceError(
+                    f"cannot create the dead-letter topic {self.dlq_topic}: {exc.args[0].str()}"
+                ) from None
+        self._dlq_ready = True
+
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._dlq_failures.append(err.str())
+
+    def _flush_dlq(self) -> None:
+        if self._producer is None:
+            return
+        remaining = self._producer.flush(30)
+        if remaining or self._dlq_failures:
+            failures, self._dlq_failures = self._dlq_failures, []
+            # The consumer's position is already past the message the DLQ does not hold: commit
+            # nothing more from this member; its restart re-reads from the last checkpoint.
+            with self._lock:
+                self._pending.clear()
+            self._broken = (
+                f"the dead-letter topic {self.dlq_topic} did not take "
+                f"{remaining or len(failures)} message(s): {'; '.join(failures) or 'timed out'}"
+            )
+            raise KafkaSourceError(self._broken)
+
+
+def _names(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "nothing"

@@ -1,0 +1,354 @@
+"""The Kafka change source: Debezium 3.6 envelopes to RowEvents (pure: no broker), then against a
+real broker (consumer group, checkpointed offsets, dead-letter topic), then the whole path: payments
+inserted in PostgreSQL, captured by Debezium on Kafka Connect, scored by the stream scorer."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stripe_platform.config import load_settings
+from stripe_platform.streaming.changes import Rejected, RowEvent
+from stripe_platform.streaming.kafka import (
+    KafkaSource,
+    KafkaSourceError,
+    decode,
+    dlq_topic,
+    table_topics,
+)
+
+# Debezium 3.6's PostgreSQL connector, JsonConverter with schemas.enable=false,
+# decimal.handling.mode=string (numeric as text), timestamptz as ZonedTimestamp (ISO-8601 text).
+# A payment committed at 2026-01-01T10:00:00.123456Z (1767261600 s since the epoch).
+SOURCE: dict[str, Any] = {
+    "version": "3.6.1.Final",
+    "connector": "postgresql",
+    "name": "stripe",
+    "ts_ms": 1767261600123,
+    "snapshot": "false",
+    "db": "stripe",
+    "sequence": '["24023064","24023128"]',
+    "ts_us": 1767261600123456,
+    "ts_ns": 1767261600123456000,
+    "schema": "public",
+    "table": "transaction",
+    "txId": 555,
+    "lsn": 24023128,
+    "xmin": None,
+}
+PAYMENT: dict[str, Any] = {
+    "id": 7001,
+    "transactionstatusid": 1,
+    "merchantid": 42,
+    "amount": "149.90",
+    "currencyid": 3,
+    "paymentmethodid": 1,
+    "paymentinstrumentid": 88,
+    "deviceid": 501,
+    "customerid": 12,
+    "billingaddressid": 77,
+    "transactionlocationid": 9,
+    "ipaddress": "203.0.113.7",
+    "datetime": "2026-01-01T09:59:59.5Z",
+    "createdat": "2026-01-01T10:00:00.120001Z",
+    "updatedat": "2026-01-01T10:00:00.120001Z",
+}
+INSERT: dict[str, Any] = {
+    "before": None,
+    "after": PAYMENT,
+    "source": SOURCE,
+    "transaction": None,
+    "op": "c",
+    "ts_ms": 1767261600301,
+    "ts_us": 1767261600301422,
+    "ts_ns": 1767261600301422000,
+}
+COMMITTED = dt.datetime(2026, 1, 1, 10, 0, 0, 123456, tzinfo=dt.UTC)
+
+# The same insert as JsonConverter writes it with schemas.enable=true.
+_ROW_FIELDS = [
+    {"type": "int64", "optional": False, "field": "id"},
+    {"type": "int16", "optional": False, "field": "transactionstatusid"},
+    {"type": "int64", "optional": False, "field": "merchantid"},
+    {"type": "string", "optional": False, "field": "amount"},  # decimal.handling.mode=string
+    {"type": "int16", "optional": False, "field": "currencyid"},
+    {"type": "int16", "optional": False, "field": "paymentmethodid"},
+    {"type": "int64", "optional": True, "field": "paymentinstrumentid"},
+    {"type": "int64", "optional": True, "field": "deviceid"},
+    {"type": "int64", "optional": False, "field": "customerid"},
+    {"type": "int64", "optional": True, "field": "billingaddressid"},
+    {"type": "int32", "optional": True, "field": "transactionlocationid"},
+    {"type": "string", "optional": True, "field": "ipaddress"},
+    *(
+        {
+            "type": "string",
+            "optional": False,
+            "name": "io.debezium.time.ZonedTimestamp",
+            "version": 1,
+            "field": name,
+        }
+        for name in ("datetime", "createdat", "updatedat")
+    ),
+]
+_SOURCE_FIELDS = [
+    {"type": "string", "optional": False, "field": "version"},
+    {"type": "string", "optional": False, "field": "connector"},
+    {"type": "string", "optional": False, "field": "name"},
+    {"type": "int64", "optional": False, "field": "ts_ms"},
+    {
+        "type": "string",
+        "optional": True,
+        "name": "io.debezium.data.Enum",
+        "version": 1,
+        "parameters": {
+            "allowed": "true,first,first_in_data_collection,last_in_data_collection,"
+            "last,false,incremental"
+        },
+        "default": "false",
+        "field": "snapshot",
+    },
+    {"type": "string", "optional": False, "field": "db"},
+    {"type": "string", "optional": True, "field": "sequence"},
+    {"type": "int64", "optional": True, "field": "ts_us"},
+    {"type": "int64", "optional": True, "field": "ts_ns"},
+    {"type": "string", "optional": False, "field": "schema"},
+    {"type": "string", "optional": False, "field": "table"},
+    {"type": "int64", "optional": True, "field": "txId"},
+    {"type": "int64", "optional": True, "field": "lsn"},
+    {"type": "int64", "optional": True, "field": "xmin"},
+]
+ENVELOPE_SCHEMA: dict[str, Any] = {
+    "type": "struct",
+    "fields": [
+        {
+            "type": "struct",
+            "fields": _ROW_FIELDS,
+            "optional": True,
+            "name": "stripe.public.transaction.Value",
+            "field": "before",
+        },
+        {
+            "type": "struct",
+            "fields": _ROW_FIELDS,
+            "optional": True,
+            "name": "stripe.public.transaction.Value",
+            "field": "after",
+        },
+        {
+            "type": "struct",
+            "fields": _SOURCE_FIELDS,
+            "optional": False,
+            "name": "io.debezium.connector.postgresql.Source",
+            "version": 1,
+            "field": "source",
+        },
+        {
+            "type": "struct",
+            "fields": [
+                {"type": "string", "optional": False, "field": "id"},
+                {"type": "int64", "optional": False, "field": "total_order"},
+                {"type": "int64", "optional": False, "field": "data_collection_order"},
+            ],
+            "optional": True,
+            "name": "event.block",
+            "version": 1,
+            "field": "transaction",
+        },
+        {"type": "string", "optional": False, "field": "op"},
+        {"type": "int64", "optional": True, "field": "ts_ms"},
+        {"type": "int64", "optional": True, "field": "ts_us"},
+        {"type": "int64", "optional": True, "field": "ts_ns"},
+    ],
+    "optional": False,
+    "name": "stripe.public.transaction.Envelope",
+    "version": 2,
+}
+HEARTBEAT_SCHEMA: dict[str, Any] = {
+    "type": "struct",
+    "fields": [{"type": "int64", "optional": False, "field": "ts_ms"}],
+    "optional": False,
+    "name": "io.debezium.connector.common.Heartbeat",
+    "version": 1,
+}
+
+WHERE = "stripe.public.transaction[3]@17"
+
+
+def raw(doc: object) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def envelope(**changes: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(INSERT)
+    source = changes.pop("source", {})
+    doc.update(changes)
+    doc["source"].update(source)
+    return doc
+
+
+# Decoding: pure, no broker ---------------------------------------------------------------------
+
+
+def test_insert_without_schemas_is_a_row_event() -> None:
+    assert decode(raw(INSERT), where=WHERE) == RowEvent(
+        source="debezium",
+        table="transaction",
+        op="insert",
+        row=PAYMENT,
+        lsn=24023128,
+        commit_time=COMMITTED,
+    )
+
+
+def test_insert_with_schemas_is_the_same_row_event() -> None:
+    with_schema = {"schema": ENVELOPE_SCHEMA, "payload": INSERT}
+    assert decode(raw(with_schema), where=WHERE) == decode(raw(INSERT), where=WHERE)
+    assert decode(raw(with_schema), where=WHERE).row["amount"] == "149.90"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("op", "before", "after", "expected_op", "expected_row"),
+    [
+        (
+            "u",
+            None,
+            {**PAYMENT, "transactionstatusid": 2},
+            "update",
+            {**PAYMENT, "transactionstatusid": 2},
+        ),
+        # REPLICA IDENTITY DEFAULT: a delete's before holds the key, the other columns null.
+        (
+            "d",
+            {**dict.fromkeys(PAYMENT), "id": 7001, "datetime": "2026-01-01T09:59:59.5Z"},
+            None,
+            "delete",
+            {**dict.fromkeys(PAYMENT), "id": 7001, "datetime": "2026-01-01T09:59:59.5Z"},
+        ),
+        ("r", None, PAYMENT, "snapshot", PAYMENT),
+    ],
+)
+def test_each_operation_maps_to_its_row(
+    op: str, before: Any, after: Any, expected_op: str, expected_row: dict[str, Any]
+) -> None:
+    event = decode(raw(envelope(op=op, before=before, after=after)), where=WHERE)
+    assert isinstance(event, RowEvent)
+    assert (event.op, event.row, event.table, event.lsn) == (
+        expected_op,
+        expected_row,
+        "transaction",
+        24023128,
+    )
+
+
+def test_state_change_of_a_snapshot_keeps_the_table_and_lsn() -> None:
+    change = {
+        "id": 9,
+        "transactionid": 7001,
+        "transactiondatetime": "2026-01-01T09:59:59.5Z",
+        "fromstatusid": 1,
+        "tostatusid": 5,
+        "reason": "fraudulent",
+        "updatedby": "dispute-desk",
+        "updatedat": "2026-01-03T08:00:00Z",
+    }
+    event = decode(
+        raw(
+            envelope(
+                op="r",
+                after=change,
+                source={
+                    "table": "transactionstatechanges",
+                    "snapshot": "last",
+                    "lsn": 33554432,
+                    "ts_us": None,
+                    "ts_ms": 1767427200000,
+                },
+            )
+        ),
+        where=WHERE,
+    )
+    assert event == RowEvent(
+        source="debezium",
+        table="transactionstatechanges",
+        op="snapshot",
+        row=change,
+        lsn=33554432,
+        commit_time=dt.datetime(2026, 1, 3, 8, 0, tzinfo=dt.UTC),  # ts_ms when no ts_us
+    )
+
+
+def test_upper_case_columns_and_table_are_lower_cased() -> None:
+    event = decode(
+        raw(envelope(after={"ID": 1, "CustomerID": 2}, source={"table": "Transaction"})),
+        where=WHERE,
+    )
+    assert isinstance(event, RowEvent)
+    assert (event.table, dict(event.row)) == ("transaction", {"id": 1, "customerid": 2})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,  # the tombstone after a delete
+        raw({"schema": None, "payload": None}),  # a tombstone through a converter with schemas
+        raw({"ts_ms": 1767261600123}),  # a heartbeat, schemas disabled
+        raw({"schema": HEARTBEAT_SCHEMA, "payload": {"ts_ms": 1767261600123}}),
+        raw(envelope(op="t", after=None)),  # a truncate: no row
+    ],
+    ids=["tombstone", "tombstone-with-schema", "heartbeat", "heartbeat-with-schema", "truncate"],
+)
+def test_messages_without_a_row_are_skipped(value: bytes | None) -> None:
+    assert decode(value, where=WHERE) is None
+
+
+_no_source = envelope()
+del _no_source["source"]
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe\x00garbage", "not JSON"),
+        (b"", "not JSON"),
+        (raw([1, 2]), "not a JSON object"),
+        (raw({"schema": ENVELOPE_SCHEMA, "payload": [INSERT]}), "payload is not a JSON object"),
+        (raw({"before": None, "after": PAYMENT}), "no 'op'"),
+        (raw(envelope(op="x")), "unknown op 'x'"),
+        (raw(envelope(after=None)), "without a row in 'after'"),
+        (raw(envelope(op="d", before=None, after=None)), "without a row in 'before'"),
+        (raw(envelope(after=[1, 2])), "without a row in 'after'"),
+        (raw(_no_source), "no 'source' block"),
+        (raw(envelope(source={"table": None})), "source.table missing"),
+        (raw(envelope(source={"lsn": "24023128"})), "source.lsn is not a WAL position"),
+        (raw(envelope(source={"lsn": -1})), "source.lsn is not a WAL position"),
+        (raw(envelope(source={"lsn": True})), "source.lsn is not a WAL position"),
+        (raw(envelope(source={"ts_us": None, "ts_ms": "yesterday"})), "source.ts_ms is not a time"),
+        (raw(envelope(source={"ts_us": 10**30})), "source timestamp out of range"),
+    ],
+)
+def test_malformed_messages_are_rejected_as_undecodable(value: bytes, detail: str) -> None:
+    rejected = decode(value, where=WHERE)
+    assert isinstance(rejected, Rejected)
+    assert (rejected.source, rejected.where, rejected.reason) == ("debezium", WHERE, "undecodable")
+    assert detail in rejected.detail
+
+
+def test_topic_names() -> None:
+    assert table_topics("stripe") == [
+        "stripe.public.transaction",
+        "stripe.public.transactionstatechanges",
+    ]
+    assert dlq_topic("stripe") == "stripe.dlq"
+
+
+def test_no_brokers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("STRIPE_PLATFORM_KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    s = load_settings(home=tmp_path, profile="embedded")
+    with pytest.raises(KafkaSourceError, match="STRIPE_PLATFORM_KAFKA_BOOTSTRAP_SERVERS"):
+        KafkaSource(s)
