@@ -11,7 +11,17 @@ from __future__ import annotations
 
 import typer
 
-from stripe_platform.cli import bench, docstore, ingestion, ml, oltp, runtime, seed, transform
+from stripe_platform.cli import (
+    bench,
+    docstore,
+    ingestion,
+    ml,
+    oltp,
+    runtime,
+    seed,
+    streaming,
+    transform,
+)
 
 app = typer.Typer(help="Open data platform for payments.", no_args_is_help=True)
 
@@ -25,5 +35,6 @@ app.add_typer(oltp.db_app, name="db")
 app.add_typer(docstore.mongo_app, name="mongo")
 app.add_typer(ingestion.airbyte_app, name="airbyte")
 app.add_typer(ml.ml_app, name="ml")
+app.add_typer(streaming.stream_app, name="stream")
 
 __all__ = ["app"]

@@ -1,0 +1,637 @@
+"""The stream scorer (``stripe-platform stream fraud``): every new or changed payment scored by the
+champion as it commits.
+
+One loop over a :class:`~stripe_platform.streaming.changes.ChangeSource` (the embedded engine's
+replication slot, or Debezium's topics on Kafka), each batch of change events in turn:
+
+1. **Rows to payments.** ``transaction`` changes become payments, ``transactionstatechanges`` rows
+   that report fraud become label events (:class:`~stripe_platform.streaming.normalize.Normalizer`).
+   A change the scorer cannot use (an unknown table, a missing column, a bad value, an undecodable
+   message) is counted by reason, logged and skipped: never fatal, and the position moves past it.
+2. **Features and scores.** The window state (:class:`~stripe_platform.streaming.state.
+   LiveFeatureState`, warmed from the recent history at start) gives each payment its features,
+   computed before the payment itself is ingested; one vectorised model call scores the batch.
+3. **FraudScoreEvent** (sql/oltp/0010_fraud_score_events.sql): one INSERT per batch, keyed by
+   (transaction id, LSN of the change), ``ON CONFLICT DO NOTHING``: a change delivered again after
+   a crash inserts nothing, and its stored score is the one used below.
+4. **The Transaction documents** (``AnomalyScore``, ``isFraud``): one ``docstore.validation.
+   set_fields`` per batch for the rows whose ``DocumentWrittenAt`` is still NULL (the rows are the
+   outbox of the document writes, as FraudScore's are), then marked written. A document that is
+   not there yet (the seed writes a payment's document after its transaction commits) is retried
+   from the outbox for ``DOCUMENT_GRACE``, then given up (marked written with nothing to update,
+   as ``ml score`` does for a payment without a document).
+5. **Alerts**: the scores at or above ``settings.stream_alert_threshold`` not alerted yet go to
+   the platform's alert sink (:func:`~stripe_platform.orchestration.alerts.send_alert`: the log,
+   and the webhook when one is set), one alert per batch, then ``AlertedAt`` is set: a replay does
+   not alert twice. A payment already alerted for an earlier change is not alerted again.
+6. **Checkpoint**: only now does the source move its durable position.
+
+``kill -9`` anywhere: the changes after the last checkpoint come again, the rows already inserted
+stay (their documents and alerts still pending are done then): every payment scored exactly once
+in effect, none lost. (An alert sent in the instant before its ``AlertedAt`` was written is sent
+again: at least once, by design of any outbox.)
+
+The champion is followed by a thread that checks the alias every ``MODEL_CHECK_SECONDS``: a new
+champion scores the next batch, no restart; an unreachable registry or a version whose features
+differ keeps the last good model (the status says why).
+
+The status file ``<home>/stream/fraud/status.json`` is rewritten atomically about once a second:
+state, heartbeat, model, position and lag (slot lag bytes or consumer lag, commit-to-score
+p50/p95/p99/max over the last ``LATENCY_WINDOW`` payments), counts. Commit-to-score is measured in
+PostgreSQL as the score row is written (``clock_timestamp() - CommitTime``), against the commit
+time the source reports (the server's own clock).
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from stripe_platform.errors import PlatformError
+from stripe_platform.streaming.changes import ChangeSource, Poll, Rejected, RowEvent
+
+if TYPE_CHECKING:
+    from stripe_platform.config import Settings
+    from stripe_platform.ml.score import Scorer
+
+log = logging.getLogger("stripe_platform.stream")
+
+SERVICE = "fraud-stream"
+COLLECTION = "Transaction"
+STATUS_SECONDS = 1.0  # status file rewrite (and idle checkpoint) period
+MODEL_CHECK_SECONDS = 5.0  # how often the champion alias is read
+LATENCY_WINDOW = 1_000  # payments the commit-to-score percentiles cover
+POLL_TIMEOUT = 0.25  # longest wait for changes: the heartbeat stays about once a second
+SWEEP_SECONDS = 1.0  # how often the outbox is swept for documents still to write
+SWEEP_AFTER = dt.timedelta(milliseconds=500)  # the batch itself tried first
+DOCUMENT_GRACE = dt.timedelta(seconds=30)  # a payment's document may come after its commit
+SWEEP_LIMIT = 10_000
+ALERT_NAMED = 20  # payments named in an alert's text (all are in its "payments" field)
+STATES = ("starting", "warming", "running", "stopped", "failed")
+
+
+class StreamError(PlatformError, RuntimeError):
+    """The stream cannot run or report (a bad source name, an unreadable status file)."""
+
+
+# -- the status file -------------------------------------------------------------------------------
+def status_path(settings: Settings) -> Path:
+    return settings.home_dir / "stream" / "fraud" / "status.json"
+
+
+def read_status(settings: Settings) -> dict[str, Any] | None:
+    """The last status the stream wrote, or None when it never ran under this home."""
+    path = status_path(settings)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StreamError(f"stream status {path}: cannot be read: {exc}") from None
+    try:
+        status = json.loads(text)
+    except ValueError as exc:
+        raise StreamError(
+            f"stream status {path}: not JSON ({exc}); the stream rewrites it"
+        ) from None
+    if not isinstance(status, dict):
+        raise StreamError(f"stream status {path}: not a JSON object")
+    return status
+
+
+def _write_atomically(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, default=str)
+        os.replace(name, path)  # readers see the old file or the new one, never a torn one
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _percentiles(values: Iterable[float]) -> dict[str, float | int | None]:
+    array = np.fromiter(values, np.float64)
+    if not len(array):
+        return {"p50": None, "p95": None, "p99": None, "max": None, "count": 0}
+    p50, p95, p99 = np.percentile(array, [50, 95, 99])
+    return {
+        "p50": round(float(p50), 3),
+        "p95": round(float(p95), 3),
+        "p99": round(float(p99), 3),
+        "max": round(float(array.max()), 3),
+        "count": len(array),
+    }
+
+
+# -- the sources -----------------------------------------------------------------------------------
+def open_source(settings: Settings, name: str | None = None) -> ChangeSource:
+    """The change source named (``embedded`` or ``kafka``; default ``settings.stream_backend``)."""
+    name = name or settings.stream_backend
+    if name == "embedded":
+        from stripe_platform.streaming.embedded import EmbeddedSource
+
+        return EmbeddedSource(settings)
+    if name == "kafka":
+        from stripe_platform.streaming.kafka import KafkaSource
+
+        return KafkaSource(settings)
+    raise StreamError(f"stream source {name!r}: expected 'embedded' or 'kafka'")
+
+
+# -- the model -------------------------------------------------------------------------------------
+class Champion:
+    """The champion, followed: :meth:`check` (a thread calls it every ``MODEL_CHECK_SECONDS``)
+    loads a new version once the alias moves; a failure keeps the last good model."""
+
+    def __init__(self, settings: Settings, scorer: Scorer | None = None) -> None:
+        from stripe_platform.ml import registry as reg
+        from stripe_platform.ml.score import Scorer
+
+        self.settings = settings
+        self.registry = reg.Registry.from_settings(settings)
+        if scorer is None:
+            self.registry.check()
+            scorer = Scorer.from_loaded(reg.load_champion(self.registry, settings.ml_model_name))
+        self.current: Scorer = scorer
+        self.error: str | None = None
+        self.switches = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> bool:
+        """Load the champion if the alias moved; True when the model changed."""
+        from stripe_platform.ml import registry as reg
+        from stripe_platform.ml.score import Scorer
+
+        try:
+            version = self.registry.require_champion(self.settings.ml_model_name)
+            if str(version.version) == self.current.version:
+                self.error = None
+                return False
+            scorer = Scorer.from_loaded(reg.load_version(self.registry, version))
+        except Exception as exc:  # any failure: keep scoring with the last good model
+            error = f"keeping {self.current.label}: {type(exc).__name__}: {exc}"
+            if error != self.error:
+                log.warning("champion check failed, %s", error)
+            self.error = error
+            return False
+        log.info("champion moved: %s -> %s", self.current.label, scorer.label)
+        self.current, self.error = scorer, None  # one reference swap: a batch uses one model
+        self.switches += 1
+        return True
+
+    def follow(self, seconds: float = MODEL_CHECK_SECONDS) -> None:
+        def watch() -> None:
+            while not self._stop.wait(seconds):
+                self.check()
+
+        self._thread = threading.Thread(target=watch, name="fraud-stream-champion", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+# -- one run ----------------------------------------------------------------------------------------
+@dataclass
+class RunSummary:
+    source: str
+    state: str
+    model_name: str | None = None
+    model_version: str | None = None
+    scored: int = 0  # FraudScoreEvent rows this run inserted
+    flagged: int = 0  # of which IsFraud
+    replayed: int = 0  # changes scored before (delivered again after a restart)
+    alerts: int = 0  # alerts sent (each names one or more payments)
+    alerted_payments: int = 0
+    labels: int = 0  # fraud reports applied to the window state
+    ignored: int = 0  # deletes and state changes that report no fraud
+    skipped: dict[str, int] = field(default_factory=dict)  # rejected changes by reason
+    dead_lettered: int = 0
+    documents_written: int = 0
+    documents_missing: int = 0  # payments whose document never came (given up)
+    batches: int = 0
+    model_switches: int = 0
+    position: str | None = None
+    commit_to_score_ms: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_INSERT = """
+WITH batch AS (
+    SELECT * FROM unnest(%(tid)s::bigint[], %(lsn)s::bigint[], %(ts)s::timestamptz[],
+                         %(commit)s::timestamptz[], %(score)s::float8[], %(flag)s::boolean[])
+        AS b(tid, lsn, ts, commit_time, score, flag)
+), inserted AS (
+    INSERT INTO FraudScoreEvent (TransactionID, LSN, TransactionDateTime, CommitTime, ModelName,
+        ModelVersion, FeatureVersion, Score, Threshold, IsFraud, Source, CommitToScoreMs)
+    SELECT tid, lsn, ts, commit_time, %(model)s, %(version)s, %(features)s, score, %(threshold)s,
+           flag, %(source)s, 1000 * extract(epoch FROM clock_timestamp() - commit_time)
+    FROM batch
+    ON CONFLICT (TransactionID, LSN) DO NOTHING
+    RETURNING TransactionID, LSN, Score, IsFraud, CommitToScoreMs
+)
+SELECT TransactionID, LSN, Score, IsFraud, CommitToScoreMs, true, true, true FROM inserted
+UNION ALL
+-- Rows of this batch scored before (a replay): the main query does not see the rows the CTE
+-- inserts, so these are exactly the others, with what is still to do for them.
+SELECT e.TransactionID, e.LSN, e.Score, e.IsFraud, e.CommitToScoreMs, false,
+       e.DocumentWrittenAt IS NULL, e.AlertedAt IS NULL
+FROM FraudScoreEvent e JOIN batch b ON e.TransactionID = b.tid AND e.LSN = b.lsn
+"""
+# The rows of each payment up to the change whose score its document now carries.
+_MARK_WRITTEN = """
+UPDATE FraudScoreEvent e SET DocumentWrittenAt = clock_timestamp()
+FROM unnest(%s::bigint[], %s::bigint[]) AS w(tid, lsn)
+WHERE e.TransactionID = w.tid AND e.LSN <= w.lsn AND e.DocumentWrittenAt IS NULL
+"""
+_MARK_ALERTED = """
+UPDATE FraudScoreEvent e SET AlertedAt = clock_timestamp()
+FROM unnest(%s::bigint[], %s::bigint[]) AS a(tid, lsn)
+WHERE e.TransactionID = a.tid AND e.LSN = a.lsn
+"""
+_SWEEP = """
+SELECT DISTINCT ON (TransactionID) TransactionID, LSN, Score, IsFraud, ScoredAt
+FROM FraudScoreEvent
+WHERE DocumentWrittenAt IS NULL AND ScoredAt < clock_timestamp() - %s
+ORDER BY TransactionID, LSN DESC
+LIMIT %s
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A score of this batch as stored (a replayed change keeps its first score)."""
+
+    tid: int
+    lsn: int
+    score: float
+    is_fraud: bool
+    ms: float
+    new: bool
+    document_pending: bool
+    alert_pending: bool
+
+
+class _Stream:
+    def __init__(
+        self,
+        settings: Settings,
+        source: ChangeSource,
+        champion: Champion,
+        summary: RunSummary,
+        started_at: dt.datetime,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.champion = champion
+        self.summary = summary
+        self.started_at = started_at
+        self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self.lag: Any = None
+        self.state = "starting"
+        self.error: str | None = None
+        self.conn: Any = None
+        self.docdb: Any = None
+        self.normalizer: Any = None
+        self.features: Any = None
+        self._next_status = 0.0
+        self._next_sweep = 0.0
+
+    # -- status --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        scorer = self.champion.current if self.champion is not None else None
+        lag = self.lag
+        summary = self.summary
+        return {
+            "service": SERVICE,
+            "source": summary.source,
+            "pid": os.getpid(),
+            "started_at": self.started_at.isoformat(),
+            "heartbeat_at": _now().isoformat(),
+            "state": self.state,
+            "error": self.error,
+            "model": None
+            if scorer is None
+            else {
+                "name": scorer.model_name,
+                "version": scorer.version,
+                "threshold": scorer.threshold,
+                "feature_version": scorer.feature_version,
+                "error": self.champion.error,
+            },
+            "alert_threshold": self.settings.stream_alert_threshold,
+            "position": getattr(lag, "position", None),
+            "slot_lag_bytes": getattr(lag, "slot_lag_bytes", None),
+            "consumer_lag_messages": getattr(lag, "consumer_lag_messages", None),
+            "commit_to_score_ms": _percentiles(self.latencies),
+            "scored": summary.scored,
+            "flagged": summary.flagged,
+            "replayed": summary.replayed,
+            "alerts": summary.alerts,
+            "labels": summary.labels,
+            "skipped": dict(summary.skipped),
+            "dead_lettered": summary.dead_lettered,
+            "documents_written": summary.documents_written,
+            "documents_missing": summary.documents_missing,
+            "batches": summary.batches,
+        }
+
+    def write_status(self, state: str | None = None, *, refresh_lag: bool = True) -> None:
+        if state is not None:
+            self.state = state
+        if refresh_lag and self.source is not None and self.state == "running":
+            self.lag = self.source.lag()
+        _write_atomically(status_path(self.settings), self.status())
+        self._next_status = time.monotonic() + STATUS_SECONDS
+
+    # -- one batch -----------------------------------------------------------------------------
+    def reject(self, rejected: Rejected) -> None:
+        skipped = self.summary.skipped
+        skipped[rejected.reason] = skipped.get(rejected.reason, 0) + 1
+        if rejected.reason == "undecodable" and rejected.source == "debezium":
+            self.summary.dead_lettered += 1  # the Kafka source put it on the dead-letter topic
+        log.warning(
+            "skipped a change (%s) at %s: %s", rejected.reason, rejected.where, rejected.detail
+        )
+
+    def handle(self, poll: Poll) -> None:
+        from stripe_platform.ml.contract import TransactionRecord
+
+        for rejected in poll.rejected:
+            self.reject(rejected)
+        items: list[Any] = []  # payments and label events, in commit order
+        payments: list[tuple[RowEvent, TransactionRecord]] = []
+        for event in poll.events:
+            if event.op == "delete":  # a deleted payment or state change has nothing to score
+                self.summary.ignored += 1
+                continue
+            out = self.normalizer.normalize(event)  # another table: rejected as unknown
+            if isinstance(out, Rejected):
+                self.reject(out)
+            elif out is None:
+                self.summary.ignored += 1
+            else:
+                items.append(out)
+                if isinstance(out, TransactionRecord):
+                    payments.append((event, out))
+                else:
+                    self.summary.labels += 1
+        vectors = self.features.apply(items) if items else []
+        if payments:
+            self.score(payments, vectors)
+        self.summary.batches += 1
+
+    def score(self, payments: Sequence[tuple[RowEvent, Any]], vectors: Any) -> None:
+        import pandas as pd
+
+        from stripe_platform.ml.features import FEATURE_NAMES
+
+        scorer = self.champion.current  # one model for the whole batch
+        matrix = np.asarray(vectors, np.float64).reshape(len(payments), len(FEATURE_NAMES))
+        scores = scorer.scores(pd.DataFrame(matrix, columns=list(FEATURE_NAMES)))
+        flags = scorer.decide(scores)
+        rows = [
+            _Row(*r)
+            for r in self.conn.execute(
+                _INSERT,
+                {
+                    "tid": [int(record.transaction_id) for _, record in payments],
+                    "lsn": [event.lsn for event, _ in payments],
+                    "ts": [record.timestamp for _, record in payments],
+                    "commit": [event.commit_time for event, _ in payments],
+                    "score": scores.tolist(),
+                    "flag": flags.tolist(),
+                    "model": scorer.model_name,
+                    "version": int(scorer.version),
+                    "features": scorer.feature_version,
+                    "threshold": scorer.threshold,
+                    "source": self.source.name,
+                },
+            ).fetchall()
+        ]
+        summary = self.summary
+        for row in rows:
+            if row.new:
+                summary.scored += 1
+                summary.flagged += row.is_fraud
+                self.latencies.append(row.ms)
+            else:
+                summary.replayed += 1
+        self.write_documents([r for r in rows if r.document_pending], give_up=False)
+        self.alert([r for r in rows if r.alert_pending], scorer)
+
+    def write_documents(self, rows: Sequence[Any], *, give_up: bool) -> None:
+        """AnomalyScore and isFraud of the newest pending score of each payment; the rows are
+        marked written once the document carries it (or, ``give_up``, when it has no document)."""
+        from stripe_platform.docstore import validation
+
+        if not rows:
+            return
+        newest: dict[int, Any] = {}
+        for row in rows:
+            if row.tid not in newest or row.lsn > newest[row.tid].lsn:
+                newest[row.tid] = row
+        result = validation.set_fields(
+            self.docdb,
+            self.settings,
+            COLLECTION,
+            "transaction_id",
+            [
+                (tid, {"AnomalyScore": float(row.score), "isFraud": int(bool(row.is_fraud))})
+                for tid, row in newest.items()
+            ],
+            writers=1,  # a batch is one chunk: a second connection would only cost a connect
+        )
+        missing = set(result.missing)
+        done = [row for tid, row in newest.items() if tid not in missing or give_up]
+        if done:
+            self.conn.execute(_MARK_WRITTEN, ([r.tid for r in done], [r.lsn for r in done]))
+        self.summary.documents_written += len(newest) - len(missing)
+        if give_up:
+            self.summary.documents_missing += len(missing)
+
+    def sweep(self) -> None:
+        """Documents still to write: a payment's document that came after its score, a write
+        interrupted by a crash. Given up after ``DOCUMENT_GRACE``."""
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        found = self.conn.execute(_SWEEP, (SWEEP_AFTER, SWEEP_LIMIT)).fetchall()
+        if not found:
+            return
+        now = _now()
+        rows = [
+            _Row(tid, lsn, score, flag, 0.0, False, True, False)
+            for tid, lsn, score, flag, _ in found
+        ]
+        late = {tid for tid, _, _, _, scored_at in found if now - scored_at > DOCUMENT_GRACE}
+        self.write_documents([r for r in rows if r.tid not in late], give_up=False)
+        if late:
+            self.write_documents([r for r in rows if r.tid in late], give_up=True)
+
+    def alert(self, rows: Sequence[_Row], scorer: Scorer) -> None:
+        from stripe_platform.orchestration.alerts import send_alert
+
+        threshold = self.settings.stream_alert_threshold
+        candidates = [r for r in rows if r.score >= threshold]
+        if not candidates:
+            return
+        # A payment alerted for an earlier change is not alerted again for a later one.
+        before = {
+            tid
+            for (tid,) in self.conn.execute(
+                "SELECT DISTINCT TransactionID FROM FraudScoreEvent "
+                "WHERE TransactionID = ANY(%s) AND AlertedAt IS NOT NULL",
+                ([r.tid for r in candidates],),
+            )
+        }
+        newest: dict[int, _Row] = {}
+        for row in candidates:
+            if row.tid not in before and (row.tid not in newest or row.lsn > newest[row.tid].lsn):
+                newest[row.tid] = row
+        if not newest:
+            return
+        payments = sorted(newest.values(), key=lambda r: -r.score)
+        named = ", ".join(f"{r.tid} ({r.score:.3f})" for r in payments[:ALERT_NAMED])
+        more = f" and {len(payments) - ALERT_NAMED} more" if len(payments) > ALERT_NAMED else ""
+        send_alert(
+            {
+                "event": "fraud_alert",
+                "service": SERVICE,
+                "source": self.source.name,
+                "model_name": scorer.model_name,
+                "model_version": scorer.version,
+                "alert_threshold": threshold,
+                "payments": [
+                    {"transaction_id": r.tid, "lsn": r.lsn, "score": r.score} for r in payments
+                ],
+                "text": f"[stripe-platform] fraud stream: {len(payments)} payment(s) scored >= "
+                f"{threshold:g}: {named}{more}",
+            },
+            self.settings,
+        )
+        marked = [r for r in candidates if r.tid in newest]
+        self.conn.execute(_MARK_ALERTED, ([r.tid for r in marked], [r.lsn for r in marked]))
+        self.summary.alerts += 1
+        self.summary.alerted_payments += len(payments)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def loop(self, stop: threading.Event, *, until_idle: bool, max_batch: int) -> None:
+        while not stop.is_set():
+            poll = self.source.poll(max_batch, POLL_TIMEOUT)
+            busy = bool(poll.events or poll.rejected)
+            if busy:
+                self.handle(poll)
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self.sweep()
+            # Durable: move the source on (after an idle poll too, so that WAL nobody needs is
+            # released), then tell the world.
+            if busy or now >= self._next_status:
+                self.source.checkpoint()
+            if now >= self._next_status:
+                self.write_status()
+            if until_idle and not busy and poll.caught_up:
+                return
+
+
+def run(
+    settings: Settings,
+    source: ChangeSource | None = None,
+    *,
+    stop: threading.Event | None = None,
+    until_idle: bool = False,
+    max_batch: int = 2000,
+    scorer: Scorer | None = None,
+    model_check_seconds: float = MODEL_CHECK_SECONDS,
+) -> RunSummary:
+    """Score the change stream until ``stop`` is set (or, ``until_idle``, until the source has
+    nothing more). ``source`` defaults to ``settings.stream_backend``'s (opened and closed here);
+    ``scorer`` to the champion (followed as the alias moves either way)."""
+    from stripe_platform.docstore.client import connect as connect_documents
+    from stripe_platform.oltp import db
+    from stripe_platform.streaming.normalize import Normalizer
+    from stripe_platform.streaming.state import LiveFeatureState
+
+    if max_batch < 1:
+        raise StreamError("max_batch must be at least 1")
+    stop = stop or threading.Event()
+    started, clock = _now(), time.monotonic()
+    own_source = source is None
+    summary = RunSummary(
+        source=source.name if source is not None else settings.stream_backend, state="starting"
+    )
+    stream = _Stream(settings, source, None, summary, started)  # type: ignore[arg-type]
+    stream.write_status("starting")
+    try:
+        if source is None:
+            source = stream.source = open_source(settings)
+            summary.source = source.name
+        stream.champion = Champion(settings, scorer)
+        stream.write_status("warming")
+        # After the source exists: a payment committed while the state warms is either in the
+        # history read or among the changes to come (or both: then it is not ingested twice).
+        stream.normalizer = Normalizer(settings)
+        stream.features = LiveFeatureState.warm(settings)
+        stream.conn = db.connect(settings, autocommit=True, with_key=False)
+        stream.docdb = connect_documents(settings)
+        stream.champion.follow(model_check_seconds)
+        stream.write_status("running")
+        log.info(
+            "fraud stream running: source %s, %s (threshold %g), alerts at >= %g",
+            source.name,
+            stream.champion.current.label,
+            stream.champion.current.threshold,
+            settings.stream_alert_threshold,
+        )
+        stream.loop(stop, until_idle=until_idle, max_batch=max_batch)
+        stream.write_status("stopped")
+        summary.state = "stopped"
+    except BaseException as exc:
+        stream.error = f"{type(exc).__name__}: {exc}"
+        summary.state = "failed"
+        try:
+            stream.write_status("failed", refresh_lag=False)
+        except OSError:
+            log.exception("the stream's status could not be written")
+        raise
+    finally:
+        if stream.champion is not None:
+            stream.champion.close()
+            summary.model_name = stream.champion.current.model_name
+            summary.model_version = stream.champion.current.version
+            summary.model_switches = stream.champion.switches
+        summary.position = getattr(stream.lag, "position", None)
+        summary.commit_to_score_ms = _percentiles(stream.latencies)
+        summary.seconds = time.monotonic() - clock
+        if stream.conn is not None:
+            stream.conn.close()
+        if stream.docdb is not None:
+            stream.docdb.client.close()
+        if stream.normalizer is not None:
+            stream.normalizer.close()
+        if own_source and source is not None:
+            source.close()
+    return summary
