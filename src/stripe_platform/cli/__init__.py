@@ -12,6 +12,7 @@ from __future__ import annotations
 import typer
 
 from stripe_platform.cli import (
+    api,
     bench,
     docstore,
     ingestion,
@@ -30,6 +31,7 @@ app.add_typer(seed.commands)
 app.add_typer(ingestion.commands)
 app.add_typer(transform.commands)
 app.add_typer(bench.commands)
+app.add_typer(api.commands)
 
 app.add_typer(oltp.db_app, name="db")
 app.add_typer(docstore.mongo_app, name="mongo")

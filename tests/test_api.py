@@ -1,0 +1,406 @@
+"""The platform's API: POST /v1/fraud/score with the champion and the online features, readiness
+through champion switches and registry failures, 422s that name the field, the OpenAPI schema
+fuzzed by schemathesis, and `stripe-platform api` as a real uvicorn over TLS.
+
+Real components: the session's PostgreSQL (a seeded database per test), a real MLflow store
+(SQLite in tmp_path) whose champion the platform's own training made, the API's follower on a
+temporary replication slot. Expected scores come from the batch feature engine (DuckDB) and the
+booster, not from the API's online path."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from ml_platform import ml_settings, seeded_platform, train_champion
+from stripe_platform.api.app import create_app
+from stripe_platform.api.models import EXAMPLE_REQUEST
+from stripe_platform.cli import app as cli_app
+from stripe_platform.config import get_settings
+from stripe_platform.ml.contract import CANONICAL_SCHEMA, load_platform_transactions
+from stripe_platform.ml.features import FEATURE_NAMES, batch_features
+from stripe_platform.ml.registry import Registry, load_champion
+from stripe_platform.ml.score import Scorer
+from stripe_platform.oltp import db
+from stripe_platform.runtime.tls import tls_files
+
+# The seeded platform's payments end on this day (ml_platform.seeded_platform): the in-process
+# apps warm their online features up to it, as if it were now.
+SEED_END = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+READY_TIMEOUT = 60.0  # an upper bound on warm-up and first load, never a wait by itself
+
+
+@pytest.fixture
+def platform(settings, database, docdb, tmp_path, monkeypatch):
+    p = seeded_platform(settings, database, docdb, tmp_path, monkeypatch)
+    assert train_champion(p.settings).version == "1"
+    return p
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[TestClient]:
+    """The app running in process (its lifespan: the refresher and the follower threads), once
+    its first champion check and warm-up have ended."""
+    with TestClient(app) as client:
+        assert app.state.services.wait_started(READY_TIMEOUT)
+        yield client
+
+
+def last_payment(s) -> dict:
+    """The history up to SEED_END and a request for a new payment by its last payment's customer,
+    merchant, device and IP at SEED_END."""
+    history = load_platform_transactions(s, end=SEED_END, require_labels=False)
+    last = history.table.slice(history.num_rows - 1).to_pylist()[0]
+    request = {
+        "transaction_id": "api-1",
+        "timestamp": SEED_END.isoformat(),
+        "customer_id": last["customer_id"],
+        "merchant_id": int(last["merchant_id"]),  # the platform's integer ids are accepted
+        "amount": 250,
+        "currency": "USD",
+        "device_id": last["device_id"],
+        "ip": last["ip"],
+        "country": "us",
+        "billing_country": "GB",
+    }
+    return {"history": history, "request": request}
+
+
+def batch_expected(history, request: dict, rate: float) -> np.ndarray:
+    """The request's features as training computes them: DuckDB's batch engine over the history
+    with the payment appended."""
+    row = {
+        "transaction_id": request["transaction_id"],
+        "timestamp": SEED_END,
+        "customer_id": str(request["customer_id"]),
+        "merchant_id": str(request["merchant_id"]),
+        "amount": request["amount"] * rate,
+        "label": None,
+        "label_time": None,
+        "device_id": request["device_id"],
+        "ip": request["ip"],
+        "country": request["country"].upper(),
+        "billing_country": request["billing_country"],
+    }
+    table = pa.concat_tables(
+        [history.table, pa.Table.from_pylist([row], schema=history.table.schema)]
+    )
+    assert table.schema.equals(CANONICAL_SCHEMA, check_metadata=False)
+    return batch_features(table)[list(FEATURE_NAMES)].to_numpy()[-1]
+
+
+def test_score_matches_the_batch_features_and_the_booster(platform):
+    s = platform.settings
+    case = last_payment(s)
+    request = case["request"]
+    expected = batch_expected(case["history"], request, rate=0.86)  # USD, the seed's rate
+    loaded = load_champion(Registry.from_settings(s), s.ml_model_name)
+    booster = loaded.raw
+    expected_score = float(booster.predict(expected.reshape(1, -1))[0])
+    shap = booster.predict(expected.reshape(1, -1), pred_contrib=True)[0][:-1]
+    threshold = Scorer.from_loaded(loaded).threshold
+
+    with serving(create_app(s, features_now=SEED_END)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json()["model"]["version"] == "1"
+        assert ready.json()["components"]["features"]["ready"]
+
+        response = client.post("/v1/fraud/score", json=request)
+        assert response.status_code == 200, response.text
+        body = response.json()
+    assert body["transaction_id"] == "api-1"
+    assert body["model"] == {
+        "name": "fraud",
+        "version": "1",
+        "feature_version": loaded.tags["feature_version"],
+        "threshold": threshold,
+    }
+    got = np.array([np.nan if v is None else v for v in body["features"].values()])
+    assert list(body["features"]) == list(FEATURE_NAMES)
+    np.testing.assert_array_equal(got, expected)
+    # The history is real: the customer, merchant, device and IP had payments before.
+    assert body["features"]["customer_count_30d"] >= 1
+    assert body["features"]["merchant_count_7d"] >= 1
+    assert body["features"]["country_mismatch"] == 1.0  # US against GB
+    assert body["score"] == pytest.approx(expected_score, abs=1e-12)
+    assert body["is_fraud"] == (body["score"] >= threshold)
+    top = np.argsort(-np.abs(shap), kind="stable")[:5]
+    assert [c["feature"] for c in body["contributions"]] == [FEATURE_NAMES[i] for i in top]
+    for c, i in zip(body["contributions"], top, strict=True):
+        assert c["contribution"] == pytest.approx(shap[i], abs=1e-9)
+        assert c["value"] == (None if np.isnan(expected[i]) else expected[i])
+
+
+def test_malformed_requests_get_422_naming_the_field_and_no_champion_is_not_ready(
+    settings, database, tmp_path, monkeypatch
+):
+    # A migrated database without payments, an MLflow store without any model.
+    s = ml_settings(settings, tmp_path, monkeypatch, pg_database=database)
+    with serving(create_app(s)) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        model = ready.json()["components"]["model"]
+        assert not model["ready"] and "has no champion" in model["error"]
+        assert ready.json()["components"]["features"]["ready"]  # warm, with nothing to read
+
+        refused = client.post("/v1/fraud/score", json=EXAMPLE_REQUEST)
+        assert refused.status_code == 503
+        assert "no model to score with" in refused.json()["detail"]
+
+        def errors(body: object) -> list[tuple[tuple, str]]:
+            response = client.post("/v1/fraud/score", json=body)
+            assert response.status_code == 422, response.text
+            return [(tuple(e["loc"]), e["msg"]) for e in response.json()["detail"]]
+
+        missing = {k: v for k, v in EXAMPLE_REQUEST.items() if k != "customer_id"}
+        assert errors(missing) == [(("body", "customer_id"), "Field required")]
+        [(where, message)] = errors({**EXAMPLE_REQUEST, "currency": "XYZ"})
+        assert where == ("body", "currency") and "unknown currency 'XYZ'" in message
+        assert errors({**EXAMPLE_REQUEST, "amount": "12.50"})[0][0] == ("body", "amount", "float")
+        assert errors({**EXAMPLE_REQUEST, "amount": -1})[0][0][:2] == ("body", "amount")
+        assert errors({**EXAMPLE_REQUEST, "ammount": 1})[0][0] == ("body", "ammount")
+        assert errors({**EXAMPLE_REQUEST, "timestamp": 1_700_000_000})[0][0] == (
+            "body",
+            "timestamp",
+        )
+        assert errors({**EXAMPLE_REQUEST, "ip": "300.1.1.1"})[0] == (
+            ("body", "ip"),
+            "Value error, is not an IPv4 or IPv6 address",
+        )
+        assert errors({**EXAMPLE_REQUEST, "merchant_id": "  "})[0][0] == ("body", "merchant_id")
+        assert errors({**EXAMPLE_REQUEST, "country": "USA"})[0][0] == ("body", "country")
+        bad_json = client.post(
+            "/v1/fraud/score", content=b"{", headers={"content-type": "application/json"}
+        )
+        assert bad_json.status_code == 422
+
+
+def test_champion_switch_and_registry_failures_keep_the_last_good_model(platform):
+    s = platform.settings
+    second = train_champion(s, promote=False)
+    assert second.version == "2"
+    registry = Registry.from_settings(s)
+    with serving(create_app(s, features_now=SEED_END)) as client:
+        holder = client.app.state.services.model
+        request = last_payment(s)["request"]
+
+        def served() -> tuple[str, dict]:
+            score = client.post("/v1/fraud/score", json=request)
+            assert score.status_code == 200, score.text
+            ready = client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["model"]["version"] == score.json()["model"]["version"]
+            return score.json()["model"]["version"], ready.json()["components"]["model"]
+
+        version, model = served()
+        assert version == "1" and model["error"] is None
+        first_score = client.post("/v1/fraud/score", json=request).json()["score"]
+
+        # A new champion: the next check (the refresher's, done here at once) serves it.
+        registry.promote(s.ml_model_name, "2")
+        holder.refresh()
+        version, model = served()
+        assert version == "2" and model["error"] is None
+        assert "serving fraud version 2" in model["detail"]
+        assert client.post("/v1/fraud/score", json=request).json()["score"] != first_score
+
+        # The alias moves to a version trained on other features: refused, version 2 serves.
+        registry.set_version_tag(s.ml_model_name, "1", "feature_version", "fv0-elsewhere")
+        registry.promote(s.ml_model_name, "1")
+        holder.refresh()
+        version, model = served()
+        assert version == "2"
+        assert "trained with features fv0-elsewhere" in model["error"]
+        assert "the last good champion" in model["detail"]
+
+        # MLflow unreachable (nothing listens on the port): version 2 still serves.
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            port = closed.getsockname()[1]
+        holder.registry = Registry(f"http://127.0.0.1:{port}")
+        holder.refresh()
+        version, model = served()
+        assert version == "2" and "is unreachable" in model["error"]
+
+
+def test_schemathesis_finds_no_server_error_in_the_openapi_schema(platform):
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.openapi.checks import (
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    app = create_app(platform.settings, features_now=SEED_END)
+    with serving(app):  # the services run while schemathesis calls the app
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert {(o.method.upper(), o.path) for o in operations} == {
+            ("GET", "/healthz"),
+            ("GET", "/readyz"),
+            ("POST", "/v1/fraud/score"),
+        }
+        checks = [
+            not_a_server_error,
+            status_code_conformance,
+            response_schema_conformance,
+            negative_data_rejection,
+        ]
+        for operation in operations:
+            examples = 150 if operation.method.upper() == "POST" else 5
+
+            @given(case=operation.as_strategy())
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
+                database=None,
+            )
+            def fuzz(case) -> None:
+                case.call_and_validate(checks=checks)
+
+            fuzz()
+
+
+# -- `stripe-platform api`: a real uvicorn over TLS ---------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def platform_env(s, port: int) -> dict[str, str]:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("STRIPE_PLATFORM_") and k != "MONGODB_URI"
+    }
+    return {
+        **base,
+        "STRIPE_PLATFORM_PROFILE": "embedded",
+        "STRIPE_PLATFORM_HOME": str(s.home_dir),
+        "STRIPE_PLATFORM_PG_DATABASE": s.pg_database,
+        "STRIPE_PLATFORM_MONGODB_DATABASE": s.mongodb_database,
+        "STRIPE_PLATFORM_MLFLOW_TRACKING_URI": s.mlflow_tracking_uri.get_secret_value(),
+        "STRIPE_PLATFORM_API_PORT": str(port),
+    }
+
+
+def insert_payment_now(s, like_customer: str) -> int:
+    """A new payment of the customer committed now (a copy of their last one, dated a minute ago)."""
+    with db.connect(s, autocommit=True) as conn:
+        (new_id,) = conn.execute(
+            """INSERT INTO Transaction (ID, TransactionStatusID, MerchantID, Amount, CurrencyID,
+                   PaymentMethodID, PaymentInstrumentID, DeviceID, CustomerID, BillingAddressID,
+                   TransactionLocationID, IPAddress, DateTime)
+               SELECT (SELECT max(ID) + 1 FROM Transaction), TransactionStatusID, MerchantID,
+                   Amount, CurrencyID, PaymentMethodID, PaymentInstrumentID, DeviceID, CustomerID,
+                   BillingAddressID, TransactionLocationID, IPAddress,
+                   CURRENT_TIMESTAMP - interval '1 minute'
+               FROM Transaction WHERE CustomerID = %s ORDER BY DateTime DESC LIMIT 1
+               RETURNING ID""",
+            (int(like_customer),),
+        ).fetchone()
+    return new_id
+
+
+def test_the_cli_serves_over_tls_follows_changes_and_the_champion(platform, monkeypatch):
+    s = platform.settings
+    port = free_port()
+    ca = tls_files(s.home_dir / "tls").ca_cert
+    log = Path(s.home_dir) / f"api-{port}.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "stripe_platform.cli", "api", "--port", str(port)],
+            env=platform_env(s, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        client = httpx.Client(
+            base_url=f"https://127.0.0.1:{port}",
+            verify=ssl.create_default_context(cafile=str(ca)),
+            timeout=10,
+        )
+
+        def until(what: str, ok) -> httpx.Response:
+            """Ask until ``ok(response)`` (the server's own state changing), within a bound."""
+            deadline = time.monotonic() + READY_TIMEOUT
+            while True:
+                assert server.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
+                try:
+                    response = client.get("/readyz")
+                    if ok(response):
+                        return response
+                except httpx.TransportError:
+                    pass  # not listening yet
+                assert time.monotonic() < deadline, f"{what}: {log.read_text()[-3000:]}"
+                time.sleep(0.1)
+
+        ready = until("ready", lambda r: r.status_code == 200)
+        assert ready.json()["model"]["version"] == "1"
+
+        # A second server on the same port: one clear line, exit 1.
+        for key, value in platform_env(s, port).items():
+            if key.startswith("STRIPE_PLATFORM_"):
+                monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+        try:
+            busy = CliRunner().invoke(cli_app, ["api", "--port", str(port)])
+        finally:
+            get_settings.cache_clear()
+        assert busy.exit_code == 1
+        assert f"port {port} on 127.0.0.1 is in use" in busy.output
+        assert "Traceback" not in busy.output
+
+        # Plain HTTP is refused: the server speaks TLS only.
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+        # The follower applies a payment committed now: the customer's next payment sees it.
+        case = last_payment(s)["request"]
+        now = dt.datetime.now(dt.UTC)
+        request = {**case, "timestamp": now.isoformat()}
+
+        def customer_count_1h() -> float:
+            response = client.post("/v1/fraud/score", json=request)
+            assert response.status_code == 200, response.text
+            return response.json()["features"]["customer_count_1h"]
+
+        assert customer_count_1h() == 0  # the seed's payments are all a year old
+        insert_payment_now(s, case["customer_id"])
+        deadline = time.monotonic() + READY_TIMEOUT
+        while customer_count_1h() != 1:
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+
+        # A new champion is picked up by the refresher, no restart.
+        second = train_champion(s, promote=False)
+        Registry.from_settings(s).promote(s.ml_model_name, second.version)
+        until("version 2", lambda r: r.json()["model"]["version"] == second.version)
+        scored = client.post("/v1/fraud/score", json=request)
+        assert scored.json()["model"]["version"] == second.version
+    finally:
+        server.terminate()
+        server.wait(30)
+    assert server.returncode == 0, log.read_text()[-3000:]
