@@ -1,19 +1,17 @@
-"""The CDC stream for fraud analytics: every five minutes, the changes captured since the last run
-(PostgreSQL's WAL through the replication slot, the scored Transaction documents) land in the
-warehouse and the fraud models are brought up to date incrementally: FACT_FraudAnalysis recomputes
-only the days that received changes."""
+"""The supervisor of the fraud stream (`stripe-platform stream fraud`, which scores every payment
+as its change is committed): every five minutes it starts the stream when none runs and restarts
+it when it died or hangs, then checks its lag (slot lag, commit-to-score p95): a lagging or
+failing stream fails the check, and the failure alert carries the reasons. The stream's scores
+reach the warehouse with the OLTP syncs (FraudScoreEvent). Task logic:
+stripe_platform.orchestration.streaming."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from airflow.sdk import dag
+from airflow.sdk import dag, task
 
 from stripe_platform.orchestration.defaults import default_args
-from stripe_platform.orchestration.syncs import sync_task
-from stripe_platform.orchestration.transform import dbt_task_group, publish_marts_task
-
-CONNECTIONS = ("postgres-to-snowflake", "mongodb-to-snowflake")
 
 
 @dag(
@@ -25,20 +23,28 @@ CONNECTIONS = ("postgres-to-snowflake", "mongodb-to-snowflake")
     default_args=default_args(
         retries=1,
         retry_delay=dt.timedelta(seconds=30),
-        execution_timeout=dt.timedelta(minutes=10),
+        execution_timeout=dt.timedelta(minutes=4),
     ),
-    dagrun_timeout=dt.timedelta(minutes=15),
-    tags=["cdc", "fraud", "streaming", "dbt"],
+    dagrun_timeout=dt.timedelta(minutes=10),
+    tags=["cdc", "fraud", "streaming"],
     doc_md=__doc__,
 )
 def cdc_fraud_stream() -> None:
-    syncs = [
-        sync_task(connection, task_id=f"cdc_{connection.replace('-', '_')}")
-        for connection in CONNECTIONS
-    ]
-    # The fraud mart and what it is computed from (staging, int_transactions, reference seeds).
-    fraud = dbt_task_group(group_id="fraud_models", select=["+tag:fraud"])
-    syncs >> fraud >> publish_marts_task(("FACT_FraudAnalysis",), task_id="publish_fraud_mart")
+    @task
+    def ensure_running() -> dict:
+        from stripe_platform.config import load_settings
+        from stripe_platform.orchestration.streaming import ensure_stream
+
+        return ensure_stream(load_settings())
+
+    @task
+    def check_stream() -> dict:
+        from stripe_platform.config import load_settings
+        from stripe_platform.orchestration.streaming import check_stream
+
+        return check_stream(load_settings())
+
+    ensure_running() >> check_stream()
 
 
 cdc_fraud_stream()

@@ -199,13 +199,7 @@ def test_warehouse_dags_sync_then_build_with_cosmos_then_publish_the_marts():
     for task_id in models:  # nothing is transformed before both syncs finished
         assert syncs <= daily.get_task(task_id).get_flat_relative_ids(upstream=True), task_id
         assert daily.get_task(task_id).pool == defaults.WAREHOUSE_POOL
-
-    fraud = bag.dags["cdc_fraud_stream"]
-    assert fraud.schedule == dt.timedelta(minutes=5)
-    built = {t.task_id for t in fraud.tasks if t.task_id.startswith("fraud_models.")}
-    assert "fraud_models.FACT_FraudAnalysis_run" in built
-    assert "fraud_models.FACT_Revenue_run" not in built  # only the fraud mart and its inputs
-    assert "fraud_models.DIM_Customer_run" not in built
+    # cdc_fraud_stream supervises the stream scorer now: tests/test_stream_supervisor.py.
 
 
 def test_each_dag_file_imports_in_under_a_second():

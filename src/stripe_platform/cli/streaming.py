@@ -163,3 +163,38 @@ def stream_status(as_json: AsJson = False) -> None:
         f"{status.get('alerts', 0):,}, skipped {status.get('skipped') or {}}, dead-lettered "
         f"{status.get('dead_lettered', 0):,}"
     )
+
+
+@command(stream_app, "start")
+def stream_start(
+    wait: Annotated[
+        float,
+        typer.Option(
+            help="Seconds to wait for it to run (0: return at once); a crash at start fails"
+        ),
+    ] = 120.0,
+) -> None:
+    """Start the fraud stream in the background (what the cdc_fraud_stream DAG does when none
+    runs); its log is <home>/stream/fraud/stream.log."""
+    from stripe_platform.streaming import supervisor
+
+    s = settings()
+    pid = supervisor.start(s)
+    state = "started"
+    if wait > 0:
+        state = supervisor.wait_running(s, pid, wait).state or "started"
+    console.print(f"fraud stream {state} (pid {pid}); log {supervisor.log_path(s)}")
+
+
+@command(stream_app, "stop")
+def stream_stop(
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to let it finish its batch before SIGKILL")
+    ] = 30.0,
+) -> None:
+    """Stop the background fraud stream: SIGTERM (it finishes its batch), SIGKILL after the
+    timeout."""
+    from stripe_platform.streaming import supervisor
+
+    pid = supervisor.stop(settings(), timeout)
+    console.print("no fraud stream running" if pid is None else f"fraud stream stopped (pid {pid})")

@@ -172,6 +172,10 @@ def _start(settings: Settings) -> int:
             env=settings_env(settings),
             start_new_session=True,  # outlives the shell or task that started it
         )
+    # Just after exec the new command line can still read empty: once it shows, this process is
+    # recognisably the service (a second start is refused from here on).
+    while not _is_service(process.pid) and process.poll() is None:
+        time.sleep(0.001)
     tmp = pid_path(settings).with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": process.pid, "started_at": started.isoformat()}))
     tmp.replace(pid_path(settings))
