@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import itertools
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
+from kafka_stack import KafkaTestStack, kafka_stack  # noqa: F401
 from stripe_platform.config import load_settings
+from stripe_platform.streaming import debezium
 from stripe_platform.streaming.changes import Rejected, RowEvent
-from stripe_platform.streaming.kafka import (
-    KafkaSource,
-    KafkaSourceError,
-    decode,
-    dlq_topic,
-    table_topics,
-)
+from stripe_platform.streaming.kafka import DLQ_HEADERS, KafkaSource, KafkaSourceError, decode
 
 # Debezium 3.6's PostgreSQL connector, JsonConverter with schemas.enable=false,
 # decimal.handling.mode=string (numeric as text), timestamptz as ZonedTimestamp (ISO-8601 text).
@@ -339,16 +340,200 @@ def test_malformed_messages_are_rejected_as_undecodable(value: bytes, detail: st
     assert detail in rejected.detail
 
 
-def test_topic_names() -> None:
-    assert table_topics("stripe") == [
-        "stripe.public.transaction",
-        "stripe.public.transactionstatechanges",
-    ]
-    assert dlq_topic("stripe") == "stripe.dlq"
-
-
 def test_no_brokers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("STRIPE_PLATFORM_KAFKA_BOOTSTRAP_SERVERS", raising=False)
     s = load_settings(home=tmp_path, profile="embedded")
     with pytest.raises(KafkaSourceError, match="STRIPE_PLATFORM_KAFKA_BOOTSTRAP_SERVERS"):
         KafkaSource(s)
+
+
+# Against a real broker ---------------------------------------------------------------------------
+
+WAIT = 120.0  # longest wait for an observed event (a bound on failure, never a pace)
+_names = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{os.getpid()}x{next(_names)}"
+
+
+def create_topics(servers: str, partitions: dict[str, int]) -> None:
+    admin = AdminClient({"bootstrap.servers": servers})
+    new = [
+        NewTopic(topic, num_partitions=n, replication_factor=1) for topic, n in partitions.items()
+    ]
+    for future in admin.create_topics(new).values():
+        future.result(timeout=60)
+
+
+def produce(servers: str, messages: list[tuple[str, int, bytes | None, bytes | None]]) -> list[int]:
+    """(topic, partition, key, value) in order; returns their offsets."""
+    producer = Producer({"bootstrap.servers": servers, "enable.idempotence": True})
+    offsets: list[int] = []
+    for topic, partition, key, value in messages:
+        producer.produce(
+            topic,
+            key=key,
+            value=value,
+            partition=partition,
+            headers=[("origin", b"test")],
+            on_delivery=lambda err, msg: offsets.append(-1 if err else msg.offset()),
+        )
+        producer.flush(60)
+    assert len(offsets) == len(messages) and min(offsets) >= 0
+    return offsets
+
+
+def read_topic(servers: str, topic: str) -> list[Any]:
+    """Every message of ``topic``, from the start, without a group."""
+    consumer = Consumer(
+        {"bootstrap.servers": servers, "group.id": unique("reader"), "enable.auto.commit": False}
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
+        assert meta.error is None, meta.error
+        parts = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in parts}
+        consumer.assign(parts)
+        messages: list[Any] = []
+        deadline = time.monotonic() + WAIT
+        while len(messages) < sum(ends.values()):
+            assert time.monotonic() < deadline, f"{topic}: {len(messages)} of {sum(ends.values())}"
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                messages.append(msg)
+        return messages
+    finally:
+        consumer.close()
+
+
+def drain(source: KafkaSource, max_events: int = 100) -> tuple[list[RowEvent], list[Rejected]]:
+    """Poll until the source says it is caught up and has nothing more."""
+    events: list[RowEvent] = []
+    rejected: list[Rejected] = []
+    deadline = time.monotonic() + WAIT
+    while True:
+        poll = source.poll(max_events, 0.5)
+        events += poll.events
+        rejected += poll.rejected
+        if poll.caught_up and not poll.events and not poll.rejected:
+            return events, rejected
+        assert time.monotonic() < deadline, "the Kafka source never caught up"
+
+
+def test_poison_goes_to_the_dead_letter_topic_and_offsets_move_only_at_checkpoint(
+    kafka_stack: KafkaTestStack,  # noqa: F811
+) -> None:
+    servers = kafka_stack.bootstrap_servers
+    s = kafka_stack.settings.model_copy(update={"kafka_topic_prefix": unique("poison")})
+    payments, labels = (
+        debezium.topics(s)["transaction"],
+        debezium.topics(s)["transactionstatechanges"],
+    )
+    create_topics(servers, {payments: 2, labels: 1})
+    update = envelope(
+        op="u",
+        after={**PAYMENT, "transactionstatusid": 2},
+        source={"lsn": 24023200, "ts_us": 1767261601000000},
+    )
+    label = envelope(
+        after={"id": 9, "transactionid": 7001},
+        source={"table": "transactionstatechanges", "lsn": 24023300},
+    )
+    key = b'{"customerid":12}'
+    offsets = produce(
+        servers,
+        [
+            (payments, 0, key, raw(INSERT)),
+            (payments, 0, key, None),  # a tombstone
+            (payments, 0, key, b"{not json"),  # the poison
+            (payments, 1, key, raw(update)),
+            (labels, 0, b'{"id":9}', raw(label)),
+            (labels, 0, None, raw({"ts_ms": 1767261600123})),  # heartbeat-shaped: no row
+        ],
+    )
+    assert offsets == [0, 1, 2, 0, 0, 1]
+    expected = [decode(raw(doc), where="") for doc in (INSERT, update, label)]
+    group = unique("group")
+
+    first = KafkaSource(s, group=group)
+    try:
+        events, rejected = drain(first)
+        assert sorted(events, key=lambda e: e.lsn) == expected
+        assert [(r.where, r.reason) for r in rejected] == [(f"{payments}[0]@2", "undecodable")]
+        assert "not JSON" in rejected[0].detail
+        lag = first.lag()  # nothing committed: all six messages are still ahead of the group
+        assert lag.consumer_lag_messages == 6
+        assert lag.position == f"{payments}[0]@0,{payments}[1]@0,{labels}[0]@0"
+    finally:
+        first.close()  # without a checkpoint
+
+    (dead,) = read_topic(servers, f"{s.kafka_topic_prefix}.dlq")
+    assert (dead.key(), dead.value()) == (key, b"{not json")
+    headers = dict(dead.headers())
+    assert headers["origin"] == b"test"  # the original headers are kept
+    assert {k: headers[k] for k in DLQ_HEADERS[:5]} == {
+        "dlq.original.topic": payments.encode(),
+        "dlq.original.partition": b"0",
+        "dlq.original.offset": b"2",
+        "dlq.consumer.group": group.encode(),
+        "dlq.error.reason": b"undecodable",
+    }
+    assert b"not JSON" in headers["dlq.error.detail"]
+
+    second = KafkaSource(s, group=group)  # the group never checkpointed: everything again
+    try:
+        events, rejected = drain(second)
+        assert sorted(events, key=lambda e: e.lsn) == expected
+        assert [r.where for r in rejected] == [f"{payments}[0]@2"]
+        second.checkpoint()
+        lag = second.lag()
+        assert lag.consumer_lag_messages == 0
+        assert lag.position == f"{payments}[0]@3,{payments}[1]@1,{labels}[0]@2"
+    finally:
+        second.close()
+    # The re-delivered poison was dead-lettered again: at least once, like every delivery here.
+    assert len(read_topic(servers, f"{s.kafka_topic_prefix}.dlq")) == 2
+
+    third = KafkaSource(s, group=group)  # checkpointed: only what comes after
+    try:
+        assert drain(third) == ([], [])
+        produce(servers, [(labels, 0, None, raw(envelope(source={"lsn": 24023400})))])
+        events, rejected = drain(third)
+        assert [e.lsn for e in events] == [24023400] and rejected == []
+    finally:
+        third.close()
+
+
+def test_a_rebalance_hands_unchecked_events_to_the_new_owner(kafka_stack: KafkaTestStack) -> None:  # noqa: F811
+    servers = kafka_stack.bootstrap_servers
+    s = kafka_stack.settings
+    topic = unique("rebalance")
+    create_topics(servers, {topic: 2})
+    produce(servers, [(topic, p, None, raw(envelope(source={"lsn": 1000 + p}))) for p in (0, 1)])
+    group = unique("group")
+    a = KafkaSource(s, group=group, topics=[topic])
+    b = None
+    try:
+        events, _ = drain(a)
+        assert sorted(e.lsn for e in events) == [1000, 1001]  # both partitions, not checkpointed
+        b = KafkaSource(s, group=group, topics=[topic])
+        deadline = time.monotonic() + WAIT
+        taken: list[RowEvent] = []
+        # Both members poll until the cooperative rebalance gives each one partition.
+        while not (a.lag().extra["partitions"] == 1 and b.lag().extra["partitions"] == 1):
+            assert time.monotonic() < deadline, "no rebalance"
+            assert a.poll(10, 0.2).events == []
+            taken += b.poll(10, 0.2).events
+        a.checkpoint()  # the revoked partition's offset is not committed by its old owner
+        more, _ = drain(b)
+        moved = [e.lsn for e in taken + more]
+        assert len(moved) == 1 and moved[0] in (1000, 1001)  # re-delivered to b
+        b.checkpoint()
+        kept = 1 - (moved[0] - 1000)
+        assert a.lag().position == f"{topic}[{kept}]@1"
+        assert b.lag().position == f"{topic}[{1 - kept}]@1"
+    finally:
+        a.close()
+        if b is not None:
+            b.close()

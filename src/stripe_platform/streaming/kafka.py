@@ -20,7 +20,7 @@ import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from confluent_kafka import (
@@ -36,16 +36,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
-from stripe_platform.streaming.changes import TABLES, Lag, Operation, Poll, Rejected, RowEvent
+from stripe_platform.streaming import debezium
+from stripe_platform.streaming.changes import Lag, Operation, Poll, Rejected, RowEvent
 
-__all__ = [
-    "DLQ_HEADERS",
-    "KafkaSource",
-    "KafkaSourceError",
-    "decode",
-    "dlq_topic",
-    "table_topics",
-]
+__all__ = ["DLQ_HEADERS", "KafkaSource", "KafkaSourceError", "decode"]
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +81,6 @@ _REBALANCE_ERRORS: Final = frozenset(
 
 class KafkaSourceError(PlatformError, RuntimeError):
     """Kafka cannot be used as configured (no brokers set, a dead-letter write refused, ...)."""
-
-
-def table_topics(prefix: str, tables: Iterable[str] = TABLES) -> list[str]:
-    """Debezium's topic of each followed table (``<topic.prefix>.<schema>.<table>``)."""
-    return [f"{prefix}.public.{table}" for table in tables]
-
-
-def dlq_topic(prefix: str) -> str:
-    return f"{prefix}.dlq"
 
 
 # Decoding (pure: no broker) ------------------------------------------------------------------
@@ -215,8 +200,8 @@ class KafkaSource:
                 "(host:port,...) or use the embedded stream source"
             )
         self.group = group or settings.kafka_consumer_group
-        self.topics = list(topics) if topics else table_topics(settings.kafka_topic_prefix)
-        self.dlq_topic = dlq_topic(settings.kafka_topic_prefix)
+        self.topics = list(topics) if topics else list(debezium.topics(settings).values())
+        self.dlq_topic = debezium.dead_letter_topic(settings)
         self._servers = servers
         self._lock = threading.Lock()
         # Next offset to commit per partition: past every message poll returned since the last
@@ -224,6 +209,9 @@ class KafkaSource:
         self._pending: dict[tuple[str, int], int] = {}
         self._committed: dict[tuple[str, int], int] = {}  # durable positions known to us
         self._assigned: set[tuple[str, int]] = set()
+        self._joined = (
+            False  # a first assignment came (possibly empty: more members than partitions)
+        )
         self._producer: Producer | None = None
         self._dlq_ready = False
         self._dlq_failures: list[str] = []
@@ -260,6 +248,7 @@ class KafkaSource:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         with self._lock:
             self._assigned.update((tp.topic, tp.partition) for tp in partitions)
+            self._joined = True
         log.info("kafka source %s: assigned %s", self.group, _names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -310,7 +299,11 @@ class KafkaSource:
                     self._pending[key] = msg.offset() + 1
         if rejected:
             self._flush_dlq()
-        return Poll(events=events, rejected=rejected, caught_up=taken < max_events)
+        return Poll(
+            events=events,
+            rejected=rejected,
+            caught_up=taken < max_events and self._caught_up(),
+        )
 
     def checkpoint(self) -> None:
         self._check_usable()
@@ -347,11 +340,7 @@ class KafkaSource:
     def lag(self) -> Lag:
         with self._lock:
             assigned = sorted(self._assigned)
-            committed = dict(self._committed)
-        unknown = [TopicPartition(t, p) for t, p in assigned if (t, p) not in committed]
-        if unknown:
-            for tp in self._consumer.committed(unknown, timeout=5):
-                committed[(tp.topic, tp.partition)] = tp.offset
+        committed = self._durable(assigned)
         total = 0
         parts = []
         for topic, partition in assigned:
@@ -381,6 +370,46 @@ class KafkaSource:
             self._consumer.close()  # leaves the group at once: its partitions move without delay
 
     # Internals --------------------------------------------------------------------------------
+
+    def _caught_up(self) -> bool:
+        """Joined the group, and every assigned partition read up to its high-water mark (as the
+        last fetch saw it): before that, an empty poll means "not yet", not "nothing more"."""
+        with self._lock:
+            if not self._joined:
+                return False
+            assigned = sorted(self._assigned)
+        if not assigned:
+            return True
+        positions = self._consumer.position([TopicPartition(t, p) for t, p in assigned])
+        durable: dict[tuple[str, int], int] | None = None
+        for tp in positions:
+            low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                return False  # not fetched from yet
+            offset = tp.offset
+            if offset < 0:  # nothing consumed since assignment: reading starts at the commit
+                durable = durable if durable is not None else self._durable(assigned)
+                offset = durable.get((tp.topic, tp.partition), OFFSET_INVALID)
+                if offset < 0:  # ... or, never committed, at the earliest offset
+                    offset = low
+            if offset < 0 or offset < high:
+                return False
+        return True
+
+    def _durable(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The group's committed offset of each partition (OFFSET_INVALID: none yet), asked of the
+        broker once per assignment, then kept current by :meth:`checkpoint`."""
+        with self._lock:
+            unknown = [TopicPartition(t, p) for t, p in keys if (t, p) not in self._committed]
+        if unknown:
+            answered = self._consumer.committed(unknown, timeout=10)
+            with self._lock:
+                for tp in answered:
+                    key = (tp.topic, tp.partition)
+                    if key in self._assigned and tp.error is None:
+                        self._committed.setdefault(key, tp.offset)
+        with self._lock:
+            return {key: self._committed.get(key, OFFSET_INVALID) for key in keys}
 
     def _check_usable(self) -> None:
         if self._broken is not None:
