@@ -12,6 +12,8 @@ import datetime as dt
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -229,6 +231,38 @@ def test_start_health_kill_restart_freeze_restart_lag_stop(platform):
     assert read_status(s)["state"] == "stopped"
     assert supervisor.health(s).down == ("not running (not started)",)
     assert supervisor.stop(s) is None
+
+
+def cli(s, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stripe_platform.cli", "stream", *args],
+        env={**supervisor.settings_env(s), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_stream_start_without_a_champion_fails_with_the_services_own_words(
+    settings, database, docdb, tmp_path, monkeypatch
+):
+    """`stream start` waits for the service to run: one that exits at start (no champion yet)
+    fails the command with the end of its log, in one message, no traceback of the command's."""
+    s = seeded_platform(settings, database, docdb, tmp_path, monkeypatch).settings
+    supervisor.stop(s)
+    try:
+        done = cli(s, "start", "--wait", str(WAIT_S))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert done.stderr.startswith("error: the fraud stream (pid ")
+        assert f"exited at start; the end of its log {supervisor.log_path(s)}:" in done.stderr
+        assert "champion" in done.stderr  # the service's own reason, from its log
+        assert supervisor.health(s).down[0].startswith("not running: process ")
+        done = cli(s, "stop")
+        assert (done.returncode, done.stdout) == (0, "no fraud stream running\n")
+    finally:
+        supervisor.stop(s)
+        with db.connect(s, autocommit=True) as conn:
+            cdc.drop_slot(conn, DEFAULT_SLOT)
 
 
 # -- the DAG ------------------------------------------------------------------------------------------
