@@ -311,7 +311,7 @@ def test_a_cron_airbyte_would_refuse(tmp_path: Path) -> None:
     root = airbyte_copy(tmp_path)
     edit(
         root / "connections.yaml",
-        "schedule: manual  # elt_warehouse_daily, and cdc_fraud_stream every 5 minutes\n",
+        "schedule: manual  # elt_warehouse_daily\n",
         'schedule: {cron: "* */5 * * * ?"}\n',
     )
     message = load_error(root)

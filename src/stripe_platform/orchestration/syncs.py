@@ -1,5 +1,5 @@
-"""The one sync-task factory, shared by every DAG that moves data (``elt_lake_daily`` now,
-``elt_warehouse_daily`` and ``cdc_fraud_stream`` next).
+"""The one sync-task factory, shared by every DAG that moves data (``elt_lake_daily``,
+``elt_warehouse_daily``).
 
 ``sync_task("postgres-to-s3")`` inside a DAG gives one task that runs that connection of
 airbyte/connections.yaml with whoever runs syncs on the active profile
