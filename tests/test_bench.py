@@ -638,8 +638,109 @@ def test_fault_rows_show_counts_and_fail_on_any_non_zero() -> None:
 def test_only_rejects_unknown_names() -> None:
     assert run_all.parse_only("demo,seed") == ["seed", "demo"]
     assert run_all.parse_only("fault") == ["fault"]
+    assert run_all.parse_only("stream,api") == ["api", "stream"]  # `make bench ONLY=api,stream`
     with pytest.raises(SystemExit):
         run_all.parse_only("seed,nope")
+
+
+def api_run(target: str, rate: float, p99: float, achieved: float, failed: int = 0) -> dict:
+    """One locust run as api_bench.py writes it."""
+    run = {
+        "target": target,
+        "offered_per_s": rate,
+        "seconds": 20.0,
+        "achieved_per_s": achieved,
+        "requests": 4000,
+        "failed": failed,
+        "ms": {"n": 4000, "p50": p99 / 4, "p95": p99 / 2, "p99": p99, "max": p99 * 2},
+    }
+    run["holds"] = p99 < 50 and achieved >= 0.95 * rate and failed <= 4
+    return run
+
+
+def test_api_rows_beside_healthz() -> None:
+    result = {
+        "goals": {"p99_ms_at_rate": 10.0, "rate": 200.0, "held_p99_ms": 50.0},
+        "hold": {"p99_ms": 50.0, "achieved_share": 0.95, "failed_share": 0.001},
+        "step_seconds": 8.0,
+        "fixed": {
+            "score": [api_run("score", 200, 8.0, 199.0)],
+            "healthz": [api_run("healthz", 200, 2.0, 200.0)],
+        },
+        "steps": {
+            "score": [api_run("score", 300, 20.0, 299.0), api_run("score", 450, 80.0, 300.0)],
+            "healthz": [api_run("healthz", 300, 3.0, 300.0), api_run("healthz", 450, 4.0, 450.0)],
+        },
+        "highest_held": {"score": 300.0, "healthz": 450.0},
+        "step_stopped_by": "--max-steps 2",
+    }
+    fixed, score, healthz = run_all.rows_api(result)
+    assert fixed.median == "p99 8.00 ms" and fixed.value == 8.0
+    assert fixed.reference.startswith("goal p99 < 10.00 ms: met; `GET /healthz` at the same rate")
+    assert fixed.ratio == "4.00× healthz p99"
+    assert (score.median, score.ratio) == ("300 requests/s", "0.67× healthz")
+    assert score.spread.endswith("450/s → p99 80.00 ms ✗")
+    assert healthz.median == "450 requests/s" and not any(r.failed for r in (fixed, score, healthz))
+    result["fixed"]["score"] = [api_run("score", 200, 900.0, 110.0)]
+    result["highest_held"]["score"] = None
+    fixed, score, _ = run_all.rows_api(result)
+    assert "MISSED" in fixed.reference and score.median == "none (not even 200/s)"
+
+
+def stream_window(rate: float, p95: float, reference_p95: float, backlog: int = 0) -> dict:
+    """One load window as stream_bench.py writes it."""
+
+    def ms(p: float) -> dict:
+        return {"n": 1000, "p50": p / 2, "p95": p, "p99": p * 2, "max": p * 3}
+
+    return {
+        "source": "embedded",
+        "rate": rate,
+        "seconds": 60.0,
+        "payments_committed": int(rate * 60),
+        "committed_per_s": rate,
+        "changes_scored": int(rate * 120),
+        "payments_scored": int(rate * 60),
+        "scored_per_s": rate * 2,
+        "backlog_at_end": backlog,
+        "drain_s": 1.5 if backlog else 0.0,
+        "unscored_after_drain": 0,
+        "commit_to_score_ms": ms(p95),
+        "commit_to_document_ms": ms(p95 * 2),
+        "reference_commit_to_visible_ms": ms(reference_p95),
+    }
+
+
+def test_stream_rows_goal_reference_and_parity() -> None:
+    parity = {
+        "features": 27,
+        "run": {"payments_compared": 72_000, "mismatched_payments": 0},
+        "older_changed": {"payments_compared": 1_500, "mismatched_payments": 40},
+        "scores": {"payments_compared": 72_000, "mismatched": 0, "max_abs_difference": 0.0},
+    }
+    result = {
+        "goals": {"p95_ms": 100.0, "rate": 1000.0, "parity_mismatches": 0},
+        "embedded": {
+            "measured": True,
+            "windows": [stream_window(200, 40.0, 10.0), stream_window(1000, 150.0, 30.0, 900)],
+        },
+        "kafka": {"measured": False, "reason": "not measured: the Kafka stack did not start"},
+        "parity": parity,
+    }
+    low, high, kafka, features, scores = run_all.rows_stream(result)
+    assert low.median == "p95 40.00 ms" and "goal" not in low.reference  # the goal is at 1,000/s
+    assert low.ratio == "4.00× CDC alone (p95)"
+    assert high.reference.startswith("goal p95 < 100 ms: MISSED; embedded CDC alone")
+    assert "backlog at the end 900 payments, scored 1.50 s later" in high.reference
+    assert kafka.median == "not measured: the Kafka stack did not start" and not kafka.failed
+    assert features.median == "0 mismatching payments" and not features.failed
+    assert "40 of 1,500 differ" in features.reference
+    assert scores.median == "0 differing scores" and not scores.failed
+    parity["run"]["mismatched_payments"] = 3
+    parity["scores"].update(mismatched=5, max_abs_difference=0.13)
+    *_, features, scores = run_all.rows_stream(result)
+    assert features.failed and features.median == "FAILED: 3 mismatching payments"
+    assert scores.failed and scores.median == "FAILED: 5 differing scores"
 
 
 def ml_quality(ap: float, rules_ap: float) -> dict:

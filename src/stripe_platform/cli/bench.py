@@ -18,7 +18,8 @@ def bench(
     scale: Annotated[float, typer.Option(help="1 = 1,000,000 payments")] = 1.0,
     runs: Annotated[int, typer.Option(min=1, help="Measured runs, after a warm-up")] = 3,
     only: Annotated[
-        str | None, typer.Option(help="Comma-separated: seed,ingest,transform,mongo,demo,fault,ml")
+        str | None,
+        typer.Option(help="Comma-separated: seed,ingest,transform,mongo,demo,fault,ml,api,stream"),
     ] = None,
     output_dir: Annotated[
         str | None, typer.Option(help="Where <date>.json and <date>.md go (default bench/results)")
