@@ -10,7 +10,7 @@ Connect 4.3 (:data:`CONNECT_VERSION`): Debezium 3.6 fails on a 4.4 worker (pom.x
 
 State and logs live under ``<home>/kafka/`` (``runtime.json``: pids, ports, cluster id;
 ``broker.log``, ``connect.log``). The connector's login is a PostgreSQL role of its own
-(:data:`CDC_ROLE`: LOGIN REPLICATION, nothing else); its password reaches Connect through a file
+(:data:`CDC_ROLE`: LOGIN REPLICATION, writing only Debezium's heartbeat table); its password reaches Connect through a file
 config provider, never through the connector's configuration or its REST answers.
 
 On compose and prod the broker and Connect are services (docker-compose.yml); ``stripe-platform
@@ -691,7 +691,8 @@ def bootstrap_servers(settings: Settings) -> str:
 
 
 def _cdc_login(settings: Settings, stack: KafkaStack) -> str:
-    """The connector's PostgreSQL login (REPLICATION, no other privilege); returns the
+    """The connector's PostgreSQL login (REPLICATION, no privilege on the platform's tables:
+    pgoutput sends a publication's rows whatever the login may read); returns the
     reference to its password in the stack's secrets file."""
     from stripe_platform.oltp import db
 
@@ -746,7 +747,7 @@ def attach(
     database = database or settings.pg_database
     password_ref = _cdc_login(settings, stack)
     with db.connect(settings, database=database, autocommit=True) as conn:
-        debezium.ensure_publication(conn)
+        debezium.ensure_publication(conn, CDC_ROLE)
     params = conninfo_to_dict(db.conninfo(settings, database=database, with_key=False))
     params.update(user=CDC_ROLE, password="")
     config = debezium.connector_config(

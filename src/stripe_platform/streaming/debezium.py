@@ -23,8 +23,11 @@ embedded stack of the test suite and ``stripe-platform kafka up`` (``runtime/kaf
   (replication factor 1 on one broker; the brokers' default elsewhere) and keyed by customer for
   payments (``message.key.columns``): one customer's payments land in one partition, in commit
   order, so window state stays local to the consumer that owns the partition.
-- A heartbeat every ``heartbeat_ms``: Debezium then confirms the slot's position even when the
-  followed tables are idle, so an idle slot does not hold WAL.
+- A heartbeat every ``heartbeat_ms`` that also writes a row of :data:`HEARTBEAT_TABLE` (in the
+  publication, not in the topics): PostgreSQL 15's pgoutput sends nothing for transactions that
+  touch no published table, so without a published write Debezium would never see a newer
+  position while the followed tables are idle and the slot would hold all the WAL written
+  meanwhile (measured: a heartbeat alone does not move it).
 - JSON without embedded schemas: values are the envelope itself (``before``, ``after``,
   ``source.lsn``, ``op`` c/u/d/r, ``ts_ms``), keys ``{"customerid": ...}``. A delete is followed
   by a null tombstone.
@@ -38,6 +41,7 @@ from collections.abc import Mapping
 from typing import Final
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from stripe_platform.config import Settings
@@ -51,6 +55,8 @@ SCHEMA: Final = "public"
 PARTITIONS: Final = 4
 HEARTBEAT_MS: Final = 10_000
 HEARTBEAT_TOPIC_PREFIX: Final = "__debezium-heartbeat"
+HEARTBEAT_TABLE: Final = ("debezium", "heartbeat")
+"""One row per slot, rewritten at each heartbeat (``heartbeat.action.query``)."""
 KEY_COLUMNS: Final = {"transaction": "customerid"}
 """Message keys other than the primary key: payments are keyed (and so partitioned) by customer."""
 JSON_CONVERTER: Final = "org.apache.kafka.connect.json.JsonConverter"
@@ -88,9 +94,34 @@ def connector_name(settings: Settings, database: str) -> str:
     return f"stripe-postgres-{settings.kafka_topic_prefix}-{_identifier(database)}"
 
 
-def ensure_publication(conn: psycopg.Connection) -> list[TableRef]:
-    """The publication the connector reads, over the stream's tables (``conn``'s database)."""
-    return _ensure_publication(conn, PUBLICATION, TABLES)
+def ensure_publication(conn: psycopg.Connection, login: str | None = None) -> list[TableRef]:
+    """The publication the connector reads in ``conn``'s database: the stream's tables and the
+    heartbeat table (created here; ``login``, the connector's role, may write it)."""
+    schema, table = (sql.Identifier(part) for part in HEARTBEAT_TABLE)
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.{} (slot text PRIMARY KEY, beat timestamptz NOT NULL)"
+        ).format(schema, table)
+    )
+    if login:
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, sql.Identifier(login))
+        )
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.{} TO {}").format(
+                schema, table, sql.Identifier(login)
+            )
+        )
+    return _ensure_publication(conn, PUBLICATION, [*TABLES, HEARTBEAT_TABLE])
+
+
+def heartbeat_query(database: str) -> str:
+    schema, table = HEARTBEAT_TABLE
+    return (
+        f"INSERT INTO {schema}.{table} (slot, beat) VALUES ('{slot_name(database)}', now()) "
+        "ON CONFLICT (slot) DO UPDATE SET beat = EXCLUDED.beat"
+    )
 
 
 def connector_config(
@@ -138,6 +169,7 @@ def connector_config(
         "decimal.handling.mode": "string",
         "time.precision.mode": "isostring",
         "heartbeat.interval.ms": str(heartbeat_ms),
+        "heartbeat.action.query": heartbeat_query(database),
         # Debezium waits this long for changes when its queue is empty: it bounds the idle
         # commit-to-Kafka delay (500 ms by default).
         "poll.interval.ms": "20",
