@@ -514,7 +514,7 @@ class _Stream:
         if not newest:
             return
         payments = sorted(newest.values(), key=lambda r: -r.score)
-        named = ", ".join(f"{r.tid} ({r.score:.3f})" for r in payments[:ALERT_NAMED])
+        named = ", ".join(f"{r.tid} ({r.score:.4g})" for r in payments[:ALERT_NAMED])
         more = f" and {len(payments) - ALERT_NAMED} more" if len(payments) > ALERT_NAMED else ""
         send_alert(
             {
@@ -595,13 +595,16 @@ def run(
         # history read or among the changes to come (or both: then it is not ingested twice).
         stream.normalizer = Normalizer(settings)
         stream.features = LiveFeatureState.warm(settings)
+        warmed = stream.features.warmed
         stream.conn = db.connect(settings, autocommit=True, with_key=False)
         stream.docdb = connect_documents(settings)
         stream.champion.follow(model_check_seconds)
         stream.write_status("running")
         log.info(
-            "fraud stream running: source %s, %s (threshold %g), alerts at >= %g",
+            "fraud stream running: source %s, %d payments of history, %s (threshold %g), "
+            "alerts at >= %g",
             source.name,
+            warmed,
             stream.champion.current.label,
             stream.champion.current.threshold,
             settings.stream_alert_threshold,
