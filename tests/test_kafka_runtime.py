@@ -202,7 +202,7 @@ def test_a_database_that_does_not_exist_is_named(kafka_stack: KafkaTestStack) ->
         db.conninfo(kafka_stack.settings, database="no_such_db", with_key=False),
     )
     with pytest.raises(RuntimeErrorWithHint, match=r'"no_such_db" does not exist'):
-        kafka_stack.stack.deploy("bad-database", config)
+        kafka.deploy_connector(kafka_stack.stack.connect_url, "bad-database", config)
     assert "bad-database" not in kafka_stack.stack.status().connectors
 
 

@@ -16,6 +16,7 @@ from stripe_platform.cli import (
     bench,
     docstore,
     ingestion,
+    kafka,
     ml,
     oltp,
     runtime,
@@ -38,5 +39,6 @@ app.add_typer(docstore.mongo_app, name="mongo")
 app.add_typer(ingestion.airbyte_app, name="airbyte")
 app.add_typer(ml.ml_app, name="ml")
 app.add_typer(streaming.stream_app, name="stream")
+app.add_typer(kafka.kafka_app, name="kafka")
 
 __all__ = ["app"]

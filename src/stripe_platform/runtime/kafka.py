@@ -179,7 +179,9 @@ class KafkaStatus:
     connect_pid: int | None
     connect_url: str | None
     connectors: dict[str, Any] = field(default_factory=dict)
-    versions: str = f"Kafka {KAFKA_VERSION}, Debezium {DEBEZIUM_VERSION}"
+    versions: str = (
+        f"Kafka {KAFKA_VERSION} (Connect {CONNECT_VERSION}), Debezium {DEBEZIUM_VERSION}"
+    )
     root: Path | None = None
 
     def as_dict(self) -> dict:
@@ -268,7 +270,7 @@ class KafkaStack:
         connectors: dict[str, Any] = {}
         if connect is not None and self.connect_url:
             with contextlib.suppress(RuntimeErrorWithHint):
-                for name in _rest(self.connect_url, "GET", "/connectors") or []:
+                for name in list_connectors(self.connect_url):
                     connectors[name] = connector_state(self.connect_url, name)
         return KafkaStatus(
             broker_running=broker is not None,
@@ -554,15 +556,12 @@ class KafkaStack:
             os.waitpid(pid, os.WNOHANG)
 
     # -- connectors ------------------------------------------------------------------------------
-    def deploy(self, name: str, config: Mapping[str, str]) -> dict:
-        """Create or update connector ``name`` and wait until its task runs. A configuration
-        Connect refuses raises an error naming each bad key."""
-        url = self.connect_url
-        if url is None or self._pid("connect") is None:
-            raise RuntimeErrorWithHint(
-                "Kafka Connect is not running: run `stripe-platform kafka up`"
-            )
-        return deploy_connector(url, name, config)
+    def forget_positions(self) -> None:
+        """Drop the connectors' stored positions (standalone keeps them in a file): for a stopped
+        stack whose slots were dropped, so a new slot is not matched with an old position."""
+        if self._pid("connect") is not None:
+            raise RuntimeErrorWithHint("stop Kafka Connect before forgetting its positions")
+        (self.connect_dir / "offsets.dat").unlink(missing_ok=True)
 
     def delete(self, name: str) -> bool:
         if self.connect_url is None or self._pid("connect") is None:
@@ -608,6 +607,10 @@ def validate(base: str, config: Mapping[str, str]) -> list[str]:
     return problems
 
 
+def list_connectors(base: str) -> list[str]:
+    return list(_rest(base, "GET", "/connectors") or [])
+
+
 def connector_state(base: str, name: str) -> dict:
     """``{"connector": state, "tasks": [state, ...], "trace": first task trace line or None}``."""
     answer = _rest(base, "GET", f"/connectors/{name}/status")
@@ -621,7 +624,7 @@ def connector_state(base: str, name: str) -> dict:
     }
 
 
-def _cause(trace: str | None) -> str:
+def failure_cause(trace: str | None) -> str:
     """The innermost 'Caused by' of a Java stack trace: what actually went wrong."""
     if not trace:
         return "(no trace)"
@@ -644,7 +647,7 @@ def deploy_connector(base: str, name: str, config: Mapping[str, str]) -> dict:
             state = {"connector": None, "tasks": [], "trace": None}  # 404 until it is created
         if "FAILED" in (state["connector"], *state["tasks"]):
             raise RuntimeErrorWithHint(
-                f"connector {name!r} failed at start: {_cause(state['trace'])}"
+                f"connector {name!r} failed at start: {failure_cause(state['trace'])}"
             )
         if (
             state["connector"] == "RUNNING"
@@ -734,39 +737,53 @@ class Attached:
 
 def attach(
     settings: Settings,
-    stack: KafkaStack,
+    stack: KafkaStack | None = None,
     *,
+    connect_url: str | None = None,
     database: str | None = None,
     heartbeat_ms: int = debezium.HEARTBEAT_MS,
     extra: Mapping[str, str] | None = None,
 ) -> Attached:
-    """Point a Debezium connector at ``database`` (default: the OLTP database) of the embedded
-    cluster: the login, the publication, the connector; returns once its slot is streaming."""
+    """Point a Debezium connector at ``database`` (default: the OLTP database): the publication,
+    the connector; returns once its slot is streaming.
+
+    With ``stack`` (the embedded profile) the connector logs in as :data:`CDC_ROLE`, its password
+    in the stack's secrets file. With ``connect_url`` (compose, prod) it logs in as the platform's
+    DSN says, from the Connect service, which must reach the same host and CA file."""
     from stripe_platform.oltp import db
 
     database = database or settings.pg_database
-    password_ref = _cdc_login(settings, stack)
+    conninfo = db.conninfo(settings, database=database, with_key=False)
+    password_ref = None
+    login = None
+    if stack is not None:
+        password_ref = _cdc_login(settings, stack)
+        login = CDC_ROLE
+        params = conninfo_to_dict(conninfo)
+        params.update(user=CDC_ROLE, password="")
+        conninfo = make_conninfo(**params)
+        if stack.connect_url is None or stack._pid("connect") is None:
+            raise RuntimeErrorWithHint(
+                "Kafka Connect is not running: run `stripe-platform kafka up`"
+            )
+        connect_url = stack.connect_url
+    if connect_url is None:
+        raise ValueError("attach needs the embedded stack or a Connect URL")
     with db.connect(settings, database=database, autocommit=True) as conn:
-        debezium.ensure_publication(conn, CDC_ROLE)
-    params = conninfo_to_dict(db.conninfo(settings, database=database, with_key=False))
-    params.update(user=CDC_ROLE, password="")
+        debezium.ensure_publication(conn, login)
     config = debezium.connector_config(
-        settings,
-        make_conninfo(**params),
-        password=password_ref,
-        heartbeat_ms=heartbeat_ms,
-        extra=extra,
+        settings, conninfo, password=password_ref, heartbeat_ms=heartbeat_ms, extra=extra
     )
     name = debezium.connector_name(settings, database)
-    stack.deploy(name, config)
+    deploy_connector(connect_url, name, config)
     slot = debezium.slot_name(database)
     _wait_slot_active(settings, database, slot, name)
-    assert stack.bootstrap_servers is not None
+    servers = stack.bootstrap_servers if stack is not None else settings.kafka_bootstrap_servers
     return Attached(
         name=name,
         database=database,
         slot=slot,
-        bootstrap_servers=stack.bootstrap_servers,
+        bootstrap_servers=servers or "",
         topics=debezium.topics(settings),
         heartbeat_topic=debezium.heartbeat_topic(settings),
         dead_letter_topic=debezium.dead_letter_topic(settings),
@@ -794,11 +811,20 @@ def _wait_slot_active(settings: Settings, database: str, slot: str, name: str) -
             time.sleep(0.1)
 
 
-def detach(settings: Settings, stack: KafkaStack, database: str) -> None:
-    """Remove the connector following ``database`` and drop its slot (it holds WAL otherwise)."""
+def detach(
+    settings: Settings,
+    stack: KafkaStack | None = None,
+    database: str | None = None,
+    *,
+    connect_url: str | None = None,
+) -> bool:
+    """Remove the connector following ``database`` and drop its slot (an unread slot holds WAL).
+    Returns whether a connector was removed."""
     from stripe_platform.oltp import db
 
-    stack.delete(debezium.connector_name(settings, database))
+    database = database or settings.pg_database
+    url = stack.connect_url if stack is not None and stack._pid("connect") else connect_url
+    removed = bool(url) and delete_connector(url, debezium.connector_name(settings, database))
     slot = debezium.slot_name(database)
     with db.connect(settings, database=database, autocommit=True) as conn:
         deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -807,11 +833,11 @@ def detach(settings: Settings, stack: KafkaStack, database: str) -> None:
                 "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
             ).fetchone()
             if row is None:
-                return
+                return removed
             if not row[0]:
                 with contextlib.suppress(psycopg.errors.UndefinedObject):
                     conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-                return
+                return removed
             if time.monotonic() > deadline:
                 raise RuntimeErrorWithHint(
                     f"slot {slot!r} is still in use after its connector's removal"
