@@ -5,21 +5,33 @@ engine), against the session's real PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
 
+import numpy as np
 import psycopg
+import pyarrow.compute as pc
 import pytest
 
 from stripe_platform.config import Settings
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.ml.contract import (
     TransactionRecord,
+    eur_rates,
+    load_platform_transactions,
+    records,
 )
+from stripe_platform.ml.drift import feature_horizon
+from stripe_platform.ml.features import FEATURE_NAMES, batch_features
 from stripe_platform.showcase.brief_examples import BRIEF_TRANSACTION_ID
 from stripe_platform.streaming.changes import Poll, Rejected, RowEvent
 from stripe_platform.streaming.embedded import EmbeddedSource
-from stripe_platform.streaming.normalize import Normalizer
+from stripe_platform.streaming.normalize import LabelEvent, Normalizer
+from stripe_platform.streaming.state import LiveFeatureState
 
 WAIT = 30.0  # seconds: a bound for changes to show up, never a delay to wait out
 
@@ -181,6 +193,31 @@ def test_temporary_slot_follows_and_goes_with_its_session(
         time.sleep(0.01)
 
 
+def test_a_lost_connection_is_reopened_and_a_lost_temporary_slot_is_an_error(
+    loaded: psycopg.Connection, db_settings: Settings, slots: Callable[[str], str]
+) -> None:
+    source = EmbeddedSource(db_settings, slot=slots("reconnect"), publication="fraud_stream")
+    follower = EmbeddedSource(
+        db_settings, slot=slots("lost"), publication="fraud_stream", temporary=True
+    )
+    try:
+        first = insert_payments(loaded, 2)
+        assert payment_ids(drain(source, 2)) == first
+        assert payment_ids(drain(follower, 2)) == first
+        for s in (source, follower):  # a server restart, as each session sees it
+            loaded.execute("SELECT pg_terminate_backend(%s)", (s._conn.info.backend_pid,))
+        second = insert_payments(loaded, 1)
+        # The persistent slot's source reconnects: the new change, not the two it returned.
+        assert payment_ids(drain(source, 1)) == second
+        source.checkpoint()
+        assert cdc.slot_info(loaded, source.slot).confirmed_flush_lsn > 0
+        with pytest.raises(cdc.SlotLostError, match="temporary replication slot"):
+            follower.poll(10, 0)
+    finally:
+        source.close()
+        follower.close()
+
+
 def test_other_tables_and_truncates_are_rejected_not_fatal(
     loaded: psycopg.Connection, db_settings: Settings, slots: Callable[[str], str]
 ) -> None:
@@ -209,6 +246,362 @@ def test_other_tables_and_truncates_are_rejected_not_fatal(
         assert "merchant" in out.where and out.source == "embedded"
         record = normalizer.normalize(payment)
         assert isinstance(record, TransactionRecord) and record.transaction_id == str(ids[0])
+    finally:
+        normalizer.close()
+        source.close()
+
+
+# -- the normalizer --------------------------------------------------------------------------------
+def debezium_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A CDC row as Debezium's JSON carries it (decimal.handling.mode=string): numerics as
+    strings, timestamptz as ISO-8601 UTC text with a Z, integers as integers."""
+    out: dict[str, Any] = {}
+    for column, value in row.items():
+        if isinstance(value, Decimal):
+            value = str(value)
+        elif isinstance(value, dt.datetime):
+            value = value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        out[column] = value
+    return out
+
+
+def test_cdc_and_debezium_rows_give_the_payments_and_labels_training_reads(
+    loaded: psycopg.Connection, db_settings: Settings, slots: Callable[[str], str]
+) -> None:
+    source = EmbeddedSource(db_settings, slot=slots("norm"), publication="fraud_stream")
+    normalizer = Normalizer(db_settings)
+    try:
+        usd, jpy = (
+            insert_payments(loaded, 1, currency=2)[0],
+            insert_payments(loaded, 1, currency=4)[0],
+        )
+        bare = insert_payments(loaded, 1)[0]
+        loaded.execute(
+            "UPDATE Transaction SET DeviceID = NULL, IPAddress = NULL, BillingAddressID = NULL, "
+            "TransactionLocationID = NULL, Amount = 0.07 WHERE ID = %s",
+            (bare,),
+        )
+        when = loaded.execute("SELECT DateTime FROM Transaction WHERE ID = %s", (usd,)).fetchone()[
+            0
+        ]
+        for reason in ("unauthorized transaction", "product not received"):
+            loaded.execute(
+                "INSERT INTO TransactionStateChanges (TransactionID, TransactionDateTime, "
+                "FromStatusID, ToStatusID, Reason, UpdatedBy, UpdatedAt) "
+                "VALUES (%s, %s, 1, 5, %s, 'card network', %s)",
+                (usd if reason.startswith("unauth") else jpy, when, reason, when),
+            )
+        flush(loaded)
+        events = drain(source, 6)
+        assert [(e.table, e.op) for e in events] == [
+            ("transaction", "insert"),
+            ("transaction", "insert"),
+            ("transaction", "insert"),
+            ("transaction", "update"),
+            ("transactionstatechanges", "insert"),
+            ("transactionstatechanges", "insert"),
+        ]
+        # The same rows as Debezium writes them normalize to the same payments and labels.
+        as_debezium = [
+            dataclasses.replace(e, source="debezium", row=debezium_row(dict(e.row))) for e in events
+        ]
+        assert isinstance(as_debezium[0].row["amount"], str)
+        assert isinstance(as_debezium[0].row["datetime"], str)
+        got = [normalizer.normalize(e) for e in events]
+        assert [normalizer.normalize(e) for e in as_debezium] == got
+
+        payments = {r.transaction_id: r for r in got if isinstance(r, TransactionRecord)}
+        labels = [r for r in got if isinstance(r, LabelEvent)]
+        assert got[5] is None  # a dispute that reports no fraud
+        assert labels == [LabelEvent(str(usd), when)]
+        # What training reads for the same payments, field by field (the update's values win).
+        table = load_platform_transactions(db_settings, require_labels=False).table
+        expected = {r.transaction_id: r for r in records(table)}
+        for tid in (usd, jpy, bare):
+            assert payments[str(tid)] == expected[str(tid)]
+        contract_labels = table.filter(pc.equal(table["label"], 1))
+        assert contract_labels["transaction_id"].to_pylist() == [str(usd)]
+        assert contract_labels["label_time"].to_pylist() == [when]
+        # And by hand: the brief's amount in USD and JPY at the warehouse's rates (the CSV).
+        rates = eur_rates()
+        amount = loaded.execute("SELECT Amount FROM Transaction WHERE ID = %s", (usd,)).fetchone()[
+            0
+        ]
+        assert payments[str(usd)].amount == float(amount) * rates["USD"]
+        assert payments[str(jpy)].amount == float(amount) * rates["JPY"]
+        assert payments[str(bare)] == TransactionRecord(
+            str(bare),
+            payments[str(bare)].timestamp,
+            payments[str(usd)].customer_id,
+            payments[str(usd)].merchant_id,
+            0.07 * rates["EUR"],
+        )
+        country = loaded.execute(
+            "SELECT l.CountryCode FROM Transaction t JOIN Location l "
+            "ON l.ID = t.TransactionLocationID WHERE t.ID = %s",
+            (usd,),
+        ).fetchone()[0]
+        assert payments[str(usd)].country == country
+    finally:
+        normalizer.close()
+        source.close()
+
+
+def test_bad_events_are_rejected_with_a_reason_never_raised(
+    loaded: psycopg.Connection, db_settings: Settings
+) -> None:
+    normalizer = Normalizer(db_settings)
+    good = {
+        "id": 7,
+        "datetime": "2026-12-07T13:00:00.123456Z",
+        "customerid": 1,
+        "merchantid": 3,
+        "amount": "10.50",
+        "currencyid": 1,
+        "deviceid": None,
+        "ipaddress": "203.0.113.9",
+        "transactionlocationid": None,
+        "billingaddressid": None,
+    }
+    label = {
+        "transactionid": 7,
+        "tostatusid": 5,
+        "reason": "fraudulent: card not present",
+        "updatedat": "2026-12-08T09:00:00+01:00",
+    }
+
+    def event(table: str, row: dict[str, Any], op: str = "insert") -> RowEvent:
+        return RowEvent("debezium", table, op, row, 42, dt.datetime.now(dt.UTC))  # type: ignore[arg-type]
+
+    def reason(table: str, row: dict[str, Any], op: str = "insert") -> str | None:
+        out = normalizer.normalize(event(table, row, op))
+        return out.reason if isinstance(out, Rejected) else None
+
+    try:
+        record = normalizer.normalize(event("transaction", good))
+        assert record == TransactionRecord(
+            "7",
+            dt.datetime(2026, 12, 7, 13, 0, 0, 123456, tzinfo=dt.UTC),
+            "1",
+            "3",
+            10.5,
+            ip="203.0.113.9",
+        )
+        assert normalizer.normalize(event("transactionstatechanges", label)) == LabelEvent(
+            "7", dt.datetime(2026, 12, 8, 8, 0, tzinfo=dt.UTC)
+        )
+        assert reason("merchant", {"id": 1}) == "unknown_table"
+        assert normalizer.payment(event("transactionstatechanges", label)).reason == "unknown_table"
+        assert normalizer.label(event("transaction", good)).reason == "unknown_table"
+        for column in ("amount", "datetime", "deviceid", "currencyid"):
+            row = {k: v for k, v in good.items() if k != column}
+            assert reason("transaction", row) == "missing_column", column
+        assert (
+            reason("transactionstatechanges", {k: v for k, v in label.items() if k != "reason"})
+            == "missing_column"
+        )
+        bad_values = {
+            "amount": ["ten", "NaN", "Infinity", True, None, [1], "1e13"],
+            "datetime": ["yesterday", 1765112400, None, "infinity"],
+            "customerid": ["x", None, 1.5, False],
+            "id": ["", None],
+            "currencyid": [99, "EUR"],
+            "ipaddress": [3232235777],
+            "deviceid": ["phone"],
+        }
+        for column, values in bad_values.items():
+            for value in values:
+                assert reason("transaction", {**good, column: value}) == "bad_value", (
+                    column,
+                    value,
+                )
+        assert reason("transactionstatechanges", {**label, "updatedat": "soon"}) == "bad_value"
+        assert reason("transactionstatechanges", {**label, "tostatusid": "five"}) == "bad_value"
+        # Not fraud reports: nothing to do.
+        assert (
+            normalizer.normalize(event("transactionstatechanges", {**label, "tostatusid": 6}))
+            is None
+        )
+        assert (
+            normalizer.normalize(event("transactionstatechanges", {**label, "reason": None}))
+            is None
+        )
+        assert reason("transaction", {"id": 7, "datetime": good["datetime"]}, "delete") == "deleted"
+        out = normalizer.normalize(event("transaction", {**good, "amount": "ten"}))
+        assert isinstance(out, Rejected)
+        assert (
+            out.source == "debezium" and out.where == "transaction@0/2A" and "amount" in out.detail
+        )
+    finally:
+        normalizer.close()
+
+
+# -- a seeded platform: the stream means what training reads -----------------------------------------
+def seed_spec():
+    from stripe_platform.seed.spec import make_spec
+
+    return make_spec(scale=0.01, seed=5, end=dt.date(2026, 1, 1), max_documents=300)
+
+
+def drain_all(source: EmbeddedSource, want: int, *, max_events: int = 5000) -> list[RowEvent]:
+    """The ``want`` changes committed (and flushed) so far, checkpointing as a consumer does;
+    nothing more may come."""
+    events: list[RowEvent] = []
+    deadline = time.monotonic() + 5 * WAIT
+    while True:
+        poll = source.poll(max_events, 0.05)
+        assert not poll.rejected
+        events.extend(poll.events)
+        source.checkpoint()
+        if len(events) >= want and poll.caught_up and not poll.events:
+            assert len(events) == want
+            return events
+        assert time.monotonic() < deadline, f"{len(events)} of {want} changes, {source.lag()}"
+
+
+def test_the_change_stream_of_a_seed_gives_the_contracts_payments_and_labels(
+    conn: psycopg.Connection,
+    db_settings: Settings,
+    docdb: Any,
+    slots: Callable[[str], str],
+) -> None:
+    from stripe_platform.seed import load as seed_load
+    from stripe_platform.seed.dataset import build
+
+    s = db_settings.model_copy(update={"mongodb_database": docdb.name})
+    source = EmbeddedSource(s, slot=slots("seed"), publication="fraud_stream")
+    normalizer = Normalizer(s)
+    try:
+        data = build(seed_spec())
+        seed_load.seed(s, data, docdb)  # COPY batches, under the root's partitions
+        flush(conn)
+        payments: dict[str, TransactionRecord] = {}
+        labels: dict[str, dt.datetime] = {}
+        for event in drain_all(source, data.transactions.num_rows + data.state_changes.num_rows):
+            out = normalizer.normalize(event)
+            assert not isinstance(out, Rejected), out
+            if isinstance(out, TransactionRecord):
+                payments[out.transaction_id] = out  # an update's values win, as in the table
+            elif isinstance(out, LabelEvent):
+                first = labels.get(out.transaction_id, out.known_at)
+                labels[out.transaction_id] = min(first, out.known_at)
+        table = load_platform_transactions(s, require_labels=False).table
+        expected = list(records(table))
+        assert len(expected) == data.transactions.num_rows == len(payments)
+        mismatched = [r for r in expected if payments[r.transaction_id] != r]
+        assert mismatched == []
+        currencies = set(data.transactions["currencyid"].to_pylist())
+        assert len(currencies) > 1  # amounts converted from several currencies
+        fraud = table.filter(pc.equal(table["label"], 1))
+        assert fraud.num_rows > 0
+        assert labels == dict(
+            zip(fraud["transaction_id"].to_pylist(), fraud["label_time"].to_pylist(), strict=True)
+        )
+    finally:
+        normalizer.close()
+        source.close()
+
+
+# A week in which a fraud report becomes known (payment 7579's, 2025-08-30) for a merchant
+# that keeps taking payments: the label reaches the features through the stream.
+PERIOD = (dt.datetime(2025, 8, 27, tzinfo=dt.UTC), dt.datetime(2025, 9, 3, tzinfo=dt.UTC))
+
+
+def test_live_features_of_the_stream_equal_the_batch_features(
+    conn: psycopg.Connection,
+    db_settings: Settings,
+    docdb: Any,
+    slots: Callable[[str], str],
+) -> None:
+    """A seeded history, then a week of it committed again in time order (each payment at its
+    time, each state change when it happened) through the change stream, as in production: the
+    live state warmed on the history gives every payment of the week the batch engine's vector."""
+    from stripe_platform.seed import load as seed_load
+    from stripe_platform.seed.dataset import build
+
+    s = db_settings.model_copy(update={"mongodb_database": docdb.name})
+    seed_load.seed(s, build(seed_spec()), docdb)
+    start, end = PERIOD
+    # Take the week out (audit rows too: triggers off, as the seed loads), keep it aside.
+    conn.execute("SET session_replication_role = replica")
+    conn.execute(
+        "CREATE TEMP TABLE week_tx AS SELECT * FROM Transaction "
+        "WHERE DateTime >= %s AND DateTime < %s",
+        PERIOD,
+    )
+    conn.execute(
+        "CREATE TEMP TABLE week_sc AS SELECT * FROM TransactionStateChanges "
+        "WHERE UpdatedAt >= %s AND UpdatedAt < %s",
+        PERIOD,
+    )
+    conn.execute("DELETE FROM TransactionStateChanges WHERE ID IN (SELECT ID FROM week_sc)")
+    conn.execute(
+        "DELETE FROM Transaction WHERE (ID, DateTime) IN (SELECT ID, DateTime FROM week_tx)"
+    )
+    happenings = conn.execute(
+        "SELECT DateTime, 0, ID FROM week_tx UNION ALL SELECT UpdatedAt, 1, ID FROM week_sc "
+        "ORDER BY 1, 2, 3"
+    ).fetchall()
+    paid = sum(1 for _, kind, _ in happenings if kind == 0)
+    assert paid > 50 and len(happenings) > paid
+
+    source = EmbeddedSource(s, slot=slots("parity"), publication="fraud_stream")
+    normalizer = Normalizer(s)
+    try:
+        state = LiveFeatureState.warm(s, now=start)  # the history before the week
+        assert state.warmed > 1000
+        for _, kind, key in happenings:  # the week happens, one commit each
+            if kind == 0:
+                conn.execute("INSERT INTO Transaction SELECT * FROM week_tx WHERE ID = %s", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO TransactionStateChanges OVERRIDING SYSTEM VALUE "
+                    "SELECT * FROM week_sc WHERE ID = %s",
+                    (key,),
+                )
+        flush(conn)
+        items = []
+        for event in drain_all(source, len(happenings), max_events=50):
+            out = normalizer.normalize(event)
+            assert not isinstance(out, Rejected), out
+            if out is not None:
+                items.append(out)
+        payments = [i for i in items if isinstance(i, TransactionRecord)]
+        assert len(payments) == paid
+        labels_before = state.labels
+        vectors = state.apply(items)
+        assert state.labels > labels_before  # a fraud report became known during the week
+
+        history = load_platform_transactions(
+            s, start=start - feature_horizon(), end=end, require_labels=False
+        ).table
+        expected = batch_features(history)
+        inside = pc.greater_equal(history["timestamp"], start).to_numpy(zero_copy_only=False)
+        row_of = {tid: i for i, tid in enumerate(history["transaction_id"].to_pylist())}
+        want = expected.to_numpy()[[row_of[p.transaction_id] for p in payments]]
+        assert inside.sum() == len(payments)
+        assert vectors.shape == (len(payments), len(FEATURE_NAMES))
+        # 0 mismatches, NaN equal to NaN (a mean over no payment, a device-less payment).
+        same = (vectors == want) | (np.isnan(vectors) & np.isnan(want))
+        mismatches = [
+            (payments[r].transaction_id, FEATURE_NAMES[c], vectors[r, c], want[r, c])
+            for r, c in zip(*np.nonzero(~same), strict=True)
+        ]
+        assert mismatches == []
+        risk = [FEATURE_NAMES.index(n) for n in FEATURE_NAMES if n.startswith("merchant_fraud")]
+        assert np.nanmax(vectors[:, risk]) > 0  # the frauds count, known ones only
+
+        # Re-delivered (a restart before the checkpoint): scored the same, not ingested twice.
+        # (The same within the state's allowed lateness of the newest payment, an hour: what is
+        # older has left the windows' memory.)
+        held = state.retained()
+        newest = payments[-1].timestamp
+        recent = [p for p in payments if p.timestamp >= newest - dt.timedelta(hours=1)]
+        assert len(recent) >= 2
+        again = state.apply(recent)
+        assert np.array_equal(again, vectors[-len(recent) :], equal_nan=True)
+        assert state.retained() == held
+        assert all(state.seen(p.transaction_id) for p in payments)
     finally:
         normalizer.close()
         source.close()

@@ -20,7 +20,8 @@ creation: create the source *before* warming the feature state from the database
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
@@ -30,6 +31,8 @@ from stripe_platform.streaming.changes import TABLES, Lag, Poll, Rejected, RowEv
 
 if TYPE_CHECKING:
     from stripe_platform.config import Settings
+
+T = TypeVar("T")
 
 DEFAULT_SLOT = "stripe_fraud_stream"
 DEFAULT_PUBLICATION = "stripe_fraud_stream"
@@ -71,6 +74,8 @@ class EmbeddedSource:
                 self._create_temporary_slot()
             else:
                 cdc.ensure_slot(self._conn, slot)
+                # A predecessor killed mid-read holds the slot until the server notices.
+                cdc.slot_info_when_free(self._conn, slot)
             info = cdc.slot_info(self._conn, slot)
             assert info is not None
         except BaseException:
@@ -101,8 +106,8 @@ class EmbeddedSource:
         deadline = time.monotonic() + max(timeout, 0.0)
         limit = max(int(max_events), 1)
         while True:
-            batch = cdc.read_changes(
-                self._conn, self.slot, self.publication, max_changes=limit + self._pending
+            batch = self._call(
+                cdc.read_changes, self.slot, self.publication, max_changes=limit + self._pending
             )
             fresh = [c for c in batch.changes if c.commit_lsn >= self._returned]
             if fresh:
@@ -119,15 +124,18 @@ class EmbeddedSource:
     def checkpoint(self) -> None:
         """Confirm everything returned so far: the slot will not give it again."""
         if self._returned > self._confirmed:
-            self._confirmed = cdc.advance(self._conn, self.slot, self._returned)
+            self._confirmed = self._call(cdc.advance, self.slot, self._returned)
         self._pending = 0
 
     def lag(self) -> Lag:
-        row = self._conn.execute(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, "
-            "confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
-            (self.slot,),
-        ).fetchone()
+        def read(conn: psycopg.Connection) -> tuple[int | None, str | None] | None:
+            return conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, "
+                "confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                (self.slot,),
+            ).fetchone()
+
+        row = self._call(read)
         if row is None:
             raise cdc.SlotNotFoundError(f"replication slot {self.slot!r} does not exist")
         lag_bytes, position = row
@@ -158,6 +166,26 @@ class EmbeddedSource:
         self.close()
 
     # -- internals -----------------------------------------------------------------------------
+    def _call(self, action: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``action(connection, ...)``, reconnecting once if the connection was lost (a server
+        restart): a persistent slot and the positions are on the server, nothing is lost; the
+        changes not checkpointed are returned again. A temporary slot went with its session."""
+        from stripe_platform.oltp import db
+
+        try:
+            return action(self._conn, *args, **kwargs)
+        except psycopg.OperationalError:
+            if not self._conn.closed and not self._conn.broken:
+                raise
+            if self.temporary:
+                raise cdc.SlotLostError(
+                    f"temporary replication slot {self.slot!r} went with its lost connection: "
+                    "start a new source (and warm the state again)"
+                ) from None
+        self._conn = db.connect(self.settings, autocommit=True, with_key=False)
+        cdc.slot_info_when_free(self._conn, self.slot)
+        return action(self._conn, *args, **kwargs)
+
     def _take(self, fresh: list[cdc.Change], limit: int, batch: cdc.ChangeBatch) -> Poll:
         """Whole transactions of ``fresh`` up to ``limit`` changes (at least one transaction),
         as a Poll; remembers where the next poll starts."""
