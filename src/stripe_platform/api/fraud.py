@@ -37,7 +37,10 @@ def _value(x: float) -> float | None:
     "threshold, the features that moved the score most and every feature it read. The "
     "features come from the platform's recent payments (the online state the stream keeps); "
     "the payment itself is not recorded.",
-    responses={503: {"model": Problem, "description": "No model or no warm features yet"}},
+    responses={
+        400: {"model": Problem, "description": "The body cannot be read (not UTF-8 text)"},
+        503: {"model": Problem, "description": "No model or no warm features yet"},
+    },
 )
 async def score(
     payment: ScoreRequest, services: Annotated[Services, Depends(services)]

@@ -13,7 +13,17 @@ import functools
 import ipaddress
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StringConstraints,
+    WithJsonSchema,
+    field_validator,
+)
 
 from stripe_platform.ml.contract import AMOUNT_LIMIT, TransactionRecord, eur_rates
 
@@ -29,24 +39,29 @@ def currencies() -> tuple[str, ...]:
     return tuple(sorted(rates()))
 
 
+def _integral(value: object) -> object:
+    # JSON has one number type: 18.0 is the integer 18 to a JSON Schema validator, and to us.
+    if isinstance(value, bool):
+        raise ValueError("must be a string or an integer, not a boolean")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+IdText = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"\S")]
+IdNumber = Annotated[StrictInt, Field(ge=0, le=10**18)]  # 10**18: exact as a JSON double too
 Id = Annotated[
-    str | StrictInt,
-    Field(description="Text (1-128 characters, not blank) or an integer (made its decimal text)"),
+    IdText | IdNumber,
+    BeforeValidator(_integral),
+    Field(
+        description="Text (1-128 characters, not blank) or an integer from 0 to 10^18 (made its decimal text)"
+    ),
 ]
 
 
-def _id_text(value: str | int | None, *, required: bool) -> str | None:
-    if value is None:
-        return None
-    text = str(value)
-    if not text.strip():
-        if required:
-            raise ValueError("must not be empty or blank")
-        return None  # the contract: an empty id identifies nothing
-    if len(text) > 128:
-        raise ValueError("at most 128 characters")
-    return text
-
+IpAddress = Annotated[
+    str, WithJsonSchema({"type": "string", "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]})
+]
 
 EXAMPLE_REQUEST: dict[str, Any] = {
     "transaction_id": "84512",
@@ -74,7 +89,7 @@ class ScoreRequest(BaseModel):
     )
     customer_id: Id
     merchant_id: Id
-    amount: StrictFloat | StrictInt = Field(
+    amount: StrictFloat = Field(
         ge=0, lt=AMOUNT_LIMIT, description="The amount in `currency` (converted to EUR)"
     )
     currency: str = Field(
@@ -82,7 +97,7 @@ class ScoreRequest(BaseModel):
         json_schema_extra={"enum": list(currencies())},
     )
     device_id: Id | None = None
-    ip: str | None = Field(None, description="The client's IPv4 or IPv6 address")
+    ip: IpAddress | None = Field(None, description="The client's IPv4 or IPv6 address")
     country: str | None = Field(
         None, pattern=r"^[A-Za-z]{2}$", description="Where the payment happened (ISO 3166 alpha-2)"
     )
@@ -107,16 +122,6 @@ class ScoreRequest(BaseModel):
             return value.astimezone(dt.UTC)
         except OverflowError:
             raise ValueError("is out of range once converted to UTC") from None
-
-    @field_validator("transaction_id", "customer_id", "merchant_id")
-    @classmethod
-    def _required_id(cls, value: str | int) -> str:
-        return _id_text(value, required=True)  # type: ignore[return-value]
-
-    @field_validator("device_id")
-    @classmethod
-    def _optional_id(cls, value: str | int | None) -> str | None:
-        return _id_text(value, required=False)
 
     @field_validator("currency")
     @classmethod

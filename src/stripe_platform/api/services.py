@@ -29,6 +29,8 @@ class Services:
     refresh_seconds: float = REFRESH_SECONDS
     stopping: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
+    _users: int = 0
+    _users_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(
@@ -48,29 +50,38 @@ class Services:
 
     def start(self) -> None:
         """The champion's refresher and the features' follower (daemon threads: a server that
-        exits does not wait on a poll)."""
-        self.stopping.clear()
-        self.threads = [
-            threading.Thread(
-                target=self.model.run,
-                args=(self.stopping, self.refresh_seconds),
-                name="api-champion-refresher",
-                daemon=True,
-            ),
-            threading.Thread(
-                target=self.features.run,
-                args=(self.stopping,),
-                name="api-features-follower",
-                daemon=True,
-            ),
-        ]
-        for thread in self.threads:
-            thread.start()
+        exits does not wait on a poll). Counted: an app run by two servers at once (a test
+        client inside another) starts them once and stops them with the last."""
+        with self._users_lock:
+            self._users += 1
+            if self._users > 1:
+                return
+            self.stopping.clear()
+            self.threads = [
+                threading.Thread(
+                    target=self.model.run,
+                    args=(self.stopping, self.refresh_seconds),
+                    name="api-champion-refresher",
+                    daemon=True,
+                ),
+                threading.Thread(
+                    target=self.features.run,
+                    args=(self.stopping,),
+                    name="api-features-follower",
+                    daemon=True,
+                ),
+            ]
+            for thread in self.threads:
+                thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout)
+        with self._users_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            self.stopping.set()
+            for thread in self.threads:
+                thread.join(timeout)
 
     def wait_started(self, timeout: float) -> bool:
         """True once the first champion check and the first warm-up have ended (well or not)."""
