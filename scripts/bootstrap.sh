@@ -56,3 +56,36 @@ if [ -z "${MONGODB_URI:-}${STRIPE_PLATFORM_MONGODB_URI:-}" ]; then
   say "the embedded document server (FerretDB, built from its Go module on first run)"
   .venv/bin/python -m stripe_platform.runtime.ferretdb
 fi
+
+# The Debezium + Kafka path (docs/streaming.md): Java 17+ runs a Kafka broker and Kafka Connect with
+# the Debezium PostgreSQL connector; Maven fetches their jars once from the project's pom
+# (src/stripe_platform/runtime/kafka_stack/pom.xml) into .cache/kafka/<digest of the pom>/.
+# STRIPE_PLATFORM_BOOTSTRAP_KAFKA=0 skips it (the Kafka tests then fetch on first use).
+have_java17() {
+  local java
+  for java in "${JAVA_HOME:+$JAVA_HOME/bin/java}" "$(command -v java || true)" /usr/lib/jvm/*/bin/java; do
+    [ -n "$java" ] && [ -x "$java" ] || continue
+    "$java" -version 2>&1 | grep -Eq 'version "(1[7-9]|[2-9][0-9])' && return 0
+  done
+  return 1
+}
+kafka_jars=".cache/kafka/$(sha256sum src/stripe_platform/runtime/kafka_stack/pom.xml | cut -c1-16)"
+if [ "${STRIPE_PLATFORM_BOOTSTRAP_KAFKA:-1}" = 0 ]; then
+  say "the Kafka stack: skipped (STRIPE_PLATFORM_BOOTSTRAP_KAFKA=0)"
+elif [ -d "$kafka_jars" ] && have_java17; then
+  say "the Kafka stack's jars: cached in $kafka_jars"
+else
+  if ! have_java17 || ! command -v mvn >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      say "installing Java 17 and Maven (the Kafka stack's runtime and fetcher)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+    else
+      echo "Java 17+ and Maven are missing: the Debezium + Kafka path needs them, e.g." >&2
+      echo "  sudo apt-get install openjdk-17-jre-headless maven" >&2
+      exit 1
+    fi
+  fi
+  say "the Kafka stack's jars (Kafka, Kafka Connect, Debezium: fetched by Maven once)"
+  .venv/bin/python -m stripe_platform.runtime.kafka
+fi

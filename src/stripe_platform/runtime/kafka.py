@@ -161,7 +161,10 @@ def fetch_jars(*, force: bool = False) -> tuple[Path, float | None]:
                 f"{(result.stdout + result.stderr)[-4000:]}"
             )
     if target.exists():
-        shutil.rmtree(target)  # a forced re-fetch
+        if not force:  # another process fetched the same set meanwhile
+            shutil.rmtree(partial, ignore_errors=True)
+            return target, time.monotonic() - started
+        shutil.rmtree(target)
     partial.rename(target)  # atomic: a killed fetch never leaves a half-filled directory
     for old in CACHE_DIR.iterdir():
         if old != target and old.is_dir() and ".partial-" not in old.name:
