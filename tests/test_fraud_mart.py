@@ -1,7 +1,8 @@
 """FACT_FraudAnalysis sets the fraud model's predictions (FraudScore) beside the confirmed fraud
-(fraud reports): a seeded source synced into DuckDB and built before any payment is scored, then
-with score rows and fraud reports the test writes itself, incrementally and from scratch, and on
-a PostgreSQL warehouse. Every expected figure is computed here from the OLTP rows, never through
+(fraud reports), with the stream scorer's scores and delays (FraudScoreEvent): a seeded source
+synced into DuckDB and built before any payment is scored, then with score rows, stream events and
+fraud reports the test writes itself, incrementally and from scratch, and on a PostgreSQL
+warehouse. Every expected figure is computed here from the OLTP rows, never through
 dbt's models."""
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ MEASURES = (
     "PredictedConfirmedFraudCount",
 )
 MART_SQL = f"SELECT {', '.join(GROUP + MEASURES)} FROM analytics.fact_fraudanalysis"
+STREAM_MEASURES = (
+    "StreamScoredCount",
+    "StreamFlaggedCount",
+    "AvgStreamScore",
+    "AvgCommitToScoreMs",
+    "DayP95CommitToScoreMs",
+)
+STREAM_SQL = f"SELECT {', '.join(GROUP + STREAM_MEASURES)} FROM analytics.fact_fraudanalysis"
 T0 = dt.datetime(2026, 11, 2, tzinfo=dt.UTC)  # scoring runs after the seeded history
 
 
@@ -83,6 +92,74 @@ def insert_scores(s, rows: list[tuple]) -> None:
             "FROM Transaction WHERE ID = %s",
             [(v, score, th, score, th, at, tid) for tid, v, score, th, at in rows],
         )
+
+
+def insert_events(s, rows: list[tuple]) -> None:
+    """FraudScoreEvent rows as `stream fraud` writes them: (transaction id, LSN, score,
+    commit-to-score ms); the model's threshold 0.5."""
+    with db.connect(s, autocommit=True) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO FraudScoreEvent (TransactionID, LSN, TransactionDateTime, CommitTime, "
+            "ModelName, ModelVersion, FeatureVersion, Score, Threshold, IsFraud, Source, "
+            "CommitToScoreMs) SELECT ID, %s, DateTime, DateTime, 'fraud', 1, 'v1', %s, 0.5, "
+            "%s >= 0.5, 'embedded', %s FROM Transaction WHERE ID = %s",
+            [(lsn, score, score, ms, tid) for tid, lsn, score, ms in rows],
+        )
+
+
+def p95(values: list[float]) -> float:
+    """The continuous 95th percentile (linear between the two nearest ranks)."""
+    ordered = sorted(values)
+    rank = 0.95 * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def expected_stream(groups: dict[int, tuple], events: dict[tuple[int, int], tuple]) -> dict:
+    """The stream measures per group: each payment's latest event (highest LSN) gives its score
+    and decision, its earliest the commit-to-score delay; the p95 is the day's."""
+    by_payment: dict[int, list] = defaultdict(list)
+    for (tid, lsn), (score, ms) in events.items():
+        by_payment[tid].append((lsn, score, ms))
+    acc: dict[tuple, list] = defaultdict(lambda: [0, 0, [], []])
+    days: dict[int, list] = defaultdict(list)
+    for tid, group in groups.items():
+        a = acc[group]
+        if tid in by_payment:
+            found = sorted(by_payment[tid])
+            (_, score, _), (_, _, ms) = found[-1], found[0]
+            a[0] += 1
+            a[1] += score >= 0.5
+            a[2].append(score)
+            a[3].append(ms)
+            days[group[0]].append(ms)
+    return {
+        g: (
+            a[0],
+            a[1],
+            sum(a[2]) / len(a[2]) if a[2] else None,
+            sum(a[3]) / len(a[3]) if a[3] else None,
+            p95(days[g[0]]) if days.get(g[0]) else None,
+        )
+        for g, a in acc.items()
+    }
+
+
+def assert_stream(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for group, want in expected.items():
+        got = actual[group]
+        assert (got[0], got[1]) == (want[0], want[1]), group
+        # Rounded to 6 (score) and 3 (ms) decimals, from doubles: half a unit and a hair more.
+        for i, tolerance in ((2, "0.000000501"), (3, "0.000501"), (4, "0.000501")):
+            if want[i] is None:
+                assert got[i] is None, (group, i)
+            else:
+                assert abs(Decimal(got[i]) - Decimal(str(want[i]))) <= Decimal(tolerance), (
+                    group,
+                    i,
+                )
 
 
 def expected_mart(groups: dict[int, tuple], scores: dict, confirmed: set[int]) -> dict:
@@ -164,6 +241,7 @@ def test_predicted_fraud_beside_confirmed_fraud_before_and_after_scoring(source,
     expected = expected_mart(groups, {}, confirmed)
     assert_mart(mart(duckdb_rows(s, MART_SQL)), expected)
     assert totals(expected) == (0, 0, len(confirmed), 0)
+    assert_stream(mart(duckdb_rows(s, STREAM_SQL)), expected_stream(groups, {}))
     brief_answer = analyses.run_analysis(s, "fraud-daily-small-credit").rows
     assert sum(n for _, n in brief_answer) > 0
 
@@ -181,12 +259,26 @@ def test_predicted_fraud_beside_confirmed_fraud_before_and_after_scoring(source,
         if n % 60 == 0:
             scores[(tid, 3)] = (0.99, 0.5, T0 + dt.timedelta(days=3))
     insert_scores(s, [(t, v, *row) for (t, v), row in scores.items()])
+    # Stream events: a quarter of the payments scored as they committed, an eighth changed once
+    # more (a later LSN, another score: the latest decides; the first change's delay counts).
+    events: dict[tuple[int, int], tuple[float, float]] = {}
+    for n, tid in enumerate(ids):
+        if n % 4 == 1:
+            score = (tid * 31 % 1000) / 1000
+            events[(tid, 1000 + 10 * n)] = (score, 5 + (n % 17) * 3.25)
+            if n % 8 == 1:
+                events[(tid, 1005 + 10 * n)] = (1 - score, 900.0)
+    insert_events(s, [(t, lsn, *row) for (t, lsn), row in events.items()])
     sync_all(s)
     cli(s, "transform")
     expected = expected_mart(groups, scores, confirmed)
     scored, predicted, _, both = totals(expected)
     assert scored == len(range(0, len(ids), 3)) and 0 < both < predicted < scored
     assert_mart(mart(duckdb_rows(s, MART_SQL)), expected)
+    stream = expected_stream(groups, events)
+    assert sum(v[0] for v in stream.values()) == len(range(1, len(ids), 4))
+    assert 0 < sum(v[1] for v in stream.values()) < sum(v[0] for v in stream.values())
+    assert_stream(mart(duckdb_rows(s, STREAM_SQL)), stream)
     # FraudCount reads the documents, which these rows did not change: the brief's answer stays.
     assert analyses.run_analysis(s, "fraud-daily-small-credit").rows == brief_answer
 
@@ -208,10 +300,17 @@ def test_predicted_fraud_beside_confirmed_fraud_before_and_after_scoring(source,
     rescored = ids[1]
     scores[(rescored, 4)] = (0.9, 0.5, T0 + dt.timedelta(days=10))
     insert_scores(s, [(rescored, 4, *scores[(rescored, 4)])])
+    # The stream: another change of a payment it scored twice (its score now flags it), and the
+    # first change of one it had not scored (a long delay: its day's p95 moves).
+    events[(ids[1], 5000)] = (0.95, 1.0)
+    events[(ids[2], 5001)] = (0.1, 60000.0)
+    insert_events(s, [(t, lsn, *events[(t, lsn)]) for t, lsn in ((ids[1], 5000), (ids[2], 5001))])
     sync_all(s)
     cli(s, "transform")
     expected = expected_mart(groups, scores, confirmed)
     assert_mart(mart(duckdb_rows(s, MART_SQL)), expected)
+    stream = expected_stream(groups, events)
+    assert_stream(mart(duckdb_rows(s, STREAM_SQL)), stream)
     assert totals(expected)[2] == len(confirmed)
 
     # The incremental runs left exactly what a rebuild from scratch computes.
@@ -226,3 +325,4 @@ def test_predicted_fraud_beside_confirmed_fraud_before_and_after_scoring(source,
         cli(on_postgres, "transform")
         with db.connect(settings, database=f"{s.pg_database}_warehouse") as conn:
             assert_mart(mart(conn.execute(MART_SQL).fetchall()), expected)
+            assert_stream(mart(conn.execute(STREAM_SQL).fetchall()), stream)

@@ -1,5 +1,6 @@
 -- One row per payment with everything the facts share: its current status, its UTC date, the
 -- fraud label of its scored document, the fraud model's newest score and decision (FraudScore),
+-- the stream scorer's latest score of it and how long its first one took (FraudScoreEvent),
 -- whether fraud was reported (confirmed), the consumption-tax rate of the country it happened in,
 -- and its amount in the reporting currency (EUR). `extracted_at` is the latest arrival of any of
 -- its inputs: the incremental facts use it as their watermark.
@@ -11,6 +12,7 @@
 -- depends_on: {{ source('postgres', 'transaction') }}
 -- depends_on: {{ source('mongodb', 'transaction') }}
 -- depends_on: {{ source('postgres', 'fraudscore') }}
+-- depends_on: {{ source('postgres', 'fraudscoreevent') }}
 -- depends_on: {{ source('postgres', 'transactionstatechanges') }}
 {{
     config(
@@ -33,6 +35,9 @@ changed as (
     where _airbyte_extracted_at > {{ watermark('extracted_at') }}
     union
     select transactionid from {{ source('postgres', 'fraudscore') }}
+    where _airbyte_extracted_at > {{ watermark('extracted_at') }}
+    union
+    select transactionid from {{ source('postgres', 'fraudscoreevent') }}
     where _airbyte_extracted_at > {{ watermark('extracted_at') }}
     union
     select transactionid from {{ source('postgres', 'transactionstatechanges') }}
@@ -89,6 +94,30 @@ model_scores as (
     where newest = 1
 ),
 
+-- The stream's scores of each payment, one per change of it (WAL position, LSN): the latest change's
+-- score and decision, and the commit-to-score delay of the first, the payment's own commit.
+stream_events as (
+    select
+        transaction_id,
+        score,
+        is_fraud,
+        commit_to_score_ms,
+        row_number() over (partition by transaction_id order by lsn desc) as newest,
+        row_number() over (partition by transaction_id order by lsn) as oldest
+    from {{ ref('stg_postgres__fraud_score_events') }}
+    {% if is_incremental() %}
+    where transaction_id in (select transaction_id from changed)
+    {% endif %}
+),
+
+stream_scores as (
+    select latest.transaction_id, latest.score, latest.is_fraud, earliest.commit_to_score_ms
+    from stream_events as latest
+    inner join stream_events as earliest
+        on latest.transaction_id = earliest.transaction_id and earliest.oldest = 1
+    where latest.newest = 1
+),
+
 -- Confirmed fraud: a fraud report, i.e. a status change to disputed with a reason of the seed
 -- fraud_dispute_reasons, whatever the dispute's outcome (the fraud model's label, ml/contract.py).
 fraud_reports as (
@@ -108,6 +137,9 @@ related_arrivals as (
     select transaction_id, max(extracted_at) as extracted_at from (
         select transactionid as transaction_id, _airbyte_extracted_at as extracted_at
         from {{ source('postgres', 'fraudscore') }}
+        union all
+        select transactionid, _airbyte_extracted_at
+        from {{ source('postgres', 'fraudscoreevent') }}
         union all
         select transactionid, _airbyte_extracted_at
         from {{ source('postgres', 'transactionstatechanges') }}
@@ -140,6 +172,10 @@ select
     ms.model_version as fraud_model_version,
     coalesce(ms.is_fraud, false) as is_predicted_fraud,
     fr.transaction_id is not null as is_confirmed_fraud,
+    ss.transaction_id is not null as is_stream_scored,
+    ss.score as stream_score,
+    coalesce(ss.is_fraud, false) as is_stream_flagged,
+    ss.commit_to_score_ms as stream_commit_to_score_ms,
     t.amount as local_amount,
     c.currency_code,
     cast(t.amount * r.eur_per_unit as {{ dbt.type_numeric() }}) as amount_eur,
@@ -163,4 +199,5 @@ left join tax_rates as tax on l.country_code = tax.country_code
 left join scored on t.transaction_id = scored.transaction_id
 left join model_scores as ms on t.transaction_id = ms.transaction_id
 left join fraud_reports as fr on t.transaction_id = fr.transaction_id
+left join stream_scores as ss on t.transaction_id = ss.transaction_id
 left join related_arrivals as arrivals on t.transaction_id = arrivals.transaction_id
