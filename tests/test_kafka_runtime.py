@@ -238,3 +238,53 @@ def test_dates_are_iso_strings(followed: Followed) -> None:
     assert value["after"]["updatedat"] == "2026-05-06T05:08:09.000000Z"
     assert value["after"]["transactiondatetime"].endswith("Z")
     assert dt.datetime.fromisoformat(value["after"]["transactiondatetime"]) == tx[1]
+
+
+def cli(monkeypatch: pytest.MonkeyPatch, *args: str, **env: str):
+    from typer.testing import CliRunner
+
+    from stripe_platform.cli import app
+    from stripe_platform.config import get_settings
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        get_settings.cache_clear()
+
+
+def test_kafka_status_reports_the_running_stack(
+    kafka_stack: KafkaTestStack,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    result = cli(
+        monkeypatch,
+        "kafka",
+        "status",
+        "--json",
+        STRIPE_PLATFORM_HOME=str(kafka_stack.base_settings.home_dir),
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["broker_running"] and info["connect_running"]
+    assert info["bootstrap_servers"] == kafka_stack.bootstrap_servers
+    assert info["connectors"][kafka_stack.attached.name]["tasks"] == ["RUNNING"]
+
+
+def test_kafka_up_elsewhere_than_embedded_asks_for_connect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = cli(
+        monkeypatch,
+        "kafka",
+        "up",
+        STRIPE_PLATFORM_HOME=str(tmp_path),
+        STRIPE_PLATFORM_PROFILE="compose",
+        STRIPE_PLATFORM_PG_DSN="host=postgres dbname=stripe user=stripe",
+        MONGODB_URI="mongodb://mongo:27017/",
+    )
+    assert result.exit_code == 1
+    assert "--connect-url" in result.output
+    assert "Traceback" not in result.output
