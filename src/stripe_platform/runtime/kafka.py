@@ -65,7 +65,7 @@ JAVA_HINT = (
     "(Debian: apt-get install openjdk-17-jre-headless; or set JAVA_HOME)"
 )
 MAVEN_HINT = (
-    "Its jars are fetched once by Maven from the project's pom "
+    "The Kafka stack's jars are fetched once by Maven from the project's pom "
     f"({POM.relative_to(REPO_ROOT)}): install Maven (Debian: apt-get install maven) or run "
     "`make bootstrap`"
 )
