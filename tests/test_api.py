@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -66,6 +67,10 @@ def seeded(settings, tmp_path_factory) -> Iterator[Platform]:
             tmp = tmp_path_factory.mktemp("api-platform")
             p = seeded_platform(settings, name, docdb, tmp, monkeypatch)
             assert train_champion(p.settings).version == "1"
+            # Version 2, registered but not promoted: fewer rounds, another model (training is
+            # deterministic). Tests promote it in their copy of the store.
+            second = train_champion(p.settings, promote=False, num_boost_round=ROUNDS // 2)
+            assert second.version == "2"
         yield p
     finally:
         docdb.client.drop_database(docdb.name)
@@ -76,7 +81,8 @@ def seeded(settings, tmp_path_factory) -> Iterator[Platform]:
 
 @pytest.fixture
 def platform(seeded, tmp_path, monkeypatch) -> Platform:
-    """The seeded platform with a copy of its MLflow store (version 1 the champion) of its own."""
+    """The seeded platform with a copy of its MLflow store of its own (version 1 the champion,
+    version 2 registered)."""
     store = Path(seeded.settings.mlflow_tracking_uri.get_secret_value().removeprefix("sqlite:///"))
     shutil.copyfile(store, tmp_path / "mlflow.db")
     s = ml_settings(seeded.settings, tmp_path, monkeypatch)
@@ -226,9 +232,6 @@ def test_malformed_requests_get_422_naming_the_field_and_no_champion_is_not_read
 
 def test_champion_switch_and_registry_failures_keep_the_last_good_model(platform):
     s = platform.settings
-    # Fewer rounds: another model than version 1 (training is deterministic).
-    second = train_champion(s, promote=False, num_boost_round=ROUNDS // 2)
-    assert second.version == "2"
     registry = Registry.from_settings(s)
     with serving(create_app(s, features_now=SEED_END)) as client:
         holder = client.app.state.services.model
@@ -403,6 +406,10 @@ def test_the_cli_serves_over_tls_follows_changes_and_the_champion(platform, monk
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
 
+        # A new champion is picked up by the refresher, no restart.
+        Registry.from_settings(s).promote(s.ml_model_name, "2")
+        until("version 2", lambda r: r.json()["model"]["version"] == "2")
+
         # The follower applies a payment committed now: the customer's next payment sees it.
         case = last_payment(s)["request"]
         now = dt.datetime.now(dt.UTC)
@@ -411,22 +418,29 @@ def test_the_cli_serves_over_tls_follows_changes_and_the_champion(platform, monk
         def customer_count_1h() -> float:
             response = client.post("/v1/fraud/score", json=request)
             assert response.status_code == 200, response.text
+            assert response.json()["model"]["version"] == "2"
             return response.json()["features"]["customer_count_1h"]
 
         assert customer_count_1h() == 0  # the seed's payments are all a year old
-        insert_payment_now(s, case["customer_id"])
-        deadline = time.monotonic() + READY_TIMEOUT
-        while customer_count_1h() != 1:
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-
-        # A new champion is picked up by the refresher, no restart.
-        second = train_champion(s, promote=False, num_boost_round=ROUNDS // 2)
-        Registry.from_settings(s).promote(s.ml_model_name, second.version)
-        until("version 2", lambda r: r.json()["model"]["version"] == second.version)
-        scored = client.post("/v1/fraud/score", json=request)
-        assert scored.json()["model"]["version"] == second.version
+        inserted = insert_payment_now(s, case["customer_id"])
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT
+            while customer_count_1h() != 1:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+        finally:  # the module's other tests read the seed as it was
+            with db.connect(s, autocommit=True) as conn:
+                conn.execute("DELETE FROM Transaction WHERE ID = %s", (inserted,))
+        client.close()
     finally:
         server.terminate()
         server.wait(30)
-    assert server.returncode == 0, log.read_text()[-3000:]
+    # uvicorn stops gracefully on SIGTERM, then ends by the signal as its default would.
+    assert server.returncode == -signal.SIGTERM, log.read_text()[-3000:]
+    assert "Application shutdown complete" in log.read_text()
+    with db.connect(s, autocommit=True) as conn:  # its temporary slot went with its session
+        slots = conn.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE %s",
+            (f"stripe_fraud_api_{server.pid}_%",),
+        ).fetchall()
+    assert slots == []
