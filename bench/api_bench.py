@@ -11,12 +11,12 @@ every latency recorded) offers a fixed load:
 1. `POST /v1/fraud/score` at --rate requests/s (200) for --seconds: p50/p95/p99 (goal p99 < 10 ms);
    then `GET /healthz` at the same rate for as long: the reference, the same server's HTTP + TLS
    floor (a route that does nothing). --runs repeats both, alternating.
-2. A step-up of the offered rate from the fixed rate (x1.5 each step, at most --max-steps steps
-   of --step-seconds each), score then healthz at each step: the highest rate each holds, holding
-   meaning p99 < 50 ms, at least 95% of the offered rate achieved and at most 0.1% failed
-   requests. A kind steps up only if it held the fixed rate and stops at its first step that does
-   not hold; stepping stops when --budget seconds (from the start, setup included) would be
-   overrun. The highest rate held is the last rate held before the first that was not.
+2. The highest rate each kind holds, holding meaning p99 < 50 ms, at least 95% of the offered
+   rate achieved and at most 0.1% failed requests: a kind that held the fixed rate in every run
+   steps up (x1.5 a step) until a step does not hold (the last rate held before it), one that did
+   not steps down (/1.5 a step) until one holds; at most --max-steps steps of --step-seconds each,
+   score then healthz at each step, and none once --budget seconds (from the start, setup
+   included) would be overrun.
 
 The first 2 s of each locust run are left out (connections opening). Each user runs at rate/U per
 second with U = rate/4 users: a request may take 250 ms before the offered rate drops (a closed
@@ -256,16 +256,16 @@ def locust(
 
 
 def highest_held(fixed: list[dict[str, Any]], steps: list[dict[str, Any]]) -> float | None:
-    """The highest offered rate held, below the first rate that did not hold (None: not even
-    the fixed rate held in every run)."""
-    if not all(r["holds"] for r in fixed):
-        return None
-    best = fixed[0]["offered_per_s"]
-    for r in steps:
-        if not r["holds"]:
-            break
-        best = r["offered_per_s"]
-    return best
+    """The highest offered rate held: stepping up from a fixed rate held in every run, the last
+    rate held before the first that was not; stepping down, the first rate held (None: none)."""
+    if all(r["holds"] for r in fixed):
+        best = fixed[0]["offered_per_s"]
+        for r in steps:
+            if not r["holds"]:
+                break
+            best = r["offered_per_s"]
+        return best
+    return next((r["offered_per_s"] for r in steps if r["holds"]), None)
 
 
 def holds(r: dict[str, Any]) -> bool:
@@ -313,12 +313,16 @@ def main(argv: list[str] | None = None) -> int:
             for target in ("score", "healthz"):
                 fixed[target].append(run(target, args.rate, args.seconds))
 
-        # The step-up starts above the fixed rate; a kind whose fixed runs did not all hold
-        # does not step up.
+        # A kind that held the fixed rate in every run steps up (x1.5) until a step does not
+        # hold; one that did not steps down (/1.5) until a step holds: either way the highest
+        # rate held is found within the steps, or said not found.
         steps: dict[str, list[dict[str, Any]]] = {"score": [], "healthz": []}
-        stopped = ""
-        going = {t for t, runs in fixed.items() if all(r["holds"] for r in runs)}
-        rate = round(args.rate * STEP_FACTOR)
+        factor = {
+            t: STEP_FACTOR if all(r["holds"] for r in runs) else 1 / STEP_FACTOR
+            for t, runs in fixed.items()
+        }
+        rates = {t: args.rate * f for t, f in factor.items()}
+        going, stopped = {"score", "healthz"}, ""
         per_step = args.step_seconds + 8  # locust's start and stop around each run
         for _ in range(args.max_steps):
             if not going:
@@ -328,13 +332,13 @@ def main(argv: list[str] | None = None) -> int:
                 break
             for target in ("score", "healthz"):
                 if target in going:
-                    r = run(target, rate, args.step_seconds)
+                    r = run(target, round(rates[target]), args.step_seconds)
                     steps[target].append(r)
-                    if not r["holds"]:
+                    if r["holds"] != (factor[target] > 1):  # the search for this kind is over
                         going.discard(target)
-            rate = round(rate * STEP_FACTOR)
+                    rates[target] *= factor[target]
         if not stopped:
-            stopped = f"--max-steps {args.max_steps}" if going else "a step that did not hold"
+            stopped = f"--max-steps {args.max_steps}" if going else "the search's end"
     finally:
         api_exit = stop(api)
         home.close(keep=args.keep_home)

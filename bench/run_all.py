@@ -886,8 +886,10 @@ def rows_api(result: dict) -> list[Row]:
         row = Row(
             "api",
             f"highest rate held with p99 < {hold['p99_ms']:g} ms, ≥ {hold['achieved_share']:.0%} "
-            f"of it achieved: {what} (steps ×1.5, {result['step_seconds']:g} s each)",
-            median=f"{_n(best)} requests/s" if best else f"none (not even {rate:g}/s)",
+            f"of it achieved: {what} (steps ×1.5 or ÷1.5, {result['step_seconds']:g} s each)",
+            median=f"{_n(best)} requests/s"
+            if best
+            else f"none held (down to {min(r['offered_per_s'] for r in steps):g}/s)",
             spread=tried,
             reference=f"stepping stopped by {result['step_stopped_by']}",
             value=best,

@@ -684,7 +684,16 @@ def test_api_rows_beside_healthz() -> None:
     result["fixed"]["score"] = [api_run("score", 200, 900.0, 110.0)]
     result["highest_held"]["score"] = None
     fixed, score, _ = run_all.rows_api(result)
-    assert "MISSED" in fixed.reference and score.median == "none (not even 200/s)"
+    assert "MISSED" in fixed.reference and score.median == "none held (down to 200/s)"
+    # stepping down from a fixed rate not held: the first rate held
+    result["steps"]["score"] = [
+        api_run("score", 133, 90.0, 133.0),
+        api_run("score", 89, 30.0, 89.0),
+    ]
+    result["highest_held"]["score"] = 89.0
+    _, score, _ = run_all.rows_api(result)
+    assert score.median == "89 requests/s"
+    assert score.spread == "200/s → p99 900 ms ✗, 133/s → p99 90.00 ms ✗, 89/s → p99 30.00 ms"
 
 
 def stream_window(rate: float, p95: float, reference_p95: float, backlog: int = 0) -> dict:
