@@ -28,7 +28,7 @@ from stripe_platform.ml.contract import (
 from stripe_platform.ml.drift import feature_horizon
 from stripe_platform.ml.features import FEATURE_NAMES, batch_features
 from stripe_platform.showcase.brief_examples import BRIEF_TRANSACTION_ID
-from stripe_platform.streaming.changes import Poll, Rejected, RowEvent
+from stripe_platform.streaming.changes import Rejected, RowEvent
 from stripe_platform.streaming.embedded import EmbeddedSource
 from stripe_platform.streaming.normalize import LabelEvent, Normalizer
 from stripe_platform.streaming.state import LiveFeatureState
@@ -117,7 +117,8 @@ def test_poll_returns_each_change_once_until_checkpoint(
         assert all(e.commit_time.tzinfo is not None for e in events)
         assert len({e.lsn for e in events}) == 3
         # The slot was not advanced: a peek re-reads the three, which the source drops.
-        assert source.poll(100, 0.02) == Poll((), (), True)
+        again = source.poll(100, 0.02)
+        assert not again.events and not again.rejected and again.caught_up
         second = insert_payments(loaded, 2)
         assert payment_ids(drain(source, 2)) == second
         # A read cut short (max_events 1, each transaction one change) returns one at a time.
@@ -133,7 +134,10 @@ def test_poll_returns_each_change_once_until_checkpoint(
         before = source.lag()
         assert before.slot_lag_bytes is not None and before.slot_lag_bytes > 0
         source.checkpoint()
-        after = source.lag()
+        deadline = time.monotonic() + WAIT
+        while (after := source.lag()).position == before.position:  # the server reads it
+            assert time.monotonic() < deadline, "the checkpoint never reached the slot"
+            time.sleep(0.01)
         assert cdc.parse_lsn(after.position) > cdc.parse_lsn(before.position)
         assert after.slot_lag_bytes < before.slot_lag_bytes
         assert not source.poll(100, 0.02).events
@@ -205,7 +209,7 @@ def test_a_lost_connection_is_reopened_and_a_lost_temporary_slot_is_an_error(
         assert payment_ids(drain(source, 2)) == first
         assert payment_ids(drain(follower, 2)) == first
         for s in (source, follower):  # a server restart, as each session sees it
-            loaded.execute("SELECT pg_terminate_backend(%s)", (s._conn.info.backend_pid,))
+            loaded.execute("SELECT pg_terminate_backend(%s)", (s._repl.backend_pid,))
         second = insert_payments(loaded, 1)
         # The persistent slot's source reconnects: the new change, not the two it returned.
         assert payment_ids(drain(source, 1)) == second

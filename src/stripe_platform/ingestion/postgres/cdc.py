@@ -442,8 +442,7 @@ _PRECHECK = sql.SQL(
               current_setting('server_encoding'),
               s.slot_name, s.plugin, s.database, s.active_pid, s.restart_lsn::text,
               s.confirmed_flush_lsn::text, s.wal_status,
-              EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s),
-              pg_backend_pid()
+              EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s)
        FROM (SELECT) AS one
        LEFT JOIN pg_replication_slots s ON s.slot_name = %(slot)s"""
 )
@@ -541,7 +540,7 @@ def _peek(
             f"publication {publication!r} does not exist in database {_db(conn)!r} (slot "
             f"{slot!r}): create it with ensure_publication()"
         )
-    if pid is not None and pid != pre[11]:  # a temporary slot is held by its own session
+    if pid is not None:
         raise SlotInUseError(f"replication slot {slot!r} is in use by the process with PID {pid}")
     # Everything committed before `bound` is decoded unless max_changes cuts the read short.
     bound = parse_lsn(flush) if upto is None else min(upto, parse_lsn(flush))
