@@ -192,7 +192,7 @@ class EmbeddedSource:
         the session, a persistent one stays) and close the connections."""
         repl, self._repl = self._repl, None
         if repl is not None:
-            if repl.status == pq.ConnStatus.OK:
+            if repl.status == pq.ConnStatus.OK and self._streaming:
                 self._end_stream(repl)
             repl.finish()
         admin = getattr(self, "_admin", None)
@@ -237,23 +237,31 @@ class EmbeddedSource:
                     f"{options}{legacy}",
                     pq.ExecStatus.TUPLES_OK,
                 )
-            else:
-                # A predecessor killed mid-stream holds the slot until the server notices.
-                cdc.slot_info_when_free(self._admin, self.slot)
-            self._command(
-                repl,
-                f"START_REPLICATION SLOT {self.slot} LOGICAL 0/0 (proto_version '1', "
-                f"publication_names '{self.publication}')",
-                pq.ExecStatus.COPY_BOTH,
-            )
         except BaseException:
             repl.finish()
             raise
         self._repl = repl
+        self._streaming = False
         self._decoder = Decoder(self._encoding)  # relations are sent again in each session
         self._open = None
         self._ready.clear()  # the server sends them again, from the confirmed position
         self._ready_events = 0
+
+    def _start(self, repl: pq.PGconn) -> None:
+        """Start streaming at the first read, not before: the server ends a stream that does
+        not answer its keepalives within wal_sender_timeout (60 s), and warming the feature state
+        between creating the source and the first poll can take a while."""
+        if not self.temporary:
+            # A predecessor killed mid-stream holds the slot until the server notices.
+            cdc.slot_info_when_free(self._admin, self.slot)
+        self._command(
+            repl,
+            f"START_REPLICATION SLOT {self.slot} LOGICAL 0/0 (proto_version '1', "
+            f"publication_names '{self.publication}')",
+            pq.ExecStatus.COPY_BOTH,
+        )
+        self._streaming = True
+        self._last_feedback = time.monotonic()
 
     def _command(self, repl: pq.PGconn, command: str, expected: pq.ExecStatus) -> None:
         result = repl.exec_(command.encode())
@@ -289,6 +297,8 @@ class EmbeddedSource:
             self._reconnect()
             repl = self._repl
             assert repl is not None
+        if not self._streaming:
+            self._start(repl)
         try:
             size, data = repl.get_copy_data(1)
             if size == 0:  # nothing buffered: read the socket (a failure shows here too)
@@ -347,7 +357,7 @@ class EmbeddedSource:
 
     def _send_status(self, position: int) -> None:
         repl = self._repl
-        if repl is None:
+        if repl is None or not self._streaming:
             return
         now = (dt.datetime.now(dt.UTC) - PG_EPOCH) // dt.timedelta(microseconds=1)
         try:
