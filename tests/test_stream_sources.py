@@ -436,6 +436,30 @@ def test_bad_events_are_rejected_with_a_reason_never_raised(
         assert (
             out.source == "debezium" and out.where == "transaction@0/2A" and "amount" in out.detail
         )
+
+        # Reference data written after the normalizer read it: found on the cache miss.
+        place = loaded.execute(
+            "INSERT INTO Location (City, Country, CountryCode) VALUES ('Reykjavik', 'Iceland', "
+            "'IS') RETURNING ID"
+        ).fetchone()[0]
+        address = loaded.execute(
+            "INSERT INTO Address (CustomerID, Line1, LocationID) SELECT CustomerID, '\\x00', %s "
+            "FROM Transaction WHERE ID = %s RETURNING ID",
+            (place, BRIEF_TRANSACTION_ID),
+        ).fetchone()[0]
+        moved = {**good, "transactionlocationid": place, "billingaddressid": address}
+        found = normalizer.normalize(event("transaction", moved))
+        assert (found.country, found.billing_country) == ("IS", "IS")
+        # A lost connection (a server restart) is opened again for the next miss.
+        loaded.execute("SELECT pg_terminate_backend(%s)", (normalizer._conn.info.backend_pid,))
+        other = loaded.execute(
+            "INSERT INTO Location (City, Country, CountryCode) VALUES ('Oslo', 'Norway', 'NO') "
+            "RETURNING ID"
+        ).fetchone()[0]
+        found = normalizer.normalize(
+            event("transaction", {**moved, "transactionlocationid": other})
+        )
+        assert (found.country, found.billing_country) == ("NO", "IS")
     finally:
         normalizer.close()
 

@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+
 from stripe_platform.ingestion.postgres.pgoutput import format_lsn
 from stripe_platform.ml.contract import AMOUNT_LIMIT, TransactionRecord, eur_rates
 from stripe_platform.streaming.changes import TABLES, Rejected, RowEvent
 
 if TYPE_CHECKING:
-    import psycopg
-
     from stripe_platform.config import Settings
 
 PAYMENTS, STATE_CHANGES = TABLES
@@ -285,47 +285,50 @@ class Normalizer:
                 cache[key] = value
             return value
 
-    def _connection(self) -> psycopg.Connection:
+    def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run a reference-data query, reconnecting once if the connection was lost (a server
+        restart): reference data is read again, never a reason to fail."""
         from stripe_platform.oltp import db
 
-        if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.settings, autocommit=True, with_key=False)
-        return self._conn
+        for attempt in (1, 2):
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = db.connect(self.settings, autocommit=True, with_key=False)
+            try:
+                return self._conn.execute(query, params).fetchall()
+            except psycopg.OperationalError:
+                if attempt == 2 or not (self._conn.closed or self._conn.broken):
+                    raise
+        raise AssertionError("unreachable")
 
     def _load_all(self) -> None:
-        conn = self._connection()
-        self._currencies = dict(conn.execute("SELECT ID, Code FROM Currency").fetchall())
+        self._currencies = dict(self._rows("SELECT ID, Code FROM Currency"))  # type: ignore[arg-type]
         self._countries = {
-            i: _country(code)
-            for i, code in conn.execute("SELECT ID, CountryCode FROM Location").fetchall()
+            i: _country(code) for i, code in self._rows("SELECT ID, CountryCode FROM Location")
         }
         self._billing = {
             i: _country(code)
-            for i, code in conn.execute(
+            for i, code in self._rows(
                 "SELECT a.ID, l.CountryCode FROM Address a LEFT JOIN Location l "
                 "ON l.ID = a.LocationID"
-            ).fetchall()
+            )
         }
         self._loaded_at = time.monotonic()
 
     def _fetch_currency(self, key: int) -> tuple[str | None, bool]:
-        row = self._connection().execute("SELECT Code FROM Currency WHERE ID = %s", (key,))
-        found = row.fetchone()
-        return (None, False) if found is None else (found[0], True)
+        rows = self._rows("SELECT Code FROM Currency WHERE ID = %s", (key,))
+        return (rows[0][0], True) if rows else (None, False)
 
     def _fetch_location(self, key: int) -> tuple[str | None, bool]:
-        row = self._connection().execute("SELECT CountryCode FROM Location WHERE ID = %s", (key,))
-        found = row.fetchone()
-        return (None, False) if found is None else (_country(found[0]), True)
+        rows = self._rows("SELECT CountryCode FROM Location WHERE ID = %s", (key,))
+        return (_country(rows[0][0]), True) if rows else (None, False)
 
     def _fetch_address(self, key: int) -> tuple[str | None, bool]:
-        row = self._connection().execute(
+        rows = self._rows(
             "SELECT l.CountryCode FROM Address a LEFT JOIN Location l ON l.ID = a.LocationID "
             "WHERE a.ID = %s",
             (key,),
         )
-        found = row.fetchone()
-        return (None, False) if found is None else (_country(found[0]), True)
+        return (_country(rows[0][0]), True) if rows else (None, False)
 
     # -- rejections ----------------------------------------------------------------------------
     def _unknown_table(self, event: RowEvent) -> Rejected:
