@@ -633,3 +633,30 @@ def test_live_features_of_the_stream_equal_the_batch_features(
     finally:
         normalizer.close()
         source.close()
+
+
+# -- the live state ------------------------------------------------------------------------------
+def test_a_label_before_its_payment_waits_and_a_payment_counts_once() -> None:
+    """Kafka may deliver the fraud report before its payment (other topic); a restart delivers
+    a payment again. Neither changes what the payments after them see."""
+    t0 = dt.datetime(2026, 3, 2, 12, tzinfo=dt.UTC)
+
+    def pay(tid: str, days: float) -> TransactionRecord:
+        return TransactionRecord(tid, t0 + dt.timedelta(days=days), "c1", "m1", 20.0)
+
+    fraud, report = pay("1", 0), LabelEvent("1", t0 + dt.timedelta(days=1))
+    later = [pay("2", 8), pay("3", 9)]
+    rate = FEATURE_NAMES.index("merchant_fraud_rate_7d_delay_7d")
+    count = FEATURE_NAMES.index("customer_count_30d")
+
+    in_order = LiveFeatureState().apply([fraud, report, *later])
+    state = LiveFeatureState()
+    shuffled = state.apply([report, fraud, fraud, *later])  # report first, payment twice
+    assert state.retained()["waiting_labels"] == 0 and state.labels == 1
+    assert np.array_equal(shuffled[[0, 2, 3]], in_order, equal_nan=True)
+    assert np.array_equal(shuffled[1], shuffled[0], equal_nan=True)  # scored, not ingested again
+    # By the definition: 1 fraud (known on day 1) among the merchant's 1 payment of
+    # [t - 14d, t - 7d); the customer's earlier payments: 1, then 2.
+    assert in_order[1, rate] == 1.0 and in_order[2, rate] == 1.0
+    assert in_order[1, count] == 1 and in_order[2, count] == 2
+    assert state.seen("1") and not state.seen("4")

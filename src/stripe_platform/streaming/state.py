@@ -1,20 +1,22 @@
 """The live feature state shared by the stream scorer and the API: ``ml.features.OnlineFeatureState``
 (the one feature definition's online engine) kept current from the change stream.
 
-- :meth:`LiveFeatureState.warm` (a new state) or :meth:`~LiveFeatureState.load` loads the last feature horizon of the platform's payments (and
-  their fraud labels, with the time each became known) with ``load_platform_transactions``: the
-  same rows training reads.
+- :meth:`LiveFeatureState.warm` (a new state) or :meth:`~LiveFeatureState.load` reads the last
+  feature horizon of the platform's payments (and their fraud labels, with the time each became
+  known) with ``load_platform_transactions``: the same rows training reads.
 - :meth:`LiveFeatureState.apply` takes the stream's payments and labels in commit order and returns
   each payment's feature vector, computed *before* the payment is ingested (features look strictly
   before the payment). A payment already ingested (in the warm-up, or re-delivered after a
-  restart) is scored again but not ingested twice: re-delivery never counts a payment twice.
+  restart) is scored again but not ingested twice: re-delivery never counts a payment twice. Its
+  vector is the same as the first time while it is within the allowed lateness (an hour) of the
+  newest payment; older entries have left the windows' memory.
 - A label for a payment not ingested yet (Kafka may deliver the state change before the payment:
   they are different topics) waits for its payment; labels and ingested ids are kept for the
   feature horizon (plus the allowed lateness) behind the latest payment, so memory stays bounded.
 - :meth:`LiveFeatureState.features` is the API's read: a vector, nothing ingested.
 
 Thread-safe: one lock around the state (the API reads it from request threads while a follower
-thread applies changes).
+thread applies changes), taken per event so that a reader never waits for a whole batch.
 """
 
 from __future__ import annotations
@@ -137,8 +139,11 @@ class LiveFeatureState:
         their order; ``len(names)`` columns), each computed from everything before it, then the
         payment ingested (unless it already was); each label applied."""
         rows: list[np.ndarray] = []
-        with self._lock:
-            for event in events:
+        lock = self._lock
+        for event in events:
+            # The lock per event, not per batch: a reader (an API request) waits for one payment
+            # at most, not for a whole catch-up batch.
+            with lock:
                 if isinstance(event, LabelEvent):
                     self._add_label(event.transaction_id, event.known_at)
                     continue
@@ -150,6 +155,7 @@ class LiveFeatureState:
                     known = self._waiting.pop(event.transaction_id, None)
                     if known is not None:
                         self._label(event.transaction_id, known)
+        with lock:
             self._evict()
         if not rows:
             return np.empty((0, len(self.names)), np.float64)
