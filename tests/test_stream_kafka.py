@@ -4,24 +4,52 @@ inserted in PostgreSQL, captured by Debezium on Kafka Connect, scored by the str
 
 from __future__ import annotations
 
+import collections
 import copy
 import datetime as dt
 import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from psycopg import sql
 
+from conftest import TEMPLATE_DB
 from kafka_stack import KafkaTestStack, kafka_stack  # noqa: F401
-from stripe_platform.config import load_settings
-from stripe_platform.streaming import debezium
-from stripe_platform.streaming.changes import Rejected, RowEvent
-from stripe_platform.streaming.kafka import DLQ_HEADERS, KafkaSource, KafkaSourceError, decode
+from ml_platform import ml_settings, train_champion
+from stripe_platform.config import Settings, load_settings
+from stripe_platform.docstore import client as docstore
+from stripe_platform.ingestion.postgres import cdc
+from stripe_platform.oltp import db
+from stripe_platform.seed import load as seed_load
+from stripe_platform.seed.dataset import build
+from stripe_platform.seed.spec import make_spec
+from stripe_platform.streaming import debezium, scorer
+from stripe_platform.streaming.changes import TABLES, Rejected, RowEvent
+from stripe_platform.streaming.embedded import DEFAULT_PUBLICATION
+from stripe_platform.streaming.kafka import (
+    DLQ_HEADERS,
+    KafkaSource,
+    KafkaSourceError,
+    decode,
+    merge,
+)
+from test_stream import (  # the embedded stream's checks, for the same scorer on Kafka
+    WITNESS,
+    Stream,
+    add_payments,
+    assert_documents_carry_the_newest_score,
+    score_events,
+    wait_for,
+    witnessed,
+)
 
 # Debezium 3.6's PostgreSQL connector, JsonConverter with schemas.enable=false,
 # decimal.handling.mode=string (numeric as text), timestamptz as ZonedTimestamp (ISO-8601 text).
@@ -340,6 +368,46 @@ def test_malformed_messages_are_rejected_as_undecodable(value: bytes, detail: st
     assert detail in rejected.detail
 
 
+def at(seconds: int, lsn: int) -> RowEvent:
+    """A payment committed ``seconds`` after COMMITTED."""
+    return RowEvent(
+        "debezium", "transaction", "insert", {}, lsn, COMMITTED + dt.timedelta(seconds=seconds)
+    )
+
+
+def test_merge_hands_out_several_partitions_in_commit_order() -> None:
+    held = {
+        "p0": collections.deque([(0, at(1, 10)), (1, at(3, 30)), (2, at(3, 31))]),
+        "p1": collections.deque([(5, at(2, 20)), (6, at(3, 29)), (7, at(4, 40))]),
+    }
+    taken = merge(held, waiting={"p0", "p1"}, max_items=100)
+    # p0 has nothing left and is not read to its end: p1's change at 4 s waits for it.
+    assert [(k, o) for k, o, _ in taken] == [("p0", 0), ("p1", 5), ("p1", 6), ("p0", 1), ("p0", 2)]
+    assert [o for o, _ in held["p1"]] == [7]
+    assert merge(held, waiting={"p0", "p1"}, max_items=100) == []
+    # Read to its end, p0 cannot bring anything earlier any more.
+    assert [(k, o) for k, o, _ in merge(held, waiting={"p1"}, max_items=100)] == [("p1", 7)]
+
+
+def test_merge_lets_untimed_messages_go_and_stops_at_max_items() -> None:
+    poison = Rejected("debezium", "t[1]@4", "undecodable", "not JSON")
+    held = {
+        "p0": collections.deque([(3, at(5, 50))]),
+        "p1": collections.deque([(4, poison), (5, None), (6, at(1, 10)), (7, at(2, 20))]),
+        "p2": collections.deque(),
+    }
+    # p2 (empty, behind) holds back every change, not the poison or the tombstone.
+    assert [(k, o) for k, o, _ in merge(held, waiting={"p2"}, max_items=100)] == [
+        ("p1", 4),
+        ("p1", 5),
+    ]
+    assert [(k, o) for k, o, _ in merge(held, waiting=set(), max_items=2)] == [
+        ("p1", 6),
+        ("p1", 7),
+    ]
+    assert [(k, o) for k, o, _ in merge(held, waiting=set(), max_items=2)] == [("p0", 3)]
+
+
 def test_no_brokers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("STRIPE_PLATFORM_KAFKA_BOOTSTRAP_SERVERS", raising=False)
     s = load_settings(home=tmp_path, profile="embedded")
@@ -537,3 +605,174 @@ def test_a_rebalance_hands_unchecked_events_to_the_new_owner(kafka_stack: KafkaT
         a.close()
         if b is not None:
             b.close()
+
+
+# The whole path: PostgreSQL -> Debezium -> Kafka -> the stream scorer ---------------------------
+
+
+@dataclass
+class Captured:
+    """A seeded platform with a champion, followed by Debezium from after its seed."""
+
+    stream: Stream  # the embedded stream tests' view of a platform: their helpers take it
+    group: str
+
+
+@pytest.fixture(scope="module")
+def captured(
+    settings: Settings,
+    kafka_stack: KafkaTestStack,  # noqa: F811
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Captured]:
+    name = unique("stream_kafka_")
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
+    tmp = tmp_path_factory.mktemp("stream_kafka")
+    monkeypatch = pytest.MonkeyPatch()
+    s = ml_settings(settings, tmp, monkeypatch, pg_database=name, mongodb_database=name)
+    docdb = docstore.connect(s)
+    followed = None
+    try:
+        # As the embedded stream's tests do: the seed ends the day after tomorrow, so that the
+        # payments added later come after it and the warm-up (the horizon before now) sees it.
+        end = dt.date.today() + dt.timedelta(days=2)
+        seed_load.seed(s, build(make_spec(scale=0.01, seed=5, end=end, max_documents=300)), docdb)
+        trained = train_champion(s)
+        assert trained.promoted
+        with db.connect(s, autocommit=True) as conn:
+            cdc.ensure_publication(conn, DEFAULT_PUBLICATION, TABLES)
+            cdc.ensure_slot(conn, WITNESS)  # every change from here on, to compare with Kafka's
+        followed = kafka_stack.follow(name, unique("pay"), create=False)
+        s = followed.settings.model_copy(
+            update={"mlflow_tracking_uri": s.mlflow_tracking_uri, "mongodb_database": name}
+        )
+        yield Captured(Stream(s, docdb, tmp, trained.version), unique("fraud"))
+    finally:
+        if followed is not None:
+            kafka_stack.unfollow(followed, drop=False)
+        with db.connect(s, autocommit=True) as conn:
+            cdc.slot_info_when_free(conn, WITNESS, timeout=30)
+            cdc.drop_slot(conn, WITNESS)
+        docdb.client.drop_database(name)
+        docdb.client.close()
+        monkeypatch.undo()
+        with db.connect(settings, database="postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def witnessed_counts(s: Settings) -> dict[str, int]:
+    """Changes per table since the fixture, from the witness slot."""
+    with db.connect(s, autocommit=True) as conn:
+        batch = cdc.read_changes(conn, WITNESS, DEFAULT_PUBLICATION, max_changes=10_000_000)
+    counts = dict.fromkeys(TABLES, 0)
+    for change in batch.changes:
+        counts[change.table] += 1
+    return counts
+
+
+def topic_size(servers: str, topic: str) -> int:
+    consumer = Consumer({"bootstrap.servers": servers, "group.id": unique("size")})
+    try:
+        meta = consumer.list_topics(topic, timeout=30).topics[topic]
+        if meta.error is not None:  # not created yet: Debezium creates it at its first change
+            return 0
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+            for p in meta.partitions
+        )
+    except KafkaException:  # a topic just created may have no leader yet
+        return 0
+    finally:
+        consumer.close()
+
+
+def wait_for_debezium(s: Settings, extra: int = 0) -> dict[str, int]:
+    """Until every change the witness slot saw is on Kafka (plus ``extra`` messages on the
+    payments topic): then a scorer run ``until_idle`` sees them all."""
+    want = witnessed_counts(s)
+    want["transaction"] += extra
+    topics = debezium.topics(s)
+    servers = s.kafka_bootstrap_servers
+    assert servers
+    return wait_for(
+        "Debezium's messages",
+        lambda: all(topic_size(servers, topics[t]) >= n for t, n in want.items()) and want,
+    )
+
+
+def run_scorer(s: Settings, group: str) -> scorer.RunSummary:
+    source = KafkaSource(s, group=group)
+    try:
+        return scorer.run(s, source, until_idle=True)
+    finally:
+        source.close()
+
+
+def test_payments_committed_in_postgresql_are_scored_from_debezium(captured: Captured) -> None:
+    stream, s = captured.stream, captured.stream.settings
+    ids = add_payments(stream, seed=1, days=3)
+    wait_for_debezium(s)
+    summary = run_scorer(s, captured.group)
+    assert summary.state == "stopped" and summary.source == "debezium"
+    assert summary.model_version == stream.champion_version
+
+    rows = score_events(s, ids)
+    expected_changes = {k for k in witnessed(s) if k[0] in set(ids)}
+    # Every change of every new payment once, under the LSN PostgreSQL gave it: Debezium's
+    # source.lsn is the embedded slot's change LSN.
+    assert set(rows) == expected_changes
+    for row in rows.values():
+        assert row["source"] == "debezium" and 0 <= row["score"] <= 1
+        assert row["isfraud"] == (row["score"] >= row["threshold"])
+        assert row["committoscorems"] >= 0 and row["scoredat"] >= row["committime"]
+    assert_documents_carry_the_newest_score(stream, ids, rows)
+    assert summary.skipped == {} and summary.dead_lettered == 0
+
+    status = scorer.read_status(s)
+    assert status["state"] == "stopped" and status["source"] == "debezium"
+    assert status["consumer_lag_messages"] == 0
+
+
+def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_stream_goes_on(
+    captured: Captured,
+) -> None:
+    stream, s = captured.stream, captured.stream.settings
+    servers, payments = s.kafka_bootstrap_servers, debezium.topics(s)["transaction"]
+    assert servers
+    run_scorer(s, captured.group)  # whatever an earlier test left: this one starts caught up
+    (offset,) = produce(servers, [(payments, 0, b'{"customerid":1}', b"\x00poison")])
+    ids = add_payments(stream, seed=2, days=1)
+    wait_for_debezium(s, extra=1)
+    summary = run_scorer(s, captured.group)
+
+    assert (summary.skipped, summary.dead_lettered) == ({"undecodable": 1}, 1)
+    assert set(score_events(s, ids)) == {k for k in witnessed(s) if k[0] in set(ids)}
+    dead = [
+        m
+        for m in read_topic(servers, debezium.dead_letter_topic(s))
+        if dict(m.headers())["dlq.original.offset"] == str(offset).encode()
+    ]
+    assert [(m.value(), dict(m.headers())["dlq.original.topic"]) for m in dead] == [
+        (b"\x00poison", payments.encode())
+    ]
+
+
+def test_a_second_run_scores_nothing_twice(captured: Captured) -> None:
+    stream, s = captured.stream, captured.stream.settings
+    ids = add_payments(stream, seed=3, days=1)
+    wait_for_debezium(s)
+    first = run_scorer(s, captured.group)
+    assert first.scored > 0
+    before = score_events(s, ids)
+
+    again = run_scorer(s, captured.group)  # the group's offsets: nothing is delivered again
+    assert (again.scored, again.replayed) == (0, 0)
+    # A new group reads every topic from the start: each change is delivered again and its
+    # FraudScoreEvent (keyed by transaction and LSN) stays the one written first.
+    replay = run_scorer(s, unique("replay"))
+    assert replay.scored == 0 and replay.replayed > 0
+    assert score_events(s, ids) == before

@@ -12,16 +12,22 @@ idempotent by transaction id and LSN). A message that cannot be decoded (a poiso
 to the dead-letter topic ``<prefix>.dlq``, its origin and the error in its headers, and returned as
 a :class:`Rejected`; its offset then moves on like any other's, so it never blocks a partition.
 Deletes' tombstones (null values) and heartbeats carry no row and are skipped.
+
+Order: Kafka keeps each partition in order, and topics are partitioned by customer; the changes of
+all the partitions a member reads are handed out in commit order (:func:`merge`), as the embedded
+source's are. Members of a group share the partitions: each sees only its customers' payments.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any, Final
+import time
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from typing import Any, Final, TypeVar
 
 from confluent_kafka import (
     OFFSET_INVALID,
@@ -39,7 +45,7 @@ from stripe_platform.errors import PlatformError
 from stripe_platform.streaming import debezium
 from stripe_platform.streaming.changes import Lag, Operation, Poll, Rejected, RowEvent
 
-__all__ = ["DLQ_HEADERS", "KafkaSource", "KafkaSourceError", "decode"]
+__all__ = ["DLQ_HEADERS", "KafkaSource", "KafkaSourceError", "decode", "merge"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +60,10 @@ OPS: Final[Mapping[str, Operation]] = {
 ROWLESS_OPS: Final = frozenset({"t", "m"})
 
 HEARTBEAT_SCHEMA: Final = "io.debezium.connector.common.Heartbeat"
+MAX_HOLD: Final = 1.0
+"""Longest a change waits for a partition that is behind (see merge) before it goes anyway: a
+partition that cannot be read must not stop the others."""
+K = TypeVar("K", bound=Hashable)
 
 DLQ_HEADERS: Final = (
     "dlq.original.topic",
@@ -172,6 +182,46 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+Held = tuple[int, RowEvent | Rejected | None]
+"""A message read and not yet returned: its offset, and what it decoded to."""
+
+
+def merge(
+    held: Mapping[K, collections.deque[Held]], waiting: Collection[K], max_items: int
+) -> list[tuple[K, int, RowEvent | Rejected | None]]:
+    """Take the held messages of several partitions in commit order (commit time, LSN, row id).
+
+    Kafka orders a partition, not a topic; the scorer's windows (a merchant's, a device's) span
+    customers and so partitions. A change is taken only when every partition of ``waiting`` (not
+    read to its end yet) has something held, so none of them can still bring an earlier one;
+    what has no commit time (a rejected message, a tombstone) goes at once. Each partition's
+    messages leave in offset order, and ``held`` keeps what is not taken.
+    """
+    out: list[tuple[K, int, RowEvent | Rejected | None]] = []
+    while len(out) < max_items:
+        heads = {key: queue[0] for key, queue in held.items() if queue}
+        if not heads:
+            break
+        untimed = next(
+            (k for k, (_, item) in heads.items() if not isinstance(item, RowEvent)), None
+        )
+        if untimed is None:
+            if any(not held.get(key) for key in waiting):
+                break
+            untimed = min(heads, key=lambda k: _order(heads[k][1]))
+        offset, item = held[untimed].popleft()
+        out.append((untimed, offset, item))
+    return out
+
+
+def _order(event: RowEvent | Rejected | None) -> tuple[dt.datetime, int, int]:
+    assert isinstance(event, RowEvent)
+    # Rows of one multi-row INSERT share one WAL record, so one LSN, and may sit in different
+    # partitions: their ids (identity-generated, in insert order) order them as the WAL does.
+    row_id = event.row.get("id")
+    return (event.commit_time, event.lsn, row_id if _is_int(row_id) else -1)
+
+
 def _where(msg: Message) -> str:
     return f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
 
@@ -217,6 +267,11 @@ class KafkaSource:
         self._dlq_failures: list[str] = []
         self._warned: set[int] = set()
         self._broken: str | None = None
+        # Messages read but not yet returned, per partition, until the partitions that may still
+        # bring an earlier change have been read (see merge).
+        self._held: dict[tuple[str, int], collections.deque[Held]] = {}
+        self._hold_deadline: float | None = None
+        self._backlog = False
         conf: dict[str, Any] = {
             "bootstrap.servers": servers,
             "group.id": self.group,
@@ -268,41 +323,61 @@ class KafkaSource:
                 self._assigned.discard(key)
                 self._pending.pop(key, None)
                 self._committed.pop(key, None)
+                self._held.pop(key, None)
 
     # ChangeSource ---------------------------------------------------------------------------
 
     def poll(self, max_events: int, timeout: float) -> Poll:
         self._check_usable()
+        now = time.monotonic()
+        with self._lock:
+            holding = any(self._held.values())
+        wait = timeout
+        if self._backlog:
+            wait = 0.0  # released up to max_events last time: the rest is ready now
+        elif holding and self._hold_deadline is not None:
+            wait = min(timeout, max(0.0, self._hold_deadline - now))
         # consume(n, timeout) waits for n messages or the whole timeout: wait for the first
         # message only, then take what is already fetched without waiting.
-        first = self._consumer.poll(timeout)
+        first = self._consumer.poll(wait)
         messages: list[Message] = [] if first is None else [first]
         if first is not None and max_events > 1:
             messages += self._consumer.consume(max_events - 1, 0)
-        events: list[RowEvent] = []
-        rejected: list[Rejected] = []
-        taken = 0
+        dead = False
         for msg in messages:
             if msg.error() is not None:
                 self._on_error(msg.error())
                 continue
-            taken += 1
             decoded = decode(msg.value(), where=_where(msg))
             if isinstance(decoded, Rejected):
                 self._dead_letter(msg, decoded)
-                rejected.append(decoded)
-            elif decoded is not None:
-                events.append(decoded)
+                dead = True
             key = (msg.topic(), msg.partition())
             with self._lock:
-                if key in self._assigned:
-                    self._pending[key] = msg.offset() + 1
-        if rejected:
+                if key in self._assigned:  # else revoked meanwhile: its next owner reads it
+                    self._held.setdefault(key, collections.deque()).append((msg.offset(), decoded))
+        if dead:
             self._flush_dlq()
+
+        now = time.monotonic()
+        with self._lock:
+            assigned = sorted(self._assigned)
+        behind = self._behind(assigned)
+        force = self._hold_deadline is not None and now >= self._hold_deadline
+        with self._lock:
+            released = merge(self._held, set() if force else behind, max_events)
+            for key, offset, _ in released:
+                self._pending[key] = offset + 1
+            holding = any(self._held.values())
+        self._backlog = len(released) >= max_events
+        if not holding or force:
+            self._hold_deadline = None
+        elif self._hold_deadline is None and not self._backlog:
+            self._hold_deadline = now + MAX_HOLD
         return Poll(
-            events=events,
-            rejected=rejected,
-            caught_up=taken < max_events and self._caught_up(),
+            events=[item for _, _, item in released if isinstance(item, RowEvent)],
+            rejected=[item for _, _, item in released if isinstance(item, Rejected)],
+            caught_up=self._joined and not holding and not behind,
         )
 
     def checkpoint(self) -> None:
@@ -371,30 +446,26 @@ class KafkaSource:
 
     # Internals --------------------------------------------------------------------------------
 
-    def _caught_up(self) -> bool:
-        """Joined the group, and every assigned partition read up to its high-water mark (as the
-        last fetch saw it): before that, an empty poll means "not yet", not "nothing more"."""
-        with self._lock:
-            if not self._joined:
-                return False
-            assigned = sorted(self._assigned)
+    def _behind(self, assigned: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        """The assigned partitions not read up to their high-water mark (as the last fetch saw
+        it): more may come from them at once, and an empty poll means "not yet"."""
         if not assigned:
-            return True
+            return set()
         positions = self._consumer.position([TopicPartition(t, p) for t, p in assigned])
         durable: dict[tuple[str, int], int] | None = None
+        behind = set()
         for tp in positions:
+            key = (tp.topic, tp.partition)
             low, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            if high < 0:
-                return False  # not fetched from yet
             offset = tp.offset
-            if offset < 0:  # nothing consumed since assignment: reading starts at the commit
+            if offset < 0 and high >= 0:  # nothing consumed since assignment: from the commit
                 durable = durable if durable is not None else self._durable(assigned)
-                offset = durable.get((tp.topic, tp.partition), OFFSET_INVALID)
-                if offset < 0:  # ... or, never committed, at the earliest offset
+                offset = durable.get(key, OFFSET_INVALID)
+                if offset < 0:  # ... or, never committed, from the earliest offset
                     offset = low
-            if offset < 0 or offset < high:
-                return False
-        return True
+            if high < 0 or offset < 0 or offset < high:  # (high < 0: not fetched from yet)
+                behind.add(key)
+        return behind
 
     def _durable(self, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
         """The group's committed offset of each partition (OFFSET_INVALID: none yet), asked of the
