@@ -79,6 +79,7 @@ SWEEP_AFTER = dt.timedelta(milliseconds=500)  # the batch itself tried first
 DOCUMENT_GRACE = dt.timedelta(seconds=30)  # a payment's document may come after its commit
 SWEEP_LIMIT = 10_000
 ALERT_NAMED = 20  # payments named in an alert's text (all are in its "payments" field)
+IDLE_GIVE_UP = 30.0  # until_idle: quiet this long with the source still behind, stop anyway
 STATES = ("starting", "warming", "running", "stopped", "failed")
 
 
@@ -538,7 +539,28 @@ class _Stream:
         self.summary.alerted_payments += len(payments)
 
     # -- the loop ------------------------------------------------------------------------------
+    def wal_now(self) -> int | None:
+        """The WAL written so far (the embedded source: what ``until_idle`` must reach)."""
+        if self.source.name != "embedded":
+            return None
+        (lsn,) = self.conn.execute("SELECT (pg_current_wal_flush_lsn() - '0/0')::int8").fetchone()
+        return int(lsn)
+
+    def idle(self, target: int | None) -> bool:
+        """Nothing committed before the run started is left: the durable position reached the
+        WAL of that moment (a slot), or no message is behind (a consumer group)."""
+        self.lag = lag = self.source.lag()
+        if lag.consumer_lag_messages is not None:
+            return lag.consumer_lag_messages == 0
+        if target is not None and lag.position is not None:
+            from stripe_platform.ingestion.postgres.pgoutput import parse_lsn
+
+            return parse_lsn(lag.position) >= target
+        return True
+
     def loop(self, stop: threading.Event, *, until_idle: bool, max_batch: int) -> None:
+        target = self.wal_now() if until_idle else None
+        quiet_since: float | None = None
         while not stop.is_set():
             poll = self.source.poll(max_batch, POLL_TIMEOUT)
             busy = bool(poll.events or poll.rejected)
@@ -549,11 +571,23 @@ class _Stream:
                 self.sweep()
             # Durable: move the source on (after an idle poll too, so that WAL nobody needs is
             # released), then tell the world.
-            if busy or now >= self._next_status:
+            if busy or until_idle or now >= self._next_status:
                 self.source.checkpoint()
             if now >= self._next_status:
                 self.write_status()
-            if until_idle and not busy and poll.caught_up:
+            if not until_idle or busy or not poll.caught_up:
+                quiet_since = None
+                continue
+            quiet_since = quiet_since or now
+            if self.idle(target):
+                return
+            if now - quiet_since > IDLE_GIVE_UP:
+                log.warning(
+                    "until idle: no change for %.0f s but the source reports more behind (%s); "
+                    "stopping",
+                    IDLE_GIVE_UP,
+                    self.lag,
+                )
                 return
 
 
