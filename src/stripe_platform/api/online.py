@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_apps = itertools.count()
 RETRY_SECONDS = 5.0  # after a failure, before opening a new slot and warming again
 POLL_EVENTS = 2000
-_apps = itertools.count()
 POLL_TIMEOUT = 0.5  # seconds a poll waits when nothing is committed (the stop check's period)
 
 
