@@ -354,6 +354,7 @@ del _no_source["source"]
         (raw({"schema": ENVELOPE_SCHEMA, "payload": [INSERT]}), "payload is not a JSON object"),
         (raw({"before": None, "after": PAYMENT}), "no 'op'"),
         (raw(envelope(op="x")), "unknown op 'x'"),
+        (raw(envelope(op=["c"])), "unknown op ['c']"),
         (raw(envelope(after=None)), "without a row in 'after'"),
         (raw(envelope(op="d", before=None, after=None)), "without a row in 'before'"),
         (raw(envelope(after=[1, 2])), "without a row in 'after'"),
