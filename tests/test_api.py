@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import mlflow.pyfunc
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -38,7 +39,7 @@ from stripe_platform.cli import app as cli_app
 from stripe_platform.config import get_settings
 from stripe_platform.docstore import client as docstore
 from stripe_platform.ml.contract import CANONICAL_SCHEMA, load_platform_transactions
-from stripe_platform.ml.features import FEATURE_NAMES, batch_features
+from stripe_platform.ml.features import FEATURE_NAMES, FEATURE_VERSION, batch_features
 from stripe_platform.ml.registry import Registry, load_champion
 from stripe_platform.ml.score import Scorer
 from stripe_platform.oltp import db
@@ -279,6 +280,40 @@ def test_champion_switch_and_registry_failures_keep_the_last_good_model(platform
         holder.refresh()
         version, model = served()
         assert version == "2" and "is unreachable" in model["error"]
+
+
+class AmountModel(mlflow.pyfunc.PythonModel):
+    """Not LightGBM: a pyfunc whose probability is the amount over 1,000 EUR, capped at 1."""
+
+    def predict(self, context, model_input, params=None):
+        return np.minimum(model_input["amount"].to_numpy() / 1000.0, 1.0)
+
+
+def test_a_champion_that_is_not_lightgbm_scores_without_contributions(platform):
+    s = platform.settings
+    registry = Registry.from_settings(s)
+    registered = registry.log_and_register(
+        s.ml_model_name,
+        log_model=lambda: mlflow.pyfunc.log_model(
+            name="model", python_model=AmountModel(), pip_requirements=["mlflow"]
+        ),
+        params={},
+        metrics={},
+        tags={},
+        documents={},
+        version_tags={"decision_threshold": "0.2"},
+        feature_version=FEATURE_VERSION,
+        feature_names=FEATURE_NAMES,
+    )
+    registry.promote(s.ml_model_name, registered.version)
+    with serving(create_app(s, features_now=SEED_END)) as client:
+        request = last_payment(s)["request"]  # 250 USD: 215 EUR
+        body = client.post("/v1/fraud/score", json=request).json()
+    assert body["model"]["version"] == registered.version == "3"
+    assert body["score"] == pytest.approx(0.215, abs=1e-12)
+    assert body["is_fraud"] is True  # at the version's own threshold, 0.2
+    assert body["contributions"] is None
+    assert body["features"]["amount"] == pytest.approx(215.0)
 
 
 def test_schemathesis_finds_no_server_error_in_the_openapi_schema(platform):

@@ -390,7 +390,12 @@ class LoadedModel:
 
     @property
     def raw(self) -> Any:
-        return self.model.get_raw_model()
+        """The flavor's own object (a LightGBM booster); None for a pyfunc of Python code, which
+        has none (MLflow raises NotImplementedError): such a model scores through ``model``."""
+        try:
+            return self.model.get_raw_model()
+        except NotImplementedError:
+            return None
 
     @property
     def feature_names(self) -> list[str]:
