@@ -660,3 +660,20 @@ def test_a_label_before_its_payment_waits_and_a_payment_counts_once() -> None:
     assert in_order[1, rate] == 1.0 and in_order[2, rate] == 1.0
     assert in_order[1, count] == 1 and in_order[2, count] == 2
     assert state.seen("1") and not state.seen("4")
+
+
+def test_a_closed_source_stays_closed(
+    loaded: psycopg.Connection, db_settings: Settings, slots: Callable[[str], str]
+) -> None:
+    """A poll after close (a thread still reading while another closes it) must not open a new
+    stream: nobody would close it, and it would hold the slot."""
+    slot = slots("closed")
+    source = EmbeddedSource(db_settings, slot=slot, publication="fraud_stream")
+    insert_payments(loaded, 1)
+    drain(source, 1)
+    source.close()
+    with pytest.raises(cdc.CDCError, match="closed"):
+        source.poll(10, 0)
+    with pytest.raises(cdc.CDCError, match="closed"):
+        source.lag()
+    assert cdc.slot_info_when_free(loaded, slot).active_pid is None

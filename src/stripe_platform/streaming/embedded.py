@@ -43,6 +43,7 @@ from stripe_platform.ingestion.postgres.pgoutput import (
     PG_EPOCH,
     Begin,
     Commit,
+    DecodeError,
     Decoder,
     RowChange,
     Truncate,
@@ -108,6 +109,7 @@ class EmbeddedSource:
         self.publication = publication
         self.temporary = temporary
         self._repl: pq.PGconn | None = None
+        self._closed = False
         self._admin = db.connect(settings, autocommit=True, with_key=False)
         try:
             cdc.check_wal_level(self._admin, slot)
@@ -190,11 +192,14 @@ class EmbeddedSource:
     def close(self) -> None:
         """End the stream (what was checkpointed is confirmed first; a temporary slot goes with
         the session, a persistent one stays) and close the connections."""
+        self._closed = True  # for good: a late poll must not open a stream nobody closes
         repl, self._repl = self._repl, None
         if repl is not None:
-            if repl.status == pq.ConnStatus.OK and self._streaming:
-                self._end_stream(repl)
-            repl.finish()
+            try:
+                if repl.status == pq.ConnStatus.OK and self._streaming:
+                    self._end_stream(repl)
+            finally:
+                repl.finish()  # whatever happened: an open session would keep the slot held
         admin = getattr(self, "_admin", None)
         if admin is not None:
             admin.close()
@@ -283,6 +288,8 @@ class EmbeddedSource:
         repl, self._repl = self._repl, None
         if repl is not None:
             repl.finish()
+        if self._closed:
+            raise cdc.CDCError(f"slot {self.slot!r}: this source is closed")
         if self.temporary:
             raise cdc.SlotLostError(
                 f"temporary replication slot {self.slot!r} went with its lost connection: start "
@@ -306,7 +313,7 @@ class EmbeddedSource:
                 if ready:
                     repl.consume_input()
                     size, data = repl.get_copy_data(1)
-        except (psycopg.OperationalError, OSError):
+        except (psycopg.OperationalError, OSError, ValueError):  # ValueError: a closed socket
             size, data = -2, b""
         if size == 0:
             return False
@@ -327,8 +334,14 @@ class EmbeddedSource:
         if kind != b"w":
             return
         lsn, wal_end, _ = _XLOG_DATA.unpack_from(message, 1)
-        decoded = self._decoder.decode_change(memoryview(message)[_XLOG_DATA.size + 1 :])
         txn = self._open
+        try:
+            decoded = self._decoder.decode_change(memoryview(message)[_XLOG_DATA.size + 1 :])
+        except DecodeError as exc:  # recorded and skipped with its transaction's other changes
+            if txn is not None:
+                where = f"wal@{format_lsn(lsn)}"
+                txn.rejected.append(Rejected("embedded", where, "undecodable", str(exc)))
+            return
         if decoded.__class__ is RowChange:
             op, relation, row, _old = decoded  # type: ignore[misc]
             if txn is not None:
@@ -385,12 +398,14 @@ class EmbeddedSource:
                 if size == 0:
                     select.select([repl.socket], [], [], 0.05)
                     repl.consume_input()
-        except (psycopg.OperationalError, OSError):
-            pass
+        except (psycopg.Error, OSError, ValueError):
+            pass  # the connection is closed next anyway
 
     def _admin_call(self, action: Callable[[psycopg.Connection], T]) -> T:
         from stripe_platform.oltp import db
 
+        if self._closed:
+            raise cdc.CDCError(f"slot {self.slot!r}: this source is closed")
         try:
             return action(self._admin)
         except psycopg.OperationalError:
