@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_INVALID,
+    Consumer,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg import sql
 
@@ -577,6 +584,36 @@ def test_poison_goes_to_the_dead_letter_topic_and_offsets_move_only_at_checkpoin
         assert [e.lsn for e in events] == [24023400] and rejected == []
     finally:
         third.close()
+
+
+def test_a_dead_letter_topic_it_cannot_write_stops_the_source_and_commits_nothing(
+    kafka_stack: KafkaTestStack,  # noqa: F811
+) -> None:
+    servers = kafka_stack.bootstrap_servers
+    s = kafka_stack.settings.model_copy(update={"kafka_topic_prefix": unique("nodlq")})
+    payments = debezium.topics(s)["transaction"]
+    # Kafka refuses a topic whose name differs from an existing one only by '.' versus '_'.
+    create_topics(servers, {payments: 1, f"{s.kafka_topic_prefix}_dlq": 1})
+    produce(servers, [(payments, 0, None, raw(INSERT)), (payments, 0, None, b"{not json")])
+    group = unique("group")
+    source = KafkaSource(s, group=group, topics=[payments])
+    try:
+        with pytest.raises(
+            KafkaSourceError, match=rf"dead-letter topic {s.kafka_topic_prefix}\.dlq"
+        ):
+            drain(source)
+        with pytest.raises(KafkaSourceError, match="restart the stream"):
+            source.checkpoint()  # the scorer's next step: it moves nothing
+        with pytest.raises(KafkaSourceError, match="restart the stream"):
+            source.poll(10, 0.1)
+    finally:
+        source.close()
+    reader = Consumer({"bootstrap.servers": servers, "group.id": group})
+    try:
+        (tp,) = reader.committed([TopicPartition(payments, 0)], timeout=30)
+        assert tp.offset == OFFSET_INVALID  # a restart reads the payment and the poison again
+    finally:
+        reader.close()
 
 
 def test_a_rebalance_hands_unchecked_events_to_the_new_owner(kafka_stack: KafkaTestStack) -> None:  # noqa: F811

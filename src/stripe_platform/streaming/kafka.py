@@ -338,27 +338,15 @@ class KafkaSource:
             wait = 0.0  # released up to max_events last time: the rest is ready now
         elif holding and self._hold_deadline is not None:
             wait = min(timeout, max(0.0, self._hold_deadline - now))
-        # consume(n, timeout) waits for n messages or the whole timeout: wait for the first
-        # message only, then take what is already fetched without waiting.
-        first = self._consumer.poll(wait)
-        messages: list[Message] = [] if first is None else [first]
-        if first is not None and max_events > 1:
-            messages += self._consumer.consume(max_events - 1, 0)
-        dead = False
-        for msg in messages:
-            if msg.error() is not None:
-                self._on_error(msg.error())
-                continue
-            decoded = decode(msg.value(), where=_where(msg))
-            if isinstance(decoded, Rejected):
-                self._dead_letter(msg, decoded)
-                dead = True
-            key = (msg.topic(), msg.partition())
+        try:
+            self._read(max_events, wait)
+        except Exception as exc:
+            # The consumer's position may be past messages nobody will get: commit nothing more
+            # from this member; its restart re-reads from the last checkpoint.
             with self._lock:
-                if key in self._assigned:  # else revoked meanwhile: its next owner reads it
-                    self._held.setdefault(key, collections.deque()).append((msg.offset(), decoded))
-        if dead:
-            self._flush_dlq()
+                self._pending.clear()
+            self._broken = self._broken or f"{type(exc).__name__}: {exc}"
+            raise
 
         now = time.monotonic()
         with self._lock:
@@ -447,6 +435,31 @@ class KafkaSource:
 
     # Internals --------------------------------------------------------------------------------
 
+    def _read(self, max_events: int, wait: float) -> None:
+        """Consume what is there (waiting up to ``wait`` for the first message) into ``_held``;
+        poison messages to the dead-letter topic, durably."""
+        # consume(n, timeout) waits for n messages or the whole timeout: wait for the first
+        # message only, then take what is already fetched without waiting.
+        first = self._consumer.poll(wait)
+        messages: list[Message] = [] if first is None else [first]
+        if first is not None and max_events > 1:
+            messages += self._consumer.consume(max_events - 1, 0)
+        dead = False
+        for msg in messages:
+            if msg.error() is not None:
+                self._on_error(msg.error())
+                continue
+            decoded = decode(msg.value(), where=_where(msg))
+            if isinstance(decoded, Rejected):
+                self._dead_letter(msg, decoded)
+                dead = True
+            key = (msg.topic(), msg.partition())
+            with self._lock:
+                if key in self._assigned:  # else revoked meanwhile: its next owner reads it
+                    self._held.setdefault(key, collections.deque()).append((msg.offset(), decoded))
+        if dead:
+            self._flush_dlq()
+
     def _behind(self, assigned: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
         """The assigned partitions not read up to their high-water mark (as the last fetch saw
         it): more may come from them at once, and an empty poll means "not yet"."""
@@ -485,7 +498,9 @@ class KafkaSource:
 
     def _check_usable(self) -> None:
         if self._broken is not None:
-            raise KafkaSourceError(f"{self._broken}: restart the stream (nothing was committed)")
+            raise KafkaSourceError(
+                f"{self._broken}: restart the stream (it resumes at its last checkpoint)"
+            )
         if self._closed:
             raise KafkaSourceError("the Kafka source is closed")
 
@@ -550,6 +565,10 @@ class KafkaSource:
                 raise KafkaSourceError(
                     f"cannot create the dead-letter topic {self.dlq_topic}: {exc.args[0].str()}"
                 ) from None
+        except TimeoutError:
+            raise KafkaSourceError(
+                f"cannot create the dead-letter topic {self.dlq_topic}: no answer in 30 s"
+            ) from None
         self._dlq_ready = True
 
     def _delivered(self, err: KafkaError | None, msg: Message) -> None:
