@@ -46,6 +46,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
+from stripe_platform.runtime.kafka import bootstrap_servers
 from stripe_platform.streaming import debezium
 from stripe_platform.streaming.changes import Lag, Operation, Poll, Rejected, RowEvent
 
@@ -94,7 +95,7 @@ _REBALANCE_ERRORS: Final = frozenset(
 
 
 class KafkaSourceError(PlatformError, RuntimeError):
-    """Kafka cannot be used as configured (no brokers set, a dead-letter write refused, ...)."""
+    """The Kafka source cannot go on (a dead-letter write refused, a fatal consumer error)."""
 
 
 # Decoding (pure: no broker) ------------------------------------------------------------------
@@ -246,12 +247,7 @@ class KafkaSource:
         group: str | None = None,
         topics: Sequence[str] | None = None,
     ) -> None:
-        servers = settings.kafka_bootstrap_servers
-        if not servers:
-            raise KafkaSourceError(
-                "kafka_bootstrap_servers is not set: set STRIPE_PLATFORM_KAFKA_BOOTSTRAP_SERVERS "
-                "(host:port,...) or use the embedded stream source"
-            )
+        servers = bootstrap_servers(settings)  # the setting, else `stripe-platform kafka up`'s
         self.group = group or settings.kafka_consumer_group
         self.topics = list(topics) if topics else list(debezium.topics(settings).values())
         self.dlq_topic = debezium.dead_letter_topic(settings)
