@@ -14,8 +14,9 @@ every latency recorded) offers a fixed load:
 2. The highest rate each kind holds, holding meaning p99 < 50 ms, at least 95% of the offered
    rate achieved and at most 0.1% failed requests: a kind that held the fixed rate in every run
    steps up (x1.5 a step) until a step does not hold (the last rate held before it), one that did
-   not steps down (/1.5 a step) until one holds; at most --max-steps steps of --step-seconds each,
-   score then healthz at each step, and none once --budget seconds (from the start, setup
+   not steps down (/1.5 a step) until one holds; at most --max-steps steps of --step-seconds each
+   (longer at a low rate: at least 500 requests after the warm-up, or the p99 is the largest
+   one or two), score then healthz at each step, and none once --budget seconds (from the start, setup
    included) would be overrun.
 
 The first 2 s of each locust run are left out (connections opening). Each user runs at rate/U per
@@ -60,6 +61,7 @@ PER_USER_RATE = 4.0  # requests/s of each locust user: 250 ms a request before t
 STEP_FACTOR = 1.5
 READY_TIMEOUT_S = 180.0
 PAYLOADS = 2_000
+MIN_SAMPLES = 500  # requests a step measures at least (a low rate's step lasts longer)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -255,6 +257,12 @@ def locust(
     return result
 
 
+def step_seconds(minimum: float, rate: float) -> float:
+    """A step long enough for MIN_SAMPLES requests after the warm-up: a p99 of fewer is its
+    largest one or two."""
+    return max(minimum, WARMUP_S + math.ceil(MIN_SAMPLES / max(rate, 1.0)))
+
+
 def highest_held(fixed: list[dict[str, Any]], steps: list[dict[str, Any]]) -> float | None:
     """The highest offered rate held: stepping up from a fixed rate held in every run, the last
     rate held before the first that was not; stepping down, the first rate held (None: none)."""
@@ -323,16 +331,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         rates = {t: args.rate * f for t, f in factor.items()}
         going, stopped = {"score", "healthz"}, ""
-        per_step = args.step_seconds + 8  # locust's start and stop around each run
         for _ in range(args.max_steps):
             if not going:
                 break
-            if time.perf_counter() - begun + per_step * len(going) > args.budget:
+            # locust's start and stop take about 8 s around each run
+            cost = sum(step_seconds(args.step_seconds, rates[t]) + 8 for t in going)
+            if time.perf_counter() - begun + cost > args.budget:
                 stopped = f"the {args.budget:.0f} s budget"
                 break
             for target in ("score", "healthz"):
                 if target in going:
-                    r = run(target, round(rates[target]), args.step_seconds)
+                    seconds = step_seconds(args.step_seconds, rates[target])
+                    r = run(target, round(rates[target]), seconds)
                     steps[target].append(r)
                     if r["holds"] != (factor[target] > 1):  # the search for this kind is over
                         going.discard(target)
@@ -358,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seconds": args.seconds,
         "step_seconds": args.step_seconds,
+        "min_samples": MIN_SAMPLES,
         "warmup_s": WARMUP_S,
         "per_user_rate": PER_USER_RATE,
         "home": prepared,

@@ -653,6 +653,8 @@ def api_run(target: str, rate: float, p99: float, achieved: float, failed: int =
         "requests": 4000,
         "failed": failed,
         "ms": {"n": 4000, "p50": p99 / 4, "p95": p99 / 2, "p99": p99, "max": p99 * 2},
+        "warmup_requests": 400,
+        "server_cpu_s": 8.8 if target == "score" else 2.2,
     }
     run["holds"] = p99 < 50 and achieved >= 0.95 * rate and failed <= 4
     return run
@@ -663,6 +665,7 @@ def test_api_rows_beside_healthz() -> None:
         "goals": {"p99_ms_at_rate": 10.0, "rate": 200.0, "held_p99_ms": 50.0},
         "hold": {"p99_ms": 50.0, "achieved_share": 0.95, "failed_share": 0.001},
         "step_seconds": 8.0,
+        "min_samples": 500,
         "fixed": {
             "score": [api_run("score", 200, 8.0, 199.0)],
             "healthz": [api_run("healthz", 200, 2.0, 200.0)],
@@ -678,6 +681,7 @@ def test_api_rows_beside_healthz() -> None:
     assert fixed.median == "p99 8.00 ms" and fixed.value == 8.0
     assert fixed.reference.startswith("goal p99 < 10.00 ms: met; `GET /healthz` at the same rate")
     assert fixed.ratio == "4.00× healthz p99"
+    assert fixed.reference.endswith("; server CPU 2.00 ms a request (healthz 0.50 ms)")
     assert (score.median, score.ratio) == ("300 requests/s", "0.67× healthz")
     assert score.spread.endswith("450/s → p99 80.00 ms ✗")
     assert healthz.median == "450 requests/s" and not any(r.failed for r in (fixed, score, healthz))
