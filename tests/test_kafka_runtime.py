@@ -25,11 +25,18 @@ from stripe_platform.streaming import debezium
 DEADLINE_S = 90.0  # an upper bound for an awaited event: a missing one fails, never hangs
 
 
+BEFORE_ANY_CHANGE: dict[str, int | None] = {}  # topic -> partitions, seen right after follow()
+
+
 @pytest.fixture(scope="module")
 def followed(kafka_stack: KafkaTestStack) -> Iterator[Followed]:  # noqa: F811
     """A database of this module's own, with the brief's example records, followed by a
     connector writing to topics rt.public.*."""
     f = kafka_stack.follow(f"kafka_runtime_{uuid.uuid4().hex[:8]}", "rt")
+    admin = AdminClient({"bootstrap.servers": f.bootstrap_servers})
+    for topic in f.topics.values():
+        found = admin.list_topics(topic, timeout=10).topics[topic]
+        BEFORE_ANY_CHANGE[topic] = None if found.error else len(found.partitions)
     with db.connect(f.settings, autocommit=True) as conn:
         brief_examples.load_oltp(conn)
     yield f
@@ -106,6 +113,9 @@ def test_broker_and_connect_run_on_loopback_only(kafka_stack: KafkaTestStack) ->
 def test_a_payment_arrives_keyed_by_customer(followed: Followed) -> None:
     topic = followed.topics["transaction"]
     assert topic == "rt.public.transaction"
+    # Made before any change (Connect makes a topic only at its first message): a consumer that
+    # subscribes first is assigned its partitions at once.
+    assert BEFORE_ANY_CHANGE[topic] == debezium.PARTITIONS
     c = consumer(followed.bootstrap_servers, topic)
     try:
         with db.connect(followed.settings, autocommit=True) as conn:
@@ -147,10 +157,6 @@ def test_a_payment_arrives_keyed_by_customer(followed: Followed) -> None:
     assert value["source"]["table"] == "transaction"  # the partition reported under its root
     assert before < value["source"]["lsn"] <= after
     assert isinstance(value["ts_ms"], int)
-    partitions = AdminClient({"bootstrap.servers": followed.bootstrap_servers}).list_topics(
-        topic, timeout=10
-    )
-    assert len(partitions.topics[topic].partitions) == debezium.PARTITIONS
 
 
 def test_heartbeats_move_and_confirm_the_slot(followed: Followed) -> None:

@@ -32,7 +32,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -777,11 +777,13 @@ def attach(
     config = debezium.connector_config(
         settings, conninfo, password=password_ref, heartbeat_ms=heartbeat_ms, extra=extra
     )
+    servers = stack.bootstrap_servers if stack is not None else settings.kafka_bootstrap_servers
+    if servers:
+        ensure_topics(servers, debezium.topics(settings).values())
     name = debezium.connector_name(settings, database)
     deploy_connector(connect_url, name, config)
     slot = debezium.slot_name(database)
     _wait_slot_active(settings, database, slot, name)
-    servers = stack.bootstrap_servers if stack is not None else settings.kafka_bootstrap_servers
     return Attached(
         name=name,
         database=database,
@@ -791,6 +793,31 @@ def attach(
         heartbeat_topic=debezium.heartbeat_topic(settings),
         dead_letter_topic=debezium.dead_letter_topic(settings),
     )
+
+
+def ensure_topics(
+    servers: str,
+    topics: Iterable[str],
+    *,
+    partitions: int = debezium.PARTITIONS,
+    replication_factor: int = 1,
+) -> None:
+    """Create the change topics up front (Connect would only at the first change): a consumer
+    subscribed before any change then gets its partitions at once, and they are partitioned as
+    the platform says whatever Connect's topic creation is set to. Existing topics are kept."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": servers})
+    futures = admin.create_topics(
+        [NewTopic(t, partitions, replication_factor) for t in topics], request_timeout=30
+    )
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=60)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise RuntimeErrorWithHint(f"creating topic {topic!r} failed: {exc}") from None
 
 
 def _wait_slot_active(settings: Settings, database: str, slot: str, name: str) -> None:
