@@ -660,6 +660,7 @@ class Captured:
 
     stream: Stream  # the embedded stream tests' view of a platform: their helpers take it
     group: str
+    produced: int = 0  # messages the tests put on the payments topic themselves
 
 
 @pytest.fixture(scope="module")
@@ -734,11 +735,12 @@ def topic_size(servers: str, topic: str) -> int:
         consumer.close()
 
 
-def wait_for_debezium(s: Settings, extra: int = 0) -> dict[str, int]:
-    """Until every change the witness slot saw is on Kafka (plus ``extra`` messages on the
-    payments topic): then a scorer run ``until_idle`` sees them all."""
+def wait_for_debezium(captured: Captured) -> dict[str, int]:
+    """Until every change the witness slot saw is on Kafka (beside the tests' own messages): then
+    a scorer run ``until_idle`` sees them all."""
+    s = captured.stream.settings
     want = witnessed_counts(s)
-    want["transaction"] += extra
+    want["transaction"] += captured.produced
     topics = debezium.topics(s)
     servers = s.kafka_bootstrap_servers
     assert servers
@@ -759,7 +761,7 @@ def run_scorer(s: Settings, group: str) -> scorer.RunSummary:
 def test_payments_committed_in_postgresql_are_scored_from_debezium(captured: Captured) -> None:
     stream, s = captured.stream, captured.stream.settings
     ids = add_payments(stream, seed=1, days=3)
-    wait_for_debezium(s)
+    wait_for_debezium(captured)
     summary = run_scorer(s, captured.group)
     assert summary.state == "stopped" and summary.source == "debezium"
     assert summary.model_version == stream.champion_version
@@ -789,8 +791,9 @@ def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_stream_goes_on(
     assert servers
     run_scorer(s, captured.group)  # whatever an earlier test left: this one starts caught up
     (offset,) = produce(servers, [(payments, 0, b'{"customerid":1}', b"\x00poison")])
+    captured.produced += 1
     ids = add_payments(stream, seed=2, days=1)
-    wait_for_debezium(s, extra=1)
+    wait_for_debezium(captured)
     summary = run_scorer(s, captured.group)
 
     assert (summary.skipped, summary.dead_lettered) == ({"undecodable": 1}, 1)
@@ -808,7 +811,7 @@ def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_stream_goes_on(
 def test_a_second_run_scores_nothing_twice(captured: Captured) -> None:
     stream, s = captured.stream, captured.stream.settings
     ids = add_payments(stream, seed=3, days=1)
-    wait_for_debezium(s)
+    wait_for_debezium(captured)
     first = run_scorer(s, captured.group)
     assert first.scored > 0
     before = score_events(s, ids)
