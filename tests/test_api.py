@@ -199,6 +199,16 @@ def test_malformed_requests_get_422_naming_the_field_and_no_champion_is_not_read
         assert not model["ready"] and "has no champion" in model["error"]
         assert ready.json()["components"]["features"]["ready"]  # warm, with nothing to read
 
+        # The OpenAPI document describes the score with its example.
+        openapi = client.get("/openapi.json").json()
+        operation = openapi["paths"]["/v1/fraud/score"]["post"]
+        assert set(operation["responses"]) == {"200", "400", "422", "503"}
+        request_schema = openapi["components"]["schemas"]["ScoreRequest"]
+        assert request_schema["examples"] == [EXAMPLE_REQUEST]
+        assert request_schema["properties"]["currency"]["enum"] == [
+            "AUD", "BRL", "CAD", "CHF", "EUR", "GBP", "JPY", "USD"
+        ]  # fmt: skip
+
         refused = client.post("/v1/fraud/score", json=EXAMPLE_REQUEST)
         assert refused.status_code == 503
         assert "no model to score with" in refused.json()["detail"]

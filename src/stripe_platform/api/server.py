@@ -85,13 +85,15 @@ def log_config() -> dict:
     return config
 
 
-def serve(settings: Settings, where: Endpoint, *, access_log: bool = False) -> None:
-    """Serve the app on ``where`` until SIGINT/SIGTERM (uvicorn's graceful shutdown)."""
+def serve(
+    settings: Settings, where: Endpoint, sock: socket.socket, *, access_log: bool = False
+) -> None:
+    """Serve the app on ``sock`` (``bind(where.host, where.port)``) until SIGINT/SIGTERM
+    (uvicorn's graceful shutdown)."""
     import uvicorn
 
     from stripe_platform.api.app import create_app
 
-    sock = bind(where.host, where.port)
     config = uvicorn.Config(
         create_app(settings),
         ssl_certfile=str(where.tls.server_cert),

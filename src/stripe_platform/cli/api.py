@@ -31,8 +31,9 @@ def api(
 
     s = settings()
     where = server.endpoint(s, host=host, port=port)
+    sock = server.bind(where.host, where.port)  # a port in use: one line, exit 1
     err.print(
         f"serving {where.url} (OpenAPI: {where.url}/docs; clients verify it with "
         f"{where.tls.ca_cert}); readiness: {where.url}/readyz"
     )
-    server.serve(s, where, access_log=access_log)
+    server.serve(s, where, sock, access_log=access_log)
