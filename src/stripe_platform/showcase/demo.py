@@ -7,8 +7,9 @@
 4. real Airflow runs, with ``airflow dags test``, ``ml_fraud_training`` (drift check, train the
    fraud model, gate, promote ``models:/fraud@champion``: a re-run retrains only on drift),
    ``ml_fraud_scoring`` (the champion scores every payment not scored yet: FraudScore and the
-   Transaction documents), ``elt_warehouse_daily`` (sync to the warehouse, dbt through cosmos, mart
-   Assets) and ``elt_lake_daily`` (sync to the lake);
+   Transaction documents), then the real-time path (the fraud stream service scores payments as they
+   commit; the API scores one over HTTPS), ``elt_warehouse_daily`` (sync to the warehouse, dbt
+   through cosmos, mart Assets) and ``elt_lake_daily`` (sync to the lake);
 5. the brief's three OLAP queries answered from the marts, and where everything is.
 Every stage is idempotent, so Ctrl-C and a re-run leave everything consistent."""
 
@@ -203,6 +204,168 @@ def orchestrate(
             f"{dag_id}: {result.state} in {result.seconds:.0f}s, {len(result.tasks)} tasks (log {result.log})"
         )
         stage_done(dag_id)
+        if dag_id == REALTIME_AFTER:
+            console.rule("[bold]Fraud in real time: the stream scorer and the API")
+            realtime(settings, console, step)
+            stage_done("real-time fraud")
+
+
+REALTIME_AFTER = (
+    "ml_fraud_scoring"  # the champion exists; the warehouse sync after takes its scores
+)
+REALTIME_PAYMENTS_PER_SECOND = 10
+REALTIME_SECONDS = 3
+REALTIME_WAIT_S = 60  # the stream's start (champion, warm state) plus catching up on a re-run
+
+
+def realtime(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
+    """The fraud stream as its supervisor runs it (a service process on the replication slot):
+    a few payments committed now are scored as they commit; then the API scores one over HTTPS.
+    Both are stopped at the end (``stripe-platform stream start`` and ``stripe-platform api`` run
+    them for good)."""
+    from stripe_platform.seed import incremental
+    from stripe_platform.streaming import supervisor
+
+    ensured = supervisor.ensure_running(settings, wait=REALTIME_WAIT_S)
+    health = supervisor.health(settings)
+    step(f"fraud stream {ensured.action} (pid {ensured.pid}): {health.summary()}")
+    try:
+        with db.connect(settings, autocommit=True, with_key=False) as conn:
+            (before,) = conn.execute("SELECT coalesce(max(ID), 0) FROM Transaction").fetchone()
+            documents = docstore.connect(settings)
+            try:
+                activity = incremental.run(
+                    settings,
+                    documents,
+                    seed=int(time.time()),
+                    tps=REALTIME_PAYMENTS_PER_SECOND,
+                    duration=REALTIME_SECONDS,
+                )
+            finally:
+                documents.client.close()
+            new = conn.execute("SELECT count(*) FROM Transaction WHERE ID > %s", (before,))
+            (committed,) = new.fetchone()
+            step(
+                f"committed {committed} payments at ~{REALTIME_PAYMENTS_PER_SECOND}/s "
+                f"({sum(activity.inserted.values()):,} rows inserted in all)"
+            )
+            deadline = time.monotonic() + REALTIME_WAIT_S
+            while True:
+                (scored,) = conn.execute(
+                    "SELECT count(DISTINCT TransactionID) FROM FraudScoreEvent "
+                    "WHERE TransactionID > %s",
+                    (before,),
+                ).fetchone()
+                if scored >= committed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            rows = conn.execute(
+                """SELECT e.TransactionID, round(t.Amount, 2) || ' ' || c.Code,
+                          round(e.Score::numeric, 4), CASE WHEN e.IsFraud THEN 'FRAUD' ELSE 'ok' END,
+                          round(e.CommitToScoreMs::numeric, 1)
+                   FROM FraudScoreEvent e
+                   JOIN Transaction t ON t.ID = e.TransactionID AND t.DateTime = e.TransactionDateTime
+                   JOIN Currency c ON c.ID = t.CurrencyID
+                   WHERE e.TransactionID > %s ORDER BY e.Score DESC, e.TransactionID LIMIT 8""",
+                (before,),
+            ).fetchall()
+            latency = conn.execute(
+                """SELECT percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY CommitToScoreMs)
+                   FROM FraudScoreEvent WHERE TransactionID > %s""",
+                (before,),
+            ).fetchone()[0]
+        console.print(
+            table(
+                f"scored as they committed: {scored} of {committed} payments "
+                f"(the highest scores first; FraudScoreEvent and the Transaction documents)",
+                ["transaction", "amount", "score", "decision", "commit→score ms"],
+                rows,
+            )
+        )
+        if latency:
+            step(f"commit-to-score p50 {latency[0]:.0f} ms, p95 {latency[1]:.0f} ms")
+        if scored < committed:
+            step(f"[warning] {committed - scored} payments not scored within {REALTIME_WAIT_S}s")
+    finally:
+        stopped = supervisor.stop(settings)
+        step(
+            f"fraud stream stopped (pid {stopped}); `stripe-platform stream start` runs it for good"
+        )
+    score_over_https(settings, console, step)
+
+
+def score_over_https(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
+    """`stripe-platform api` as users start it, on a free port; one payment scored over HTTPS."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from stripe_platform.api.models import EXAMPLE_REQUEST
+    from stripe_platform.api.server import endpoint
+    from stripe_platform.streaming.supervisor import settings_env
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    where = endpoint(settings, host="127.0.0.1", port=port)
+    log = settings.home_dir / "api-demo.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "stripe_platform.cli", "api", "--port", str(port)],
+            env=settings_env(settings, dict(os.environ)),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        with httpx.Client(base_url=where.url, verify=str(where.tls.ca_cert), timeout=5) as client:
+            deadline = time.monotonic() + REALTIME_WAIT_S
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"stripe-platform api exited at start: see {log}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"stripe-platform api not ready in {REALTIME_WAIT_S}s: see {log}"
+                    )
+                time.sleep(0.2)
+            step(f"stripe-platform api ready at {where.url} (OpenAPI at /docs)")
+            started = time.perf_counter()
+            response = client.post("/v1/fraud/score", json=EXAMPLE_REQUEST)
+            millis = (time.perf_counter() - started) * 1000
+        response.raise_for_status()
+        body = response.json()
+        model = body["model"]
+        step(
+            f"POST /v1/fraud/score (payment {EXAMPLE_REQUEST['transaction_id']}, "
+            f"{EXAMPLE_REQUEST['amount']} {EXAMPLE_REQUEST['currency']}): {response.status_code} "
+            f"in {millis:.1f} ms, score {body['score']:.4f} "
+            f"({'fraud' if body['is_fraud'] else 'not fraud'} at {model['threshold']}), "
+            f"{model['name']} version {model['version']}"
+        )
+        console.print(
+            table(
+                "what moved the score most (log-odds)",
+                ["feature", "value", "contribution"],
+                [
+                    (c["feature"], c["value"], f"{c['contribution']:+.3f}")
+                    for c in (body.get("contributions") or [])[:5]
+                ],
+            )
+        )
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def answer_brief_queries(settings: Settings, console: Console) -> None:
