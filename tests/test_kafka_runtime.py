@@ -294,3 +294,20 @@ def test_kafka_up_elsewhere_than_embedded_asks_for_connect(
     assert result.exit_code == 1
     assert "--connect-url" in result.output
     assert "Traceback" not in result.output
+
+
+def test_clients_find_the_embedded_broker_without_a_setting(
+    kafka_stack: KafkaTestStack,  # noqa: F811
+) -> None:
+    s = kafka_stack.base_settings
+    assert s.kafka_bootstrap_servers is None
+    assert kafka.bootstrap_servers(s) == kafka_stack.bootstrap_servers
+    named = s.model_copy(update={"kafka_bootstrap_servers": "broker.example:9092"})
+    assert kafka.bootstrap_servers(named) == "broker.example:9092"
+
+
+def test_no_broker_is_one_clear_error(tmp_path: Path) -> None:
+    from stripe_platform.config import load_settings
+
+    with pytest.raises(RuntimeErrorWithHint, match="kafka up"):
+        kafka.bootstrap_servers(load_settings(home=tmp_path, profile="embedded"))
