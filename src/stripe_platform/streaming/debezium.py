@@ -8,9 +8,9 @@ embedded stack of the test suite and ``stripe-platform kafka up`` (``runtime/kaf
   extension the server does not have).
 - The platform's own publication (:data:`PUBLICATION`, over ``streaming.changes.TABLES``, created
   by :func:`ensure_publication` with ``cdc.ensure_publication``: all actions, partitioned tables
-  published under their root, so ``transaction_y2026m01`` arrives as ``transaction``);
-  ``publication.autocreate.mode=disabled``: Debezium's own would publish partitions under their own
-  names and would need the login to own the tables.
+  published under their root, so ``transaction_y2026m01`` arrives as ``transaction``, as for the
+  embedded source); ``publication.autocreate.mode=disabled``: creating a publication needs a login
+  that owns the tables, which the connector's has no reason to be.
 - A slot per database (:func:`slot_name`): slots are cluster-wide names, and a connector follows
   one database.
 - ``snapshot.mode=no_data``: the stream scores payments made from now on; the ones already in the
@@ -18,9 +18,11 @@ embedded stack of the test suite and ``stripe-platform kafka up`` (``runtime/kaf
   spelling of the same.)
 - ``decimal.handling.mode=string`` (amounts as exact strings: "12.30"), ``time.precision.mode=
   isostring`` (every temporal value an ISO-8601 string; ``timestamptz`` columns, all of the stream's
-  timestamps, are ISO-8601 strings in UTC in any mode).
-- Topics ``<topic prefix>.public.<table>``, created by Connect with :data:`PARTITIONS` partitions
-  (replication factor 1 on one broker; the brokers' default elsewhere) and keyed by customer for
+  timestamps, are ISO-8601 strings in UTC in any mode, with microseconds:
+  ``2026-03-04T05:06:07.891000Z``). Ids are JSON numbers.
+- Topics ``<topic prefix>.public.<table>`` with :data:`PARTITIONS` partitions (made up front by
+  ``runtime.kafka.attach``, else by Connect's topic creation; replication factor 1 on one broker)
+  and keyed by customer for
   payments (``message.key.columns``): one customer's payments land in one partition, in commit
   order, so window state stays local to the consumer that owns the partition.
 - A heartbeat every ``heartbeat_ms`` that also writes a row of :data:`HEARTBEAT_TABLE` (in the
