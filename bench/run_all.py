@@ -898,8 +898,9 @@ def rows_api(result: dict) -> list[Row]:
         row = Row(
             "api",
             f"highest rate held with p99 < {hold['p99_ms']:g} ms, ≥ {hold['achieved_share']:.0%} "
-            f"of it achieved: {what} (steps ×1.5 or ÷1.5, {result['step_seconds']:g} s and "
-            f"{result.get('min_samples', 0)} requests each at least)",
+            f"of it achieved: {what} (steps ×1.5 or ÷1.5, {result['step_seconds']:g} s"
+            + (f" and {result['min_samples']} requests" if result.get("min_samples") else "")
+            + " each at least)",
             median=f"{_n(best)} requests/s"
             if best
             else f"none held (down to {min(r['offered_per_s'] for r in steps):g}/s)",
