@@ -677,3 +677,29 @@ def test_a_closed_source_stays_closed(
     with pytest.raises(cdc.CDCError, match="closed"):
         source.lag()
     assert cdc.slot_info_when_free(loaded, slot).active_pid is None
+
+
+def test_an_idle_stream_releases_the_wal_others_write(
+    loaded: psycopg.Connection, db_settings: Settings, slots: Callable[[str], str]
+) -> None:
+    """No payment for a while, much WAL from tables the stream does not follow: checkpoints
+    move the slot past it (the server's keepalives say how far it read), so it is not held."""
+    source = EmbeddedSource(db_settings, slot=slots("idle"), publication="fraud_stream")
+    try:
+        assert not source.poll(10, 0.05).events
+        source.checkpoint()
+        loaded.execute("CREATE TABLE scratch (id int PRIMARY KEY, pad text)")
+        loaded.execute(
+            "INSERT INTO scratch SELECT i, repeat('x', 200) FROM generate_series(1, 20000) i"
+        )
+        flush(loaded)
+        written = cdc.parse_lsn(loaded.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+        deadline = time.monotonic() + WAIT
+        while cdc.parse_lsn(source.lag().position) < written:
+            poll = source.poll(10, 0.05)
+            assert not poll.events and not poll.rejected
+            source.checkpoint()
+            assert time.monotonic() < deadline, f"the slot stayed at {source.lag()}"
+        assert source.lag().slot_lag_bytes < 1_000_000  # the ~5 MB written are not held
+    finally:
+        source.close()
