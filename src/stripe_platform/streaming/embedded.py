@@ -4,8 +4,9 @@ PostgreSQL, *streamed* over the replication protocol (``START_REPLICATION``).
 Why streaming and not ``cdc.read_changes`` (peek): a peek decodes again from the slot's
 ``restart_lsn``, which the server moves only at its running-transactions records (every ~15 s), so
 every read re-decodes up to 15 s of transactions, more as the rate grows. Measured on this 2-core
-machine at ~200 payments/s (synchronous commits): peek commit-to-read p50 57 ms, p95 143 ms (reads
-of 28-74 ms, up to ~180 ms with asynchronous commits); streamed, p50 3 ms, p95 17 ms.
+machine (synchronous commits): peek at ~200 payments/s, commit-to-read p50 57 ms, p95 143 ms
+(reads of 28-74 ms, up to ~180 ms with asynchronous commits); streamed in the same run (~120/s,
+the machine busy) p50 3 ms, p95 17 ms, and alone at ~290/s p95 4 ms.
 The walsender pushes each transaction once, as soon as its commit is flushed; waiting is a
 ``select`` on the socket, no polling loop. psycopg has no replication API, so the protocol's few
 messages are spoken over libpq's COPY BOTH (``psycopg.pq``); pgoutput messages are decoded by
