@@ -66,9 +66,12 @@ class OnlineFeatures:
         return state.features(record)
 
     def detail(self) -> str:
+        text = self.detail_text
+        if self.state is not None:
+            text += f" ({self.applied:,} changes applied, {self.rejected:,} refused)"
         if self.error is not None:
-            return f"{self.detail_text}; following stopped: {self.error}"
-        return self.detail_text
+            return f"{text}; following stopped: {self.error}"
+        return text
 
     # -- the follower thread ---------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -91,8 +94,9 @@ class OnlineFeatures:
         from stripe_platform.streaming.state import LiveFeatureState
 
         source = EmbeddedSource(self.settings, slot=self.slot, temporary=True)
-        normalizer = Normalizer(self.settings)
+        normalizer = None
         try:
+            normalizer = Normalizer(self.settings)
             state = LiveFeatureState.warm(self.settings, now=self.now)
             self.detail_text = (
                 f"warm ({state.warmed:,} payments of the last {state.horizon.days} days); "
@@ -116,5 +120,6 @@ class OnlineFeatures:
                 self.applied += len(items)
                 self.checked_at = dt.datetime.now(dt.UTC)
         finally:
-            normalizer.close()
+            if normalizer is not None:
+                normalizer.close()
             source.close()
