@@ -36,4 +36,9 @@ def api(
         f"serving {where.url} (OpenAPI: {where.url}/docs; clients verify it with "
         f"{where.tls.ca_cert}); readiness: {where.url}/readyz"
     )
+    if where.host not in ("127.0.0.1", "localhost"):
+        err.print(
+            "note: the runtime's certificate names localhost and 127.0.0.1 only: clients that "
+            f"reach {where.host} by another name cannot verify it"
+        )
     server.serve(s, where, sock, access_log=access_log)
