@@ -10,26 +10,33 @@ replication slot, or Debezium's topics on Kafka), each batch of change events in
    message) is counted by reason, logged and skipped: never fatal, and the position moves past it.
 2. **Features and scores.** The window state (:class:`~stripe_platform.streaming.state.
    LiveFeatureState`, warmed from the recent history at start) gives each payment its features,
-   computed before the payment itself is ingested; one vectorised model call scores the batch.
+   computed before the payment itself is ingested; a later change that leaves every input as it
+   was (a status change) reuses the features its payment had when it came (``FEATURE_CACHE``
+   latest payments). One vectorised model call scores the batch.
 3. **FraudScoreEvent** (sql/oltp/0010_fraud_score_events.sql): one INSERT per batch, keyed by
    (transaction id, LSN of the change), ``ON CONFLICT DO NOTHING``: a change delivered again after
-   a crash inserts nothing, and its stored score is the one used below.
-4. **The Transaction documents** (``AnomalyScore``, ``isFraud``): one ``docstore.validation.
-   set_fields`` per batch for the rows whose ``DocumentWrittenAt`` is still NULL (the rows are the
-   outbox of the document writes, as FraudScore's are), then marked written. A document that is
-   not there yet (the seed writes a payment's document after its transaction commits) is retried
-   from the outbox for ``DOCUMENT_GRACE``, then given up (marked written with nothing to update,
-   as ``ml score`` does for a payment without a document).
-5. **Alerts**: the scores at or above ``settings.stream_alert_threshold`` not alerted yet go to
+   a crash inserts nothing, and its stored score is the one used below. These rows are also the
+   outbox of the document writes (``DocumentWrittenAt`` NULL until written).
+4. **Alerts**: the scores at or above ``settings.stream_alert_threshold`` not alerted yet go to
    the platform's alert sink (:func:`~stripe_platform.orchestration.alerts.send_alert`: the log,
    and the webhook when one is set), one alert per batch, then ``AlertedAt`` is set: a replay does
    not alert twice. A payment already alerted for an earlier change is not alerted again.
-6. **Checkpoint**: only now does the source move its durable position.
+5. **Checkpoint**: only now does the source move its durable position.
+
+**The Transaction documents** (``AnomalyScore``, ``isFraud``) are written by a thread of its own
+from the outbox (:class:`DocumentWriter`, woken by every batch): one ``docstore.validation.
+set_fields`` a round for the newest pending score of each payment, then the rows marked written.
+A ``set_fields`` costs connections and checks whatever its size, so the scoring loop does not pay
+it per batch, and a document store that is away delays the documents, not the scores. A document
+that is not there yet (the seed writes a payment's document after its transaction commits) is
+tried again for ``DOCUMENT_GRACE``, then given up (marked written with nothing to update, as
+``ml score`` does for a payment without a document). A clean stop writes what is pending first.
 
 ``kill -9`` anywhere: the changes after the last checkpoint come again, the rows already inserted
-stay (their documents and alerts still pending are done then): every payment scored exactly once
-in effect, none lost. (An alert sent in the instant before its ``AlertedAt`` was written is sent
-again: at least once, by design of any outbox.)
+stay, their alerts still pending are sent then, and the documents still pending are written from
+the outbox by the next run: every payment scored exactly once in effect, its document carrying
+its newest score, none lost. (An alert sent in the instant before its ``AlertedAt`` was written is
+sent again: at least once, by design of any outbox.)
 
 The champion is followed by a thread that checks the alias every ``MODEL_CHECK_SECONDS``: a new
 champion scores the next batch, no restart; an unreachable registry or a version whose features
@@ -74,11 +81,12 @@ STATUS_SECONDS = 1.0  # status file rewrite (and idle checkpoint) period
 MODEL_CHECK_SECONDS = 5.0  # how often the champion alias is read
 LATENCY_WINDOW = 1_000  # payments the commit-to-score percentiles cover
 POLL_TIMEOUT = 0.25  # longest wait for changes: the heartbeat stays about once a second
-SWEEP_SECONDS = 1.0  # how often the outbox is swept for documents still to write
-SWEEP_AFTER = dt.timedelta(milliseconds=500)  # the batch itself tried first
+DOCUMENT_SECONDS = 0.2  # the document writer's longest wait (it is woken by each batch too)
+DOCUMENT_RETRY = 1.0  # a payment whose document is not there yet is tried again after this
 DOCUMENT_GRACE = dt.timedelta(seconds=30)  # a payment's document may come after its commit
-SWEEP_LIMIT = 10_000
+DOCUMENT_LIMIT = 10_000  # pending rows written at a time (one set_fields chunk)
 ALERT_NAMED = 20  # payments named in an alert's text (all are in its "payments" field)
+FEATURE_CACHE = 20_000  # payments whose features a later change of theirs reuses
 IDLE_GIVE_UP = 30.0  # until_idle: quiet this long with the source still behind, stop anyway
 STATES = ("starting", "warming", "running", "stopped", "failed")
 
@@ -274,13 +282,20 @@ UPDATE FraudScoreEvent e SET AlertedAt = clock_timestamp()
 FROM unnest(%s::bigint[], %s::bigint[]) AS a(tid, lsn)
 WHERE e.TransactionID = a.tid AND e.LSN = a.lsn
 """
-_SWEEP = """
+# The newest pending score of each payment (but those whose document was just found missing).
+_PENDING = """
 SELECT DISTINCT ON (TransactionID) TransactionID, LSN, Score, IsFraud, ScoredAt
 FROM FraudScoreEvent
-WHERE DocumentWrittenAt IS NULL AND ScoredAt < clock_timestamp() - %s
+WHERE DocumentWrittenAt IS NULL AND NOT TransactionID = ANY(%s::bigint[])
 ORDER BY TransactionID, LSN DESC
 LIMIT %s
 """
+
+
+def _array(elements: Iterable[str]) -> str:
+    """An array literal of elements that need no quoting (numbers, ISO timestamps, t/f): one
+    string per column, parsed by the server, instead of a Python object per value to adapt."""
+    return "{" + ",".join(elements) + "}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +310,126 @@ class _Row:
     new: bool
     document_pending: bool
     alert_pending: bool
+
+
+class DocumentWriter:
+    """The scores into the Transaction documents (``AnomalyScore``, ``isFraud``), from the outbox:
+    the FraudScoreEvent rows whose ``DocumentWrittenAt`` is NULL, the newest of each payment, in
+    a thread of its own woken by every batch. One ``set_fields`` costs connections and checks
+    (~0.1 s on a busy machine) whatever its size: paid once a round, never by the scoring loop.
+    Rows are marked written once the documents carry them; a payment whose document is not there
+    yet is tried again every ``DOCUMENT_RETRY`` s, and given up after ``DOCUMENT_GRACE`` (marked
+    written with nothing to update). A failure (the document store away) is logged and retried:
+    the outbox keeps the rows, across restarts too."""
+
+    def __init__(self, settings: Settings, summary: RunSummary) -> None:
+        self.settings = settings
+        self.summary = summary
+        self.error: str | None = None
+        self._conn: Any = None
+        self._docdb: Any = None
+        self._waiting: dict[int, float] = {}  # payment -> when its document was found missing
+        self._lock = threading.Lock()  # one round at a time: the thread's, or the last one
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fraud-stream-documents")
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(DOCUMENT_SECONDS)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.flush()
+            except Exception as exc:  # the rows stay in the outbox: the next round tries again
+                self._reset(exc)
+
+    def _reset(self, exc: BaseException) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        if error != self.error:
+            log.warning("document write failed (retried): %s", error)
+        self.error = error
+        self._close_connections()
+
+    def _connections(self) -> tuple[Any, Any]:
+        from stripe_platform.docstore.client import connect as connect_documents
+        from stripe_platform.oltp import db
+
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self.settings, autocommit=True, with_key=False)
+        if self._docdb is None:
+            self._docdb = connect_documents(self.settings)
+        return self._conn, self._docdb
+
+    def flush(self) -> int:
+        """One round: the pending documents written (or found missing); how many tried."""
+        from stripe_platform.docstore import validation
+
+        with self._lock:
+            conn, docdb = self._connections()
+            now = time.monotonic()
+            waiting = [tid for tid, seen in self._waiting.items() if now - seen < DOCUMENT_RETRY]
+            rows = conn.execute(
+                _PENDING, (_array(str(tid) for tid in waiting), DOCUMENT_LIMIT)
+            ).fetchall()
+            if not rows:
+                return 0
+            result = validation.set_fields(
+                docdb,
+                self.settings,
+                COLLECTION,
+                "transaction_id",
+                [
+                    (tid, {"AnomalyScore": float(score), "isFraud": int(bool(flag))})
+                    for tid, _, score, flag, _ in rows
+                ],
+                writers=1,  # one chunk: a second connection would only cost its connect
+            )
+            missing = set(result.missing)
+            oldest = _now() - DOCUMENT_GRACE
+            given_up = {tid for tid, _, _, _, at in rows if tid in missing and at < oldest}
+            done = [(tid, lsn) for tid, lsn, *_ in rows if tid not in missing or tid in given_up]
+            if done:
+                conn.execute(
+                    _MARK_WRITTEN,
+                    (_array(str(t) for t, _ in done), _array(str(lsn) for _, lsn in done)),
+                )
+            for tid, _ in done:
+                self._waiting.pop(tid, None)
+            for tid in missing - given_up:
+                self._waiting[tid] = now
+            self.summary.documents_written += len(rows) - len(missing)
+            self.summary.documents_missing += len(given_up)
+            self.error = None
+            return len(rows)
+
+    def close(self, *, flush: bool) -> None:
+        """Stop the thread; ``flush``: one last round first (what this run scored, written)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        if flush:
+            try:
+                self.flush()
+            except Exception as exc:  # kept in the outbox for the next run
+                self._reset(exc)
+        self._close_connections()
+
+    def _close_connections(self) -> None:
+        conn, docdb, self._conn, self._docdb = self._conn, self._docdb, None, None
+        if conn is not None:
+            conn.close()
+        if docdb is not None:
+            docdb.client.close()
 
 
 class _Stream:
@@ -312,15 +447,16 @@ class _Stream:
         self.summary = summary
         self.started_at = started_at
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        # The features of the latest payments by their inputs, for their later changes.
+        self.recent: collections.OrderedDict[Any, np.ndarray] = collections.OrderedDict()
         self.lag: Any = None
         self.state = "starting"
         self.error: str | None = None
         self.conn: Any = None
-        self.docdb: Any = None
+        self.writer: DocumentWriter = None  # type: ignore[assignment]
         self.normalizer: Any = None
         self.features: Any = None
         self._next_status = 0.0
-        self._next_sweep = 0.0
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -358,6 +494,7 @@ class _Stream:
             "dead_lettered": summary.dead_lettered,
             "documents_written": summary.documents_written,
             "documents_missing": summary.documents_missing,
+            "documents_error": self.writer.error if self.writer is not None else None,
             "batches": summary.batches,
         }
 
@@ -384,8 +521,11 @@ class _Stream:
 
         for rejected in poll.rejected:
             self.reject(rejected)
-        items: list[Any] = []  # payments and label events, in commit order
+        items: list[Any] = []  # payments whose features are to compute, and labels: in order
         payments: list[tuple[RowEvent, TransactionRecord]] = []
+        known: list[np.ndarray | int] = []  # each payment's vector, or its row among items'
+        computing: dict[TransactionRecord, int] = {}
+        recent = self.recent
         for event in poll.events:
             if event.op == "delete":  # a deleted payment or state change has nothing to score
                 self.summary.ignored += 1
@@ -395,14 +535,31 @@ class _Stream:
                 self.reject(out)
             elif out is None:
                 self.summary.ignored += 1
+            elif isinstance(out, TransactionRecord):
+                payments.append((event, out))
+                # A change that leaves every input of the features as it was (a status change)
+                # has the features the payment had when it came: computed then, point in time.
+                vector = recent.get(out)
+                if vector is not None:
+                    recent.move_to_end(out)
+                    known.append(vector)
+                elif out in computing:
+                    known.append(computing[out])
+                else:
+                    computing[out] = len(computing)
+                    known.append(computing[out])
+                    items.append(out)
             else:
                 items.append(out)
-                if isinstance(out, TransactionRecord):
-                    payments.append((event, out))
-                else:
-                    self.summary.labels += 1
-        vectors = self.features.apply(items) if items else []
+                self.summary.labels += 1
+        computed = self.features.apply(items) if items else None
+        if computed is not None and len(computing):
+            for record, row in computing.items():
+                recent[record] = computed[row]
+            while len(recent) > FEATURE_CACHE:
+                recent.popitem(last=False)
         if payments:
+            vectors = np.vstack([computed[k] if isinstance(k, int) else k for k in known])
             self.score(payments, vectors)
         self.summary.batches += 1
 
@@ -420,12 +577,12 @@ class _Stream:
             for r in self.conn.execute(
                 _INSERT,
                 {
-                    "tid": [int(record.transaction_id) for _, record in payments],
-                    "lsn": [event.lsn for event, _ in payments],
-                    "ts": [record.timestamp for _, record in payments],
-                    "commit": [event.commit_time for event, _ in payments],
-                    "score": scores.tolist(),
-                    "flag": flags.tolist(),
+                    "tid": _array(str(int(record.transaction_id)) for _, record in payments),
+                    "lsn": _array(str(event.lsn) for event, _ in payments),
+                    "ts": _array(record.timestamp.isoformat() for _, record in payments),
+                    "commit": _array(event.commit_time.isoformat() for event, _ in payments),
+                    "score": _array(map(repr, scores.tolist())),  # repr: the exact double
+                    "flag": _array("t" if flag else "f" for flag in flags.tolist()),
                     "model": scorer.model_name,
                     "version": int(scorer.version),
                     "features": scorer.feature_version,
@@ -442,55 +599,8 @@ class _Stream:
                 self.latencies.append(row.ms)
             else:
                 summary.replayed += 1
-        self.write_documents([r for r in rows if r.document_pending], give_up=False)
+        self.writer.wake()  # the documents of these rows (and of any left by a crash)
         self.alert([r for r in rows if r.alert_pending], scorer)
-
-    def write_documents(self, rows: Sequence[Any], *, give_up: bool) -> None:
-        """AnomalyScore and isFraud of the newest pending score of each payment; the rows are
-        marked written once the document carries it (or, ``give_up``, when it has no document)."""
-        from stripe_platform.docstore import validation
-
-        if not rows:
-            return
-        newest: dict[int, Any] = {}
-        for row in rows:
-            if row.tid not in newest or row.lsn > newest[row.tid].lsn:
-                newest[row.tid] = row
-        result = validation.set_fields(
-            self.docdb,
-            self.settings,
-            COLLECTION,
-            "transaction_id",
-            [
-                (tid, {"AnomalyScore": float(row.score), "isFraud": int(bool(row.is_fraud))})
-                for tid, row in newest.items()
-            ],
-            writers=1,  # a batch is one chunk: a second connection would only cost a connect
-        )
-        missing = set(result.missing)
-        done = [row for tid, row in newest.items() if tid not in missing or give_up]
-        if done:
-            self.conn.execute(_MARK_WRITTEN, ([r.tid for r in done], [r.lsn for r in done]))
-        self.summary.documents_written += len(newest) - len(missing)
-        if give_up:
-            self.summary.documents_missing += len(missing)
-
-    def sweep(self) -> None:
-        """Documents still to write: a payment's document that came after its score, a write
-        interrupted by a crash. Given up after ``DOCUMENT_GRACE``."""
-        self._next_sweep = time.monotonic() + SWEEP_SECONDS
-        found = self.conn.execute(_SWEEP, (SWEEP_AFTER, SWEEP_LIMIT)).fetchall()
-        if not found:
-            return
-        now = _now()
-        rows = [
-            _Row(tid, lsn, score, flag, 0.0, False, True, False)
-            for tid, lsn, score, flag, _ in found
-        ]
-        late = {tid for tid, _, _, _, scored_at in found if now - scored_at > DOCUMENT_GRACE}
-        self.write_documents([r for r in rows if r.tid not in late], give_up=False)
-        if late:
-            self.write_documents([r for r in rows if r.tid in late], give_up=True)
 
     def alert(self, rows: Sequence[_Row], scorer: Scorer) -> None:
         from stripe_platform.orchestration.alerts import send_alert
@@ -567,8 +677,6 @@ class _Stream:
             if busy:
                 self.handle(poll)
             now = time.monotonic()
-            if now >= self._next_sweep:
-                self.sweep()
             # Durable: move the source on (after an idle poll too, so that WAL nobody needs is
             # released), then tell the world.
             if busy or until_idle or now >= self._next_status:
@@ -604,7 +712,6 @@ def run(
     """Score the change stream until ``stop`` is set (or, ``until_idle``, until the source has
     nothing more). ``source`` defaults to ``settings.stream_backend``'s (opened and closed here);
     ``scorer`` to the champion (followed as the alias moves either way)."""
-    from stripe_platform.docstore.client import connect as connect_documents
     from stripe_platform.oltp import db
     from stripe_platform.streaming.normalize import Normalizer
     from stripe_platform.streaming.state import LiveFeatureState
@@ -618,6 +725,7 @@ def run(
         source=source.name if source is not None else settings.stream_backend, state="starting"
     )
     stream = _Stream(settings, source, None, summary, started)  # type: ignore[arg-type]
+    stream.writer = DocumentWriter(settings, summary)
     stream.write_status("starting")
     try:
         if source is None:
@@ -631,7 +739,7 @@ def run(
         stream.features = LiveFeatureState.warm(settings)
         warmed = stream.features.warmed
         stream.conn = db.connect(settings, autocommit=True, with_key=False)
-        stream.docdb = connect_documents(settings)
+        stream.writer.start()  # documents left pending by an earlier run first
         stream.champion.follow(model_check_seconds)
         stream.write_status("running")
         log.info(
@@ -644,9 +752,11 @@ def run(
             settings.stream_alert_threshold,
         )
         stream.loop(stop, until_idle=until_idle, max_batch=max_batch)
+        stream.writer.close(flush=True)  # what this run scored, in the documents before it ends
         stream.write_status("stopped")
         summary.state = "stopped"
     except BaseException as exc:
+        stream.writer.close(flush=False)
         stream.error = f"{type(exc).__name__}: {exc}"
         summary.state = "failed"
         try:
@@ -665,8 +775,6 @@ def run(
         summary.seconds = time.monotonic() - clock
         if stream.conn is not None:
             stream.conn.close()
-        if stream.docdb is not None:
-            stream.docdb.client.close()
         if stream.normalizer is not None:
             stream.normalizer.close()
         if own_source and source is not None:
