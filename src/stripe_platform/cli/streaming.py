@@ -73,6 +73,7 @@ def stream_fraud(
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())  # the batch in hand finishes first
     shown = threading.Event()
+    progress: threading.Thread | None = None
     if err.is_terminal and not as_json:
 
         def show() -> None:  # a live line from the status file the service writes
@@ -82,13 +83,16 @@ def stream_fraud(
                     if status is not None:
                         live.update(_line(status))
 
-        threading.Thread(target=show, name="stream-progress", daemon=True).start()
+        progress = threading.Thread(target=show, name="stream-progress", daemon=True)
+        progress.start()
     else:
         err.print(f"fraud stream: status in {scorer.status_path(s)}")
     try:
         summary = scorer.run(s, stop=stop, until_idle=until_idle)
     finally:
         shown.set()
+        if progress is not None:
+            progress.join(timeout=5)  # the live line ends before the summary is printed
     report = summary.as_dict()
     if as_json:
         console.print_json(data=report)
@@ -162,6 +166,11 @@ def stream_status(as_json: AsJson = False) -> None:
         f"scored {status.get('scored', 0):,}, flagged {status.get('flagged', 0):,}, alerts "
         f"{status.get('alerts', 0):,}, skipped {status.get('skipped') or {}}, dead-lettered "
         f"{status.get('dead_lettered', 0):,}"
+    )
+    console.print(
+        f"documents written {status.get('documents_written', 0):,}, without a document "
+        f"{status.get('documents_missing', 0):,}"
+        + (f"; {status['documents_error']}" if status.get("documents_error") else "")
     )
 
 
