@@ -921,6 +921,15 @@ def rows_api(result: dict) -> list[Row]:
     return out
 
 
+def _older_scores(older: dict | None) -> str:
+    if not older or not older.get("payments_compared"):
+        return ""
+    return (
+        f"; older payments changed in the run, the stream's score of their first change: "
+        f"{older['mismatched']:,} of {older['payments_compared']:,} differ"
+    )
+
+
 def rows_stream(result: dict) -> list[Row]:
     """Commit-to-score per path and rate beside the embedded CDC alone; parity (a mismatch fails
     the row, as the fault suite's counts do)."""
@@ -1015,7 +1024,8 @@ def rows_stream(result: dict) -> list[Row]:
                     f"; largest difference {scores['max_abs_difference']:.3g}"
                     if scores.get("max_abs_difference")
                     else ""
-                ),
+                )
+                + _older_scores(parity.get("scores_older_changed")),
                 value=differ,
                 unit="payments",
                 failed=bool(differ),

@@ -500,6 +500,8 @@ def parity(home: BenchHome, reference: Reference, start: float, first_id: int) -
     registry = Registry.from_settings(settings)
     scorer = Scorer.from_loaded(load_champion(registry, settings.ml_model_name))
     with db.connect(settings, autocommit=True, with_key=False) as conn:
+        # The run's payments: the score of each one's first change (its insert). Older payments
+        # changed during the run: the score of each one's first change in the run.
         stream_scores = dict(
             conn.execute(
                 """SELECT DISTINCT ON (TransactionID) TransactionID::text, Score
@@ -508,19 +510,32 @@ def parity(home: BenchHome, reference: Reference, start: float, first_id: int) -
                 (first_id,),
             ).fetchall()
         )
-    common = [t for t in stream_scores if t in index]
-    if common:
-        batch_scores = np.asarray(scorer.scores(frame.iloc[[index[t] for t in common]]), float)
-        mine = np.array([stream_scores[t] for t in common], float)
-        differ = ~np.isclose(mine, batch_scores, rtol=1e-9, atol=1e-12)
-        result["scores"] = {
+        older_scores = dict(
+            conn.execute(
+                """SELECT DISTINCT ON (TransactionID) TransactionID::text, Score
+                   FROM FraudScoreEvent WHERE Source = 'embedded' AND TransactionID <= %s
+                     AND CommitTime >= to_timestamp(%s)
+                   ORDER BY TransactionID, LSN""",
+                (first_id, start),
+            ).fetchall()
+        )
+
+    def scores(stored: dict[str, float]) -> dict[str, Any]:
+        common = [t for t in stored if t in index]
+        if not common:
+            return {"payments_compared": 0, "mismatched": 0}
+        batch = np.asarray(scorer.scores(frame.iloc[[index[t] for t in common]]), float)
+        mine = np.array([stored[t] for t in common], float)
+        differ = ~np.isclose(mine, batch, rtol=1e-9, atol=1e-12)
+        return {
             "payments_compared": len(common),
             "mismatched": int(differ.sum()),
-            "max_abs_difference": float(np.abs(mine - batch_scores).max()),
+            "max_abs_difference": float(np.abs(mine - batch).max()),
             "model_version": scorer.version,
         }
-    else:
-        result["scores"] = {"payments_compared": 0, "mismatched": 0}
+
+    result["scores"] = scores(stream_scores)
+    result["scores_older_changed"] = scores(older_scores)
     run, sc = result["run"], result["scores"]
     print(
         f"parity: {run['mismatched_payments']} of {run['payments_compared']:,} payments of the "
@@ -528,7 +543,9 @@ def parity(home: BenchHome, reference: Reference, start: float, first_id: int) -
         f"{sc['mismatched']} of {sc['payments_compared']:,} differ from the batch features' "
         f"scores; older payments changed in the run: "
         f"{result['older_changed']['mismatched_payments']} of "
-        f"{result['older_changed']['payments_compared']:,} differ",
+        f"{result['older_changed']['payments_compared']:,} differ in features, the stream's "
+        f"scores of {result['scores_older_changed']['mismatched']} of "
+        f"{result['scores_older_changed']['payments_compared']:,}",
         flush=True,
     )
     return result

@@ -730,6 +730,7 @@ def test_stream_rows_goal_reference_and_parity() -> None:
         "run": {"payments_compared": 72_000, "mismatched_payments": 0},
         "older_changed": {"payments_compared": 1_500, "mismatched_payments": 40},
         "scores": {"payments_compared": 72_000, "mismatched": 0, "max_abs_difference": 0.0},
+        "scores_older_changed": {"payments_compared": 1_500, "mismatched": 12},
     }
     result = {
         "goals": {"p95_ms": 100.0, "rate": 1000.0, "parity_mismatches": 0},
@@ -749,6 +750,7 @@ def test_stream_rows_goal_reference_and_parity() -> None:
     assert features.median == "0 mismatching payments" and not features.failed
     assert "40 of 1,500 differ" in features.reference
     assert scores.median == "0 differing scores" and not scores.failed
+    assert scores.reference.endswith("the stream's score of their first change: 12 of 1,500 differ")
     parity["run"]["mismatched_payments"] = 3
     parity["scores"].update(mismatched=5, max_abs_difference=0.13)
     *_, features, scores = run_all.rows_stream(result)
