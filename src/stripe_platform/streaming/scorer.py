@@ -207,6 +207,16 @@ class Champion:
         self.switches += 1
         return True
 
+    def warm_up(self) -> None:
+        """One prediction before the first payment: the model's first call costs imports and
+        set-up that would otherwise land on the first payments' commit-to-score."""
+        import pandas as pd
+
+        from stripe_platform.ml.features import FEATURE_NAMES
+
+        names = list(FEATURE_NAMES)
+        self.current.scores(pd.DataFrame(np.zeros((1, len(names))), columns=names))
+
     def follow(self, seconds: float = MODEL_CHECK_SECONDS) -> None:
         def watch() -> None:
             while not self._stop.wait(seconds):
@@ -740,6 +750,7 @@ def run(
         warmed = stream.features.warmed
         stream.conn = db.connect(settings, autocommit=True, with_key=False)
         stream.writer.start()  # documents left pending by an earlier run first
+        stream.champion.warm_up()
         stream.champion.follow(model_check_seconds)
         stream.write_status("running")
         log.info(
