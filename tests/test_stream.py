@@ -1,12 +1,16 @@
 """The stream scorer (`stripe-platform stream fraud`) on a real seeded platform: PostgreSQL with
 its replication slot, FerretDB, a real MLflow champion.
 
-- ``kill -9`` of the real command at observed points (its insert waiting on a lock, its document
-  write waiting on a lock, its alert in flight at a webhook that holds the request, and wherever
-  it is once it scored rows), then a restart: every change of every new payment has exactly one
-  FraudScoreEvent row, its document carries the score, every payment was alerted, none lost.
-- The scores it writes are the champion's batch scores of the same payments (the features of
-  the training engine, computed here from the whole history).
+- ``kill -9`` of the real command at observed points (its INSERT waiting on a lock; its alert in
+  flight at a webhook that holds the request while its document writer waits on a lock; its
+  position checkpointed past payments whose documents wait on a lock; wherever it is once it
+  scored rows), then a restart: every change of every new payment has exactly one
+  FraudScoreEvent row, its document carries the newest score, every payment was alerted, none
+  lost.
+- The scores it writes, for every change of a day of new payments, are the champion's batch
+  scores of the same payments (the training engine's features over the whole history): 0
+  mismatches. (The features' own parity, LiveFeatureState against batch_features, is
+  tests/test_stream_sources.py's.)
 - Changes it cannot use (an unknown table, a missing column) are skipped, counted, and passed.
 - Alerts reach a real local HTTP server, once (a replay does not alert again); a new champion is
   picked up without a restart.
