@@ -254,6 +254,14 @@ class RunSummary:
     position: str | None = None
     commit_to_score_ms: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # Where the scoring loop's working time went: normalize, features, model, insert, alerts,
+    # checkpoint (not the source's reads, which include waiting; the document writer runs beside).
+    seconds_by_stage: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds_by_stage[stage] = self.seconds_by_stage.get(stage, 0.0) + now - since
+        return now
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -506,6 +514,7 @@ class _Stream:
             "documents_missing": summary.documents_missing,
             "documents_error": self.writer.error if self.writer is not None else None,
             "batches": summary.batches,
+            "seconds_by_stage": {k: round(v, 3) for k, v in summary.seconds_by_stage.items()},
         }
 
     def write_status(self, state: str | None = None, *, refresh_lag: bool = True) -> None:
@@ -529,6 +538,7 @@ class _Stream:
     def handle(self, poll: Poll) -> None:
         from stripe_platform.ml.contract import TransactionRecord
 
+        summary, clock = self.summary, time.perf_counter()
         for rejected in poll.rejected:
             self.reject(rejected)
         items: list[Any] = []  # payments whose features are to compute, and labels: in order
@@ -562,6 +572,7 @@ class _Stream:
             else:
                 items.append(out)
                 self.summary.labels += 1
+        clock = summary.timed("normalize", clock)
         computed = self.features.apply(items) if items else None
         if computed is not None and len(computing):
             for record, row in computing.items():
@@ -570,6 +581,7 @@ class _Stream:
                 recent.popitem(last=False)
         if payments:
             vectors = np.vstack([computed[k] if isinstance(k, int) else k for k in known])
+            summary.timed("features", clock)
             self.score(payments, vectors)
         self.summary.batches += 1
 
@@ -578,10 +590,12 @@ class _Stream:
 
         from stripe_platform.ml.features import FEATURE_NAMES
 
+        summary, clock = self.summary, time.perf_counter()
         scorer = self.champion.current  # one model for the whole batch
         matrix = np.asarray(vectors, np.float64).reshape(len(payments), len(FEATURE_NAMES))
         scores = scorer.scores(pd.DataFrame(matrix, columns=list(FEATURE_NAMES)))
         flags = scorer.decide(scores)
+        clock = summary.timed("model", clock)
         rows = [
             _Row(*r)
             for r in self.conn.execute(
@@ -601,7 +615,7 @@ class _Stream:
                 },
             ).fetchall()
         ]
-        summary = self.summary
+        clock = summary.timed("insert", clock)
         for row in rows:
             if row.new:
                 summary.scored += 1
@@ -611,6 +625,7 @@ class _Stream:
                 summary.replayed += 1
         self.writer.wake()  # the documents of these rows (and of any left by a crash)
         self.alert([r for r in rows if r.alert_pending], scorer)
+        summary.timed("alerts", clock)
 
     def alert(self, rows: Sequence[_Row], scorer: Scorer) -> None:
         from stripe_platform.orchestration.alerts import send_alert
@@ -681,6 +696,7 @@ class _Stream:
     def loop(self, stop: threading.Event, *, until_idle: bool, max_batch: int) -> None:
         target = self.wal_now() if until_idle else None
         quiet_since: float | None = None
+        summary = self.summary
         while not stop.is_set():
             poll = self.source.poll(max_batch, POLL_TIMEOUT)
             busy = bool(poll.events or poll.rejected)
@@ -690,7 +706,9 @@ class _Stream:
             # Durable: move the source on (after an idle poll too, so that WAL nobody needs is
             # released), then tell the world.
             if busy or until_idle or now >= self._next_status:
+                clock = time.perf_counter()
                 self.source.checkpoint()
+                summary.timed("checkpoint", clock)
             if now >= self._next_status:
                 self.write_status()
             if not until_idle or busy or not poll.caught_up:
