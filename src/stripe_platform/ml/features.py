@@ -653,11 +653,30 @@ class OnlineFeatureState:
         country: str | None,
         billing: str | None,
     ) -> np.ndarray:
-        raw: dict[str, np.ndarray] = {
-            "units": np.array([units], np.int64),
-            "ts": np.array([t], np.int64),
-            "country": np.array([country], object),
-            "billing_country": np.array([billing], object),
+        return self.finalize(
+            [self.raw(t, units, customer, merchant, device, ip, country, billing)]
+        )[0]
+
+    def raw(
+        self,
+        t: int,
+        units: int,
+        customer: str,
+        merchant: str,
+        device: str | None,
+        ip: str | None,
+        country: str | None,
+        billing: str | None,
+    ) -> dict[str, object]:
+        """A payment's raw quantities (counts, sums, its own values) from the state as it is;
+        :meth:`finalize` turns those of many payments into their feature rows at once. The
+        stream takes each payment's raw quantities in order (ingesting between them) and
+        finalizes a whole batch: numpy's cost per call is paid once per batch, not per payment."""
+        raw: dict[str, object] = {
+            "units": units,
+            "ts": t,
+            "country": country,
+            "billing_country": billing,
         }
         nan = float("nan")
         for entity, w, needs_sum in self._windows:
@@ -667,18 +686,48 @@ class OnlineFeatureState:
             else:
                 series = self._entities[entity].series.get(key)
                 count, total = series.window(t - w, t) if series is not None else (0, 0)
-            raw[_count_key(entity, w)] = np.array([count], np.float64)
+            raw[_count_key(entity, w)] = count
             if needs_sum:
-                raw[_sum_key(entity, w)] = np.array([total], np.float64)
+                raw[_sum_key(entity, w)] = total
         merchants = self._entities["merchant"].series if self._risks else {}
         for i, (w, d) in enumerate(self._risks):
             frauds_key, payments_key = _risk_keys(w, d)
             series = merchants.get(merchant)
             payments = series.window(t - d - w, t - d)[0] if series is not None else 0
             frauds = sum(1 for a, b in self._frauds[i].get(merchant, ()) if a < t <= b)
-            raw[frauds_key] = np.array([frauds], np.float64)
-            raw[payments_key] = np.array([payments], np.float64)
-        return _finalize(self.specs, raw, 1)[0]
+            raw[frauds_key] = frauds
+            raw[payments_key] = payments
+        return raw
+
+    def record_raw(self, tx: TransactionRecord) -> dict[str, object]:
+        """:meth:`raw` of a payment record (nothing is ingested)."""
+        return self.raw(
+            _epoch_us(tx.timestamp),
+            int(amount_units(tx.amount)),
+            tx.customer_id,
+            tx.merchant_id,
+            tx.device_id,
+            tx.ip,
+            tx.country,
+            tx.billing_country,
+        )
+
+    def finalize(self, raws: Sequence[Mapping[str, object]]) -> np.ndarray:
+        """Feature rows (``len(raws)`` x ``len(specs)``) from :meth:`raw` quantities: the batch
+        engine's own final arithmetic (:func:`_finalize`), so values are bit-identical."""
+        n = len(raws)
+        if n == 0:
+            return np.empty((0, len(self.specs)), np.float64)
+        columns: dict[str, np.ndarray] = {}
+        for key in raws[0]:
+            values = [r[key] for r in raws]
+            if key in ("units", "ts"):
+                columns[key] = np.array(values, np.int64)
+            elif key in ("country", "billing_country"):
+                columns[key] = np.array(values, object)
+            else:
+                columns[key] = np.array(values, np.float64)
+        return _finalize(self.specs, columns, n)
 
     def _ingest(
         self,
@@ -790,7 +839,7 @@ def online_features(
             "billing_country",
         )
     }
-    out = np.empty((n, len(state.specs)), np.float64)
+    raws: list[dict[str, object]] = [{}] * n
     ids, customers, merchants = cols["transaction_id"], cols["customer_id"], cols["merchant_id"]
     devices, ips = cols["device_id"], cols["ip"]
     for k in order.tolist():
@@ -799,7 +848,7 @@ def online_features(
             state._add_label(ids[r], int(times[k]))
             continue
         t = int(ts[r])
-        out[r] = state._features(
+        raws[r] = state.raw(
             t,
             units[r],
             customers[r],
@@ -810,4 +859,4 @@ def online_features(
             cols["billing_country"][r],
         )
         state._ingest(ids[r], t, units[r], customers[r], merchants[r], devices[r], ips[r])
-    return _frame(out, state.specs)
+    return _frame(state.finalize(raws), state.specs)
