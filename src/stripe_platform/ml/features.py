@@ -567,16 +567,7 @@ class OnlineFeatureState:
     def features(self, tx: TransactionRecord) -> np.ndarray:
         """This payment's feature vector (``FEATURE_NAMES`` order) from what was ingested; the
         payment itself is not ingested."""
-        return self._features(
-            _epoch_us(tx.timestamp),
-            int(amount_units(tx.amount)),
-            tx.customer_id,
-            tx.merchant_id,
-            tx.device_id,
-            tx.ip,
-            tx.country,
-            tx.billing_country,
-        )
+        return self.finalize([self.record_raw(tx)])[0]
 
     def ingest(self, tx: TransactionRecord) -> None:
         """Remember a payment (for the features of those after it)."""
@@ -641,21 +632,6 @@ class OnlineFeatureState:
         if entity == "ip":
             return ip
         return None if device is None else (customer, device)
-
-    def _features(
-        self,
-        t: int,
-        units: int,
-        customer: str,
-        merchant: str,
-        device: str | None,
-        ip: str | None,
-        country: str | None,
-        billing: str | None,
-    ) -> np.ndarray:
-        return self.finalize(
-            [self.raw(t, units, customer, merchant, device, ip, country, billing)]
-        )[0]
 
     def raw(
         self,
