@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stripe_platform.errors import PlatformError
+from stripe_platform.streaming import StreamError
 from stripe_platform.streaming.changes import ChangeSource, Poll, Rejected, RowEvent
 
 if TYPE_CHECKING:
@@ -89,10 +89,6 @@ ALERT_NAMED = 20  # payments named in an alert's text (all are in its "payments"
 FEATURE_CACHE = 20_000  # payments whose features a later change of theirs reuses
 IDLE_GIVE_UP = 30.0  # until_idle: quiet this long with the source still behind, stop anyway
 STATES = ("starting", "warming", "running", "stopped", "failed")
-
-
-class StreamError(PlatformError, RuntimeError):
-    """The stream cannot run or report (a bad source name, an unreadable status file)."""
 
 
 # -- the status file -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pydantic import SecretStr
 
 from stripe_platform.config import ENV_PREFIX, Settings
 from stripe_platform.errors import PlatformError
+from stripe_platform.streaming import StreamError
 
 COMMAND = ("-m", "stripe_platform.cli", "stream", "fraud")
 # The status file is rewritten about once a second: a minute without it means the loop is stuck
@@ -44,10 +45,6 @@ STALE_AFTER_S = 60.0
 # write: a new process is given this long before its silence counts against it.
 START_GRACE_S = 300.0
 STOP_TIMEOUT_S = 30.0
-
-
-class StreamError(PlatformError, RuntimeError):
-    """The stream service cannot be started or stopped as asked; the message says why."""
 
 
 class StreamUnhealthy(PlatformError, RuntimeError):
@@ -271,7 +268,6 @@ def health(
     start_grace: float = START_GRACE_S,
 ) -> StreamHealth:
     """How the service is doing, from its process and its status file, with the reasons."""
-    from stripe_platform.streaming.scorer import StreamError as StatusError
     from stripe_platform.streaming.scorer import read_status
 
     now = now or dt.datetime.now(dt.UTC)
@@ -279,7 +275,7 @@ def health(
     pid = found.pid if found is not None and _is_service(found.pid) else None
     try:
         status = read_status(settings)
-    except StatusError:  # written atomically: unreadable means gone wrong, as good as none
+    except StreamError:  # written atomically: unreadable means gone wrong, as good as none
         status = None
     # A status written by an earlier process says nothing about this one.
     mine = status if status and pid is not None and status.get("pid") == pid else None
