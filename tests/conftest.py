@@ -25,6 +25,8 @@ from stripe_platform.runtime import embedded
 from stripe_platform.showcase import brief_examples
 
 TEMPLATE_DB = "stripe_template"
+# The session's Kafka stack (started only when a test asks for the `kafka_stack` fixture).
+pytest_plugins = ["kafka_stack"]
 _db_counter = itertools.count()
 
 

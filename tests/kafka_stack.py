@@ -1,5 +1,6 @@
-"""A real Kafka stack for the test session (import the fixture from a test module:
-``from kafka_stack import kafka_stack  # noqa: F401``).
+"""A real Kafka stack for the test session (a plugin of tests/conftest.py: a test asks for the
+``kafka_stack`` fixture by name). Registered once in conftest, never imported into test modules:
+pytest makes an imported fixture a separate one per module, which started a second stack.
 
 ``kafka_stack`` starts, once per session and only when a test asks for it, a Kafka 4.4 broker
 (KRaft) and Kafka Connect standalone with the Debezium PostgreSQL connector, on free ports of

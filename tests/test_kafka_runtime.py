@@ -15,7 +15,7 @@ import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
-from kafka_stack import Followed, KafkaTestStack, kafka_stack  # noqa: F401
+from kafka_stack import Followed, KafkaTestStack
 from stripe_platform.oltp import db
 from stripe_platform.runtime import kafka
 from stripe_platform.runtime.postgres import RuntimeErrorWithHint
@@ -29,7 +29,7 @@ BEFORE_ANY_CHANGE: dict[str, int | None] = {}  # topic -> partitions, seen right
 
 
 @pytest.fixture(scope="module")
-def followed(kafka_stack: KafkaTestStack) -> Iterator[Followed]:  # noqa: F811
+def followed(kafka_stack: KafkaTestStack) -> Iterator[Followed]:
     """A database of this module's own, with the brief's example records, followed by a
     connector writing to topics rt.public.*."""
     f = kafka_stack.follow(f"kafka_runtime_{uuid.uuid4().hex[:8]}", "rt")
@@ -92,7 +92,7 @@ def listening_addresses(port: int) -> set[str]:
     return found
 
 
-def test_broker_and_connect_run_on_loopback_only(kafka_stack: KafkaTestStack) -> None:  # noqa: F811
+def test_broker_and_connect_run_on_loopback_only(kafka_stack: KafkaTestStack) -> None:
     status = kafka_stack.stack.status()
     assert status.broker_running and status.connect_running
     name = kafka_stack.attached.name
@@ -187,7 +187,7 @@ def test_heartbeats_move_and_confirm_the_slot(followed: Followed) -> None:
 
 
 def test_a_bad_configuration_value_is_refused_with_its_name(
-    kafka_stack: KafkaTestStack,  # noqa: F811
+    kafka_stack: KafkaTestStack,
 ) -> None:
     with pytest.raises(RuntimeErrorWithHint, match=r"snapshot\.mode") as refused:
         kafka.attach(
@@ -202,7 +202,7 @@ def test_a_bad_configuration_value_is_refused_with_its_name(
     assert state["tasks"] == ["RUNNING"]
 
 
-def test_a_database_that_does_not_exist_is_named(kafka_stack: KafkaTestStack) -> None:  # noqa: F811
+def test_a_database_that_does_not_exist_is_named(kafka_stack: KafkaTestStack) -> None:
     config = debezium.connector_config(
         kafka_stack.settings,
         db.conninfo(kafka_stack.settings, database="no_such_db", with_key=False),
@@ -262,7 +262,7 @@ def cli(monkeypatch: pytest.MonkeyPatch, *args: str, **env: str):
 
 
 def test_kafka_status_reports_the_running_stack(
-    kafka_stack: KafkaTestStack,  # noqa: F811
+    kafka_stack: KafkaTestStack,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     result = cli(
@@ -297,7 +297,7 @@ def test_kafka_up_elsewhere_than_embedded_asks_for_connect(
 
 
 def test_clients_find_the_embedded_broker_without_a_setting(
-    kafka_stack: KafkaTestStack,  # noqa: F811
+    kafka_stack: KafkaTestStack,
 ) -> None:
     s = kafka_stack.base_settings
     assert s.kafka_bootstrap_servers is None

@@ -29,7 +29,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from psycopg import sql
 
 from conftest import TEMPLATE_DB
-from kafka_stack import KafkaTestStack, kafka_stack  # noqa: F401
+from kafka_stack import KafkaTestStack
 from ml_platform import ml_settings, train_champion
 from stripe_platform.config import Settings, load_settings
 from stripe_platform.docstore import client as docstore
@@ -504,7 +504,7 @@ def drain(source: KafkaSource, max_events: int = 100) -> tuple[list[RowEvent], l
 
 
 def test_poison_goes_to_the_dead_letter_topic_and_offsets_move_only_at_checkpoint(
-    kafka_stack: KafkaTestStack,  # noqa: F811
+    kafka_stack: KafkaTestStack,
 ) -> None:
     servers = kafka_stack.bootstrap_servers
     s = kafka_stack.settings.model_copy(update={"kafka_topic_prefix": unique("poison")})
@@ -588,7 +588,7 @@ def test_poison_goes_to_the_dead_letter_topic_and_offsets_move_only_at_checkpoin
 
 
 def test_a_dead_letter_topic_it_cannot_write_stops_the_source_and_commits_nothing(
-    kafka_stack: KafkaTestStack,  # noqa: F811
+    kafka_stack: KafkaTestStack,
 ) -> None:
     servers = kafka_stack.bootstrap_servers
     s = kafka_stack.settings.model_copy(update={"kafka_topic_prefix": unique("nodlq")})
@@ -617,7 +617,7 @@ def test_a_dead_letter_topic_it_cannot_write_stops_the_source_and_commits_nothin
         reader.close()
 
 
-def test_a_rebalance_hands_unchecked_events_to_the_new_owner(kafka_stack: KafkaTestStack) -> None:  # noqa: F811
+def test_a_rebalance_hands_unchecked_events_to_the_new_owner(kafka_stack: KafkaTestStack) -> None:
     servers = kafka_stack.bootstrap_servers
     s = kafka_stack.settings
     topic = unique("rebalance")
@@ -666,7 +666,7 @@ class Captured:
 @pytest.fixture(scope="module")
 def captured(
     settings: Settings,
-    kafka_stack: KafkaTestStack,  # noqa: F811
+    kafka_stack: KafkaTestStack,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Captured]:
     name = unique("stream_kafka_")
