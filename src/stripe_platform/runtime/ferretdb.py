@@ -22,7 +22,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -41,6 +40,7 @@ from stripe_platform.runtime.postgres import (
     free_port,
     port_in_use,
 )
+from stripe_platform.runtime.processes import log_tail, terminate
 from stripe_platform.runtime.tls import ensure_certificates, tls_files
 
 FERRETDB_VERSION = "v1.24.2"
@@ -279,27 +279,15 @@ class EmbeddedFerretDB:
                 time.sleep(0.1)
 
     def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        return log_tail(self.log_file, lines)
 
     def down(self) -> bool:
         pid = self._pid()
         if pid is None:
             return False
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while self._pid() is not None and time.monotonic() < deadline:
-            _reap(pid)
-            time.sleep(0.1)
-        if self._pid() is not None:
-            # A statement stuck in PostgreSQL can hold FerretDB's shutdown; its data is in
-            # PostgreSQL, so nothing is lost by killing it.
-            os.kill(pid, signal.SIGKILL)
-            while self._pid() is not None:
-                _reap(pid)
-                time.sleep(0.05)
+        # A statement stuck in PostgreSQL can hold FerretDB's shutdown (SIGKILL then): its data
+        # is in PostgreSQL.
+        terminate(pid, lambda: self._pid() is not None, STOP_TIMEOUT_S, reap=lambda: _reap(pid))
         self._save_state(pid=None)
         return True
 

@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import time
 import urllib.error
@@ -44,6 +43,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from stripe_platform.config import Settings
 from stripe_platform.paths import REPO_ROOT
 from stripe_platform.runtime.postgres import RuntimeErrorWithHint, free_port, port_in_use
+from stripe_platform.runtime.processes import log_tail, terminate
 from stripe_platform.streaming import debezium
 
 KAFKA_VERSION = "4.4.0"
@@ -531,20 +531,14 @@ class KafkaStack:
             if pid is None:
                 continue
             stopped = True
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while self._pid(role) is not None and time.monotonic() < deadline:
-                self._reap(pid)
-                time.sleep(0.1)
-            if self._pid(role) is not None:
-                # A shutdown stuck on an unreachable peer: the data is on disk (broker) or
-                # re-read from the slot (connector), so nothing is lost by killing it.
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                while self._pid(role) is not None:
-                    self._reap(pid)
-                    time.sleep(0.05)
+            # A shutdown stuck on an unreachable peer is killed: the data is on disk (broker) or
+            # re-read from the slot (connector).
+            terminate(
+                pid,
+                lambda role=role: self._pid(role) is not None,
+                STOP_TIMEOUT_S,
+                reap=lambda pid=pid: self._reap(pid),
+            )
             self._save_state(**{f"{role}_pid": None})
         return stopped
 
@@ -892,10 +886,7 @@ def _properties(values: Mapping[str, str]) -> str:
 
 
 def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
+    return log_tail(path, lines)
 
 
 if __name__ == "__main__":  # the bootstrap fetches the jars up front: `python -m ...kafka`

@@ -22,7 +22,6 @@ import datetime as dt
 import fcntl
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from pydantic import SecretStr
 
 from stripe_platform.config import ENV_PREFIX, Settings
 from stripe_platform.errors import PlatformError
+from stripe_platform.runtime import processes
+from stripe_platform.runtime.processes import terminate
 from stripe_platform.streaming import StreamError
 
 COMMAND = ("-m", "stripe_platform.cli", "stream", "fraud")
@@ -189,25 +190,13 @@ def stop(settings: Settings, timeout: float = STOP_TIMEOUT_S) -> int | None:
 def _stop(settings: Settings, timeout: float = STOP_TIMEOUT_S) -> int | None:
     pid = running_pid(settings)
     if pid is not None:
-        os.kill(pid, signal.SIGTERM)
-        # A stopped (SIGSTOP) process handles SIGTERM only once continued.
-        os.kill(pid, signal.SIGCONT)
-        deadline = time.monotonic() + timeout
-        while _is_service(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _is_service(pid):
-            os.kill(pid, signal.SIGKILL)
-            while _is_service(pid):
-                time.sleep(0.05)
+        terminate(pid, lambda: _is_service(pid), timeout)
     pid_path(settings).unlink(missing_ok=True)
     return pid
 
 
 def log_tail(settings: Settings, lines: int = 20) -> str:
-    try:
-        return "\n".join(log_path(settings).read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no log)"
+    return processes.log_tail(log_path(settings), lines)
 
 
 # -- health ---------------------------------------------------------------------------------------
