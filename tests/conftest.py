@@ -26,7 +26,7 @@ from stripe_platform.showcase import brief_examples
 
 TEMPLATE_DB = "stripe_template"
 # The session's Kafka stack (started only when a test asks for the `kafka_stack` fixture).
-pytest_plugins = ["kafka_stack"]
+pytest_plugins = ["kafka_stack", "kms_server"]
 _db_counter = itertools.count()
 
 

@@ -184,11 +184,31 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Where `stripe-platform api` listens.")
     api_port: int = Field(8443, ge=1, le=65535)
 
-    # Keys ----------------------------------------------------------------------------------------
+    # Keys and encryption at rest (security/keys.py, docs/security.md) ---------------------------
+    key_provider: Literal["local", "aws-kms"] | None = Field(
+        None,
+        description="Where the key-encryption keys live: the local keyring file (development "
+        "only) or AWS KMS. Unset: local on embedded/compose, aws-kms on prod.",
+    )
+    kms_endpoint_url: str | None = Field(
+        None, description="Only for a KMS stand-in; unset means AWS's regional endpoint."
+    )
+    kms_region: str = Field("eu-west-1", pattern=r"^[a-z]{2}(-[a-z]+)+-\d+$")
+    kms_key_alias_prefix: str = Field(
+        "alias/stripe-platform",
+        pattern=r"^alias/[A-Za-z0-9/_-]+$",
+        description="KMS aliases of the KEKs: <prefix>/<store> (the current version).",
+    )
+    encrypt_at_rest: bool = Field(
+        True,
+        description="Field-level encryption of the catalog's personal/card fields on write. "
+        "Turn off only to measure its cost (bench).",
+    )
     pii_key: SecretStr | None = Field(
         None,
         min_length=32,
-        description="Key for PII encryption; unset means the local dev keyring under `home`.",
+        description="LEGACY single PII key of databases encrypted before per-table data keys; "
+        "unset means the local dev keyring file under `home`.",
     )
 
     @field_validator("home", "warehouse_path")
@@ -246,12 +266,16 @@ class Settings(BaseSettings):
                 f"{ENV_PREFIX}SNOWFLAKE_ACCOUNT and {ENV_PREFIX}SNOWFLAKE_USER are required when the "
                 "warehouse is snowflake"
             )
-        if self.profile == "prod" and self.pii_key is None:
+        if self.profile == "prod" and self.key_backend != "aws-kms":
             raise ValueError(
-                f"{ENV_PREFIX}PII_KEY is required when {ENV_PREFIX}PROFILE=prod "
-                "(the local keyring is for development only)"
+                f"{ENV_PREFIX}KEY_PROVIDER=local is refused when {ENV_PREFIX}PROFILE=prod "
+                "(the local keyring is for development only): use aws-kms"
             )
         return self
+
+    @property
+    def key_backend(self) -> str:
+        return self.key_provider or ("aws-kms" if self.profile == "prod" else "local")
 
     @property
     def stream_backend(self) -> str:

@@ -15,8 +15,10 @@ from stripe_platform.cli import (
     api,
     bench,
     docstore,
+    governance,
     ingestion,
     kafka,
+    keys,
     ml,
     oltp,
     runtime,
@@ -40,5 +42,7 @@ app.add_typer(ingestion.airbyte_app, name="airbyte")
 app.add_typer(ml.ml_app, name="ml")
 app.add_typer(streaming.stream_app, name="stream")
 app.add_typer(kafka.kafka_app, name="kafka")
+app.add_typer(governance.catalog_app, name="catalog")
+app.add_typer(keys.keys_app, name="keys")
 
 __all__ = ["app"]

@@ -1,0 +1,1 @@
+"""Data governance: the classification catalog, the one source of what every field holds."""
