@@ -25,14 +25,18 @@ from stripe_platform.errors import PlatformError
 STORES = ("postgres", "documents", "lake", "warehouse", "subjects")
 
 
-class KeyError_(PlatformError, RuntimeError):  # noqa: N801 - KeyError is a builtin
+class KeyError_(PlatformError, RuntimeError):
     """A key operation failed. The message names the key (and the object when there is one)."""
 
     def __init__(self, message: str, *, key: str | None = None, obj: str | None = None) -> None:
         self.key, self.obj = key, obj
         where = "".join(
-            [f" (key {key}" if key else "", f", object {obj}" if key and obj else "",
-             f" (object {obj}" if obj and not key else "", ")" if key or obj else ""]
+            [
+                f" (key {key}" if key else "",
+                f", object {obj}" if key and obj else "",
+                f" (object {obj}" if obj and not key else "",
+                ")" if key or obj else "",
+            ]
         )
         super().__init__(message + where)
 
@@ -112,12 +116,12 @@ class KeyProvider(Protocol):
         ...
 
 
-def key_provider(settings) -> KeyProvider:  # noqa: ANN001 - Settings, imported lazily
+def key_provider(settings) -> KeyProvider:
     """The provider of the active settings (``settings.key_backend``)."""
     raise NotImplementedError("implemented by the keys work (issue 20)")
 
 
-def pii_key(settings) -> str:  # noqa: ANN001
+def pii_key(settings) -> str:
     """LEGACY (before issue 20): the one symmetric PII key of the local keyring file or
     ``STRIPE_PLATFORM_PII_KEY``. Kept only so databases encrypted with it stay readable until the
     background re-encryption moves them to per-table data keys; new code never calls it."""
