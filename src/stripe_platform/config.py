@@ -13,6 +13,7 @@ record of its own, unlike a "directory of the first start" would.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from functools import lru_cache
@@ -313,6 +314,55 @@ class Settings(BaseSettings):
     @property
     def lake_root(self) -> str:
         return self.lake_uri or str(self.home_dir / "lake")
+
+    @model_validator(mode="after")
+    def _tls_only(self) -> Settings:
+        """TLS on every connection to an endpoint (issue 20): plain http only for a stand-in on
+        this machine (moto, fakesnow, a test webhook). The URL is not echoed: it may hold a token."""
+        endpoints = {
+            "S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "KMS_ENDPOINT_URL": self.kms_endpoint_url,
+            "ALERT_WEBHOOK_URL": _secret(self.alert_webhook_url),
+            "MLFLOW_TRACKING_URI": _secret(self.mlflow_tracking_uri),
+        }
+        for name, url in endpoints.items():
+            if not url or not url.strip():
+                continue
+            parts = urlsplit(url.strip())
+            scheme = parts.scheme.lower()
+            if name == "MLFLOW_TRACKING_URI" and scheme not in ("http", "https"):
+                continue  # a local store (sqlite:///, file:) or a URI scheme MLflow resolves
+            if scheme == "https" or (scheme == "http" and is_loopback(parts.hostname)):
+                continue
+            raise ValueError(
+                f"{ENV_PREFIX}{name} must be an https:// URL ({scheme or 'no'}:// given for "
+                f"host {parts.hostname or '?'}): plain http is accepted only for a stand-in on "
+                "127.0.0.1, ::1 or localhost"
+            )
+        if self.snowflake_protocol == "http" and not is_loopback(self.snowflake_host):
+            raise ValueError(
+                f"{ENV_PREFIX}SNOWFLAKE_PROTOCOL=http is accepted only for a local stand-in: "
+                f"{ENV_PREFIX}SNOWFLAKE_HOST must then be 127.0.0.1, ::1 or localhost, not "
+                f"{self.snowflake_host or 'Snowflake itself'!r}"
+            )
+        return self
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return None if value is None else value.get_secret_value()
+
+
+def is_loopback(host: str | None) -> bool:
+    """127.0.0.0/8, ::1 or localhost: a stand-in on this machine, where plain http may stay."""
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _describe(error: dict) -> str:
