@@ -184,6 +184,11 @@ class Settings(BaseSettings):
     kafka_consumer_group: str = Field("fraud-stream", pattern=r"^[A-Za-z0-9._-]+$")
     api_host: str = Field("127.0.0.1", description="Where `stripe-platform api` listens.")
     api_port: int = Field(8443, ge=1, le=65535)
+    tls_ca_file: Path | None = Field(
+        None,
+        description="The CA certificate that signs the platform's own servers (Kafka, Kafka "
+        "Connect, Airflow, MinIO on compose); unset: the embedded runtime's <home>/tls/ca.crt.",
+    )
 
     # Keys and encryption at rest (security/keys.py, docs/security.md) ---------------------------
     key_provider: Literal["local", "aws-kms"] | None = Field(
@@ -212,7 +217,7 @@ class Settings(BaseSettings):
         "unset means the local dev keyring file under `home`.",
     )
 
-    @field_validator("home", "warehouse_path")
+    @field_validator("home", "warehouse_path", "tls_ca_file")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else project_path(value)
