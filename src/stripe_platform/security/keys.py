@@ -15,12 +15,26 @@ This module holds the contract (errors, value types, the provider protocol) and 
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import re
+import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from stripe_platform.errors import PlatformError
+
+log = logging.getLogger(__name__)
 
 STORES = ("postgres", "documents", "lake", "warehouse", "subjects")
 
@@ -116,9 +130,397 @@ class KeyProvider(Protocol):
         ...
 
 
+KEK_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _check_kek_name(key_id: str) -> None:
+    if not KEK_NAME.match(key_id):
+        raise KeyUnavailable(f"{key_id!r} is not a key-encryption key name (a store: {STORES})")
+
+
+class LocalKeyring:
+    """Development only: the KEKs are random 256-bit keys in one JSON file (mode 0600, directory
+    0700) under the platform home. Anyone who can read that file holds every key: production uses
+    AWS KMS, where the KEKs never leave the service."""
+
+    name = "local"
+    _warned = False  # one warning a process, not one a provider
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        if not LocalKeyring._warned:
+            LocalKeyring._warned = True
+            log.warning(
+                "key provider: local keyring %s (development only, not for production: "
+                "use STRIPE_PLATFORM_KEY_PROVIDER=aws-kms)",
+                self.path,
+            )
+
+    # -- the file ----------------------------------------------------------------------------------
+    def _load(self) -> dict[str, list[dict]]:
+        try:
+            mode = self.path.stat().st_mode
+        except FileNotFoundError:
+            return {}
+        if mode & 0o077:
+            raise KeyUnavailable(
+                f"the local keyring {self.path} is accessible to group/others "
+                f"(mode {stat.S_IMODE(mode):04o}): refused; it must be 0600 "
+                f"(chmod 600 {self.path}) and its keys treated as exposed",
+                key="keyring",
+            )
+        try:
+            return json.loads(self.path.read_text())["keks"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KeyUnavailable(
+                f"the local keyring {self.path} is not readable ({exc})", key="keyring"
+            ) from None
+
+    def _save(self, keks: dict[str, list[dict]]) -> None:
+        directory = self.path.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        partial = directory / f".{self.path.name}.{os.getpid()}.partial"
+        text = json.dumps({"note": "development keyring: not for production", "keks": keks})
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(self.path)  # atomic: a reader sees the old file or the new one
+
+    def _mutate(self, key_id: str, change) -> KeyVersion:
+        """Load, change and save under a lock shared with other processes."""
+        _check_kek_name(key_id)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.chmod(0o700)
+        with self._lock, open(self.path.parent / ".keyring.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            keks = self._load()
+            versions = keks.setdefault(key_id, [])
+            result, changed = change(versions)
+            if changed:
+                self._save(keks)
+            return result
+
+    @staticmethod
+    def _version(entry: dict, key_id: str) -> KeyVersion:
+        return KeyVersion(
+            key_id, entry["version"], dt.datetime.fromisoformat(entry["created_at"]), entry["state"]
+        )
+
+    def _new(self, versions: list[dict], key_id: str) -> KeyVersion:
+        entry = {
+            "version": max((v["version"] for v in versions), default=0) + 1,
+            "key": base64.b64encode(os.urandom(32)).decode(),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            "state": "enabled",
+        }
+        versions.append(entry)
+        return self._version(entry, key_id)
+
+    # -- the protocol ------------------------------------------------------------------------------
+    def ensure_kek(self, key_id: str) -> KeyVersion:
+        def change(versions):
+            if versions:
+                return self._version(versions[-1], key_id), False
+            return self._new(versions, key_id), True
+
+        return self._mutate(key_id, change)
+
+    def rotate_kek(self, key_id: str) -> KeyVersion:
+        return self._mutate(key_id, lambda versions: (self._new(versions, key_id), True))
+
+    def kek_versions(self, key_id: str) -> list[KeyVersion]:
+        return [self._version(e, key_id) for e in self._load().get(key_id, [])]
+
+    def retire_kek(self, key_id: str, version: int) -> None:
+        def change(versions):
+            entry = self._entry(versions, key_id, version)
+            if entry is versions[-1]:
+                raise KeyUnavailable(
+                    "the current version cannot be retired: rotate first",
+                    key=f"{key_id} v{version}",
+                )
+            entry["state"] = "retired"
+            return self._version(entry, key_id), True
+
+        self._mutate(key_id, change)
+
+    def _entry(self, versions: list[dict], key_id: str, version: int) -> dict:
+        if not versions:
+            raise KeyUnavailable(
+                f"no key-encryption key {key_id} in the local keyring {self.path}", key=key_id
+            )
+        for entry in versions:
+            if entry["version"] == version:
+                return entry
+        raise UnknownKeyVersion(
+            f"the local keyring {self.path} holds no such version", key=f"{key_id} v{version}"
+        )
+
+    @staticmethod
+    def _aad(key_id: str, version: int, context: Mapping[str, str]) -> bytes:
+        return json.dumps(
+            {"kek": key_id, "kek_version": version, **context}, sort_keys=True
+        ).encode()
+
+    def wrap(self, key_id: str, plaintext: bytes, context: Mapping[str, str]) -> WrappedKey:
+        current = self.ensure_kek(key_id)
+        entry = self._entry(self._load()[key_id], key_id, current.version)
+        nonce = os.urandom(12)
+        sealed = AESGCM(base64.b64decode(entry["key"])).encrypt(
+            nonce, plaintext, self._aad(key_id, current.version, context)
+        )
+        return WrappedKey(key_id, current.version, nonce + sealed)
+
+    def unwrap(self, wrapped: WrappedKey, context: Mapping[str, str]) -> bytes:
+        name = f"{wrapped.key_id} v{wrapped.version}"
+        entry = self._entry(self._load().get(wrapped.key_id, []), wrapped.key_id, wrapped.version)
+        if entry["state"] != "enabled":
+            raise KeyUnavailable(f"key-encryption key version is {entry['state']}", key=name)
+        try:
+            return AESGCM(base64.b64decode(entry["key"])).decrypt(
+                wrapped.blob[:12],
+                wrapped.blob[12:],
+                self._aad(wrapped.key_id, wrapped.version, context),
+            )
+        except InvalidTag:
+            raise TamperedCiphertext(
+                "the wrapped data key does not authenticate (altered, or moved from another "
+                f"scope than {dict(context)})",
+                key=name,
+            ) from None
+
+
+# KMS error codes -> the platform's errors.
+_KMS_UNAVAILABLE = {
+    "NotFoundException",
+    "DisabledException",
+    "KMSInvalidStateException",
+    "KeyUnavailableException",
+    "AccessDeniedException",
+}
+_KMS_TAMPERED = {"InvalidCiphertextException", "IncorrectKeyException"}
+_KMS_TAKEN = "AlreadyExistsException"
+_KMS_STATES: dict[str, KeyState] = {"Enabled": "enabled", "Disabled": "retired"}
+
+
+class _AliasTaken(KeyError_):
+    """Another process created the same KEK version first."""
+
+
+class AwsKmsProvider:
+    """AWS KMS: the KEK of store S is the KMS key behind alias ``<prefix>/S``. Every version is a
+    KMS key of its own with a permanent alias ``<prefix>/S/v<N>``; rotation creates a key, gives it
+    the next version alias and repoints ``<prefix>/S`` to it, so data keys wrapped under an older
+    version still unwrap (through its own alias) until that version is retired (disabled).
+
+    The key state is checked before each unwrap (describe_key): a disabled version is refused by
+    the platform itself, not only by KMS (moto's KMS does not enforce disabled keys)."""
+
+    name = "aws-kms"
+
+    def __init__(self, settings, *, client=None) -> None:
+        if client is None:
+            import boto3
+            from botocore.config import Config
+
+            client = boto3.client(
+                "kms",
+                region_name=settings.kms_region,
+                endpoint_url=settings.kms_endpoint_url,
+                config=Config(
+                    connect_timeout=3,
+                    read_timeout=10,
+                    retries={"max_attempts": 2, "mode": "standard"},
+                ),
+            )
+        self._kms = client
+        self.prefix = settings.kms_key_alias_prefix
+        self._current: dict[str, KeyVersion] = {}
+        self._lock = threading.Lock()
+
+    def _alias(self, key_id: str, version: int | None = None) -> str:
+        return f"{self.prefix}/{key_id}" + ("" if version is None else f"/v{version}")
+
+    def _call(self, operation: str, key: str, **kwargs):
+        """One KMS call, its failures as the platform's errors naming the key."""
+        from botocore.exceptions import (
+            ClientError,
+            HTTPClientError,
+            NoCredentialsError,
+        )
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        try:
+            return getattr(self._kms, operation)(**kwargs)
+        except (BotoConnectionError, HTTPClientError) as exc:
+            raise KmsUnreachable(f"AWS KMS is unreachable ({exc})", key=key) from None
+        except NoCredentialsError:
+            raise KmsUnreachable("no AWS credentials for KMS", key=key) from None
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            message = exc.response.get("Error", {}).get("Message", "")
+            if code in _KMS_TAMPERED:
+                raise TamperedCiphertext(
+                    f"KMS refused the wrapped data key ({code}: altered, or moved from another "
+                    "scope)",
+                    key=key,
+                ) from None
+            if code == _KMS_TAKEN:
+                raise _AliasTaken(f"KMS: {message}", key=key) from None
+            if code in _KMS_UNAVAILABLE:
+                raise KeyUnavailable(f"KMS: {code}: {message}", key=key) from None
+            raise KeyError_(f"KMS {operation} failed ({code}: {message})", key=key) from None
+
+    def _versions(self, key_id: str) -> dict[int, str]:
+        """Version -> KMS key id, from the version aliases."""
+        stem = self._alias(key_id) + "/v"
+        versions: dict[int, str] = {}
+        marker = None
+        while True:
+            page = self._call("list_aliases", key_id, **({"Marker": marker} if marker else {}))
+            for alias in page["Aliases"]:
+                name = alias["AliasName"]
+                if name.startswith(stem) and name[len(stem) :].isdigit():
+                    versions[int(name[len(stem) :])] = alias["TargetKeyId"]
+            if not page.get("Truncated"):
+                return versions
+            marker = page["NextMarker"]
+
+    def _describe(self, key_id: str, version: int, kms_key: str) -> KeyVersion:
+        meta = self._call("describe_key", f"{key_id} v{version}", KeyId=kms_key)["KeyMetadata"]
+        return KeyVersion(
+            key_id,
+            version,
+            meta["CreationDate"],
+            _KMS_STATES.get(meta["KeyState"], "destroyed"),
+            meta["Arn"],
+        )
+
+    def _create(self, key_id: str, version: int) -> KeyVersion:
+        name = f"{key_id} v{version}"
+        meta = self._call(
+            "create_key",
+            name,
+            Description=f"stripe-platform key-encryption key {key_id} v{version}",
+            KeyUsage="ENCRYPT_DECRYPT",
+            KeySpec="SYMMETRIC_DEFAULT",
+            Tags=[
+                {"TagKey": "stripe-platform:kek", "TagValue": key_id},
+                {"TagKey": "stripe-platform:version", "TagValue": str(version)},
+            ],
+        )["KeyMetadata"]
+        try:
+            self._call(
+                "create_alias",
+                name,
+                AliasName=self._alias(key_id, version),
+                TargetKeyId=meta["KeyId"],
+            )
+        except _AliasTaken:
+            # Another process created this version first: use its key, drop ours.
+            self._call("schedule_key_deletion", name, KeyId=meta["KeyId"], PendingWindowInDays=7)
+            raise
+        return KeyVersion(key_id, version, meta["CreationDate"], "enabled", meta["Arn"])
+
+    def ensure_kek(self, key_id: str) -> KeyVersion:
+        _check_kek_name(key_id)
+        with self._lock:
+            versions = self._versions(key_id)
+            if not versions:
+                try:
+                    current = self._create(key_id, 1)
+                except _AliasTaken:
+                    versions = self._versions(key_id)
+                else:
+                    self._call(
+                        "create_alias",
+                        key_id,
+                        AliasName=self._alias(key_id),
+                        TargetKeyId=current.provider_ref,
+                    )
+                    self._current[key_id] = current
+                    return current
+            target = self._call("describe_key", key_id, KeyId=self._alias(key_id))["KeyMetadata"]
+            version = next(v for v, k in versions.items() if k == target["KeyId"])
+            current = self._describe(key_id, version, target["Arn"])
+            self._current[key_id] = current
+            return current
+
+    def rotate_kek(self, key_id: str) -> KeyVersion:
+        self.ensure_kek(key_id)
+        with self._lock:
+            current = self._create(key_id, max(self._versions(key_id)) + 1)
+            self._call(
+                "update_alias",
+                key_id,
+                AliasName=self._alias(key_id),
+                TargetKeyId=current.provider_ref,
+            )
+            self._current[key_id] = current
+            return current
+
+    def kek_versions(self, key_id: str) -> list[KeyVersion]:
+        _check_kek_name(key_id)
+        versions = self._versions(key_id)
+        return [self._describe(key_id, v, versions[v]) for v in sorted(versions)]
+
+    def retire_kek(self, key_id: str, version: int) -> None:
+        current = self.ensure_kek(key_id)
+        if version == current.version:
+            raise KeyUnavailable(
+                "the current version cannot be retired: rotate first", key=f"{key_id} v{version}"
+            )
+        kms_key = self._resolve(key_id, version)
+        self._call("disable_key", f"{key_id} v{version}", KeyId=kms_key)
+
+    def _resolve(self, key_id: str, version: int) -> str:
+        """The KMS key of a version, refused unless it is enabled."""
+        name = f"{key_id} v{version}"
+        try:
+            meta = self._call("describe_key", name, KeyId=self._alias(key_id, version))[
+                "KeyMetadata"
+            ]
+        except KeyUnavailable:
+            if self._versions(key_id):
+                raise UnknownKeyVersion("KMS holds no such version", key=name) from None
+            raise
+        if meta["KeyState"] != "Enabled":
+            raise KeyUnavailable(
+                f"the KMS key {meta['Arn']} is {meta['KeyState'].lower()} (retired)", key=name
+            )
+        return meta["KeyId"]
+
+    def wrap(self, key_id: str, plaintext: bytes, context: Mapping[str, str]) -> WrappedKey:
+        current = self._current.get(key_id) or self.ensure_kek(key_id)
+        blob = self._call(
+            "encrypt",
+            f"{key_id} v{current.version}",
+            KeyId=current.provider_ref,
+            Plaintext=plaintext,
+            EncryptionContext=dict(context),
+        )["CiphertextBlob"]
+        return WrappedKey(key_id, current.version, blob)
+
+    def unwrap(self, wrapped: WrappedKey, context: Mapping[str, str]) -> bytes:
+        kms_key = self._resolve(wrapped.key_id, wrapped.version)
+        return self._call(
+            "decrypt",
+            f"{wrapped.key_id} v{wrapped.version}",
+            KeyId=kms_key,
+            CiphertextBlob=wrapped.blob,
+            EncryptionContext=dict(context),
+        )["Plaintext"]
+
+
 def key_provider(settings) -> KeyProvider:
     """The provider of the active settings (``settings.key_backend``)."""
-    raise NotImplementedError("implemented by the keys work (issue 20)")
+    if settings.key_backend == "aws-kms":
+        return AwsKmsProvider(settings)
+    return LocalKeyring(settings.home_dir / "keys" / "keyring.json")
 
 
 def pii_key(settings) -> str:
