@@ -39,6 +39,10 @@ class CollectionSpec:
     validator: dict[str, Any]
     indexes: list[IndexSpec]
     views: list[str] = field(default_factory=list)
+    # Dotted field path -> class, or {"class": ..., "category": ..., "subject": true}: the spec's
+    # part of the classification catalog (governance/classification.py checks and reads it). Not
+    # part of the validator: never sent to the server.
+    classification: dict[str, Any] = field(default_factory=dict)
 
 
 def load_specs(directory: Path = MONGO_DIR / "collections") -> list[CollectionSpec]:
@@ -54,9 +58,12 @@ def load_specs(directory: Path = MONGO_DIR / "collections") -> list[CollectionSp
                     IndexSpec(keys=i["keys"], unique=i.get("unique", False)) for i in raw["indexes"]
                 ],
                 views=raw.get("views", []),
+                classification=raw.get("classification", {}),
             )
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise SpecError(f"{path}: not a valid collection spec ({exc!r})") from None
+        if not isinstance(spec.classification, dict):
+            raise SpecError(f"{path}: classification must be an object (field path -> class)")
         if path.stem != spec.collection:
             raise SpecError(f"{path}: file name must match its collection {spec.collection!r}")
         specs.append(spec)

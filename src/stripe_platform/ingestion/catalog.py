@@ -60,6 +60,7 @@ __all__ = [
     "document_fields",
     "lake_key",
     "load_catalog",
+    "oltp_column_comments",
     "oltp_column_labels",
     "oltp_columns",
     "require_env",
@@ -480,9 +481,10 @@ _ALTER_COLUMN = re.compile(
     r"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?([\w\"]+)",
     re.IGNORECASE,
 )
-_COLUMN_LABEL = re.compile(
-    r"\bCOMMENT\s+ON\s+COLUMN\s+([\w.\"]+)\.([\w\"]+)\s+IS\s+'([A-Z]+):", re.IGNORECASE
+_COLUMN_COMMENT = re.compile(
+    r"\bCOMMENT\s+ON\s+COLUMN\s+([\w.\"]+)\.([\w\"]+)\s+IS\s+'((?:[^']|'')*)'", re.IGNORECASE
 )
+_LABEL = re.compile(r"^([A-Za-z]+):")
 _NOT_COLUMNS = {"PRIMARY", "UNIQUE", "CHECK", "CONSTRAINT", "FOREIGN", "EXCLUDE", "LIKE"}
 
 
@@ -576,15 +578,30 @@ def oltp_columns(sql_dir: Path = SQL_OLTP_DIR) -> dict[str, tuple[str, ...]]:
     return {table: tuple(columns) for table, columns in tables.items()}
 
 
-def oltp_column_labels(sql_dir: Path = SQL_OLTP_DIR) -> dict[tuple[str, str], str]:
-    """(table, column) -> classification (PII, PCI, SECRET) from the migrations' column comments."""
-    labels = {}
-    for script in _oltp_scripts(sql_dir):
-        for match in _COLUMN_LABEL.finditer(script):
+def oltp_column_comments(sql_dir: Path = SQL_OLTP_DIR) -> dict[tuple[str, str], tuple[str, Path]]:
+    """(table, column) -> (its comment, the migration that set it last), public tables only."""
+    from stripe_platform.oltp.migrate import discover
+
+    comments = {}
+    for migration in discover(sql_dir):
+        for match in _COLUMN_COMMENT.finditer(_strip_sql(migration.sql)):
             table = _public_table(match[1])
             if table is not None:
-                labels[(table, _identifier(match[2]))] = match[3].upper()
-    return labels
+                comments[(table, _identifier(match[2]))] = (
+                    match[3].replace("''", "'"),
+                    migration.path,
+                )
+    return comments
+
+
+def oltp_column_labels(sql_dir: Path = SQL_OLTP_DIR) -> dict[tuple[str, str], str]:
+    """(table, column) -> classification label (PII, PCI, QUASI, SECRET, NONE) from the
+    migrations' column comments; governance/classification.py maps them to classes."""
+    return {
+        key: label[1].upper()
+        for key, (text, _) in oltp_column_comments(sql_dir).items()
+        if (label := _LABEL.match(text))
+    }
 
 
 def document_fields(mongo_dir: Path = MONGO_DIR) -> dict[str, tuple[str, ...]]:
