@@ -33,7 +33,7 @@ def followed(kafka_stack: KafkaTestStack) -> Iterator[Followed]:
     """A database of this module's own, with the brief's example records, followed by a
     connector writing to topics rt.public.*."""
     f = kafka_stack.follow(f"kafka_runtime_{uuid.uuid4().hex[:8]}", "rt")
-    admin = AdminClient({"bootstrap.servers": f.bootstrap_servers})
+    admin = AdminClient(kafka.client_config(f.settings))
     for topic in f.topics.values():
         found = admin.list_topics(topic, timeout=10).topics[topic]
         BEFORE_ANY_CHANGE[topic] = None if found.error else len(found.partitions)
@@ -43,11 +43,11 @@ def followed(kafka_stack: KafkaTestStack) -> Iterator[Followed]:
     kafka_stack.unfollow(f)
 
 
-def consumer(bootstrap: str, topic: str) -> Consumer:
+def consumer(f: Followed, topic: str) -> Consumer:
     """A consumer without a group's committed position, reading ``topic`` from its start."""
     c = Consumer(
         {
-            "bootstrap.servers": bootstrap,
+            **kafka.client_config(f.settings),  # bootstrap.servers, and TLS: the broker's only
             "group.id": f"test-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -104,9 +104,7 @@ def test_broker_and_connect_run_on_loopback_only(kafka_stack: KafkaTestStack) ->
         # 127.0.0.1, Java's socket); nothing on 0.0.0.0 or ::
         addresses = listening_addresses(state[key])
         assert addresses and addresses <= LOOPBACK, (key, addresses)
-    metadata = AdminClient({"bootstrap.servers": kafka_stack.bootstrap_servers}).list_topics(
-        timeout=10
-    )
+    metadata = AdminClient(kafka.client_config(kafka_stack.settings)).list_topics(timeout=10)
     assert [b.host for b in metadata.brokers.values()] == ["127.0.0.1"]
 
 
@@ -116,7 +114,7 @@ def test_a_payment_arrives_keyed_by_customer(followed: Followed) -> None:
     # Made before any change (Connect makes a topic only at its first message): a consumer that
     # subscribes first is assigned its partitions at once.
     assert BEFORE_ANY_CHANGE[topic] == debezium.PARTITIONS
-    c = consumer(followed.bootstrap_servers, topic)
+    c = consumer(followed, topic)
     try:
         with db.connect(followed.settings, autocommit=True) as conn:
             before = lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
@@ -162,7 +160,7 @@ def test_a_payment_arrives_keyed_by_customer(followed: Followed) -> None:
 def test_heartbeats_move_and_confirm_the_slot(followed: Followed) -> None:
     topic = followed.heartbeat_topic
     assert topic == "__debezium-heartbeat.rt"
-    c = consumer(followed.bootstrap_servers, topic)
+    c = consumer(followed, topic)
     try:
         read_until(c, lambda ms: len(ms) >= 1, "a first heartbeat")
         with db.connect(followed.settings, autocommit=True) as conn:
@@ -198,7 +196,9 @@ def test_a_bad_configuration_value_is_refused_with_its_name(
         )
     assert "Traceback" not in str(refused.value)
     # The running connector is untouched.
-    state = kafka.connector_state(kafka_stack.stack.connect_url, kafka_stack.attached.name)
+    state = kafka.connector_state(
+        kafka_stack.stack.connect_url, kafka_stack.attached.name, ca=kafka_stack.stack.ca
+    )
     assert state["tasks"] == ["RUNNING"]
 
 
@@ -208,7 +208,9 @@ def test_a_database_that_does_not_exist_is_named(kafka_stack: KafkaTestStack) ->
         db.conninfo(kafka_stack.settings, database="no_such_db", with_key=False),
     )
     with pytest.raises(RuntimeErrorWithHint, match=r'"no_such_db" does not exist'):
-        kafka.deploy_connector(kafka_stack.stack.connect_url, "bad-database", config)
+        kafka.deploy_connector(
+            kafka_stack.stack.connect_url, "bad-database", config, ca=kafka_stack.stack.ca
+        )
     assert "bad-database" not in kafka_stack.stack.status().connectors
 
 
@@ -216,7 +218,7 @@ def test_dates_are_iso_strings(followed: Followed) -> None:
     """Every column of a state change arrives as the normalizer expects (ids as numbers,
     timestamps as ISO strings)."""
     topic = followed.topics["transactionstatechanges"]
-    c = consumer(followed.bootstrap_servers, topic)
+    c = consumer(followed, topic)
     try:
         with db.connect(followed.settings, autocommit=True) as conn:
             tx = conn.execute(

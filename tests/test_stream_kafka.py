@@ -35,6 +35,7 @@ from stripe_platform.config import Settings, load_settings
 from stripe_platform.docstore import client as docstore
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
+from stripe_platform.runtime.kafka import client_config
 from stripe_platform.runtime.postgres import RuntimeErrorWithHint
 from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
@@ -439,8 +440,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}{os.getpid()}x{next(_names)}"
 
 
-def create_topics(servers: str, partitions: dict[str, int]) -> None:
-    admin = AdminClient({"bootstrap.servers": servers})
+# ``servers``: a client's bootstrap.servers and TLS settings (runtime.kafka.client_config): the
+# broker speaks TLS only.
+def create_topics(servers: dict[str, str], partitions: dict[str, int]) -> None:
+    admin = AdminClient(servers)
     new = [
         NewTopic(topic, num_partitions=n, replication_factor=1) for topic, n in partitions.items()
     ]
@@ -448,9 +451,11 @@ def create_topics(servers: str, partitions: dict[str, int]) -> None:
         future.result(timeout=60)
 
 
-def produce(servers: str, messages: list[tuple[str, int, bytes | None, bytes | None]]) -> list[int]:
+def produce(
+    servers: dict[str, str], messages: list[tuple[str, int, bytes | None, bytes | None]]
+) -> list[int]:
     """(topic, partition, key, value) in order; returns their offsets."""
-    producer = Producer({"bootstrap.servers": servers, "enable.idempotence": True})
+    producer = Producer({**servers, "enable.idempotence": True})
     offsets: list[int] = []
     for topic, partition, key, value in messages:
         producer.produce(
@@ -466,11 +471,9 @@ def produce(servers: str, messages: list[tuple[str, int, bytes | None, bytes | N
     return offsets
 
 
-def read_topic(servers: str, topic: str) -> list[Any]:
+def read_topic(servers: dict[str, str], topic: str) -> list[Any]:
     """Every message of ``topic``, from the start, without a group."""
-    consumer = Consumer(
-        {"bootstrap.servers": servers, "group.id": unique("reader"), "enable.auto.commit": False}
-    )
+    consumer = Consumer({**servers, "group.id": unique("reader"), "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(topic, timeout=30).topics[topic]
         assert meta.error is None, meta.error
@@ -506,7 +509,7 @@ def drain(source: KafkaSource, max_events: int = 100) -> tuple[list[RowEvent], l
 def test_poison_goes_to_the_dead_letter_topic_and_offsets_move_only_at_checkpoint(
     kafka_stack: KafkaTestStack,
 ) -> None:
-    servers = kafka_stack.bootstrap_servers
+    servers = client_config(kafka_stack.settings)
     s = kafka_stack.settings.model_copy(update={"kafka_topic_prefix": unique("poison")})
     payments, labels = (
         debezium.topics(s)["transaction"],
@@ -590,7 +593,7 @@ def test_poison_goes_to_the_dead_letter_topic_and_offsets_move_only_at_checkpoin
 def test_a_dead_letter_topic_it_cannot_write_stops_the_source_and_commits_nothing(
     kafka_stack: KafkaTestStack,
 ) -> None:
-    servers = kafka_stack.bootstrap_servers
+    servers = client_config(kafka_stack.settings)
     s = kafka_stack.settings.model_copy(update={"kafka_topic_prefix": unique("nodlq")})
     payments = debezium.topics(s)["transaction"]
     # Kafka refuses a topic whose name differs from an existing one only by '.' versus '_'.
@@ -609,7 +612,7 @@ def test_a_dead_letter_topic_it_cannot_write_stops_the_source_and_commits_nothin
             source.poll(10, 0.1)
     finally:
         source.close()
-    reader = Consumer({"bootstrap.servers": servers, "group.id": group})
+    reader = Consumer({**servers, "group.id": group})
     try:
         (tp,) = reader.committed([TopicPartition(payments, 0)], timeout=30)
         assert tp.offset == OFFSET_INVALID  # a restart reads the payment and the poison again
@@ -618,7 +621,7 @@ def test_a_dead_letter_topic_it_cannot_write_stops_the_source_and_commits_nothin
 
 
 def test_a_rebalance_hands_unchecked_events_to_the_new_owner(kafka_stack: KafkaTestStack) -> None:
-    servers = kafka_stack.bootstrap_servers
+    servers = client_config(kafka_stack.settings)
     s = kafka_stack.settings
     topic = unique("rebalance")
     create_topics(servers, {topic: 2})
@@ -719,8 +722,8 @@ def witnessed_counts(s: Settings) -> dict[str, int]:
     return counts
 
 
-def topic_size(servers: str, topic: str) -> int:
-    consumer = Consumer({"bootstrap.servers": servers, "group.id": unique("size")})
+def topic_size(servers: dict[str, str], topic: str) -> int:
+    consumer = Consumer({**servers, "group.id": unique("size")})
     try:
         meta = consumer.list_topics(topic, timeout=30).topics[topic]
         if meta.error is not None:  # not created yet: Debezium creates it at its first change
@@ -742,8 +745,8 @@ def wait_for_debezium(captured: Captured) -> dict[str, int]:
     want = witnessed_counts(s)
     want["transaction"] += captured.produced
     topics = debezium.topics(s)
-    servers = s.kafka_bootstrap_servers
-    assert servers
+    assert s.kafka_bootstrap_servers
+    servers = client_config(s)
     return wait_for(
         "Debezium's messages",
         lambda: all(topic_size(servers, topics[t]) >= n for t, n in want.items()) and want,
@@ -787,8 +790,8 @@ def test_a_poison_message_goes_to_the_dead_letter_topic_and_the_stream_goes_on(
     captured: Captured,
 ) -> None:
     stream, s = captured.stream, captured.stream.settings
-    servers, payments = s.kafka_bootstrap_servers, debezium.topics(s)["transaction"]
-    assert servers
+    assert s.kafka_bootstrap_servers
+    servers, payments = client_config(s), debezium.topics(s)["transaction"]
     run_scorer(s, captured.group)  # whatever an earlier test left: this one starts caught up
     (offset,) = produce(servers, [(payments, 0, b'{"customerid":1}', b"\x00poison")])
     captured.produced += 1

@@ -3,6 +3,8 @@
 Embedded (no services): ``AIRFLOW_HOME`` is ``<platform home>/airflow`` with SQLite metadata, the
 repository's dags/ and no examples; :func:`migrate_airflow_db` prepares it (once per Airflow
 version) and :func:`run_airflow_standalone` starts ``airflow standalone`` on 127.0.0.1.
+The api-server (UI, REST API, and the execution API tasks report to) serves https only, with the
+runtime's certificate (``runtime/tls.py``); Airflow's task client verifies it against the CA.
 
 docker compose: the environment comes from docker-compose.yml; its ``airflow-init`` service runs
 ``python -m stripe_platform.orchestration.airflow_runtime init`` (migrate + pools).
@@ -22,6 +24,7 @@ from stripe_platform.config import Settings, load_settings
 from stripe_platform.errors import PlatformError
 from stripe_platform.orchestration.defaults import pools_file
 from stripe_platform.paths import REPO_ROOT
+from stripe_platform.runtime.tls import ensure_certificates
 
 DAGS_DIR = REPO_ROOT / "dags"
 DEFAULT_PORT = 8080
@@ -42,9 +45,13 @@ def airflow_env(
     """The environment of every Airflow process of the embedded Airflow (CLI, standalone, tests).
 
     The platform's own variables are passed through, with the home made absolute so tasks find
-    the same cluster, documents and warehouse whatever their working directory.
+    the same cluster, documents and warehouse whatever their working directory. The api-server
+    listens with TLS only (uvicorn takes ``[api] ssl_cert/ssl_key``; there is no plain listener
+    beside it) and tasks verify it against the runtime's CA (``[api] ssl_ca_file``).
     """
     home = airflow_home(settings)
+    tls = ensure_certificates(settings.home_dir / "tls")
+    base_url = f"https://127.0.0.1:{port}"
     env = dict(os.environ if base is None else base)
     env.update(
         {
@@ -56,8 +63,11 @@ def airflow_env(
             "AIRFLOW__COSMOS__CACHE_DIR": str(home / "cosmos"),
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(port),
-            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__API__BASE_URL": base_url,
+            "AIRFLOW__API__SSL_CERT": str(tls.server_cert),
+            "AIRFLOW__API__SSL_KEY": str(tls.server_key),
+            "AIRFLOW__API__SSL_CA_FILE": str(tls.ca_cert),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base_url}/execution/",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             # No usage reporting to third parties (cosmos and Airflow both phone home otherwise).
             "AIRFLOW__COSMOS__ENABLE_TELEMETRY": "False",
@@ -112,7 +122,7 @@ def migrate_airflow_db(
 
 def run_airflow_standalone(settings: Settings, *, port: int = DEFAULT_PORT) -> int:
     """Prepare the embedded Airflow and run ``airflow standalone`` (api-server on
-    http://127.0.0.1:<port>, scheduler, dag-processor, triggerer) until Ctrl-C; its exit code.
+    https://127.0.0.1:<port>, scheduler, dag-processor, triggerer) until Ctrl-C; its exit code.
 
     The UI login is ``admin``; its generated password is in
     ``<home>/airflow/simple_auth_manager_passwords.json.generated``.

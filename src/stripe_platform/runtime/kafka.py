@@ -15,6 +15,11 @@ config provider, never through the connector's configuration or its REST answers
 
 On compose and prod the broker and Connect are services (docker-compose.yml); ``stripe-platform
 kafka up --connect-url`` registers the same connector with that Connect.
+
+TLS only: the broker's listeners (clients and the KRaft controller) are SSL and Connect's REST API is
+https, with the runtime's certificate (``runtime/tls.py``); every client (librdkafka's here and in
+``streaming/kafka.py``, Connect's worker, this module's REST calls) verifies it against the CA
+(:func:`client_tls`), and the connector reaches PostgreSQL with ``sslmode=verify-full``.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -44,6 +50,13 @@ from stripe_platform.config import Settings
 from stripe_platform.paths import REPO_ROOT
 from stripe_platform.runtime.postgres import RuntimeErrorWithHint, free_port, port_in_use
 from stripe_platform.runtime.processes import log_tail, terminate
+from stripe_platform.runtime.tls import (
+    ca_file,
+    ensure_certificates,
+    pem_keystore,
+    pkcs12_keystore,
+    tls_files,
+)
 from stripe_platform.streaming import debezium
 
 KAFKA_VERSION = "4.4.0"
@@ -227,6 +240,7 @@ class KafkaStack:
         self.broker_log = self.root / "broker.log"
         self.connect_log = self.root / "connect.log"
         self.secrets_file = self.root / "secrets.properties"
+        self.tls_dir = home / "tls"
         self._children: dict[int, subprocess.Popen] = {}
 
     # -- state -----------------------------------------------------------------------------------
@@ -266,15 +280,20 @@ class KafkaStack:
     @property
     def connect_url(self) -> str | None:
         port = self._state().get("rest_port")
-        return f"http://127.0.0.1:{port}" if port else None
+        return f"https://127.0.0.1:{port}" if port else None
+
+    @property
+    def ca(self) -> Path:
+        """The CA the broker's and Connect's certificate is verified against."""
+        return tls_files(self.tls_dir).ca_cert
 
     def status(self) -> KafkaStatus:
         broker, connect = self._pid("broker"), self._pid("connect")
         connectors: dict[str, Any] = {}
         if connect is not None and self.connect_url:
             with contextlib.suppress(RuntimeErrorWithHint):
-                for name in list_connectors(self.connect_url):
-                    connectors[name] = connector_state(self.connect_url, name)
+                for name in list_connectors(self.connect_url, ca=self.ca):
+                    connectors[name] = connector_state(self.connect_url, name, ca=self.ca)
         return KafkaStatus(
             broker_running=broker is not None,
             broker_pid=broker,
@@ -298,6 +317,7 @@ class KafkaStack:
         if not self.secrets_file.exists():
             self.secrets_file.write_text("")
         self.secrets_file.chmod(0o600)
+        ensure_certificates(self.tls_dir)
         if self._pid("broker") is None:
             self._start_broker(java, jars)
         if self._pid("connect") is None:
@@ -346,6 +366,8 @@ class KafkaStack:
         data = self.broker_dir / "data"
         self.broker_dir.mkdir(parents=True, exist_ok=True)
         properties = self.broker_dir / "server.properties"
+        tls = tls_files(self.tls_dir)
+        keystore = pem_keystore(tls, self.broker_dir / "server.pem")
         properties.write_text(
             "# Written by stripe-platform on every start; edit runtime/kafka.py, not this file.\n"
             + _properties(
@@ -353,14 +375,22 @@ class KafkaStack:
                     "process.roles": "broker,controller",
                     "node.id": "1",
                     "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
+                    # TLS only, the controller's listener too; no client certificates (the
+                    # broker has no ACLs: it listens on 127.0.0.1 only).
                     "listeners": (
-                        f"PLAINTEXT://127.0.0.1:{broker_port},"
-                        f"CONTROLLER://127.0.0.1:{controller_port}"
+                        f"SSL://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}"
                     ),
-                    "advertised.listeners": f"PLAINTEXT://127.0.0.1:{broker_port}",
+                    "advertised.listeners": f"SSL://127.0.0.1:{broker_port}",
                     "controller.listener.names": "CONTROLLER",
-                    "inter.broker.listener.name": "PLAINTEXT",
-                    "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                    "inter.broker.listener.name": "SSL",
+                    "listener.security.protocol.map": "SSL:SSL,CONTROLLER:SSL",
+                    "ssl.keystore.type": "PEM",
+                    "ssl.keystore.location": str(keystore),
+                    "ssl.truststore.type": "PEM",
+                    "ssl.truststore.location": str(tls.ca_cert),
+                    "ssl.client.auth": "none",
+                    "ssl.endpoint.identification.algorithm": "https",
+                    "ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
                     "log.dirs": str(data),
                     "num.partitions": "1",
                     # One node: every internal topic has one replica.
@@ -422,7 +452,9 @@ class KafkaStack:
         from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, "log_level": 0})
+        admin = AdminClient(
+            {"bootstrap.servers": self.bootstrap_servers, "log_level": 0, **client_tls(self.ca)}
+        )
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         while True:
             if process.poll() is not None:
@@ -445,13 +477,42 @@ class KafkaStack:
     def _start_connect(self, java: Path, jars: Path) -> None:
         rest_port = self._port("rest_port")
         self.connect_dir.mkdir(parents=True, exist_ok=True)
+        tls = tls_files(self.tls_dir)
+        # Jetty reads no PEM: the REST listener's key is a PKCS#12 file, its password made here
+        # (the worker's file is as private as the key's).
+        password = secrets.token_urlsafe(24)
+        keystore = pkcs12_keystore(tls, self.connect_dir / "rest.p12", password)
+        # The worker's clients (its own, and the producer/consumer/admin of the connector's task)
+        # reach the broker over TLS, verified against the CA.
+        to_broker = {
+            "security.protocol": "SSL",
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(tls.ca_cert),
+            "ssl.endpoint.identification.algorithm": "https",
+        }
         worker = self.connect_dir / "worker.properties"
+        worker.touch(mode=0o600)
+        worker.chmod(0o600)
         worker.write_text(
             "# Written by stripe-platform on every start; edit runtime/kafka.py, not this file.\n"
             + _properties(
                 {
                     "bootstrap.servers": self.bootstrap_servers or "",
-                    "listeners": f"http://127.0.0.1:{rest_port}",
+                    **to_broker,
+                    **{
+                        f"{c}.{k}": v
+                        for c in ("producer", "consumer", "admin")
+                        for k, v in to_broker.items()
+                    },
+                    # https only; the listener's own ssl settings (the prefix: Connect then ignores
+                    # the worker's PEM truststore above, which Jetty could not read).
+                    "listeners": f"https://127.0.0.1:{rest_port}",
+                    "listeners.https.ssl.keystore.type": "PKCS12",
+                    "listeners.https.ssl.keystore.location": str(keystore),
+                    "listeners.https.ssl.keystore.password": password,
+                    "listeners.https.ssl.key.password": password,
+                    "listeners.https.ssl.client.auth": "none",
+                    "listeners.https.ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
                     "rest.advertised.host.name": "127.0.0.1",
                     "rest.advertised.port": str(rest_port),
                     "plugin.path": str(jars / "plugins"),
@@ -495,8 +556,9 @@ class KafkaStack:
                     f"{self.connect_log}:\n{_tail(self.connect_log)}"
                 )
             try:
-                health = f"{self.connect_url}/health"  # http on 127.0.0.1, built here
-                with urllib.request.urlopen(health, timeout=2) as answer:  # noqa: S310
+                health = f"{self.connect_url}/health"  # https on 127.0.0.1, built here
+                context = ssl.create_default_context(cafile=str(self.ca))
+                with urllib.request.urlopen(health, timeout=2, context=context) as answer:  # noqa: S310
                     if answer.status == 200:
                         return
             except (OSError, urllib.error.URLError):
@@ -563,14 +625,35 @@ class KafkaStack:
     def delete(self, name: str) -> bool:
         if self.connect_url is None or self._pid("connect") is None:
             return False
-        return delete_connector(self.connect_url, name)
+        return delete_connector(self.connect_url, name, ca=self.ca)
+
+
+# -- TLS to the broker --------------------------------------------------------------------------------
+def client_tls(ca: Path) -> dict[str, str]:
+    """librdkafka's settings for a broker that speaks TLS only, verified against ``ca`` (its
+    certificate's name must match the host of the bootstrap address)."""
+    return {
+        "security.protocol": "ssl",
+        "ssl.ca.location": str(ca),
+        "ssl.endpoint.identification.algorithm": "https",
+    }
+
+
+def client_config(settings: Settings) -> dict[str, str]:
+    """``bootstrap.servers`` and TLS for a client of the platform's brokers."""
+    return {"bootstrap.servers": bootstrap_servers(settings), **client_tls(ca_file(settings))}
 
 
 # -- Connect's REST API (any Connect: this stack's or compose's) --------------------------------------
-def _rest(base: str, method: str, path: str, body: object | None = None) -> Any:
+def _rest(
+    base: str, method: str, path: str, body: object | None = None, *, ca: Path | None = None
+) -> Any:
+    """One call to Connect's REST API, https only (the platform's Connect and compose's
+    verified against ``ca``: a plain http:// URL is refused, it would carry connector configs)."""
     data = None if body is None else json.dumps(body).encode()
-    if not base.startswith(("http://", "https://")):
-        raise RuntimeErrorWithHint(f"Kafka Connect's URL must be http(s)://..., not {base!r}")
+    if not base.startswith("https://"):
+        raise RuntimeErrorWithHint(f"Kafka Connect's URL must be https://..., not {base!r}")
+    context = ssl.create_default_context(cafile=str(ca) if ca else None)
     request = urllib.request.Request(  # noqa: S310 - http(s) only (checked above)
         base.rstrip("/") + path,
         data=data,
@@ -578,7 +661,7 @@ def _rest(base: str, method: str, path: str, body: object | None = None) -> Any:
         headers={"Content-Type": "application/json", "Accept": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=60) as answer:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=60, context=context) as answer:  # noqa: S310
             text = answer.read().decode()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
@@ -592,10 +675,10 @@ def _rest(base: str, method: str, path: str, body: object | None = None) -> Any:
     return json.loads(text) if text.strip() else None
 
 
-def validate(base: str, config: Mapping[str, str]) -> list[str]:
+def validate(base: str, config: Mapping[str, str], *, ca: Path | None = None) -> list[str]:
     """Connect's own check of a connector configuration: ``key: message`` per refused value."""
     plugin = config["connector.class"].rsplit(".", 1)[-1]
-    answer = _rest(base, "PUT", f"/connector-plugins/{plugin}/config/validate", dict(config))
+    answer = _rest(base, "PUT", f"/connector-plugins/{plugin}/config/validate", dict(config), ca=ca)
     problems = []
     for entry in answer.get("configs", []):
         value = entry.get("value") or {}
@@ -604,13 +687,13 @@ def validate(base: str, config: Mapping[str, str]) -> list[str]:
     return problems
 
 
-def list_connectors(base: str) -> list[str]:
-    return list(_rest(base, "GET", "/connectors") or [])
+def list_connectors(base: str, *, ca: Path | None = None) -> list[str]:
+    return list(_rest(base, "GET", "/connectors", ca=ca) or [])
 
 
-def connector_state(base: str, name: str) -> dict:
+def connector_state(base: str, name: str, *, ca: Path | None = None) -> dict:
     """``{"connector": state, "tasks": [state, ...], "trace": first task trace line or None}``."""
-    answer = _rest(base, "GET", f"/connectors/{name}/status")
+    answer = _rest(base, "GET", f"/connectors/{name}/status", ca=ca)
     tasks = answer.get("tasks", [])
     traces = [t.get("trace") for t in tasks if t.get("trace")]
     trace = answer.get("connector", {}).get("trace") or (traces[0] if traces else None)
@@ -629,17 +712,19 @@ def failure_cause(trace: str | None) -> str:
     return (causes[-1] if causes else trace.splitlines()[0]).strip()
 
 
-def deploy_connector(base: str, name: str, config: Mapping[str, str]) -> dict:
-    problems = validate(base, {**config, "name": name})
+def deploy_connector(
+    base: str, name: str, config: Mapping[str, str], *, ca: Path | None = None
+) -> dict:
+    problems = validate(base, {**config, "name": name}, ca=ca)
     if problems:
         raise RuntimeErrorWithHint(
             f"Kafka Connect refuses the configuration of connector {name!r}: " + "; ".join(problems)
         )
-    _rest(base, "PUT", f"/connectors/{name}/config", {**config, "name": name})
+    _rest(base, "PUT", f"/connectors/{name}/config", {**config, "name": name}, ca=ca)
     deadline = time.monotonic() + CONNECTOR_START_TIMEOUT_S
     while True:
         try:
-            state = connector_state(base, name)
+            state = connector_state(base, name, ca=ca)
         except RuntimeErrorWithHint:
             state = {"connector": None, "tasks": [], "trace": None}  # 404 until it is created
         if "FAILED" in (state["connector"], *state["tasks"]):
@@ -660,9 +745,9 @@ def deploy_connector(base: str, name: str, config: Mapping[str, str]) -> dict:
         time.sleep(0.2)
 
 
-def delete_connector(base: str, name: str) -> bool:
+def delete_connector(base: str, name: str, *, ca: Path | None = None) -> bool:
     try:
-        _rest(base, "DELETE", f"/connectors/{name}")
+        _rest(base, "DELETE", f"/connectors/{name}", ca=ca)
     except RuntimeErrorWithHint as exc:
         if " 404 " in str(exc):
             return False
@@ -772,10 +857,11 @@ def attach(
         settings, conninfo, password=password_ref, heartbeat_ms=heartbeat_ms, extra=extra
     )
     servers = stack.bootstrap_servers if stack is not None else settings.kafka_bootstrap_servers
+    ca = stack.ca if stack is not None else ca_file(settings)
     if servers:
-        ensure_topics(servers, debezium.topics(settings).values())
+        ensure_topics(servers, debezium.topics(settings).values(), ca=ca)
     name = debezium.connector_name(settings, database)
-    deploy_connector(connect_url, name, config)
+    deploy_connector(connect_url, name, config, ca=ca)
     slot = debezium.slot_name(database)
     _wait_slot_active(settings, database, slot, name)
     return Attached(
@@ -793,6 +879,7 @@ def ensure_topics(
     servers: str,
     topics: Iterable[str],
     *,
+    ca: Path,
     partitions: int = debezium.PARTITIONS,
     replication_factor: int = 1,
 ) -> None:
@@ -802,7 +889,7 @@ def ensure_topics(
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": servers})
+    admin = AdminClient({"bootstrap.servers": servers, **client_tls(ca)})
     futures = admin.create_topics(
         [NewTopic(t, partitions, replication_factor) for t in topics], request_timeout=30
     )
@@ -847,8 +934,12 @@ def detach(
     from stripe_platform.oltp import db
 
     database = database or settings.pg_database
-    url = stack.connect_url if stack is not None and stack._pid("connect") else connect_url
-    removed = bool(url) and delete_connector(url, debezium.connector_name(settings, database))
+    embedded = stack is not None and stack._pid("connect") is not None
+    url = stack.connect_url if embedded and stack is not None else connect_url
+    ca = stack.ca if embedded and stack is not None else ca_file(settings)
+    removed = bool(url) and delete_connector(
+        url, debezium.connector_name(settings, database), ca=ca
+    )
     slot = debezium.slot_name(database)
     with db.connect(settings, database=database, autocommit=True) as conn:
         deadline = time.monotonic() + STOP_TIMEOUT_S

@@ -1,19 +1,29 @@
 """A private certificate authority and server certificate for the embedded cluster (TLS in transit).
 
 Generated once on first start and kept beside the cluster, so clients can verify the server with
-``sslmode=verify-full sslrootcert=<home>/tls/ca.crt``.
+``sslmode=verify-full sslrootcert=<home>/tls/ca.crt``. Every server the platform starts (PostgreSQL,
+FerretDB, the API, Airflow's api-server, Kafka and Kafka Connect) presents this one certificate and
+listens with TLS only; ``security/tls_scan.py`` proves it. The same files in the forms Java wants:
+:func:`pem_keystore` (Kafka: key and chain in one PEM file) and :func:`pkcs12_keystore` (Kafka
+Connect's REST server, Jetty, which reads no PEM).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from stripe_platform.config import Settings
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
 VALIDITY = dt.timedelta(days=825)
@@ -122,3 +132,41 @@ def ensure_certificates(
     files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     return files
+
+
+def ca_file(settings: Settings) -> Path:
+    """The CA a client of the platform's own servers verifies them against: the setting
+    (compose's /certs/ca.crt), else the embedded runtime's."""
+    return settings.tls_ca_file or tls_files(settings.home_dir / "tls").ca_cert
+
+
+def _write_private(path: Path, data: bytes) -> Path:
+    """Write a file holding a private key: created 0600, replaced whole."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    partial.replace(path)
+    return path
+
+
+def pem_keystore(files: TlsFiles, target: Path) -> Path:
+    """The server key and certificate in one PEM file (Kafka's ``ssl.keystore.type=PEM``)."""
+    return _write_private(target, files.server_key.read_bytes() + files.server_cert.read_bytes())
+
+
+def pkcs12_keystore(files: TlsFiles, target: Path, password: str) -> Path:
+    """The server key and certificate as a PKCS#12 keystore (Jetty, Kafka Connect's REST)."""
+    key = serialization.load_pem_private_key(files.server_key.read_bytes(), password=None)
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    data = pkcs12.serialize_key_and_certificates(
+        b"server",
+        key,
+        cert,
+        [ca],
+        serialization.BestAvailableEncryption(password.encode()),
+    )
+    return _write_private(target, data)

@@ -33,7 +33,8 @@ embedded stack of the test suite and ``stripe-platform kafka up`` (``runtime/kaf
 - JSON without embedded schemas: values are the envelope itself (``before``, ``after``,
   ``source.lsn``, ``op`` c/u/d/r, ``ts_ms``), keys ``{"customerid": ...}``. A delete is followed
   by a null tombstone.
-- TLS to PostgreSQL verified against the CA given (``sslmode=verify-full``).
+- TLS to PostgreSQL verified against the CA given (``sslmode=verify-full``; a connection string
+  asking for less is refused).
 """
 
 from __future__ import annotations
@@ -148,6 +149,12 @@ def connector_config(
     missing = [key for key in ("host", "dbname", "user") if not params.get(key)]
     if missing:
         raise ValueError(f"the connection string for Debezium lacks {', '.join(missing)}")
+    sslmode = str(params.get("sslmode") or "verify-full")
+    if sslmode not in ("verify-full", "verify-ca"):
+        raise ValueError(
+            f"Debezium must reach PostgreSQL over verified TLS: the connection string says "
+            f"sslmode={sslmode}; use sslmode=verify-full with sslrootcert=<the CA file>"
+        )
     database = str(params["dbname"])
     include = ",".join(f"{SCHEMA}.{table}" for table in TABLES)
     key_columns = ";".join(f"{SCHEMA}.{table}:{column}" for table, column in KEY_COLUMNS.items())
@@ -159,7 +166,7 @@ def connector_config(
         "database.dbname": database,
         "database.user": str(params["user"]),
         "database.password": password if password is not None else str(params.get("password", "")),
-        "database.sslmode": str(params.get("sslmode") or "verify-full"),
+        "database.sslmode": sslmode,
         "plugin.name": "pgoutput",
         "slot.name": slot_name(database),
         "publication.name": PUBLICATION,

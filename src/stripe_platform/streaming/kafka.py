@@ -46,7 +46,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
-from stripe_platform.runtime.kafka import bootstrap_servers
+from stripe_platform.runtime.kafka import client_config
 from stripe_platform.streaming import debezium
 from stripe_platform.streaming.changes import Lag, Operation, Poll, Rejected, RowEvent
 
@@ -247,7 +247,9 @@ class KafkaSource:
         group: str | None = None,
         topics: Sequence[str] | None = None,
     ) -> None:
-        servers = bootstrap_servers(settings)  # the setting, else `stripe-platform kafka up`'s
+        # The brokers (the setting, else `stripe-platform kafka up`'s) and TLS to them.
+        self._client = client_config(settings)
+        servers = self._client["bootstrap.servers"]
         self.group = group or settings.kafka_consumer_group
         self.topics = list(topics) if topics else list(debezium.topics(settings).values())
         self.dlq_topic = debezium.dead_letter_topic(settings)
@@ -272,7 +274,7 @@ class KafkaSource:
         self._hold_deadline: float | None = None
         self._backlog = False
         conf: dict[str, Any] = {
-            "bootstrap.servers": servers,
+            **self._client,
             "group.id": self.group,
             "client.id": f"stripe-platform-{self.group}",
             "enable.auto.commit": False,
@@ -517,7 +519,7 @@ class KafkaSource:
         if self._producer is None:
             self._producer = Producer(
                 {
-                    "bootstrap.servers": self._servers,
+                    **self._client,
                     "client.id": f"stripe-platform-{self.group}-dlq",
                     "enable.idempotence": True,  # acks=all, no duplicates on retry
                     "linger.ms": 0,
@@ -552,7 +554,7 @@ class KafkaSource:
 
     def _ensure_dlq(self) -> None:
         """Create the dead-letter topic if missing (replication: the broker's default)."""
-        admin = AdminClient({"bootstrap.servers": self._servers, "logger": log})
+        admin = AdminClient({**self._client, "logger": log})
         futures = admin.create_topics([NewTopic(self.dlq_topic, num_partitions=1)])
         try:
             futures[self.dlq_topic].result(timeout=30)
