@@ -1,0 +1,658 @@
+"""Encryption coverage (`stripe-platform keys coverage`, issue 20): the share of the catalog's
+PROTECTED columns and fields (pci, pii, credential) that are encrypted, hashed or masked at rest,
+per store, measured on the stores' real contents.
+
+Each protected field of the catalog is sampled (up to ``sample`` non-empty values) and judged:
+- encrypted: every value is ciphertext naming its key: the envelope format (``SPE1``, documents,
+  lake, warehouse raw), PostgreSQL's pgcrypto with the key header (``SPK1``) or a legacy pgcrypto
+  PGP message (the one-key ciphertext before issue 20, still encrypted);
+- hashed: a credential held as a bcrypt hash (``$2a$``/``$2b$``/``$2y$``);
+- masked (marts only): roles below admin cannot read it: the masked view hides it and, on
+  PostgreSQL, no reader role may read the base mart; on Snowflake a masking policy is attached;
+- empty or absent: no value (or no such column/dataset yet): listed, not counted against;
+- in clear: any sampled value is none of the above: a failure, named in the report.
+
+Per store: protected / total (encrypted + hashed + masked over those plus in-clear) and a percent;
+a store that cannot be reached or is not built yet is reported so, never as 0 %. The JSON shape
+(``CoverageReport.as_dict``) is stable: the compliance dashboard reads it. Reports carry counts and
+names only, never a sampled value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+import yaml
+from pymongo.errors import PyMongoError
+
+from stripe_platform.config import Settings
+from stripe_platform.errors import PlatformError
+from stripe_platform.governance.classification import (
+    STORES,
+    Catalog,
+    DataClass,
+    Entry,
+    load_catalog,
+)
+from stripe_platform.security.envelope import Envelope
+
+DEFAULT_SAMPLE = 200
+MASKED = "***MASKED***"
+PG_KEY_HEADER = b"SPK1"  # sql/oltp/0013_column_encryption.sql: 'SPK1' scope ':' version ':' PGP
+_BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+# What a store out of reach raises (server down, file locked or missing): reported, not fatal.
+UNREACHABLE = (PlatformError, psycopg.Error, PyMongoError, OSError)
+
+Status = Literal["encrypted", "hashed", "masked", "empty", "absent", "in_clear"]
+COVERED: frozenset[str] = frozenset({"encrypted", "hashed", "masked"})
+StoreState = Literal["checked", "unreachable", "not_built"]
+
+
+class CoverageError(PlatformError, ValueError):
+    """Bad arguments to the coverage report (the message names them)."""
+
+
+@dataclass(frozen=True)
+class FieldCoverage:
+    store: str
+    dataset: str
+    field: str
+    data_class: str
+    status: Status
+    sampled: int = 0  # non-empty values looked at
+    clear: int = 0  # of which in clear
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.store} {self.dataset}.{self.field}"
+
+
+@dataclass
+class StoreCoverage:
+    store: str
+    state: StoreState = "checked"
+    detail: str = ""
+    fields: list[FieldCoverage] = field(default_factory=list)
+
+    @property
+    def protected(self) -> int:
+        return sum(f.status in COVERED for f in self.fields)
+
+    @property
+    def total(self) -> int:
+        return sum(f.status in COVERED or f.status == "in_clear" for f in self.fields)
+
+    @property
+    def percent(self) -> float | None:
+        """None when nothing could be judged (store not checked, or every field empty)."""
+        if self.state != "checked" or not self.total:
+            return None
+        return round(100.0 * self.protected / self.total, 1)
+
+    @property
+    def in_clear(self) -> list[FieldCoverage]:
+        return [f for f in self.fields if f.status == "in_clear"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "state": self.state,
+            "detail": self.detail,
+            "protected": self.protected,
+            "total": self.total,
+            "percent": self.percent,
+            "in_clear": [f.name for f in self.in_clear],
+            "fields": [
+                {
+                    "dataset": f.dataset,
+                    "field": f.field,
+                    "class": f.data_class,
+                    "status": f.status,
+                    "sampled": f.sampled,
+                    "clear": f.clear,
+                    "detail": f.detail,
+                }
+                for f in self.fields
+            ],
+        }
+
+
+@dataclass
+class CoverageReport:
+    sample: int
+    stores: list[StoreCoverage] = field(default_factory=list)
+
+    def store(self, name: str) -> StoreCoverage:
+        for store in self.stores:
+            if store.store == name:
+                return store
+        raise KeyError(name)
+
+    @property
+    def protected(self) -> int:
+        return sum(s.protected for s in self.stores if s.state == "checked")
+
+    @property
+    def total(self) -> int:
+        return sum(s.total for s in self.stores if s.state == "checked")
+
+    @property
+    def percent(self) -> float | None:
+        return round(100.0 * self.protected / self.total, 1) if self.total else None
+
+    @property
+    def in_clear(self) -> list[FieldCoverage]:
+        return [f for s in self.stores for f in s.in_clear]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sample": self.sample,
+            "protected": self.protected,
+            "total": self.total,
+            "percent": self.percent,
+            "goal": 100.0,
+            "in_clear": [f.name for f in self.in_clear],
+            "stores": {s.store: s.as_dict() for s in self.stores},
+        }
+
+    def summary(self) -> str:
+        """One line: the overall figure, each store's, and what is in clear."""
+        parts = []
+        for s in self.stores:
+            if s.state != "checked":
+                parts.append(f"{s.store} {s.state.replace('_', ' ')}")
+            elif s.percent is None:
+                parts.append(f"{s.store} no values")
+            else:
+                parts.append(f"{s.store} {_pct(s.percent)} ({s.protected}/{s.total})")
+        overall = "n/a" if self.percent is None else _pct(self.percent)
+        line = f"encryption coverage {overall} ({self.protected}/{self.total}): " + ", ".join(parts)
+        if self.in_clear:
+            line += "; IN CLEAR: " + ", ".join(f.name for f in self.in_clear)
+        return line
+
+
+def _pct(value: float) -> str:
+    return f"{value:g} %"
+
+
+# --- judging values ------------------------------------------------------------------------------
+
+
+def _as_bytes(value: Any) -> bytes | None:
+    if isinstance(value, (bytes, bytearray, memoryview)):  # bson.Binary is a bytes
+        return bytes(value)
+    return None
+
+
+def _is_pgp_message(data: bytes) -> bool:
+    """A pgcrypto pgp_sym_encrypt message: a symmetric-key session key packet (tag 3) first."""
+    return len(data) > 3 and (data[0] == 0xC3 or data[0] & 0xFC == 0x8C)
+
+
+def _is_ciphertext(data: bytes) -> bool:
+    if Envelope.is_ciphertext(data):
+        return True
+    if data.startswith(PG_KEY_HEADER):  # 'SPK1' scope ':' version ':' PGP message
+        parts = data[len(PG_KEY_HEADER) :].split(b":", 2)
+        return len(parts) == 3 and parts[1].isdigit() and _is_pgp_message(parts[2])
+    return _is_pgp_message(data)
+
+
+def judge(value: Any, data_class: DataClass) -> Literal["encrypted", "hashed", "clear", "empty"]:
+    """What one stored value is. Text is clear unless it is a bcrypt hash (credentials) or the
+    base64 text of a ciphertext (a store whose column is text)."""
+    if value is None:
+        return "empty"
+    data = _as_bytes(value)
+    if data is not None:
+        if not data:
+            return "empty"
+        return "encrypted" if _is_ciphertext(data) else "clear"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return "empty"
+        if data_class == DataClass.CREDENTIAL and _BCRYPT.fullmatch(text):
+            return "hashed"
+        try:
+            decoded = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return "clear"
+        return "encrypted" if decoded and _is_ciphertext(decoded) else "clear"
+    if isinstance(value, (list, tuple)) and not value:
+        return "empty"
+    return "clear"  # numbers, dates, JSON objects: a protected field in clear
+
+
+def judge_field(entry: Entry, values: Iterable[Any]) -> FieldCoverage:
+    counts = {"encrypted": 0, "hashed": 0, "clear": 0}
+    for value in values:
+        verdict = judge(value, entry.data_class)
+        if verdict != "empty":
+            counts[verdict] += 1
+    sampled = sum(counts.values())
+    status: Status
+    if not sampled:
+        status = "empty"
+    elif counts["clear"]:
+        status = "in_clear"
+    elif counts["hashed"] and not counts["encrypted"]:
+        status = "hashed"
+    else:
+        status = "encrypted"
+    return FieldCoverage(
+        entry.store,
+        entry.dataset,
+        entry.field,
+        entry.data_class.value,
+        status,
+        sampled,
+        counts["clear"],
+        f"{counts['clear']} of {sampled} sampled values in clear" if counts["clear"] else "",
+    )
+
+
+def _absent(entry: Entry, detail: str) -> FieldCoverage:
+    return FieldCoverage(
+        entry.store, entry.dataset, entry.field, entry.data_class.value, "absent", detail=detail
+    )
+
+
+class _NotBuilt(Exception):
+    """The store exists in the configuration but holds nothing yet (message: what is missing)."""
+
+
+def _by_dataset(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
+    grouped: dict[str, list[Entry]] = {}
+    for entry in entries:
+        grouped.setdefault(entry.dataset, []).append(entry)
+    return grouped
+
+
+def _leaves(value: Any, path: list[str]) -> Iterator[Any]:
+    """The values at a dotted path of a document; arrays are walked (``lines.message``)."""
+    if isinstance(value, list):
+        for item in value:
+            yield from _leaves(item, path)
+        return
+    if not path:
+        yield value
+        return
+    if isinstance(value, Mapping) and path[0] in value:
+        yield from _leaves(value[path[0]], path[1:])
+
+
+# --- stores ----------------------------------------------------------------------------------------
+
+
+def _check_postgres(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
+    from psycopg import sql
+
+    from stripe_platform.oltp import db
+
+    results = []
+    with db.connect(settings, autocommit=True) as conn:
+        columns = {
+            (t, c)
+            for t, c in conn.execute(
+                "SELECT lower(table_name), lower(column_name) FROM information_schema.columns "
+                "WHERE table_schema = 'public'"
+            ).fetchall()
+        }
+        for entry in entries:
+            table, column = entry.dataset.lower(), entry.field.lower()
+            if (table, column) not in columns:
+                results.append(_absent(entry, "no such column in the database"))
+                continue
+            rows = conn.execute(
+                sql.SQL("SELECT {c} FROM {t} WHERE {c} IS NOT NULL LIMIT %s").format(
+                    c=sql.Identifier(column), t=sql.Identifier(table)
+                ),
+                (sample,),
+            ).fetchall()
+            results.append(judge_field(entry, (r[0] for r in rows)))
+    return results
+
+
+def _check_documents(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
+    from stripe_platform.docstore import client as docstore
+
+    database = docstore.connect(settings)
+    try:
+        collections = set(database.list_collection_names())
+        results = []
+        for dataset, group in _by_dataset(entries).items():
+            for entry in group:
+                if dataset not in collections:
+                    results.append(_absent(entry, "no such collection"))
+                    continue
+                top = entry.field.split(".")[0]
+                cursor = database[dataset].find(
+                    {entry.field: {"$exists": True, "$ne": None}}, {top: 1, "_id": 0}, limit=sample
+                )
+                path = entry.field.split(".")
+                values = [v for doc in cursor for v in _leaves(doc, path)]
+                results.append(judge_field(entry, values[: sample * 10]))
+        return results
+    finally:
+        database.client.close()
+
+
+def _check_lake(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    from stripe_platform.lake.writer import LakeWriter
+
+    lake = LakeWriter.from_settings(settings)
+    results = []
+    found_any = False
+    for dataset, group in _by_dataset(entries).items():
+        source, stream = dataset.split(".", 1)
+        directory = lake.stream_dir(source, stream)
+        try:
+            infos = lake.filesystem.get_file_info(pafs.FileSelector(directory, recursive=True))
+        except FileNotFoundError:
+            infos = []
+        files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        if not files:
+            results += [_absent(e, "no Parquet file yet") for e in group]
+            continue
+        found_any = True
+        values: dict[str, list[Any]] = {e.field: [] for e in group}
+        for path in files:
+            with lake.filesystem.open_input_file(path) as handle:
+                parquet = pq.ParquetFile(handle)
+                names = {n.lower(): n for n in parquet.schema_arrow.names}
+                wanted = {
+                    e.field: names[e.field.lower()] for e in group if e.field.lower() in names
+                }
+                if not wanted:
+                    continue
+                for batch in parquet.iter_batches(batch_size=sample, columns=list(wanted.values())):
+                    for name, column in wanted.items():
+                        values[name] += [
+                            v for v in batch.column(column).to_pylist() if v is not None
+                        ]
+                    break
+            if all(len(v) >= sample for v in values.values()):
+                break
+        for entry in group:
+            results.append(judge_field(entry, values[entry.field][:sample]))
+    if not found_any:
+        raise _NotBuilt(f"no Parquet file under {lake.uri(lake.base)}")
+    return results
+
+
+# -- the warehouse (raw layer and marts) ------------------------------------------------------------
+
+
+class _Warehouse:
+    """The configured warehouse, read-only: sample a column, see a table's columns."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.backend = settings.warehouse_backend
+        self.settings = settings
+        if self.backend == "duckdb":
+            import duckdb
+
+            if not settings.warehouse_file.exists():
+                raise _NotBuilt(f"no DuckDB warehouse at {settings.warehouse_file}")
+            self.conn: Any = duckdb.connect(str(settings.warehouse_file), read_only=True)
+            self.param = "?"
+        elif self.backend == "postgres":
+            assert settings.warehouse_dsn is not None  # checked by Settings
+            self.conn = psycopg.connect(settings.warehouse_dsn.get_secret_value(), autocommit=True)
+            self.param = "%s"
+        else:
+            import snowflake.connector
+
+            from stripe_platform.warehouse import snowflake_params
+
+            self.conn = snowflake.connector.connect(**snowflake_params(settings))
+            self.param = "%s"
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        cursor = self.conn.cursor()
+        try:
+            cursor.execute(query, params)
+            return [tuple(r) for r in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+    def columns(self, schema: str) -> dict[str, dict[str, str]]:
+        """lower table -> lower column -> the column's real name, of one schema."""
+        where = "upper(table_schema)" if self.backend == "snowflake" else "lower(table_schema)"
+        name = schema.upper() if self.backend == "snowflake" else schema.lower()
+        found: dict[str, dict[str, str]] = {}
+        for table, column in self.rows(
+            f"SELECT table_name, column_name FROM information_schema.columns WHERE {where} = "
+            f"{self.param}",
+            (name,),
+        ):
+            found.setdefault(table.lower(), {})[column.lower()] = column
+        return found
+
+    def table_name(self, schema: str, table: str) -> str:
+        """Quoted as stored: lower case on DuckDB/PostgreSQL, upper case on Snowflake."""
+        if self.backend == "snowflake":
+            return f'"{schema.upper()}"."{table.upper()}"'
+        return f'"{schema.lower()}"."{table.lower()}"'
+
+    def sample(self, relation: str, column: str, sample: int) -> list[Any]:
+        quoted = '"' + column.replace('"', '""') + '"'
+        rows = self.rows(
+            f"SELECT {quoted} FROM {relation} WHERE {quoted} IS NOT NULL LIMIT {int(sample)}"
+        )
+        return [r[0] for r in rows]
+
+
+def _check_warehouse_raw(
+    settings: Settings, entries: list[Entry], sample: int
+) -> list[FieldCoverage]:
+    warehouse = _Warehouse(settings)
+    try:
+        results = []
+        schemas: dict[str, dict[str, dict[str, str]]] = {}
+        found_any = False
+        for dataset, group in _by_dataset(entries).items():
+            schema, table = dataset.split(".", 1)
+            if schema not in schemas:
+                schemas[schema] = warehouse.columns(schema)
+            columns = schemas[schema].get(table.lower())
+            if columns is None:
+                results += [_absent(e, "not synced yet") for e in group]
+                continue
+            found_any = True
+            relation = warehouse.table_name(schema, table)
+            for entry in group:
+                real = columns.get(entry.field.lower())
+                if real is None:
+                    results.append(_absent(entry, "no such column"))
+                    continue
+                results.append(judge_field(entry, warehouse.sample(relation, real, sample)))
+        if not found_any:
+            raise _NotBuilt("no raw table synced yet")
+        return results
+    finally:
+        warehouse.close()
+
+
+def masking_vars() -> dict[str, Any]:
+    """The masking settings of the dbt project (vars of dbt_project.yml: masked schema, roles)."""
+    from stripe_platform.transform.dbt import DBT_PROJECT_DIR
+
+    project = yaml.safe_load((DBT_PROJECT_DIR / "dbt_project.yml").read_text())
+    return project["vars"]
+
+
+def _check_marts(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
+    from stripe_platform.transform.dbt import MARTS_SCHEMA
+
+    config = masking_vars()
+    masked_schema = config["masked_schema"]
+    warehouse = _Warehouse(settings)
+    try:
+        marts = warehouse.columns(MARTS_SCHEMA)
+        if not marts:
+            raise _NotBuilt(f"no mart in schema {MARTS_SCHEMA} (run stripe-platform transform)")
+        views = warehouse.columns(masked_schema) if warehouse.backend != "snowflake" else {}
+        readers = _pg_readers(warehouse, config) if warehouse.backend == "postgres" else []
+        results = []
+        for entry in entries:
+            table = entry.dataset.lower()
+            real = marts.get(table, {}).get(entry.field.lower())
+            if real is None:
+                results.append(_absent(entry, "not built"))
+                continue
+            relation = warehouse.table_name(MARTS_SCHEMA, table)
+            stored = judge_field(entry, warehouse.sample(relation, real, sample))
+            if stored.status in {"encrypted", "hashed"}:
+                results.append(stored)
+                continue
+            hidden = _mart_hidden(
+                warehouse, entry, table, masked_schema, views, readers, config, sample
+            )
+            if hidden is None:  # in clear, or empty (nothing to hide today)
+                results.append(stored)
+            else:
+                results.append(
+                    FieldCoverage(
+                        entry.store,
+                        entry.dataset,
+                        entry.field,
+                        entry.data_class.value,
+                        "masked",
+                        stored.sampled,
+                        0,
+                        hidden,
+                    )
+                )
+        return results
+    finally:
+        warehouse.close()
+
+
+def _pg_readers(warehouse: _Warehouse, config: Mapping[str, Any]) -> list[str]:
+    wanted = [r.lower() for r in config["masking_reader_roles"]]
+    return [r[0] for r in warehouse.rows("SELECT rolname FROM pg_roles") if r[0] in wanted]
+
+
+def _mart_hidden(
+    warehouse: _Warehouse,
+    entry: Entry,
+    table: str,
+    masked_schema: str,
+    views: Mapping[str, Mapping[str, str]],
+    readers: list[str],
+    config: Mapping[str, Any],
+    sample: int,
+) -> str | None:
+    """How the column is hidden below admin, or None when it is not."""
+    from stripe_platform.transform.dbt import MARTS_SCHEMA
+
+    if warehouse.backend == "snowflake":
+        policies = warehouse.rows(
+            "SELECT policy_name FROM TABLE(information_schema.policy_references("
+            f"ref_entity_name => '{MARTS_SCHEMA.upper()}.{table.upper()}', "
+            "ref_entity_domain => 'table')) "
+            f"WHERE policy_kind = 'MASKING_POLICY' AND upper(ref_column_name) = {warehouse.param}",
+            (entry.field.upper(),),
+        )
+        return f"masking policy {policies[0][0]}" if policies else None
+    view_column = views.get(table, {}).get(entry.field.lower())
+    if view_column is None:
+        return None
+    shown = warehouse.sample(warehouse.table_name(masked_schema, table), view_column, sample)
+    if any(v not in (None, MASKED) for v in shown):
+        return None
+    if warehouse.backend == "duckdb":
+        return f"view {masked_schema}.{table} (DuckDB: no roles; the file's mode guards the base)"
+    relation = f"{MARTS_SCHEMA}.{table}"
+    for role in ["public", *readers]:
+        if warehouse.rows("SELECT has_table_privilege(%s, %s, 'SELECT')", (role, relation))[0][0]:
+            return None  # a reader role reads the base mart: the view hides nothing
+    return f"view {masked_schema}.{table}; base readable by {config['masking_admin_role']} only"
+
+
+CHECKS: Mapping[str, Callable[[Settings, list[Entry], int], list[FieldCoverage]]] = {
+    "postgres": _check_postgres,
+    "documents": _check_documents,
+    "lake": _check_lake,
+    "warehouse_raw": _check_warehouse_raw,
+    "marts": _check_marts,
+}
+
+
+def coverage_report(
+    settings: Settings,
+    *,
+    catalog: Catalog | None = None,
+    stores: Iterable[str] = STORES,
+    sample: int = DEFAULT_SAMPLE,
+) -> CoverageReport:
+    """Check every PROTECTED field of the catalog in each store (see the module docstring)."""
+    if sample < 1:
+        raise CoverageError(f"coverage: sample must be at least 1, got {sample}")
+    unknown = [s for s in stores if s not in CHECKS]
+    if unknown:
+        raise CoverageError(f"coverage: unknown store(s) {unknown}; known: {', '.join(STORES)}")
+    catalog = catalog or load_catalog()
+    report = CoverageReport(sample=sample)
+    for store in stores:
+        entries = list(catalog.protected(store))  # type: ignore[arg-type]
+        result = StoreCoverage(store)
+        if not entries:
+            result.detail = "no protected field in the catalog"
+        else:
+            try:
+                result.fields = CHECKS[store](settings, entries, sample)
+            except _NotBuilt as exc:
+                result.state, result.detail = "not_built", str(exc)
+            except UNREACHABLE as exc:
+                result.state = "unreachable"
+                result.detail = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a driver's own error (DuckDB: a file held by a writer)
+                if type(exc).__module__.split(".")[0] not in {"duckdb", "_duckdb", "snowflake"}:
+                    raise
+                result.state = "unreachable"
+                result.detail = f"{type(exc).__name__}: {exc}"
+        report.stores.append(result)
+    return report
+
+
+def render_coverage(report: CoverageReport, console: Any) -> None:
+    """A table per store for `keys coverage` (rich console), then the one-line summary."""
+    from rich.table import Table
+
+    table = Table(title=f"Encryption coverage (sample {report.sample} values a field)")
+    for column in ("store", "state", "protected", "total", "coverage", "in clear"):
+        table.add_column(column, justify="right" if column in {"protected", "total"} else "left")
+    for s in report.stores:
+        coverage = "-" if s.percent is None else _pct(s.percent)
+        state = s.state if not s.detail or s.state == "checked" else f"{s.state}: {s.detail}"
+        if s.state == "checked" and s.detail:
+            state = f"checked ({s.detail})"
+        table.add_row(
+            s.store,
+            state,
+            str(s.protected),
+            str(s.total),
+            coverage,
+            ", ".join(f"{f.dataset}.{f.field}" for f in s.in_clear) or "-",
+        )
+    console.print(table)
+    for f in report.in_clear:
+        console.print(f"[red]IN CLEAR[/red] {f.name} ({f.data_class}): {f.detail}")
+    console.print(report.summary())
