@@ -392,3 +392,34 @@ def test_scan_flags_emails_planted_in_a_non_personal_column(
     assert cli.exit_code == 1, cli.output
     assert "example.com" not in cli.output
     assert json.loads(cli.output)["contradictions"] == 1
+
+
+def test_scan_reads_documents_and_the_lake(settings, docdb, tmp_path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docdb["Merchant"].insert_many(
+        [
+            {"oltp_id": 1, "name": "Cafe", "industry": "Food", "rating": {"average": 4.0}},
+            {"oltp_id": 2, "name": "+33 6 12 34 56 78", "industry": "x", "rating": {"average": 3}},
+        ]
+    )
+    docdb["Customer"].insert_one({"oltp_id": 1, "userName": "jd", "email": "jd@example.com"})
+    stream = tmp_path / "lake/raw/postgres/merchant/extracted_date=2026-01-01"
+    stream.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"id": [1, 2], "name": ["Cafe", "DE89 3704 0044 0532 0130 00"]}),
+        stream / "s1-0.parquet",
+    )
+    s = settings.model_copy(
+        update={"mongodb_database": docdb.name, "lake_uri": str(tmp_path / "lake")}
+    )
+    report = scan(s, stores=["documents", "lake"], limit=10)
+    assert report.skipped == []
+    found = {(f.store, f.dataset, f.field, f.found) for f in report.contradictions}
+    assert found == {
+        ("documents", "Merchant", "name", "phone"),
+        ("lake", "postgres.merchant", "name", "iban"),
+    }
+    clear = {(f.dataset, f.field) for f in report.findings if f.level == "info"}
+    assert clear == {("Customer", "email")}  # pii in clear where ciphertext is expected

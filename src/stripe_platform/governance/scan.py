@@ -365,6 +365,8 @@ def _sample_lake(settings: Settings, catalog: Catalog, report: ScanReport) -> No
         if rows:
             scan_rows(report, "lake", dataset, catalog.dataset("lake", dataset), rows)
             report.datasets["lake"] = report.datasets.get("lake", 0) + 1
+    if not report.datasets.get("lake"):
+        report.skipped.append(f"lake: no stream synced under {lake.uri(lake.base)}")
 
 
 SAMPLERS: Mapping[str, Callable[[Settings, Catalog, ScanReport], None]] = {
