@@ -2,7 +2,7 @@
 
 Embedded (no services): ``AIRFLOW_HOME`` is ``<platform home>/airflow`` with SQLite metadata, the
 repository's dags/ and no examples; :func:`migrate_airflow_db` prepares it (once per Airflow
-version) and :func:`run_airflow_standalone` starts ``airflow standalone`` on 127.0.0.1.
+version) and :func:`run_airflow_standalone` starts its components on 127.0.0.1.
 The api-server (UI, REST API, and the execution API tasks report to) serves https only, with the
 runtime's certificate (``runtime/tls.py``); Airflow's task client verifies it against the CA.
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
@@ -120,19 +122,59 @@ def migrate_airflow_db(
     return True
 
 
+# The components `airflow standalone` runs, started here instead: standalone also starts each
+# scheduler's and triggerer's log server, plain HTTP on every interface (ports 8793/8794), which
+# one machine does not need (the api-server reads the log files itself) and TLS-only forbids.
+COMPONENTS: dict[str, list[str]] = {
+    "api-server": ["api-server"],
+    "scheduler": ["scheduler", "--skip-serve-logs"],
+    "dag-processor": ["dag-processor"],
+    "triggerer": ["triggerer", "--skip-serve-logs"],
+}
+
+
 def run_airflow_standalone(settings: Settings, *, port: int = DEFAULT_PORT) -> int:
-    """Prepare the embedded Airflow and run ``airflow standalone`` (api-server on
-    https://127.0.0.1:<port>, scheduler, dag-processor, triggerer) until Ctrl-C; its exit code.
+    """Prepare the embedded Airflow and run its components (api-server on
+    https://127.0.0.1:<port>, scheduler, dag-processor, triggerer) until Ctrl-C or until one of
+    them stops; the exit code of the first to stop (130 after Ctrl-C or SIGTERM).
 
     The UI login is ``admin``; its generated password is in
-    ``<home>/airflow/simple_auth_manager_passwords.json.generated``.
+    ``<home>/airflow/simple_auth_manager_passwords.json.generated``. The components are recorded
+    for the TLS scan (``security/tls_scan.py``) while they run.
     """
+    from stripe_platform.security.tls_scan import forget_server, record_server
+
     env = airflow_env(settings, port=port)
     migrate_airflow_db(settings, env=env)
+    processes: dict[str, subprocess.Popen] = {}
+    record_server(settings, "airflow", "http")  # this process: the components are its children
+    code = 0
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops the components as Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
-        return subprocess.call([*AIRFLOW, "standalone"], env=env)
-    except KeyboardInterrupt:  # standalone stops its components itself
-        return 130
+        for name, args in COMPONENTS.items():
+            processes[name] = subprocess.Popen([*AIRFLOW, *args], env=env)
+        while not any(p.poll() is not None for p in processes.values()):
+            time.sleep(0.5)
+        code = next(p.returncode for p in processes.values() if p.returncode is not None)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        forget_server(settings, "airflow")
+        signal.signal(signal.SIGTERM, previous)
+    return code
 
 
 def init_from_environment() -> None:
