@@ -1,4 +1,9 @@
-"""pgcrypto: bcrypt passwords checked as the brief does, personal fields encrypted, email findable."""
+"""pgcrypto: bcrypt passwords checked as the brief does, personal fields encrypted under their
+table's data key (the ciphertext names it), email findable. Rotation, re-encryption, legacy
+ciphertexts and bad input: test_column_encryption.py."""
+
+import base64
+import os
 
 import psycopg
 import pytest
@@ -39,6 +44,19 @@ def test_personal_fields_are_stored_encrypted_and_decryptable_with_the_key(john)
     assert john.execute("SELECT pii_decrypt(FullName) FROM Customer").fetchone() == ("John Doe",)
 
 
+def test_the_ciphertext_names_its_table_key_and_version(john):
+    # The brief's one-argument pii_encrypt() uses the Customer table's key.
+    email, name = john.execute("SELECT Email, FullName FROM Customer").fetchone()
+    for value in (bytes(email), bytes(name)):
+        assert value.startswith(b"SPK1postgres/customer:1:")
+        # The PGP message follows: a symmetric-key session key packet (tag 3, new or old format).
+        assert value[len(b"SPK1postgres/customer:1:")] in (0xC3, 0x8C)
+    assert john.execute("SELECT (pii_key_ref(Email)).* FROM Customer").fetchone() == (
+        "postgres/customer",
+        1,
+    )
+
+
 def test_email_is_findable_through_its_keyed_hash(john):
     found = john.execute(
         "SELECT UserName FROM Customer WHERE EmailHash = pii_lookup_hash(' John.Doe@Stripe.com ')"
@@ -48,19 +66,34 @@ def test_email_is_findable_through_its_keyed_hash(john):
 
 def test_without_the_key_nothing_decrypts(john, settings, database):
     plain = db.conninfo(settings, database=database, with_key=False)
-    with (
-        psycopg.connect(plain) as c,
-        pytest.raises(psycopg.errors.InsufficientPrivilege, match="no PII key"),
-    ):
-        c.execute("SELECT pii_decrypt(FullName) FROM Customer")
+    with psycopg.connect(plain) as c:
+        with pytest.raises(
+            psycopg.errors.InsufficientPrivilege,
+            match="no key postgres/customer v1 in this session",
+        ):
+            c.execute("SELECT pii_decrypt(FullName) FROM Customer")
+        c.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no key postgres/customer"):
+            c.execute("SELECT pii_encrypt('x')")
+        c.rollback()
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="no lookup key"):
+            c.execute("SELECT pii_lookup_hash('john.doe@stripe.com')")
 
 
 def test_a_different_key_cannot_decrypt(john, settings, database):
+    forged = base64.b64encode(os.urandom(32)).decode()
     other = db.conninfo(
-        settings, database=database, with_key=False, options="-c stripe.pii_key=" + "x" * 40
+        settings,
+        database=database,
+        with_key=False,
+        options=f"-c stripe.pii_keys=postgres/customer:1:{forged} "
+        "-c stripe.pii_current=postgres/customer:1",
     )
     with (
         psycopg.connect(other) as c,
-        pytest.raises(psycopg.errors.ExternalRoutineInvocationException, match="Wrong key"),
+        pytest.raises(
+            psycopg.errors.DataCorrupted,
+            match=r"under key postgres/customer v1 fails its integrity check",
+        ),
     ):
         c.execute("SELECT pii_decrypt(FullName) FROM Customer")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import threading
+from dataclasses import dataclass
 
 import psycopg
 import pyarrow as pa
@@ -10,10 +13,20 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import SecretStr
 
 from stripe_platform.config import Settings
 from stripe_platform.runtime.postgres import EmbeddedPostgres
 from stripe_platform.security.keys import pii_key
+
+# The OLTP's encrypted columns (the catalog's PII/PCI bytea columns), by table: each table's data
+# key is the scope postgres/<table>. tests/test_column_encryption.py checks this against the catalog.
+ENCRYPTED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "customer": ("email", "fullname", "phone"),
+    "address": ("line1",),
+    "paymentinstrument": ("pan",),
+}
+LOOKUP_SCOPE = "postgres/customer"  # the e-mail's keyed hash (Customer.EmailHash)
 
 
 def embedded_cluster(settings: Settings) -> EmbeddedPostgres:
@@ -30,13 +43,108 @@ def _escape_option(value: str) -> str:
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
+def _target(settings: Settings, database: str | None) -> Settings:
+    """The settings of ``database`` (the database whose ``keys`` schema holds its data keys)."""
+    if database is None:
+        return settings
+    if settings.pg_dsn is None:
+        return settings.model_copy(update={"pg_database": database})
+    dsn = make_conninfo(settings.pg_dsn.get_secret_value(), dbname=database)
+    return settings.model_copy(update={"pg_dsn": SecretStr(dsn)})
+
+
+def _legacy_key(settings: Settings) -> str | None:
+    """The single PII key of before per-table keys, when this installation ever had one."""
+    if settings.pii_key is None and not (settings.home_dir / "keys" / "pii.key").exists():
+        return None
+    return pii_key(settings)
+
+
+@dataclass(frozen=True)
+class _Keyring:
+    generation: str | None
+    options: str
+
+
+_keyrings: dict[tuple[str, str | None], _Keyring] = {}  # (unkeyed conninfo, legacy key) ->
+_keyrings_lock = threading.Lock()
+
+
+def _session_key_options(settings: Settings, database: str | None) -> str:
+    """The ``-c`` options of a keyed session on ``database``: every usable version of each
+    postgres/<table> data key, the current version per scope, the lookup key (sql/oltp/0013), and
+    the legacy single key until the re-encryption retired it.
+
+    Cached per process and database; every keyed connect first reads the database's key generation
+    (one query on an unkeyed connection) and re-reads the keys only when it moved, so a rotation or
+    retirement is seen by the very next session. A database without the keys schema (before
+    migration 0013, or the maintenance database) gets the legacy key alone, if there is one.
+    """
+    plain = conninfo(settings, database=database, with_key=False)
+    cache_key = (plain, _legacy_key(settings))
+    with psycopg.connect(plain, autocommit=True) as conn:
+        (ready,) = conn.execute(
+            "SELECT to_regprocedure('pii_keyring_generation()') IS NOT NULL"
+        ).fetchone()
+        generation = (
+            conn.execute("SELECT pii_keyring_generation()").fetchone()[0] if ready else None
+        )
+        cached = _keyrings.get(cache_key)
+        if cached is not None and cached.generation == generation:
+            return cached.options
+        with _keyrings_lock:
+            return _refresh(conn, settings, database, cache_key, generation, ready)
+
+
+def _refresh(
+    conn: psycopg.Connection,
+    settings: Settings,
+    database: str | None,
+    cache_key: tuple[str, str | None],
+    generation: str | None,
+    ready: bool,
+) -> str:
+    from stripe_platform.security.envelope import shared_envelope
+
+    cached = _keyrings.get(cache_key)
+    if cached is not None and cached.generation == generation:
+        return cached.options  # another thread refreshed it meanwhile
+    legacy = cache_key[1]
+    options = []
+    if ready:
+        envelope = shared_envelope(_target(settings, database))
+        keys, current = [], []
+        for table in ENCRYPTED_COLUMNS:
+            scope = f"postgres/{table}"
+            versions = envelope.all_versions(scope) or [envelope.data_key(scope)]
+            keys += [f"{scope}:{k.version}:{base64.b64encode(k.key).decode()}" for k in versions]
+            # Rotation makes the new version the highest; retirement never takes the current.
+            current.append(f"{scope}:{max(k.version for k in versions)}")
+        lookup = base64.b64encode(envelope.lookup_key(LOOKUP_SCOPE)).decode()
+        options = [
+            f"-c stripe.pii_keys={','.join(keys)}",
+            f"-c stripe.pii_current={','.join(current)}",
+            f"-c stripe.pii_lookup_key={lookup}",
+        ]
+        if (
+            legacy is not None
+            and conn.execute("SELECT EXISTS (SELECT FROM keys.legacy_key_retired)").fetchone()[0]
+        ):
+            legacy = None
+    if legacy is not None:
+        options.append(f"-c stripe.pii_key={_escape_option(legacy)}")
+    _keyrings[cache_key] = _Keyring(generation, " ".join(options))
+    return _keyrings[cache_key].options
+
+
 def conninfo(
     settings: Settings, *, database: str | None = None, with_key: bool = True, **extra: str
 ) -> str:
     """libpq connection string for the active profile.
 
-    The PII key travels in the startup packet (``-c stripe.pii_key=...``): startup options are
-    never written to the statement log, unlike SET statements or bind parameters.
+    A keyed connection (``with_key``) carries the data keys in its startup packet (``-c
+    stripe.pii_keys=...``, see _session_key_options): startup options are never written to the
+    statement log, unlike SET statements or bind parameters.
     """
     if settings.profile == "embedded":
         base = conninfo_to_dict(embedded_cluster(settings).conninfo(database))
@@ -46,7 +154,7 @@ def conninfo(
         if database:
             base["dbname"] = database
     if with_key:
-        option = f"-c stripe.pii_key={_escape_option(pii_key(settings))}"
+        option = _session_key_options(settings, database)
         base["options"] = f"{base.get('options', '')} {option}".strip()
     base.update(extra)
     return make_conninfo(**base)

@@ -145,14 +145,15 @@ def load_oltp(conn: psycopg.Connection, today: dt.date | None = None) -> int:
             cur.executemany(
                 """INSERT INTO Customer (ID, UserName, Password, Email, FullName, CountryCode,
                        PreferredDevice, PreferredPaymentMethodID, PreferredCurrencyID)
-                   VALUES (%s, %s, crypt(%s, gen_salt('bf')), pii_encrypt(%s), pii_encrypt(%s),
-                           %s, %s, %s, %s)
+                   VALUES (%s, %s, crypt(%s, gen_salt('bf')), pii_encrypt(%s, 'postgres/customer'),
+                           pii_encrypt(%s, 'postgres/customer'), %s, %s, %s, %s)
                    ON CONFLICT (UserName) DO NOTHING""",
                 [c for c in CUSTOMERS if c[0] != 12],
             )
             cur.executemany(
                 """INSERT INTO Address (ID, CustomerID, Line1, PostalCode, LocationID)
-                   VALUES (%s, %s, pii_encrypt(%s), %s, %s) ON CONFLICT DO NOTHING""",
+                   VALUES (%s, %s, pii_encrypt(%s, 'postgres/address'), %s, %s)
+                   ON CONFLICT DO NOTHING""",
                 [
                     (c[0], c[0], f"{c[0]} rue de l'Exemple", f"{59000 + c[0]}", HOME_LOCATION[c[5]])
                     for c in CUSTOMERS

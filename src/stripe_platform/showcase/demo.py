@@ -491,13 +491,14 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
             )
         )
         john = conn.execute(
-            """SELECT UserName, encode(substr(Email, 1, 12), 'hex') || '…', pii_decrypt(FullName)
+            """SELECT UserName, (pii_key_ref(Email)).scope || ' v' || (pii_key_ref(Email)).version,
+                      '…' || encode(substr(Email, length(Email) - 11), 'hex'), pii_decrypt(FullName)
                FROM Customer WHERE EmailHash = pii_lookup_hash('john.doe@stripe.com')"""
         ).fetchall()
         console.print(
             table(
-                "Customer found by email (keyed hash); Email stored encrypted",
-                ["user", "Email (ciphertext)", "FullName (decrypted)"],
+                "Customer found by email (keyed hash); Email stored encrypted under its table's key",
+                ["user", "Email key", "Email (ciphertext, end)", "FullName (decrypted)"],
                 john,
             )
         )
