@@ -7,7 +7,7 @@ batch (``session_replication_role = replica``, as for any bulk load) and the sam
 then checked set-wise before the batch commits: every reference resolves, every recorded status
 change is a permitted transition, and each transaction's status is its last recorded one.
 Personal data goes through a session-temporary staging table and is hashed (bcrypt) and encrypted
-(pii_encrypt) by the database, as for any other write.
+(pii_encrypt under the table's data key, postgres/<table>) by the database, as for any other write.
 
 Documents: insert_many in batches with deterministic ids, each batch checked against its
 collection's validator before it is sent where the server does not enforce it
@@ -209,9 +209,11 @@ def _customer_writer(part: pa.Table) -> Callable[[psycopg.Connection], None]:
             INSERT INTO Customer (ID, UserName, Password, Email, EmailHash, FullName, Phone,
                                   CountryCode, PreferredDevice, PreferredPaymentMethodID,
                                   PreferredCurrencyID, CreatedAt, UpdatedAt)
-            SELECT id, username, crypt(password, gen_salt('bf', 4)), pii_encrypt(email),
-                   pii_lookup_hash(email), pii_encrypt(fullname), pii_encrypt(phone), countrycode,
-                   preferreddevice, preferredpaymentmethodid, preferredcurrencyid, createdat, updatedat
+            SELECT id, username, crypt(password, gen_salt('bf', 4)),
+                   pii_encrypt(email, 'postgres/customer'), pii_lookup_hash(email),
+                   pii_encrypt(fullname, 'postgres/customer'),
+                   pii_encrypt(phone, 'postgres/customer'), countrycode, preferreddevice,
+                   preferredpaymentmethodid, preferredcurrencyid, createdat, updatedat
             FROM {staging}""")
 
     return write
@@ -224,7 +226,10 @@ def _encrypting_writer(
         staging = _staging(conn, target, (encrypted,))
         db.copy_arrow(conn, staging, part)
         cols = ", ".join(part.column_names)
-        values = ", ".join(f"pii_encrypt({c})" if c == encrypted else c for c in part.column_names)
+        values = ", ".join(
+            f"pii_encrypt({c}, 'postgres/{target}')" if c == encrypted else c
+            for c in part.column_names
+        )
         conn.execute(f"INSERT INTO {target} ({cols}) SELECT {values} FROM {staging}")
 
     return write
