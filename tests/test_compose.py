@@ -97,13 +97,16 @@ def test_platform_variables_resolve_to_the_compose_backends(compose, service, mo
     dsn = s.pg_dsn.get_secret_value()
     assert "host=postgres" in dsn and "dbname=stripe" in dsn
     assert "sslmode=verify-full" in dsn and "sslrootcert=/certs/ca.crt" in dsn
-    assert s.mongodb_uri.get_secret_value() == "mongodb://mongo:27017/?replicaSet=rs0"
+    assert s.mongodb_uri.get_secret_value() == (
+        "mongodb://mongo:27017/?replicaSet=rs0&tls=true&tlsCAFile=/certs/ca.crt"
+    )
+    assert s.tls_ca_file == Path("/certs/ca.crt")
     assert s.ingestion_backend == "embedded"
     assert s.warehouse_backend == "postgres"
     assert "dbname=warehouse" in s.warehouse_dsn.get_secret_value()
     assert "sslmode=verify-full" in s.warehouse_dsn.get_secret_value()
     assert s.lake_root == "s3://stripe-platform-lake"
-    assert s.s3_endpoint_url == "http://minio:9000"
+    assert s.s3_endpoint_url == "https://minio:9000"
     assert webhook_url(s) is None  # empty unless the user exports one
     # The lake credentials are MinIO's root user.
     minio = service_env(compose, "minio")
@@ -186,9 +189,9 @@ def test_airflow_components_share_metadata_secrets_and_the_repos_dags(compose):
     commands = {name: services[name]["command"] for name in AIRFLOW_SERVICES}
     assert commands == {
         "airflow-api-server": ["airflow", "api-server"],
-        "airflow-scheduler": ["airflow", "scheduler"],
+        "airflow-scheduler": ["airflow", "scheduler", "--skip-serve-logs"],
         "airflow-dag-processor": ["airflow", "dag-processor"],
-        "airflow-triggerer": ["airflow", "triggerer"],
+        "airflow-triggerer": ["airflow", "triggerer", "--skip-serve-logs"],
     }
     envs = [service_env(compose, name) for name in (*AIRFLOW_SERVICES, "airflow-init")]
     shared = (
@@ -237,18 +240,122 @@ def test_the_image_installs_exactly_the_lock(compose):
     assert "UV_PROJECT_ENVIRONMENT=/opt/venv" in dockerfile  # not shadowed by the repo mount
 
 
-def test_certificates_verify_for_the_compose_host_names(tmp_path):
+def test_every_server_listens_with_tls_only_and_every_client_verifies(compose):
+    services = compose["services"]
+    mongo = services["mongo"]["command"]
+    assert mongo[mongo.index("--tlsMode") + 1] == "requireTLS"
+    assert mongo[mongo.index("--tlsCertificateKeyFile") + 1] == "/certs/mongo.pem"
+    for name in ("mongo", "mongo-init"):
+        command = services[name]["command"] if name == "mongo-init" else None
+        checked = command or services[name]["healthcheck"]["test"]
+        assert "--tls" in checked and "/certs/ca.crt" in checked, name
+    minio = services["minio"]["command"]
+    assert minio[minio.index("--certs-dir") + 1] == "/certs/minio"
+    assert "mc alias set local https://minio:9000" in " ".join(services["minio-buckets"]["command"])
+    kafka = service_env(compose, "kafka")
+    protocols = dict(
+        pair.split(":") for pair in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
+    assert set(protocols.values()) == {"SSL"}, protocols
+    listeners = {item.split(":")[0] for item in kafka["KAFKA_LISTENERS"].split(",")}
+    assert listeners == set(protocols)  # no listener outside the map (PLAINTEXT by name)
+    assert kafka["KAFKA_SSL_KEYSTORE_TYPE"] == "PEM"
+    assert kafka["KAFKA_SSL_KEYSTORE_LOCATION"] == "/certs/kafka.pem"
+    assert (
+        "--command-config /certs/kafka-client.properties"
+        in services["kafka"]["healthcheck"]["test"][1]
+    )
+    connect = service_env(compose, "connect")
+    assert connect["CONNECT_LISTENERS"].startswith("https://")
+    for client in ("", "PRODUCER_", "CONSUMER_", "ADMIN_"):
+        assert connect[f"CONNECT_{client}SECURITY_PROTOCOL"] == "SSL"
+        assert connect[f"CONNECT_{client}SSL_TRUSTSTORE_LOCATION"] == "/certs/ca.crt"
+    assert connect["CONNECT_LISTENERS_HTTPS_SSL_KEYSTORE_LOCATION"] == "/certs/connect.p12"
+    assert "https://connect:8083" in services["kafka-connector"]["command"]
+    airflow = service_env(compose, "airflow-api-server")
+    assert airflow["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith("https://")
+    assert (airflow["AIRFLOW__API__SSL_CERT"], airflow["AIRFLOW__API__SSL_KEY"]) == (
+        "/certs/server.crt",
+        "/certs/server.key",
+    )
+    assert "https://localhost:8080" in services["airflow-api-server"]["healthcheck"]["test"][-1]
+    # No plain http:// left anywhere a client connects (healthchecks included), and no Airflow
+    # side server in clear (log servers skipped, the scheduler's health server off).
+    assert "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK" not in airflow
+    text = COMPOSE.read_text()
+    assert re.findall(r"http://[a-z0-9.-]+[:/]", text) == []
+    env = service_env(compose, "migrate")
+    assert env["STRIPE_PLATFORM_S3_ENDPOINT_URL"].startswith("https://")
+    assert env["AWS_CA_BUNDLE"] == env["STRIPE_PLATFORM_TLS_CA_FILE"] == "/certs/ca.crt"
+    for name in ("postgres", "mongo", "minio", "kafka"):
+        assert services[name]["depends_on"]["certs"]["condition"] == (
+            "service_completed_successfully"
+        )
+
+
+def load_make_certs():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("make_certs", REPO / "compose/make_certs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.make_certs(tmp_path, owner_uid=None) is True
-    assert module.make_certs(tmp_path, owner_uid=None) is False  # kept: clients keep trusting it
+    return module
+
+
+def test_certificates_verify_for_the_compose_host_names(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    module = load_make_certs()
+    assert module.make_certs(tmp_path, "pw-1", owner_uid=None) is True
+    assert module.make_certs(tmp_path, "pw-1", owner_uid=None) is False  # kept: clients trust it
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
     cert.verify_directly_issued_by(ca)
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert {"postgres", "localhost"} <= set(names.get_values_for_type(x509.DNSName))
-    assert (tmp_path / "server.key").stat().st_mode & 0o777 == 0o600
+    # Every service a client reaches by name, and the published ports' localhost.
+    assert set(names.get_values_for_type(x509.DNSName)) == {
+        "postgres",
+        "mongo",
+        "minio",
+        "kafka",
+        "connect",
+        "airflow-api-server",
+        "localhost",
+    }
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    for key_file in ("server.key", "mongo.pem", "kafka.pem", "connect.p12", "minio/private.key"):
+        assert (tmp_path / key_file).stat().st_mode & 0o777 == 0o600, key_file
+    for pem in ("mongo.pem", "kafka.pem"):
+        text = (tmp_path / pem).read_bytes()
+        assert (
+            b"PRIVATE KEY" in text
+            and x509.load_pem_x509_certificate(text[text.index(b"-----BEGIN CERTIFICATE") :])
+            == cert
+        )
+    key, p12_cert, _ = pkcs12.load_key_and_certificates(
+        (tmp_path / "connect.p12").read_bytes(), b"pw-1"
+    )
+    assert p12_cert == cert and key is not None
+    with pytest.raises(ValueError):
+        pkcs12.load_key_and_certificates((tmp_path / "connect.p12").read_bytes(), b"wrong")
+    assert (tmp_path / "minio/public.crt").read_bytes() == (tmp_path / "server.crt").read_bytes()
+    assert (
+        serialization.load_pem_private_key(
+            (tmp_path / "minio/private.key").read_bytes(), None
+        ).public_key()
+        == cert.public_key()
+    )
+    assert "security.protocol=SSL" in (tmp_path / "kafka-client.properties").read_text()
+
+
+def test_a_certificate_set_missing_a_service_name_is_remade(tmp_path):
+    from stripe_platform.runtime.tls import ensure_certificates
+
+    ensure_certificates(tmp_path, names=("postgres", "localhost"))  # an older compose's set
+    old_ca = (tmp_path / "ca.crt").read_bytes()
+    assert load_make_certs().make_certs(tmp_path, "pw", owner_uid=None) is True
+    assert (tmp_path / "ca.crt").read_bytes() != old_ca
+    cert = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "kafka" in names.get_values_for_type(x509.DNSName)
