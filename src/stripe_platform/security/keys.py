@@ -43,7 +43,7 @@ class KeyError_(PlatformError, RuntimeError):
     """A key operation failed. The message names the key (and the object when there is one)."""
 
     def __init__(self, message: str, *, key: str | None = None, obj: str | None = None) -> None:
-        self.key, self.obj = key, obj
+        self.message, self.key, self.obj = message, key, obj
         where = "".join(
             [
                 f" (key {key}" if key else "",
@@ -53,6 +53,12 @@ class KeyError_(PlatformError, RuntimeError):
             ]
         )
         super().__init__(message + where)
+
+    def naming(self, obj: str | None) -> KeyError_:
+        """The same error naming the object it happened on (when the caller knows it)."""
+        if obj is None or self.obj is not None:
+            return self
+        return type(self)(self.message, key=self.key, obj=obj)
 
 
 class KeyUnavailable(KeyError_):
@@ -296,15 +302,18 @@ class LocalKeyring:
 
 # KMS error codes -> the platform's errors.
 _KMS_UNAVAILABLE = {
-    "NotFoundException",
     "DisabledException",
     "KMSInvalidStateException",
     "KeyUnavailableException",
     "AccessDeniedException",
 }
 _KMS_TAMPERED = {"InvalidCiphertextException", "IncorrectKeyException"}
-_KMS_TAKEN = "AlreadyExistsException"
 _KMS_STATES: dict[str, KeyState] = {"Enabled": "enabled", "Disabled": "retired"}
+_VERSION_TAG = "stripe-platform:version"
+
+
+class _NotFound(KeyUnavailable):
+    """KMS has no such key or alias."""
 
 
 class _AliasTaken(KeyError_):
@@ -313,9 +322,11 @@ class _AliasTaken(KeyError_):
 
 class AwsKmsProvider:
     """AWS KMS: the KEK of store S is the KMS key behind alias ``<prefix>/S``. Every version is a
-    KMS key of its own with a permanent alias ``<prefix>/S/v<N>``; rotation creates a key, gives it
-    the next version alias and repoints ``<prefix>/S`` to it, so data keys wrapped under an older
-    version still unwrap (through its own alias) until that version is retired (disabled).
+    KMS key of its own (tagged with its version) with a permanent alias ``<prefix>/S/v<N>``;
+    rotation creates a key, gives it the next version alias and repoints ``<prefix>/S`` to it, so
+    data keys wrapped under an older version still unwrap (through its own alias) until that
+    version is retired (disabled). Nothing lists the account's aliases: the current key's tag gives
+    N, and versions 1..N have their aliases.
 
     The key state is checked before each unwrap (describe_key): a disabled version is refused by
     the platform itself, not only by KMS (moto's KMS does not enforce disabled keys)."""
@@ -347,11 +358,7 @@ class AwsKmsProvider:
 
     def _call(self, operation: str, key: str, **kwargs):
         """One KMS call, its failures as the platform's errors naming the key."""
-        from botocore.exceptions import (
-            ClientError,
-            HTTPClientError,
-            NoCredentialsError,
-        )
+        from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
         from botocore.exceptions import ConnectionError as BotoConnectionError
 
         try:
@@ -369,36 +376,31 @@ class AwsKmsProvider:
                     "scope)",
                     key=key,
                 ) from None
-            if code == _KMS_TAKEN:
+            if code == "NotFoundException":
+                raise _NotFound(f"KMS: no such key ({message})", key=key) from None
+            if code == "AlreadyExistsException":
                 raise _AliasTaken(f"KMS: {message}", key=key) from None
             if code in _KMS_UNAVAILABLE:
                 raise KeyUnavailable(f"KMS: {code}: {message}", key=key) from None
             raise KeyError_(f"KMS {operation} failed ({code}: {message})", key=key) from None
 
-    def _versions(self, key_id: str) -> dict[int, str]:
-        """Version -> KMS key id, from the version aliases."""
-        stem = self._alias(key_id) + "/v"
-        versions: dict[int, str] = {}
-        marker = None
-        while True:
-            page = self._call("list_aliases", key_id, **({"Marker": marker} if marker else {}))
-            for alias in page["Aliases"]:
-                name = alias["AliasName"]
-                if name.startswith(stem) and name[len(stem) :].isdigit():
-                    versions[int(name[len(stem) :])] = alias["TargetKeyId"]
-            if not page.get("Truncated"):
-                return versions
-            marker = page["NextMarker"]
+    def _state(self, key_id: str, version: int, meta: dict) -> KeyVersion:
+        state = _KMS_STATES.get(meta["KeyState"], "destroyed")
+        return KeyVersion(key_id, version, meta["CreationDate"], state, meta["Arn"])
 
-    def _describe(self, key_id: str, version: int, kms_key: str) -> KeyVersion:
-        meta = self._call("describe_key", f"{key_id} v{version}", KeyId=kms_key)["KeyMetadata"]
-        return KeyVersion(
-            key_id,
-            version,
-            meta["CreationDate"],
-            _KMS_STATES.get(meta["KeyState"], "destroyed"),
-            meta["Arn"],
-        )
+    def _read_current(self, key_id: str) -> KeyVersion | None:
+        """The version the alias points to (from its key's tag); None when the KEK is absent."""
+        try:
+            meta = self._call("describe_key", key_id, KeyId=self._alias(key_id))["KeyMetadata"]
+        except _NotFound:
+            return None
+        tags = self._call("list_resource_tags", key_id, KeyId=meta["KeyId"])["Tags"]
+        version = next((int(t["TagValue"]) for t in tags if t["TagKey"] == _VERSION_TAG), None)
+        if version is None:
+            raise KeyUnavailable(
+                f"the KMS key behind {self._alias(key_id)} has no {_VERSION_TAG} tag", key=key_id
+            )
+        return self._state(key_id, version, meta)
 
     def _create(self, key_id: str, version: int) -> KeyVersion:
         name = f"{key_id} v{version}"
@@ -410,7 +412,7 @@ class AwsKmsProvider:
             KeySpec="SYMMETRIC_DEFAULT",
             Tags=[
                 {"TagKey": "stripe-platform:kek", "TagValue": key_id},
-                {"TagKey": "stripe-platform:version", "TagValue": str(version)},
+                {"TagKey": _VERSION_TAG, "TagValue": str(version)},
             ],
         )["KeyMetadata"]
         try:
@@ -421,52 +423,59 @@ class AwsKmsProvider:
                 TargetKeyId=meta["KeyId"],
             )
         except _AliasTaken:
-            # Another process created this version first: use its key, drop ours.
+            # Another process created this version first: drop ours.
             self._call("schedule_key_deletion", name, KeyId=meta["KeyId"], PendingWindowInDays=7)
             raise
-        return KeyVersion(key_id, version, meta["CreationDate"], "enabled", meta["Arn"])
+        return self._state(key_id, version, meta)
 
     def ensure_kek(self, key_id: str) -> KeyVersion:
         _check_kek_name(key_id)
         with self._lock:
-            versions = self._versions(key_id)
-            if not versions:
+            current = self._read_current(key_id)
+            if current is None:
                 try:
                     current = self._create(key_id, 1)
-                except _AliasTaken:
-                    versions = self._versions(key_id)
-                else:
                     self._call(
                         "create_alias",
                         key_id,
                         AliasName=self._alias(key_id),
                         TargetKeyId=current.provider_ref,
                     )
-                    self._current[key_id] = current
-                    return current
-            target = self._call("describe_key", key_id, KeyId=self._alias(key_id))["KeyMetadata"]
-            version = next(v for v, k in versions.items() if k == target["KeyId"])
-            current = self._describe(key_id, version, target["Arn"])
+                except _AliasTaken:  # created meanwhile by another process
+                    current = self._read_current(key_id)
             self._current[key_id] = current
             return current
 
     def rotate_kek(self, key_id: str) -> KeyVersion:
-        self.ensure_kek(key_id)
+        _check_kek_name(key_id)
         with self._lock:
-            current = self._create(key_id, max(self._versions(key_id)) + 1)
+            current = self._read_current(key_id)
+        if current is None:  # the first version is the new one
+            return self.ensure_kek(key_id)
+        with self._lock:
+            new = self._create(key_id, current.version + 1)
             self._call(
-                "update_alias",
-                key_id,
-                AliasName=self._alias(key_id),
-                TargetKeyId=current.provider_ref,
+                "update_alias", key_id, AliasName=self._alias(key_id), TargetKeyId=new.provider_ref
             )
-            self._current[key_id] = current
-            return current
+            self._current[key_id] = new
+            return new
 
     def kek_versions(self, key_id: str) -> list[KeyVersion]:
         _check_kek_name(key_id)
-        versions = self._versions(key_id)
-        return [self._describe(key_id, v, versions[v]) for v in sorted(versions)]
+        current = self._read_current(key_id)
+        if current is None:
+            return []
+        return [self._describe(key_id, v) for v in range(1, current.version + 1)]
+
+    def _describe(self, key_id: str, version: int) -> KeyVersion:
+        name = f"{key_id} v{version}"
+        try:
+            meta = self._call("describe_key", name, KeyId=self._alias(key_id, version))
+        except _NotFound:
+            if self._read_current(key_id) is not None:
+                raise UnknownKeyVersion("KMS holds no such version", key=name) from None
+            raise
+        return self._state(key_id, version, meta["KeyMetadata"])
 
     def retire_kek(self, key_id: str, version: int) -> None:
         current = self.ensure_kek(key_id)
@@ -474,25 +483,8 @@ class AwsKmsProvider:
             raise KeyUnavailable(
                 "the current version cannot be retired: rotate first", key=f"{key_id} v{version}"
             )
-        kms_key = self._resolve(key_id, version)
-        self._call("disable_key", f"{key_id} v{version}", KeyId=kms_key)
-
-    def _resolve(self, key_id: str, version: int) -> str:
-        """The KMS key of a version, refused unless it is enabled."""
-        name = f"{key_id} v{version}"
-        try:
-            meta = self._call("describe_key", name, KeyId=self._alias(key_id, version))[
-                "KeyMetadata"
-            ]
-        except KeyUnavailable:
-            if self._versions(key_id):
-                raise UnknownKeyVersion("KMS holds no such version", key=name) from None
-            raise
-        if meta["KeyState"] != "Enabled":
-            raise KeyUnavailable(
-                f"the KMS key {meta['Arn']} is {meta['KeyState'].lower()} (retired)", key=name
-            )
-        return meta["KeyId"]
+        kms_key = self._describe(key_id, version).provider_ref
+        self._call("disable_key", f"{key_id} v{version}", KeyId=kms_key.rsplit("/", 1)[-1])
 
     def wrap(self, key_id: str, plaintext: bytes, context: Mapping[str, str]) -> WrappedKey:
         current = self._current.get(key_id) or self.ensure_kek(key_id)
@@ -506,11 +498,14 @@ class AwsKmsProvider:
         return WrappedKey(key_id, current.version, blob)
 
     def unwrap(self, wrapped: WrappedKey, context: Mapping[str, str]) -> bytes:
-        kms_key = self._resolve(wrapped.key_id, wrapped.version)
+        name = f"{wrapped.key_id} v{wrapped.version}"
+        version = self._describe(wrapped.key_id, wrapped.version)
+        if version.state != "enabled":
+            raise KeyUnavailable(f"the KMS key {version.provider_ref} is {version.state}", key=name)
         return self._call(
             "decrypt",
-            f"{wrapped.key_id} v{wrapped.version}",
-            KeyId=kms_key,
+            name,
+            KeyId=version.provider_ref,
             CiphertextBlob=wrapped.blob,
             EncryptionContext=dict(context),
         )["Plaintext"]
