@@ -16,6 +16,10 @@ row per primary key, the latest by LSN/cursor, and keep deletions as tombstones
 (``_ab_cdc_deleted_at``) for the staging models to drop (the lake keeps every version; its readers
 pick the latest). A column may change type along ``WIDENINGS``; any other change raises
 :class:`SchemaChangeError` and stops that stream. tests/test_raw_layer.py holds every writer to this.
+
+Encryption at rest (issue 20): a stream may carry a :class:`Protector`
+(``security/subjects_layer.py`` attaches it); :func:`prepare` then hands it the typed batch and
+stores what it returns, so the lake's files and every warehouse's raw rows hold the same ciphertext.
 """
 
 from __future__ import annotations
@@ -80,6 +84,20 @@ class SchemaChangeError(RuntimeError):
     """A source change the destination cannot take without corrupting data; the stream stops."""
 
 
+class Protector(Protocol):
+    """Encrypts a stream's protected columns (``security.subjects_layer.RawProtector``).
+
+    ``encrypt`` gets the batch's typed columns by name (the protected ones ``binary``) and returns
+    the encrypted arrays of its ``columns`` and, per column, the rows whose value it could not
+    keep and nulled (a data subject whose key was shredded): nothing goes out in clear."""
+
+    columns: frozenset[str]
+
+    def encrypt(
+        self, arrays: dict[str, pa.Array | pa.ChunkedArray]
+    ) -> tuple[dict[str, pa.Array], dict[str, list[int]]]: ...
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -101,6 +119,8 @@ class RawStream:
     cursor: str | None = None
     mode: Mode = "append"
     cdc: CDC | None = None
+    # Encryption at rest of the protected columns, applied by prepare(); not part of the identity.
+    protector: Protector | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -400,6 +420,16 @@ def prepare(
             nulled[column.name] = len(bad)
         arrays.append(typed)
         names.append(column.name)
+    if stream.protector is not None:
+        encrypted, refused = stream.protector.encrypt(dict(zip(names, arrays, strict=True)))
+        arrays = [encrypted.get(name, array) for name, array in zip(names, arrays, strict=True)]
+        for name, rows in refused.items():
+            for i in rows:
+                changes.setdefault(i, []).append(
+                    {"field": name, "change": "NULLED", "reason": "SUBJECT_KEY_SHREDDED"}
+                )
+            if rows:
+                nulled[name] = nulled.get(name, 0) + len(rows)
     extracted = extracted_at or dt.datetime.now(dt.UTC)
     clean_meta = json.dumps({"sync_id": sync_id, "changes": []})
     if changes:

@@ -43,6 +43,7 @@ BSON_TYPES = {
     "date": "timestamp_tz",
     "object": "json",
     "array": "json",
+    "binData": "binary",
 }
 
 
@@ -52,6 +53,8 @@ def _column_type(schema: dict[str, Any]) -> str:
     mapped = {BSON_TYPES.get(k, "json") for k in kinds}
     if mapped <= {"integer", "number"}:
         return "number" if "number" in mapped else "integer"
+    if mapped == {"string", "binary"}:  # text that field-level encryption turns into ciphertext
+        return "binary"
     if len(mapped) == 1:
         return mapped.pop()
     if "enum" in schema:
@@ -95,6 +98,16 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _bytes(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):  # bson.Binary too
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode()
+    return _json(value).encode()  # another type where bytes belong: its JSON, like _extra's
+
+
 def _json(value: Any) -> str:
     return json.dumps(_finite(value), default=str, allow_nan=False)
 
@@ -121,6 +134,8 @@ def to_table(
     for n, values in data.items():
         if kinds[n] == "json":
             arrays[n] = pa.array([None if v is None else _json(v) for v in values], pa.string())
+        elif kinds[n] == "binary":  # bytes as they are, text as UTF-8
+            arrays[n] = pa.array([_bytes(v) for v in values], pa.binary())
         else:
             try:
                 arrays[n] = pa.array(values)

@@ -269,9 +269,13 @@ class Engine:
         writer: RawWriter,
         progress: Progress = lambda stream, rows: None,
     ) -> None:
+        from stripe_platform.security.subjects_layer import protected_writer
+
         self.settings = settings
         self.connection = connection
-        self.writer = writer
+        # The catalog's protected fields are encrypted on the way in (encrypt_at_rest): the
+        # writer gets each stream with its protection (security/subjects_layer.py).
+        self.writer = protected_writer(settings, writer, connection)
         self.progress = progress
         self._run_locked = False  # this engine holds its connection's run lock (_one_run)
 
