@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 
 from stripe_platform.docstore.client import connect as connect_docs
+from stripe_platform.docstore.fields import DocumentFields
 from stripe_platform.oltp import db
 from stripe_platform.seed import incremental
 from stripe_platform.seed import load as seed_load
@@ -157,12 +158,14 @@ def test_oltp_referential_integrity(seeded):
 
 
 def test_documents_reference_real_rows(seeded):
-    _, conn, docs, _ = seeded
+    s, conn, docs, _ = seeded
     pg_customers = {
         r[0]: (r[1], r[2])
         for r in rows(conn, "SELECT ID, UserName, pii_decrypt(Email) FROM Customer")
     }
-    doc_customers = {d["_id"]: d for d in docs.Customer.find()}
+    fields = DocumentFields(s)  # the e-mails are encrypted at rest
+    clear = fields.decrypt_documents("Customer", docs.Customer.find())
+    doc_customers = {d["_id"]: d for d in clear}
     assert len(doc_customers) == len(pg_customers)
     for doc in doc_customers.values():
         assert pg_customers[doc["oltp_id"]] == (doc["userName"], doc["email"])
@@ -180,7 +183,7 @@ def test_documents_reference_real_rows(seeded):
             "TransactionStatusID FROM Transaction",
         )
     }
-    scored = list(docs.Transaction.find())
+    scored = fields.decrypt_documents("Transaction", docs.Transaction.find())
     assert len(scored) == len(tx)
     for doc in scored:
         customer, merchant, amount, status = tx[doc["transaction_id"]]

@@ -3,6 +3,10 @@ scored copy), CustomerReview and UserInteractionData. Log documents are in logs.
 
 Document ids are derived from the OLTP ids (``oid(kind, id)``) so a re-run writes the same
 documents and references between collections hold without a lookup.
+
+Values come out in clear: the seed encrypts the catalog's protected fields (the e-mails) on their
+way to the store (``docstore/fields.py``, ``DocumentFields.encrypting`` in ``seed/load.py``), unless
+``encrypt_at_rest`` is off.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from pymongo import UpdateOne
 
 from stripe_platform.config import Settings
 from stripe_platform.docstore import validation
+from stripe_platform.docstore.fields import DocumentFields
 from stripe_platform.oltp import db, partitions
 from stripe_platform.seed import reference as ref
 from stripe_platform.seed.dataset import transaction_table
@@ -119,6 +120,7 @@ def _tick(
     settings: Settings,
     conn: psycopg.Connection,
     docdb: Any,
+    fields: DocumentFields,
     pop: Population,
     rng: np.random.Generator,
     times_ms: np.ndarray,
@@ -229,7 +231,7 @@ def _tick(
     for doc in docdb.Customer.find(
         {"oltp_id": {"$in": cols["customerid"].tolist()}}, {"oltp_id": 1, "email": 1}
     ):
-        emails[doc["oltp_id"]] = doc["email"]
+        emails[doc["oltp_id"]] = fields.decrypt_document("Customer", doc)["email"]
     docs = [
         {
             "_id": oid("Transaction", i),
@@ -249,7 +251,7 @@ def _tick(
         for k, i in enumerate(ids)
     ]
     if docs:
-        validation.insert_many(docdb.Transaction, docs)
+        validation.insert_many(docdb.Transaction, fields.encrypt_documents("Transaction", docs))
     report.add("inserted", "Transaction", len(docs))
     new_ids = set(ids.tolist())
     # Through set_fields, as the fraud scorer writes: on the embedded FerretDB both are row-locked
@@ -304,6 +306,7 @@ def run(
         raise SeedError("--minutes and --tps must be positive")
     rng = np.random.default_rng([seed, int(time.time())])
     report = ActivityReport()
+    fields = DocumentFields(settings)
     with db.connect(settings, autocommit=True) as conn:
         pop = population_from_db(conn, rng)
         latest = conn.execute("SELECT max(DateTime) FROM Transaction").fetchone()[0]
@@ -323,7 +326,7 @@ def run(
                 retention_months=settings.partition_retention_months,
                 archive=False,
             )
-            _tick(settings, conn, docdb, pop, rng, times, report)
+            _tick(settings, conn, docdb, fields, pop, rng, times, report)
             on_tick(report)
             return report
 
@@ -344,6 +347,7 @@ def run(
                     settings,
                     conn,
                     docdb,
+                    fields,
                     pop,
                     rng,
                     np.sort(rng.integers(now_ms - 1000, now_ms, n)),

@@ -34,6 +34,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from stripe_platform.config import Settings
 from stripe_platform.docstore import ferretdb, validation
+from stripe_platform.docstore.fields import DocumentFields
 from stripe_platform.docstore.specs import apply_specs, load_specs
 from stripe_platform.oltp import db, partitions
 from stripe_platform.seed import documents, logs
@@ -511,10 +512,10 @@ def seed(
         report.oltp_seconds = time.monotonic() - oltp_started
 
         apply_specs(docdb, settings)
+        fields = DocumentFields(settings)  # the catalog's protected fields, encrypted on write
         for name, total, make in document_plan(data):
             started = time.monotonic()
-            count = _insert_documents(
-                conn, spec.run_key, docdb[name], make(), name, progress, total
-            )
+            docs = fields.encrypting(name, make())
+            count = _insert_documents(conn, spec.run_key, docdb[name], docs, name, progress, total)
             report.documents[name] = EntityTiming(count, time.monotonic() - started)
     return report

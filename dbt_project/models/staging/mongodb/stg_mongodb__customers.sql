@@ -1,4 +1,5 @@
--- The document's email is in clear in MongoDB: it is left out; the OLTP keyed hash is the join key.
+-- The document's email (encrypted at rest, docstore/fields.py) and its keyed hash are left out: the
+-- marts join customers by oltp_id.
 with customers as (
     {{ latest_cdc_rows(source('mongodb', 'customer'), [raw_col('_id')], '_ab_cdc_cursor') }}
 )
