@@ -32,6 +32,7 @@ from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import open_writer, run_sync
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
+from stripe_platform.security.coverage import coverage_report
 from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
@@ -252,6 +253,9 @@ def test_below_admin_roles_read_masked_marts_and_admin_reads_them_clear(source, 
             ).fetchall()
         }
         assert len(marts) >= 11 and views == marts
+    store = coverage_report(s, stores=["marts"]).store("marts")
+    assert [f.status for f in store.fields] == ["masked"] * 3 and store.percent == 100.0
+    assert "DuckDB: no roles" in store.fields[0].detail
 
 
 def run_operation(project_dir: Path, profiles_dir: Path, env: dict[str, str]) -> tuple[bool, str]:

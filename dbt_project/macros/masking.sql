@@ -52,7 +52,7 @@
 {#- [(column name, data_type, restricted?)] of a mart, in its contract's order. -#}
 {% macro classified_columns(node) -%}
   {%- set restricted = var('restricted_classes') -%}
-  {%- set known = restricted + ['non_personal', 'none'] -%}
+  {%- set known = restricted + ['non_personal'] -%}
   {%- set columns = [] -%}
   {%- for column in node.columns.values() -%}
     {%- set config_meta = (column.get('config') or {}).get('meta') or {} -%}

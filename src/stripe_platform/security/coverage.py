@@ -641,12 +641,9 @@ def render_coverage(report: CoverageReport, console: Any) -> None:
         table.add_column(column, justify="right" if column in {"protected", "total"} else "left")
     for s in report.stores:
         coverage = "-" if s.percent is None else _pct(s.percent)
-        state = s.state if not s.detail or s.state == "checked" else f"{s.state}: {s.detail}"
-        if s.state == "checked" and s.detail:
-            state = f"checked ({s.detail})"
         table.add_row(
             s.store,
-            state,
+            f"{s.state}: {s.detail}" if s.detail else s.state,
             str(s.protected),
             str(s.total),
             coverage,
