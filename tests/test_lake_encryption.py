@@ -14,18 +14,25 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from pathlib import Path
 
+import boto3
 import duckdb
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from stripe_platform.config import load_settings
 from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import Engine, SyncError
 from stripe_platform.ingestion.postgres import cdc
+from stripe_platform.lake.encryption import LakeEncryptionError, apply_bucket_encryption
 from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import LakeWriter
 from stripe_platform.oltp import db
+from stripe_platform.rawlayer import Column, RawStream
 from stripe_platform.security.envelope import Envelope, SubjectKeys
 from stripe_platform.security.keys import KeyShredded, TamperedCiphertext
 from stripe_platform.security.subjects_layer import decrypt_column
@@ -278,3 +285,51 @@ def test_a_destination_synced_before_encryption_is_refused_with_the_remedy(platf
         == 0
     )
     conn.close()
+
+
+def test_the_prod_lake_bucket_defaults_to_sse_kms_under_the_lake_key(
+    kms_endpoint, monkeypatch, tmp_path
+):
+    """The configuration and the labels S3 gives objects (moto encrypts nothing: see
+    lake/encryption.py for what this does not prove)."""
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)
+    region = "us-east-1"
+    s3 = boto3.client("s3", endpoint_url=kms_endpoint, region_name=region)
+    kms = boto3.client("kms", endpoint_url=kms_endpoint, region_name=region)
+    bucket, prefix = f"lake-{uuid.uuid4().hex[:12]}", f"alias/h5-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    settings = load_settings(
+        home=tmp_path, lake_uri=f"s3://{bucket}/exploration", kms_key_alias_prefix=prefix
+    )
+    with pytest.raises(LakeEncryptionError, match=f"{prefix}/lake does not exist"):
+        apply_bucket_encryption(settings, s3, kms)
+    with pytest.raises(LakeEncryptionError, match="not on S3"):
+        apply_bucket_encryption(load_settings(home=tmp_path), s3, kms)
+
+    key = kms.create_key(Description="lake KEK")["KeyMetadata"]
+    kms.create_alias(AliasName=f"{prefix}/lake", TargetKeyId=key["KeyId"])
+    apply_bucket_encryption(settings, s3, kms)
+    apply_bucket_encryption(settings, s3, kms)  # idempotent
+    [rule] = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+    assert rule["ApplyServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "aws:kms",
+        "KMSMasterKeyID": key["Arn"],
+    }
+    assert rule["BucketKeyEnabled"] is True
+    # A lake file written as the sync writes it is stored under the lake's key.
+    filesystem = pafs.S3FileSystem(
+        endpoint_override=kms_endpoint.removeprefix("http://"), scheme="http", region=region
+    )
+    lake = LakeWriter(f"s3://{bucket}/exploration", filesystem)
+    stream = RawStream("postgres", "merchant", (Column("id", "integer"),))
+    written = lake.write(
+        "postgres", stream, pa.table({"id": [1, 2]}), sync_id="s", generation_id=1, part=0
+    )
+    head = s3.head_object(Bucket=bucket, Key=written.path.removeprefix(f"s3://{bucket}/"))
+    assert head["ServerSideEncryption"] == "aws:kms"
+    assert head["SSEKMSKeyId"] == key["Arn"]
