@@ -24,6 +24,7 @@ from stripe_platform.cli import (
     runtime,
     seed,
     streaming,
+    tls,
     transform,
 )
 
@@ -44,5 +45,6 @@ app.add_typer(streaming.stream_app, name="stream")
 app.add_typer(kafka.kafka_app, name="kafka")
 app.add_typer(governance.catalog_app, name="catalog")
 app.add_typer(keys.keys_app, name="keys")
+app.add_typer(tls.tls_app, name="tls")
 
 __all__ = ["app"]
