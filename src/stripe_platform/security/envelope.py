@@ -169,6 +169,10 @@ class Envelope:
         self._keys: dict[tuple[str, str, int], _Cached] = {}  # (scope, purpose, version)
         self._current: dict[tuple[str, str], tuple[int, float]] = {}  # -> (version, checked)
         self._subject_keys: SubjectKeys | None = None
+        self._schema_checked = False
+        # Shared by every SubjectKeys of this envelope: a shred evicts the key for all of them.
+        self._subject_cache: dict[int, _SubjectKey] = {}
+        self._subject_lock = threading.RLock()
 
     # -- values ------------------------------------------------------------------------------------
     def encrypt(self, scope: str, plaintext: bytes, *, aad: bytes = b"") -> bytes:
@@ -419,10 +423,11 @@ class Envelope:
 
     # -- internals ---------------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection:
-        # Import here: oltp.db asks this module for the keys of keyed connections.
-        from stripe_platform.oltp import db
-
-        return db.connect(self.settings, with_key=False, autocommit=True)
+        conn = _connect(self.settings)
+        if not self._schema_checked:
+            _check_schema(conn)
+            self._schema_checked = True
+        return conn
 
     def _audit(
         self,
@@ -604,8 +609,8 @@ class SubjectKeys:
 
     def __init__(self, envelope: Envelope) -> None:
         self.envelope = envelope
-        self._keys: dict[int, _SubjectKey] = {}
-        self._lock = threading.RLock()
+        self._keys = envelope._subject_cache
+        self._lock = envelope._subject_lock
 
     # -- values ------------------------------------------------------------------------------------
     def encrypt(self, subject_id: int, plaintext: bytes, *, aad: bytes = b"") -> bytes:
@@ -841,6 +846,24 @@ def _subject_scope(subject_id: int) -> str:
     return f"subjects/{int(subject_id)}"
 
 
+def _connect(settings: Settings) -> psycopg.Connection:
+    # Unkeyed (and imported here): a keyed connection of oltp.db asks this module for its keys.
+    from stripe_platform.oltp import db
+
+    return db.connect(settings, with_key=False, autocommit=True)
+
+
+def _check_schema(conn: psycopg.Connection) -> None:
+    (present,) = conn.execute("SELECT to_regclass('keys.key_event') IS NOT NULL").fetchone()
+    if not present:
+        database = conn.info.dbname
+        conn.close()
+        raise KeyUnavailable(
+            f"database {database} has no keys schema (migration 0012): "
+            "run `stripe-platform db migrate`"
+        )
+
+
 _shared: dict[tuple, Envelope] = {}
 _shared_lock = threading.Lock()
 
@@ -868,9 +891,8 @@ def audit_log(
     settings: Settings, *, since: dt.datetime | None = None, limit: int | None = None
 ) -> list[KeyAuditRecord]:
     """The key events since ``since`` (the last ``limit`` of them), oldest first."""
-    from stripe_platform.oltp import db
-
-    with db.connect(settings, with_key=False, autocommit=True) as conn:
+    with _connect(settings) as conn:
+        _check_schema(conn)
         rows = conn.execute(
             "SELECT * FROM (SELECT id, at, actor, db_user, host(source_address), operation, scope, "
             "version, outcome, detail FROM keys.key_event WHERE %(since)s::timestamptz IS NULL "
