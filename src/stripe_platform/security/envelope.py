@@ -252,9 +252,12 @@ class Envelope:
         _check_scope(scope)
         store = scope.split("/", 1)[0]
         with self._lock, self._connect() as conn, conn.transaction():
+            # Two rotations of one scope (other processes) queue: row locks do not cover the
+            # first version, which has no row yet.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('keys.data_key:' || %s))", (scope,))
             rows = conn.execute(
                 "SELECT version, state FROM keys.data_key WHERE scope = %s AND purpose = 'encrypt' "
-                "ORDER BY version FOR UPDATE",
+                "ORDER BY version",
                 (scope,),
             ).fetchall()
             version = (rows[-1][0] if rows else 0) + 1
