@@ -93,6 +93,7 @@ def serve(
     import uvicorn
 
     from stripe_platform.api.app import create_app
+    from stripe_platform.security.tls_scan import forget_server, record_server
 
     config = uvicorn.Config(
         create_app(settings),
@@ -102,7 +103,9 @@ def serve(
         log_config=log_config(),
         timeout_graceful_shutdown=10,
     )
+    record_server(settings, "api", "http")  # so `tls scan` checks this port too
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
+        forget_server(settings, "api")
         sock.close()

@@ -21,7 +21,7 @@ ConnectUrl = Annotated[
     typer.Option(
         "--connect-url",
         help="Kafka Connect's REST URL (compose/prod: the Connect service, e.g. "
-        "http://connect:8083); the embedded profile runs its own",
+        "https://connect:8083); the embedded profile runs its own",
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="One JSON report on stdout")]
@@ -128,17 +128,19 @@ def down(
 def status(connect_url: ConnectUrl = None, as_json: AsJson = False) -> None:
     """Say what runs: the broker, Connect and each connector's state."""
     from stripe_platform.runtime import kafka
+    from stripe_platform.runtime.tls import ca_file
 
     s = settings()
     if s.profile == "embedded" and connect_url is None:
         info = kafka.embedded_stack(s).status().as_dict()
     else:
         url = _external(s, connect_url, "status")
-        names = kafka.list_connectors(url)
+        ca = ca_file(s)
+        names = kafka.list_connectors(url, ca=ca)
         info = {
             "connect_url": url,
             "bootstrap_servers": s.kafka_bootstrap_servers,
-            "connectors": {name: kafka.connector_state(url, name) for name in names},
+            "connectors": {name: kafka.connector_state(url, name, ca=ca) for name in names},
         }
     if as_json:
         console.print_json(data=info)

@@ -174,7 +174,7 @@ def airflow(
     s = settings()
     ensure_manifest(s)  # what cosmos renders the DAGs from
     err.print(
-        f"Airflow on http://127.0.0.1:{port} (user admin; password in "
+        f"Airflow on https://127.0.0.1:{port} (user admin; password in "
         f"{airflow_home(s) / 'simple_auth_manager_passwords.json.generated'})"
     )
     raise typer.Exit(run_airflow_standalone(s, port=port))
