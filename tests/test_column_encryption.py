@@ -151,6 +151,24 @@ def test_a_keyed_session_carries_every_postgres_key_and_the_log_never_sees_them(
         assert secret not in text
 
 
+def test_a_rotation_reaches_the_next_keyed_session_of_this_process(s, people):
+    with db.connect(s) as before:  # caches this process's keys
+        assert before.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    Envelope(s).rotate("postgres/address")  # as `keys rotate` would, from anywhere
+    with db.connect(s, autocommit=True) as c:
+        current = c.execute("SELECT current_setting('stripe.pii_current')").fetchone()[0]
+        assert "postgres/address:2" in current.split(",")
+        assert {"postgres/address:1", "postgres/address:2"} <= {
+            e.rsplit(":", 1)[0] for e in _session_keys(c).split(",")
+        }
+        line = c.execute("SELECT pii_encrypt('1 new street', 'postgres/address')").fetchone()[0]
+        assert bytes(line).startswith(b"SPK1postgres/address:2:")
+        assert c.execute("SELECT pii_decrypt(%s)", (line,)).fetchone() == ("1 new street",)
+        assert c.execute("SELECT pii_decrypt(Line1) FROM Address WHERE ID = 1001").fetchone() == (
+            "1001 rue des Tests",
+        )
+
+
 def test_an_unkeyed_session_stays_unkeyed(s, people):
     with psycopg.connect(db.conninfo(s, with_key=False)) as c:
         assert not _session_keys(c)
@@ -474,7 +492,7 @@ def test_legacy_ciphertexts_are_read_then_reencrypted_and_the_legacy_key_retired
             "SELECT 1 FROM Customer WHERE EmailHash = pii_lookup_hash('old2007@example.com')"
         ).fetchall()
     with (
-        db.connect(s, autocommit=True) as c,  # no legacy key in this installation's settings
+        psycopg.connect(db.conninfo(s, with_key=False)) as c,
         pytest.raises(psycopg.errors.InsufficientPrivilege, match="no key legacy"),
     ):
         c.execute("SELECT pii_decrypt(FullName) FROM Customer WHERE ID = 2007")

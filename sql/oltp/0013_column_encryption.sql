@@ -218,11 +218,13 @@ ALTER TABLE keys.column_reencryption OWNER TO KeyAdmin;
 ALTER TABLE keys.legacy_key_retired OWNER TO KeyAdmin;
 REVOKE ALL ON keys.column_reencryption, keys.legacy_key_retired FROM PUBLIC;
 
--- What keyed sessions carry changes with this value: oltp/db.py compares it on every keyed
--- connect and re-reads the keys only when it moved (a rotation is visible to the next session).
+-- What keyed sessions carry changes with this value: oltp/db.py reads it in every new keyed session
+-- and re-reads the keys only when it moved (a rotation is visible to the next session). SECURITY
+-- DEFINER: whoever logs in can read this digest of key versions and states, never a key.
 CREATE FUNCTION pii_keyring_generation() RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 RETURN md5(coalesce((SELECT string_agg(format('%s/%s/%s/%s', scope, purpose, version, state), ','
                                        ORDER BY scope, purpose, version)
                      FROM keys.data_key WHERE scope LIKE 'postgres/%'), '')
            || coalesce((SELECT max(retired_at)::text FROM keys.legacy_key_retired), ''));
+ALTER FUNCTION pii_keyring_generation() OWNER TO KeyAdmin;

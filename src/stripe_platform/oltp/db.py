@@ -70,71 +70,74 @@ _keyrings: dict[tuple[str, str | None], _Keyring] = {}  # (unkeyed conninfo, leg
 _keyrings_lock = threading.Lock()
 
 
-def _session_key_options(settings: Settings, database: str | None) -> str:
+def _generation(conn: psycopg.Connection) -> str | None:
+    """The database's key generation (sql/oltp/0013); None before that migration."""
+    (ready,) = conn.execute(
+        "SELECT to_regprocedure('pii_keyring_generation()') IS NOT NULL"
+    ).fetchone()
+    return conn.execute("SELECT pii_keyring_generation()").fetchone()[0] if ready else None
+
+
+def _session_key_options(settings: Settings, database: str | None) -> _Keyring:
     """The ``-c`` options of a keyed session on ``database``: every usable version of each
     postgres/<table> data key, the current version per scope, the lookup key (sql/oltp/0013), and
-    the legacy single key until the re-encryption retired it.
+    the legacy single key until the re-encryption retired it. A database without the keys schema
+    (before migration 0013, or the maintenance database) gets the legacy key alone, if any.
 
-    Cached per process and database; every keyed connect first reads the database's key generation
-    (one query on an unkeyed connection) and re-reads the keys only when it moved, so a rotation or
-    retirement is seen by the very next session. A database without the keys schema (before
-    migration 0013, or the maintenance database) gets the legacy key alone, if there is one.
+    Cached per process and database, with the database's key generation they were read at; the
+    generation is read again by every keyed connect (see connect()), so a rotation or retirement
+    is seen by the very next session.
     """
-    plain = conninfo(settings, database=database, with_key=False)
-    cache_key = (plain, _legacy_key(settings))
-    with psycopg.connect(plain, autocommit=True) as conn:
-        (ready,) = conn.execute(
-            "SELECT to_regprocedure('pii_keyring_generation()') IS NOT NULL"
-        ).fetchone()
-        generation = (
-            conn.execute("SELECT pii_keyring_generation()").fetchone()[0] if ready else None
-        )
-        cached = _keyrings.get(cache_key)
-        if cached is not None and cached.generation == generation:
-            return cached.options
-        with _keyrings_lock:
-            return _refresh(conn, settings, database, cache_key, generation, ready)
-
-
-def _refresh(
-    conn: psycopg.Connection,
-    settings: Settings,
-    database: str | None,
-    cache_key: tuple[str, str | None],
-    generation: str | None,
-    ready: bool,
-) -> str:
     from stripe_platform.security.envelope import shared_envelope
 
-    cached = _keyrings.get(cache_key)
-    if cached is not None and cached.generation == generation:
-        return cached.options  # another thread refreshed it meanwhile
-    legacy = cache_key[1]
-    options = []
-    if ready:
-        envelope = shared_envelope(_target(settings, database))
-        keys, current = [], []
-        for table in ENCRYPTED_COLUMNS:
-            scope = f"postgres/{table}"
-            versions = envelope.all_versions(scope) or [envelope.data_key(scope)]
-            keys += [f"{scope}:{k.version}:{base64.b64encode(k.key).decode()}" for k in versions]
-            # Rotation makes the new version the highest; retirement never takes the current.
-            current.append(f"{scope}:{max(k.version for k in versions)}")
-        lookup = base64.b64encode(envelope.lookup_key(LOOKUP_SCOPE)).decode()
-        options = [
-            f"-c stripe.pii_keys={','.join(keys)}",
-            f"-c stripe.pii_current={','.join(current)}",
-            f"-c stripe.pii_lookup_key={lookup}",
-        ]
-        if (
-            legacy is not None
-            and conn.execute("SELECT EXISTS (SELECT FROM keys.legacy_key_retired)").fetchone()[0]
-        ):
-            legacy = None
-    if legacy is not None:
-        options.append(f"-c stripe.pii_key={_escape_option(legacy)}")
-    _keyrings[cache_key] = _Keyring(generation, " ".join(options))
-    return _keyrings[cache_key].options
+    plain = conninfo(settings, database=database, with_key=False)
+    cache_key = (plain, _legacy_key(settings))
+    with _keyrings_lock, psycopg.connect(plain, autocommit=True) as conn:
+        generation = _generation(conn)
+        cached = _keyrings.get(cache_key)
+        if cached is not None and cached.generation == generation:
+            return cached
+        legacy = cache_key[1]
+        options = []
+        if generation is not None:
+            envelope = shared_envelope(_target(settings, database))
+            keys, current = [], []
+            for table in ENCRYPTED_COLUMNS:
+                scope = f"postgres/{table}"
+                versions = envelope.all_versions(scope) or [envelope.data_key(scope)]
+                keys += [
+                    f"{scope}:{k.version}:{base64.b64encode(k.key).decode()}" for k in versions
+                ]
+                # Rotation makes the new version the highest; retirement never takes the current.
+                current.append(f"{scope}:{max(k.version for k in versions)}")
+            lookup = base64.b64encode(envelope.lookup_key(LOOKUP_SCOPE)).decode()
+            options = [
+                f"-c stripe.pii_keys={','.join(keys)}",
+                f"-c stripe.pii_current={','.join(current)}",
+                f"-c stripe.pii_lookup_key={lookup}",
+            ]
+            retired = "SELECT EXISTS (SELECT FROM keys.legacy_key_retired)"
+            if legacy is not None and conn.execute(retired).fetchone()[0]:
+                legacy = None
+        if legacy is not None:
+            options.append(f"-c stripe.pii_key={_escape_option(legacy)}")
+        # The generation read before the keys: a change in between is caught by the next connect.
+        _keyrings[cache_key] = _Keyring(generation, " ".join(options))
+        return _keyrings[cache_key]
+
+
+def _conninfo(settings: Settings, database: str | None, options: str, extra: dict) -> str:
+    if settings.profile == "embedded":
+        base = conninfo_to_dict(embedded_cluster(settings).conninfo(database))
+    else:
+        assert settings.pg_dsn is not None  # guaranteed by Settings validation
+        base = conninfo_to_dict(settings.pg_dsn.get_secret_value())
+        if database:
+            base["dbname"] = database
+    if options:
+        base["options"] = f"{base.get('options', '')} {options}".strip()
+    base.update(extra)
+    return make_conninfo(**base)
 
 
 def conninfo(
@@ -144,26 +147,44 @@ def conninfo(
 
     A keyed connection (``with_key``) carries the data keys in its startup packet (``-c
     stripe.pii_keys=...``, see _session_key_options): startup options are never written to the
-    statement log, unlike SET statements or bind parameters.
+    statement log, unlike SET statements or bind parameters. The keys are read fresh (one
+    unkeyed connection checks their generation); connect() does that check in the session itself.
     """
-    if settings.profile == "embedded":
-        base = conninfo_to_dict(embedded_cluster(settings).conninfo(database))
-    else:
-        assert settings.pg_dsn is not None  # guaranteed by Settings validation
-        base = conninfo_to_dict(settings.pg_dsn.get_secret_value())
-        if database:
-            base["dbname"] = database
-    if with_key:
-        option = _session_key_options(settings, database)
-        base["options"] = f"{base.get('options', '')} {option}".strip()
-    base.update(extra)
-    return make_conninfo(**base)
+    options = _session_key_options(settings, database).options if with_key else ""
+    return _conninfo(settings, database, options, extra)
 
 
 def connect(
-    settings: Settings, *, database: str | None = None, autocommit: bool = False, **extra: str
+    settings: Settings,
+    *,
+    database: str | None = None,
+    autocommit: bool = False,
+    with_key: bool = True,
+    **extra: str,
 ) -> psycopg.Connection:
-    return psycopg.connect(conninfo(settings, database=database, **extra), autocommit=autocommit)
+    """A connection; keyed (the default) with this process's cached keys when the new session
+    finds the database's key generation unchanged (one round trip), else with freshly read ones."""
+    if with_key:
+        cached = _keyrings.get(
+            (conninfo(settings, database=database, with_key=False), _legacy_key(settings))
+        )
+        if cached is not None:
+            conn = psycopg.connect(
+                _conninfo(settings, database, cached.options, extra), autocommit=autocommit
+            )
+            try:
+                fresh = _generation(conn) == cached.generation
+                if not autocommit:
+                    conn.rollback()  # leave it idle, as it came
+            except BaseException:
+                conn.close()
+                raise
+            if fresh:
+                return conn
+            conn.close()
+    return psycopg.connect(
+        conninfo(settings, database=database, with_key=with_key, **extra), autocommit=autocommit
+    )
 
 
 COPY_CHUNK_ROWS = 65_536  # rows per CSV chunk handed to COPY: bounds the memory of one write
