@@ -236,7 +236,9 @@ def run_dbt(
         raise TransformError(f"dbt {command} could not run: {outcome.exception}")
     nodes = []
     for result in getattr(outcome.result, "results", None) or []:
-        node = result.node
+        node = getattr(result, "node", None)  # run-operation results name no node
+        if node is None:
+            continue
         nodes.append(
             NodeResult(
                 name=node.name,
