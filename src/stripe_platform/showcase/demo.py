@@ -130,6 +130,10 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
 
     orchestrate(settings, console, step, stage_done)
 
+    console.rule("[bold]Security: classification, keys, encryption coverage, TLS")
+    security(settings, console, step)
+    stage_done("security")
+
     console.rule("[bold]The brief's OLAP queries, answered from the marts")
     answer_brief_queries(settings, console)
     stage_done("queries")
@@ -392,6 +396,82 @@ def answer_brief_queries(settings: Settings, console: Console) -> None:
         )
 
 
+def security(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
+    """What the stores hold (the classification catalog), the keys that protect it, the share of
+    protected fields really encrypted or masked in each store, and TLS on every listening port."""
+    from stripe_platform.governance.classification import DataClass, load_catalog
+    from stripe_platform.security.coverage import coverage_report
+    from stripe_platform.security.envelope import shared_envelope
+    from stripe_platform.security.tls_scan import scan
+
+    catalog = load_catalog()
+    classes = [c.value for c in DataClass]
+    console.print(
+        table(
+            "The classification catalog (`stripe-platform catalog`): fields per store and class",
+            ["store", *classes],
+            [
+                [store, *(str(counts[c]) for c in classes)]
+                for store, counts in catalog.summary().items()
+            ],
+        )
+    )
+    catalog.check()  # the CI gate: raises naming every unclassified field
+    step(f"catalog check: all {len(catalog.entries):,} columns and fields classified")
+
+    envelope = shared_envelope(settings)
+    keks = envelope.keks()
+    scopes = envelope.scopes()
+    live, shredded = envelope.subject_keys().counts()
+    step(
+        f"keys ({envelope.provider.name}): KEKs "
+        + ", ".join(f"{store} v{versions[-1].version}" for store, versions in keks.items())
+        + f"; {len({k.scope for k in scopes})} data-key scopes, {live:,} subject keys"
+        + (f" ({shredded:,} shredded)" if shredded else "")
+    )
+
+    report = coverage_report(settings)
+    console.print(
+        table(
+            "Encryption coverage at rest (`stripe-platform keys coverage`), from the stores' contents",
+            ["store", "protected fields", "encrypted, hashed or masked", "coverage"],
+            [
+                [
+                    s.store,
+                    str(s.total),
+                    str(s.protected),
+                    "-" if s.percent is None else f"{s.percent:g} %",
+                ]
+                for s in report.stores
+            ],
+        )
+    )
+    step(report.summary())
+
+    results = scan(settings)
+    console.print(
+        table(
+            "TLS on every listening port (`stripe-platform tls scan`)",
+            ["server", "port", "TLS", "plaintext"],
+            [
+                [
+                    r.name,
+                    str(r.port),
+                    "verified" if r.tls_ok else "FAILED",
+                    "refused" if r.plaintext_refused else "SERVED",
+                ]
+                for r in results
+            ],
+        )
+    )
+    bad = [r for r in results if not r.ok]
+    step(
+        f"{len(results)} port(s): every one TLS-only"
+        if not bad
+        else f"NOT TLS-only: {', '.join(f'{r.name}:{r.port}' for r in bad)}"
+    )
+
+
 def where_things_are(settings: Settings, console: Console) -> None:
     from stripe_platform.orchestration.airflow_runtime import airflow_home
 
@@ -419,12 +499,16 @@ def where_things_are(settings: Settings, console: Console) -> None:
         ),
         ("lake", f"{settings.lake_root}/raw/<source>/<stream>/extracted_date=…/*.parquet"),
         (
+            "security",
+            "`stripe-platform catalog`, `keys list|coverage|audit`, `tls scan` (docs/security.md)",
+        ),
+        (
             "dbt",
             "`stripe-platform transform`, `stripe-platform query NAME`, `stripe-platform dbt docs generate`",
         ),
         (
             "Airflow",
-            f"`stripe-platform airflow` → http://127.0.0.1:8080 (home {airflow_home(settings)})",
+            f"`stripe-platform airflow` → https://127.0.0.1:8080 (home {airflow_home(settings)})",
         ),
     ]
     console.print(table("", ["what", "where"], lines))
