@@ -81,6 +81,7 @@ from stripe_platform.docstore.ferretdb import (
     backend_table,
     explain_set_fields,
 )
+from stripe_platform.docstore.fields import DocumentFields
 from stripe_platform.docstore.queries import (
     DocumentQuery,
     load_queries,
@@ -320,9 +321,10 @@ def fill(docdb: Any, settings: Any, data: Any) -> dict[str, Any]:
     started = time.perf_counter()
     apply_specs(docdb, settings)
     out: dict[str, Any] = {"apply_specs_s": time.perf_counter() - started, "collections": {}}
+    fields = DocumentFields(settings)  # as the seed writes them: protected fields encrypted
     for name, _total, make in document_plan(data):
         started = time.perf_counter()
-        count = insert_all(docdb[name], make())
+        count = insert_all(docdb[name], fields.encrypting(name, make()))
         seconds = time.perf_counter() - started
         generated, generate_s, check_s = generation_and_check(name, make())
         out["collections"][name] = {
