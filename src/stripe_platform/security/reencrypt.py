@@ -220,8 +220,9 @@ def _reencrypt_scope(
         "ON CONFLICT DO NOTHING",
         (scope, target),
     )
-    (last_id,) = conn.execute(
-        "SELECT last_id FROM keys.column_reencryption WHERE scope = %s AND target_version = %s",
+    last_id, finished = conn.execute(
+        "SELECT last_id, finished_at IS NOT NULL FROM keys.column_reencryption "
+        "WHERE scope = %s AND target_version = %s",
         (scope, target),
     ).fetchone()
     job = _Job(conn, scope, target)
@@ -263,7 +264,8 @@ def _reencrypt_scope(
             target,
             {"rows": rows, "batches": batches, "retired": old, "seconds": round(seconds, 3)},
         )
-    return ScopeResult(scope, job.table, target, rows, batches, last_id, tuple(old), seconds)
+    resumed = None if finished else last_id
+    return ScopeResult(scope, job.table, target, rows, batches, resumed, tuple(old), seconds)
 
 
 def _retire_legacy(conn: psycopg.Connection, actor: str) -> bool:
