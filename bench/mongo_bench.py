@@ -387,7 +387,7 @@ def brief_records(client: Any, scratch: str) -> dict[str, list[dict[str, Any]]]:
     """The brief's own records of the queried collections, as the platform loads them (into a
     scratch database of the server, dropped again)."""
     try:
-        load_documents(client[scratch])
+        load_documents(client[scratch], load_settings())
         names = {view_sources().get(q.collection, q.collection) for q in load_queries().values()}
         return {name: list(client[scratch][name].find({})) for name in sorted(names)}
     finally:

@@ -248,7 +248,7 @@ def embedded_env(settings, loaded, database, tmp_path, monkeypatch):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     s = load_settings()
-    brief_examples.load_documents(docstore.connect(s))
+    brief_examples.load_documents(docstore.connect(s), s)
     yield s
     with db.connect(s, autocommit=True) as conn:  # the one slot: mongodb-to-s3 reads by cursor
         cdc.drop_slot(conn, load_catalog().resolve("postgres-to-s3").slot(conn.info.dbname))

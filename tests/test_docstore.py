@@ -291,8 +291,8 @@ def test_a_query_that_cannot_be_rewritten_is_refused_on_ferretdb(ferret):
 
 def test_loading_the_sample_twice_changes_nothing(docdb, settings):
     apply_specs(docdb, settings)
-    first = brief_examples.load_documents(docdb)
-    assert brief_examples.load_documents(docdb) == first
+    first = brief_examples.load_documents(docdb, settings)
+    assert brief_examples.load_documents(docdb, settings) == first
     assert [d["query_id"] for d in run_query(docdb, load_queries()["admin-error-logs"])] == [2]
 
 
@@ -449,7 +449,7 @@ def test_mongodb_enforces_the_validator_itself(real_mongodb, settings):
 
 def test_brief_log_query_runs_on_the_logdata_view(real_mongodb, settings):
     apply_specs(real_mongodb, settings)
-    brief_examples.load_documents(real_mongodb)
+    brief_examples.load_documents(real_mongodb, settings)
     assert "LogData" in real_mongodb.list_collection_names()
     found = list(
         real_mongodb.LogData.find(

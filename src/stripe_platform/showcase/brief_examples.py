@@ -15,6 +15,7 @@ from typing import Any
 import psycopg
 from bson import ObjectId
 
+from stripe_platform.config import Settings
 from stripe_platform.paths import SQL_EXAMPLES_DIR
 
 BRIEF_TRANSACTION_ID = 12345
@@ -453,14 +454,18 @@ def _documents() -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def load_documents(db: Any) -> dict[str, int]:
-    """Upsert the example documents by _id (idempotent); return the count per collection."""
+def load_documents(db: Any, settings: Settings) -> dict[str, int]:
+    """Upsert the example documents by _id (idempotent); return the count per collection. Their
+    protected fields (John Doe's e-mail) are encrypted as every write of the platform does."""
     from pymongo import ReplaceOne
 
     from stripe_platform.docstore import validation  # checks the validators FerretDB lacks
+    from stripe_platform.docstore.fields import DocumentFields
 
+    fields = DocumentFields(settings)
     counts = {}
     for collection, docs in _documents().items():
+        docs = fields.encrypt_documents(collection, docs)
         upserts = [ReplaceOne({"_id": doc["_id"]}, doc, upsert=True) for doc in docs]
         validation.bulk_write(db[collection], upserts)
         counts[collection] = db[collection].count_documents({})

@@ -622,7 +622,7 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
 
     documents = docstore.connect(settings)
     apply_specs(documents, settings)
-    loaded = brief_examples.load_documents(documents)
+    loaded = brief_examples.load_documents(documents, settings)
     step(
         "document collections applied, sample loaded: "
         + ", ".join(f"{k} {v}" for k, v in loaded.items())
