@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
-from stripe_platform.governance.classification import load_catalog
+from stripe_platform.governance.classification import Catalog, load_catalog
 from stripe_platform.rawlayer import (
     Column,
     RawStream,
@@ -82,15 +82,16 @@ def stream_scope(source: str, dataset: str) -> str:
     return f"{STREAM_SCOPE}{qualified(source, dataset)}"
 
 
-def protected_fields(store: str, stream_key: str) -> list[ProtectedField]:
-    """The catalog's PROTECTED columns of a raw stream (``store`` "lake" or "warehouse_raw";
-    ``stream_key`` the stream as the store names it, ``<namespace>.<stream>``, which is how the
-    catalog's raw and lake datasets are named)."""
-    return [
-        ProtectedField(e.field, str(e.data_class), e.subject)
-        for e in load_catalog().protected(store)  # type: ignore[arg-type]
-        if e.dataset == stream_key
-    ]
+def protected_fields(store: str, catalog: Catalog | None = None) -> dict[str, list[ProtectedField]]:
+    """The catalog's PROTECTED columns of each raw stream of ``store`` ("lake" or
+    "warehouse_raw"), by stream as the store names it (``<namespace>.<stream>``, which is how the
+    catalog names its raw and lake datasets)."""
+    found: dict[str, list[ProtectedField]] = {}
+    for e in (catalog or load_catalog()).protected(store):  # type: ignore[arg-type]
+        found.setdefault(e.dataset, []).append(
+            ProtectedField(e.field, str(e.data_class), e.subject)
+        )
+    return found
 
 
 class RawProtector:
@@ -281,9 +282,9 @@ class ProtectedWriter:
         """Each raw stream's protected fields, checked against the destination once."""
         with self._lock:
             if self._fields is None:
+                by_stream = protected_fields(self.store)  # the catalog read once a sync
                 fields = {
-                    name: protected_fields(self.store, f"{self.namespace}.{name}")
-                    for name in self.datasets
+                    name: by_stream.get(f"{self.namespace}.{name}", []) for name in self.datasets
                 }
                 self._check_destination({n: [f.column for f in fs] for n, fs in fields.items()})
                 self._fields = fields
