@@ -45,7 +45,13 @@ os.environ.update(
         if k.startswith(("AIRFLOW", "MLFLOW"))
     }
 )
-DAG_IDS = {"oltp_maintenance", "elt_lake_daily", "elt_warehouse_daily", "cdc_fraud_stream"}
+DAG_IDS = {
+    "oltp_maintenance",
+    "elt_lake_daily",
+    "elt_warehouse_daily",
+    "cdc_fraud_stream",
+    "security_key_rotation",
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -298,6 +304,47 @@ def test_oltp_maintenance_runs_end_to_end(airflow_db, embedded_env):
         partitions.month_start(dt.date.today()), embedded_env.partition_months_ahead
     )
     assert ahead in after and ahead not in before  # created ahead by the DAG
+
+
+def test_security_key_rotation_moves_every_ciphertext_to_new_table_keys(airflow_db, embedded_env):
+    """The monthly rotation as Airflow runs it: each encrypted table's data key gets a new
+    version, every ciphertext moves to it (the header names the version), the old version is
+    retired, and the customers still decrypt and are still found by e-mail."""
+    from airflow.utils.state import DagRunState
+
+    def versions(conn) -> dict[str, set[int]]:
+        return {
+            table: {
+                v
+                for (v,) in conn.execute(
+                    f"SELECT DISTINCT pii_key_version({column}) FROM {table} "
+                    f"WHERE {column} IS NOT NULL"
+                )
+            }
+            for table, column in (("customer", "email"), ("address", "line1"))
+        }
+
+    with db.connect(embedded_env, autocommit=True) as conn:
+        before = versions(conn)
+        emails = dict(conn.execute("SELECT ID, pii_decrypt(Email) FROM Customer").fetchall())
+    assert before["customer"] == {1} and emails
+    run = dagbag().dags["security_key_rotation"].test()
+    assert run.state == DagRunState.SUCCESS
+    with db.connect(embedded_env, autocommit=True) as conn:  # a new session: the new keys
+        assert versions(conn) == {"customer": {2}, "address": {2}}
+        assert (
+            dict(conn.execute("SELECT ID, pii_decrypt(Email) FROM Customer").fetchall()) == emails
+        )
+        some_id, some_email = next(iter(emails.items()))
+        found = conn.execute(
+            "SELECT ID FROM Customer WHERE EmailHash = pii_lookup_hash(%s)", (some_email,)
+        ).fetchone()
+        assert found == (some_id,)
+        retired = conn.execute(
+            "SELECT scope, version FROM keys.data_key WHERE purpose = 'encrypt' "
+            "AND scope IN ('postgres/customer', 'postgres/address') AND state = 'retired'"
+        ).fetchall()
+    assert sorted(retired) == [("postgres/address", 1), ("postgres/customer", 1)]
 
 
 def test_a_failing_task_alerts_the_webhook(airflow_db, embedded_env, webhook, monkeypatch):
