@@ -423,3 +423,114 @@ def test_scan_reads_documents_and_the_lake(settings, docdb, tmp_path) -> None:
     }
     clear = {(f.dataset, f.field) for f in report.findings if f.level == "info"}
     assert clear == {("Customer", "email")}  # pii in clear where ciphertext is expected
+
+
+# --- the warehouse raw layer on each backend, and stores out of reach ------------------------------
+
+# Two raw tables of the catalog: an e-mail planted in a non_personal column, a pii column in clear
+# and a camelCase column (Snowflake stores it upper-cased: the scan must still name it as declared).
+RAW_ROWS = {
+    "postgres_merchant": (("id", "name"), [(1, "Cafe"), (2, "owner@example.com")]),
+    "mongodb_customer": (("userName", "email"), [("jd", "jd@example.com")]),
+}
+
+
+def assert_raw_findings(report) -> None:
+    assert report.skipped == []
+    assert report.datasets == {"warehouse_raw": 2}
+    found = {(f.level, f.dataset, f.field, f.found) for f in report.findings}
+    assert found == {
+        ("contradiction", "raw.postgres_merchant", "name", "email"),
+        ("info", "raw.mongodb_customer", "email", "clear text"),
+    }
+    assert report.sampled == {"warehouse_raw": 6}
+
+
+def test_scan_reads_the_raw_layer_on_a_postgresql_warehouse(settings, database, conn) -> None:
+    from pydantic import SecretStr
+
+    from stripe_platform.oltp import db
+
+    conn.execute("CREATE SCHEMA raw")
+    for table, (columns, rows) in RAW_ROWS.items():
+        conn.execute(f'CREATE TABLE raw.{table} ("{columns[0]}" text, "{columns[1]}" text)')
+        for row in rows:
+            conn.execute(f"INSERT INTO raw.{table} VALUES (%s, %s)", [str(v) for v in row])
+    s = settings.model_copy(
+        update={
+            "warehouse": "postgres",
+            "warehouse_dsn": SecretStr(db.conninfo(settings, database=database, with_key=False)),
+        }
+    )
+    assert_raw_findings(scan(s, stores=["warehouse_raw"], limit=10))
+
+
+def test_scan_reads_the_raw_layer_on_snowflake(settings, snowflake_server, tmp_path) -> None:
+    import snowflake.connector
+    from pydantic import SecretStr
+
+    server = snowflake_server
+    s = settings.model_copy(
+        update={
+            "home": tmp_path,
+            "warehouse": "snowflake",
+            "snowflake_account": server["account"],
+            "snowflake_user": server["user"],
+            "snowflake_password": SecretStr(server["password"]),
+            "snowflake_database": "SCAN_TEST",
+            "snowflake_host": server["host"],
+            "snowflake_port": server["port"],
+            "snowflake_protocol": "http",
+        }
+    )
+    with snowflake.connector.connect(**{**server, "database": "SCAN_TEST"}) as sf:
+        cursor = sf.cursor()
+        cursor.execute("CREATE SCHEMA IF NOT EXISTS RAW")
+        for table, (columns, rows) in RAW_ROWS.items():
+            names = ", ".join(f'"{c.upper()}" VARCHAR' for c in columns)
+            cursor.execute(f'CREATE OR REPLACE TABLE RAW."{table.upper()}" ({names})')
+            for row in rows:
+                values = ", ".join(f"'{v}'" for v in row)
+                cursor.execute(f'INSERT INTO RAW."{table.upper()}" VALUES ({values})')
+    assert_raw_findings(scan(s, stores=["warehouse_raw"], limit=10))
+
+
+def test_scan_lists_stores_not_built_unreachable_or_unreadable(settings, tmp_path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    lake = tmp_path / "lake"
+    s = settings.model_copy(
+        update={
+            "pg_port": free_port,
+            "warehouse": "duckdb",
+            "warehouse_path": tmp_path / "never-built.duckdb",
+            "lake_uri": str(lake),
+        }
+    )
+    report = scan(s, stores=["postgres", "lake", "warehouse_raw"], limit=10)
+    assert report.datasets == {}
+    postgres, lake_skip, warehouse = report.skipped
+    assert postgres.startswith("postgres: not scanned (")
+    assert lake_skip.startswith("lake: no Parquet file under ")
+    assert warehouse == f"warehouse_raw: no DuckDB warehouse at {tmp_path / 'never-built.duckdb'}"
+
+    # One stream's file damaged: named, and the other streams still scanned.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = lake / "raw/postgres/merchant/extracted_date=2026-01-01"
+    bad = lake / "raw/postgres/customer/extracted_date=2026-01-01"
+    good.mkdir(parents=True)
+    bad.mkdir(parents=True)
+    pq.write_table(pa.table({"id": [1], "name": ["a@example.com"]}), good / "s1-0.parquet")
+    (bad / "s1-0.parquet").write_bytes(b"not a Parquet file")
+    report = scan(s, stores=["lake"], limit=10)
+    (skipped,) = report.skipped
+    assert skipped.startswith("lake postgres.customer: ") and "s1-0.parquet not readable" in skipped
+    assert report.datasets == {"lake": 1}
+    assert {(f.dataset, f.field, f.found) for f in report.contradictions} == {
+        ("postgres.merchant", "name", "email")
+    }

@@ -211,3 +211,46 @@ def test_bad_arguments_are_refused(settings):
         coverage_report(settings, catalog=Catalog(()), sample=0)
     with pytest.raises(CoverageError, match="unknown store"):
         coverage_report(settings, catalog=Catalog(()), stores=["backups"])
+
+
+def test_lake_parquet_ciphertext_a_clear_column_and_a_damaged_file(settings, database, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s = settings.model_copy(update={"pg_database": database, "lake_uri": str(tmp_path / "lake")})
+    envelope = Envelope(s)
+    stream = tmp_path / "lake/raw/postgres/customer/extracted_date=2026-01-01"
+    stream.mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "id": list(range(5)),
+                # Stored upper-case: matched to the catalog's "email" case-insensitively.
+                "Email": [envelope.encrypt("lake/postgres.customer", b"p@example.com")] * 5,
+                "phone": [f"+33 6 12 34 56 0{i}" for i in range(5)],
+            }
+        ),
+        stream / "s1-0.parquet",
+    )
+    catalog = Catalog(
+        (
+            Entry("lake", "postgres.customer", "email", DataClass.PII),
+            Entry("lake", "postgres.customer", "phone", DataClass.PII),
+            Entry("lake", "postgres.address", "street", DataClass.PII),
+        )
+    )
+    store = coverage_report(s, catalog=catalog, stores=["lake"]).store("lake")
+    assert {(f.dataset, f.field): (f.status, f.sampled, f.detail) for f in store.fields} == {
+        ("postgres.customer", "email"): ("encrypted", 5, ""),
+        ("postgres.customer", "phone"): ("in_clear", 5, "5 of 5 sampled values in clear"),
+        ("postgres.address", "street"): ("absent", 0, "no Parquet file yet"),
+    }
+    assert (store.protected, store.total) == (1, 2)
+
+    # A damaged file: the store is reported unreachable, naming the file, not a crash.
+    damaged = tmp_path / "lake/raw/postgres/address/extracted_date=2026-01-01"
+    damaged.mkdir(parents=True)
+    (damaged / "s1-0.parquet").write_bytes(b"not a Parquet file")
+    store = coverage_report(s, catalog=catalog, stores=["lake"]).store("lake")
+    assert store.state == "unreachable" and store.percent is None
+    assert "address/extracted_date=2026-01-01/s1-0.parquet not readable" in store.detail

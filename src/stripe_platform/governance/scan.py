@@ -5,7 +5,8 @@ Luhn check, both from python-stdnum) look at up to ``limit`` values of each colu
 column whose values are more sensitive than its declared class is a contradiction (a non_personal
 column holding e-mails); a pii/pci column holding text where ciphertext is expected is reported as
 information ("in clear"). Binary values (ciphertext, hashes) are counted and skipped. Reports
-carry counts only, never a sampled value: they are printed and shipped to CI logs.
+carry counts only, never a sampled value: they are printed and shipped to CI logs. The stores are
+read through governance/sampling.py (the warehouse raw layer on DuckDB, PostgreSQL or Snowflake).
 """
 
 from __future__ import annotations
@@ -18,12 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import psycopg
-from pymongo.errors import PyMongoError
 from stdnum import iban, luhn
 
 from stripe_platform.config import Settings
-from stripe_platform.errors import PlatformError
 from stripe_platform.governance.classification import (
     EXTRA_COLUMN,
     PROTECTED,
@@ -36,10 +34,14 @@ from stripe_platform.governance.classification import (
     Store,
     load_catalog,
 )
+from stripe_platform.governance.sampling import (
+    DatasetUnreadable,
+    StoreNotBuilt,
+    StoreUnreachable,
+    open_store,
+)
 
 DEFAULT_LIMIT = 1000
-# What a store out of reach raises (server down, file locked or missing): reported, not fatal.
-UNREACHABLE = (PlatformError, psycopg.Error, PyMongoError, OSError)
 _ADDRESSES = (
     ipaddress.IPv4Address,
     ipaddress.IPv6Address,
@@ -263,118 +265,24 @@ def _entry_for(declared: Mapping[str, Entry], path: str) -> Entry | None:
         path = path.rsplit(".", 1)[0]
 
 
-# --- samplers, one per store ----------------------------------------------------------------------
+# --- sampling every store ------------------------------------------------------------------------
+
+SCANNED: tuple[Store, ...] = ("postgres", "documents", "warehouse_raw", "lake")
 
 
-def _sample_postgres(settings: Settings, catalog: Catalog, report: ScanReport) -> None:
-    from psycopg import sql
-    from psycopg.rows import dict_row
-
-    from stripe_platform.oltp import db
-
-    with db.connect(settings, autocommit=True) as conn:
-        conn.row_factory = dict_row  # type: ignore[assignment]
-        for dataset in catalog.datasets("postgres"):
-            entries = catalog.dataset("postgres", dataset)
-            query = sql.SQL("SELECT {} FROM {} LIMIT %s").format(
-                sql.SQL(", ").join(sql.Identifier(e.field) for e in entries),
-                sql.Identifier(dataset),
-            )
-            rows = conn.execute(query, (report.limit,)).fetchall()
-            scan_rows(report, "postgres", dataset, entries, rows)
-            report.datasets["postgres"] = report.datasets.get("postgres", 0) + 1
-
-
-def _sample_documents(settings: Settings, catalog: Catalog, report: ScanReport) -> None:
-    from stripe_platform.docstore import client as docstore
-
-    database = docstore.connect(settings)
-    try:
-        for dataset in catalog.datasets("documents"):
-            documents = list(database[dataset].find({}, limit=report.limit))
-            entries = catalog.dataset("documents", dataset)
-            scan_rows(report, "documents", dataset, entries, documents)
-            report.datasets["documents"] = report.datasets.get("documents", 0) + 1
-    finally:
-        database.client.close()
-
-
-def _sample_warehouse_raw(settings: Settings, catalog: Catalog, report: ScanReport) -> None:
-    if settings.warehouse_backend != "duckdb":
-        report.skipped.append(
-            f"warehouse_raw: the {settings.warehouse_backend} warehouse is not scanned (DuckDB only)"
-        )
-        return
-    if not settings.warehouse_file.exists():
-        report.skipped.append(f"warehouse_raw: no DuckDB warehouse at {settings.warehouse_file}")
-        return
-    import duckdb
-
-    try:
-        conn = duckdb.connect(str(settings.warehouse_file), read_only=True)
-    except duckdb.Error as exc:  # held by a writer, or not a DuckDB file
-        report.skipped.append(f"warehouse_raw: cannot open {settings.warehouse_file}: {exc}")
-        return
-    with conn:
-        tables = {
-            f"{schema}.{name}".lower()
-            for schema, name in conn.execute(
-                "SELECT table_schema, table_name FROM information_schema.tables"
-            ).fetchall()
-        }
-        for dataset in catalog.datasets("warehouse_raw"):
-            if dataset not in tables:
-                continue  # not synced yet
-            schema, name = dataset.split(".", 1)
-            cursor = conn.execute(f'SELECT * FROM "{schema}"."{name}" LIMIT ?', [report.limit])
-            columns = [d[0] for d in cursor.description]
-            rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
-            entries = catalog.dataset("warehouse_raw", dataset)
-            scan_rows(report, "warehouse_raw", dataset, entries, rows)
-            report.datasets["warehouse_raw"] = report.datasets.get("warehouse_raw", 0) + 1
-
-
-def _sample_lake(settings: Settings, catalog: Catalog, report: ScanReport) -> None:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    from stripe_platform.lake.writer import LakeWriter
-
-    lake = LakeWriter.from_settings(settings)
-    for dataset in catalog.datasets("lake"):
-        source, stream = dataset.split(".", 1)
-        directory = lake.stream_dir(source, stream)
-        try:
-            infos = lake.filesystem.get_file_info(pafs.FileSelector(directory, recursive=True))
-        except (OSError, FileNotFoundError):
-            continue  # not synced yet
-        files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
-        rows: list[dict[str, Any]] = []
-        for path in files:
+def _sample(settings: Settings, store: Store, catalog: Catalog, report: ScanReport) -> None:
+    with open_store(settings, store) as reader:
+        for dataset in catalog.datasets(store):
+            entries = catalog.dataset(store, dataset)
             try:
-                with lake.filesystem.open_input_file(path) as handle:
-                    batches = pq.ParquetFile(handle).iter_batches(batch_size=report.limit)
-                    batch = next(batches, None)
-            except (OSError, ValueError) as exc:  # an encrypted file without its keys, or damage
-                report.skipped.append(f"lake {dataset}: {lake.uri(path)} not readable ({exc})")
-                break
-            if batch is not None:
-                rows += batch.slice(0, report.limit - len(rows)).to_pylist()
-            if len(rows) >= report.limit:
-                break
-        if rows:
-            scan_rows(report, "lake", dataset, catalog.dataset("lake", dataset), rows)
-            report.datasets["lake"] = report.datasets.get("lake", 0) + 1
-    if not report.datasets.get("lake"):
-        report.skipped.append(f"lake: no stream synced under {lake.uri(lake.base)}")
-
-
-SAMPLERS: Mapping[str, Callable[[Settings, Catalog, ScanReport], None]] = {
-    "postgres": _sample_postgres,
-    "documents": _sample_documents,
-    "warehouse_raw": _sample_warehouse_raw,
-    "lake": _sample_lake,
-}
+                rows = reader.rows(dataset, report.limit, names=[e.field for e in entries])
+            except DatasetUnreadable as exc:  # one stream's file: the others may be readable
+                report.skipped.append(f"{store} {dataset}: {exc}")
+                continue
+            if rows is None:
+                continue  # not synced yet
+            scan_rows(report, store, dataset, entries, rows)
+            report.datasets[store] = report.datasets.get(store, 0) + 1
 
 
 def scan(
@@ -391,16 +299,17 @@ def scan(
     catalog = catalog or load_catalog()
     report = ScanReport(limit=limit)
     for store in stores:
-        sampler = SAMPLERS.get(store)
-        if sampler is None:
+        if store not in SCANNED:
             if store == "marts":
                 report.skipped.append("marts: built from the raw layer; not scanned")
                 continue
             raise CatalogError(f"scan: unknown store {store!r}; known: {', '.join(STORES)}")
         try:
-            sampler(settings, catalog, report)
-        except UNREACHABLE as exc:  # a store out of reach must not hide the others
-            report.skipped.append(f"{store}: not scanned ({type(exc).__name__}: {exc})")
+            _sample(settings, store, catalog, report)  # type: ignore[arg-type]
+        except StoreNotBuilt as exc:
+            report.skipped.append(f"{store}: {exc}")
+        except StoreUnreachable as exc:  # a store out of reach must not hide the others
+            report.skipped.append(f"{store}: not scanned ({exc})")
     return report
 
 

@@ -23,13 +23,11 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import psycopg
 import yaml
-from pymongo.errors import PyMongoError
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
@@ -40,14 +38,19 @@ from stripe_platform.governance.classification import (
     Entry,
     load_catalog,
 )
+from stripe_platform.governance.sampling import (
+    StoreNotBuilt,
+    StoreReader,
+    StoreUnreachable,
+    Warehouse,
+    open_store,
+)
 from stripe_platform.security.envelope import Envelope
 
 DEFAULT_SAMPLE = 200
 MASKED = "***MASKED***"
 PG_KEY_HEADER = b"SPK1"  # sql/oltp/0013_column_encryption.sql: 'SPK1' scope ':' version ':' PGP
 _BCRYPT = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
-# What a store out of reach raises (server down, file locked or missing): reported, not fatal.
-UNREACHABLE = (PlatformError, psycopg.Error, PyMongoError, OSError)
 
 Status = Literal["encrypted", "hashed", "masked", "empty", "absent", "in_clear"]
 COVERED: frozenset[str] = frozenset({"encrypted", "hashed", "masked"})
@@ -266,10 +269,6 @@ def _absent(entry: Entry, detail: str) -> FieldCoverage:
     )
 
 
-class _NotBuilt(Exception):
-    """The store exists in the configuration but holds nothing yet (message: what is missing)."""
-
-
 def _by_dataset(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
     grouped: dict[str, list[Entry]] = {}
     for entry in entries:
@@ -277,216 +276,20 @@ def _by_dataset(entries: Iterable[Entry]) -> dict[str, list[Entry]]:
     return grouped
 
 
-def _leaves(value: Any, path: list[str]) -> Iterator[Any]:
-    """The values at a dotted path of a document; arrays are walked (``lines.message``)."""
-    if isinstance(value, list):
-        for item in value:
-            yield from _leaves(item, path)
-        return
-    if not path:
-        yield value
-        return
-    if isinstance(value, Mapping) and path[0] in value:
-        yield from _leaves(value[path[0]], path[1:])
+# --- stores (read through governance/sampling.py) -------------------------------------------------
 
 
-# --- stores ----------------------------------------------------------------------------------------
-
-
-def _check_postgres(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
-    from psycopg import sql
-
-    from stripe_platform.oltp import db
-
+def _check_sampled(store: StoreReader, entries: list[Entry], sample: int) -> list[FieldCoverage]:
+    """Each entry judged on its sampled values; absent (with why) where the store lacks it."""
     results = []
-    with db.connect(settings, autocommit=True) as conn:
-        columns = {
-            (t, c)
-            for t, c in conn.execute(
-                "SELECT lower(table_name), lower(column_name) FROM information_schema.columns "
-                "WHERE table_schema = 'public'"
-            ).fetchall()
-        }
-        for entry in entries:
-            table, column = entry.dataset.lower(), entry.field.lower()
-            if (table, column) not in columns:
-                results.append(_absent(entry, "no such column in the database"))
-                continue
-            rows = conn.execute(
-                sql.SQL("SELECT {c} FROM {t} WHERE {c} IS NOT NULL LIMIT %s").format(
-                    c=sql.Identifier(column), t=sql.Identifier(table)
-                ),
-                (sample,),
-            ).fetchall()
-            results.append(judge_field(entry, (r[0] for r in rows)))
-    return results
-
-
-def _check_documents(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
-    from stripe_platform.docstore import client as docstore
-
-    database = docstore.connect(settings)
-    try:
-        collections = set(database.list_collection_names())
-        results = []
-        for dataset, group in _by_dataset(entries).items():
-            for entry in group:
-                if dataset not in collections:
-                    results.append(_absent(entry, "no such collection"))
-                    continue
-                top = entry.field.split(".")[0]
-                cursor = database[dataset].find(
-                    {entry.field: {"$exists": True, "$ne": None}}, {top: 1, "_id": 0}, limit=sample
-                )
-                path = entry.field.split(".")
-                values = [v for doc in cursor for v in _leaves(doc, path)]
-                results.append(judge_field(entry, values[: sample * 10]))
-        return results
-    finally:
-        database.client.close()
-
-
-def _check_lake(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    from stripe_platform.lake.writer import LakeWriter
-
-    lake = LakeWriter.from_settings(settings)
-    results = []
-    found_any = False
     for dataset, group in _by_dataset(entries).items():
-        source, stream = dataset.split(".", 1)
-        directory = lake.stream_dir(source, stream)
-        try:
-            infos = lake.filesystem.get_file_info(pafs.FileSelector(directory, recursive=True))
-        except FileNotFoundError:
-            infos = []
-        files = sorted(i.path for i in infos if i.path.endswith(".parquet"))
-        if not files:
-            results += [_absent(e, "no Parquet file yet") for e in group]
-            continue
-        found_any = True
-        values: dict[str, list[Any]] = {e.field: [] for e in group}
-        for path in files:
-            with lake.filesystem.open_input_file(path) as handle:
-                parquet = pq.ParquetFile(handle)
-                names = {n.lower(): n for n in parquet.schema_arrow.names}
-                wanted = {
-                    e.field: names[e.field.lower()] for e in group if e.field.lower() in names
-                }
-                if not wanted:
-                    continue
-                for batch in parquet.iter_batches(batch_size=sample, columns=list(wanted.values())):
-                    for name, column in wanted.items():
-                        values[name] += [
-                            v for v in batch.column(column).to_pylist() if v is not None
-                        ]
-                    break
-            if all(len(v) >= sample for v in values.values()):
-                break
+        values = store.values(dataset, [e.field for e in group], sample)
         for entry in group:
-            results.append(judge_field(entry, values[entry.field][:sample]))
-    if not found_any:
-        raise _NotBuilt(f"no Parquet file under {lake.uri(lake.base)}")
+            if entry.field in values.missing:
+                results.append(_absent(entry, values.missing[entry.field]))
+            else:
+                results.append(judge_field(entry, values.found[entry.field]))
     return results
-
-
-# -- the warehouse (raw layer and marts) ------------------------------------------------------------
-
-
-class _Warehouse:
-    """The configured warehouse, read-only: sample a column, see a table's columns."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.backend = settings.warehouse_backend
-        self.settings = settings
-        if self.backend == "duckdb":
-            import duckdb
-
-            if not settings.warehouse_file.exists():
-                raise _NotBuilt(f"no DuckDB warehouse at {settings.warehouse_file}")
-            self.conn: Any = duckdb.connect(str(settings.warehouse_file), read_only=True)
-            self.param = "?"
-        elif self.backend == "postgres":
-            assert settings.warehouse_dsn is not None  # checked by Settings
-            self.conn = psycopg.connect(settings.warehouse_dsn.get_secret_value(), autocommit=True)
-            self.param = "%s"
-        else:
-            import snowflake.connector
-
-            from stripe_platform.warehouse import snowflake_params
-
-            self.conn = snowflake.connector.connect(**snowflake_params(settings))
-            self.param = "%s"
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-        cursor = self.conn.cursor()
-        try:
-            cursor.execute(query, params)
-            return [tuple(r) for r in cursor.fetchall()]
-        finally:
-            cursor.close()
-
-    def columns(self, schema: str) -> dict[str, dict[str, str]]:
-        """lower table -> lower column -> the column's real name, of one schema."""
-        where = "upper(table_schema)" if self.backend == "snowflake" else "lower(table_schema)"
-        name = schema.upper() if self.backend == "snowflake" else schema.lower()
-        found: dict[str, dict[str, str]] = {}
-        for table, column in self.rows(
-            f"SELECT table_name, column_name FROM information_schema.columns WHERE {where} = "
-            f"{self.param}",
-            (name,),
-        ):
-            found.setdefault(table.lower(), {})[column.lower()] = column
-        return found
-
-    def table_name(self, schema: str, table: str) -> str:
-        """Quoted as stored: lower case on DuckDB/PostgreSQL, upper case on Snowflake."""
-        if self.backend == "snowflake":
-            return f'"{schema.upper()}"."{table.upper()}"'
-        return f'"{schema.lower()}"."{table.lower()}"'
-
-    def sample(self, relation: str, column: str, sample: int) -> list[Any]:
-        quoted = '"' + column.replace('"', '""') + '"'
-        rows = self.rows(
-            f"SELECT {quoted} FROM {relation} WHERE {quoted} IS NOT NULL LIMIT {int(sample)}"
-        )
-        return [r[0] for r in rows]
-
-
-def _check_warehouse_raw(
-    settings: Settings, entries: list[Entry], sample: int
-) -> list[FieldCoverage]:
-    warehouse = _Warehouse(settings)
-    try:
-        results = []
-        schemas: dict[str, dict[str, dict[str, str]]] = {}
-        found_any = False
-        for dataset, group in _by_dataset(entries).items():
-            schema, table = dataset.split(".", 1)
-            if schema not in schemas:
-                schemas[schema] = warehouse.columns(schema)
-            columns = schemas[schema].get(table.lower())
-            if columns is None:
-                results += [_absent(e, "not synced yet") for e in group]
-                continue
-            found_any = True
-            relation = warehouse.table_name(schema, table)
-            for entry in group:
-                real = columns.get(entry.field.lower())
-                if real is None:
-                    results.append(_absent(entry, "no such column"))
-                    continue
-                results.append(judge_field(entry, warehouse.sample(relation, real, sample)))
-        if not found_any:
-            raise _NotBuilt("no raw table synced yet")
-        return results
-    finally:
-        warehouse.close()
 
 
 def masking_vars() -> dict[str, Any]:
@@ -498,59 +301,56 @@ def masking_vars() -> dict[str, Any]:
 
 
 def _check_marts(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
+    from stripe_platform.governance.sampling import WarehouseReader
     from stripe_platform.transform.dbt import MARTS_SCHEMA
 
     config = masking_vars()
     masked_schema = config["masked_schema"]
-    warehouse = _Warehouse(settings)
-    try:
-        marts = warehouse.columns(MARTS_SCHEMA)
-        if not marts:
-            raise _NotBuilt(f"no mart in schema {MARTS_SCHEMA} (run stripe-platform transform)")
+    with open_store(settings, "marts") as store:
+        assert isinstance(store, WarehouseReader)
+        warehouse = store.warehouse
         views = warehouse.columns(masked_schema) if warehouse.backend != "snowflake" else {}
         readers = _pg_readers(warehouse, config) if warehouse.backend == "postgres" else []
         results = []
-        for entry in entries:
-            table = entry.dataset.lower()
-            real = marts.get(table, {}).get(entry.field.lower())
-            if real is None:
-                results.append(_absent(entry, "not built"))
-                continue
-            relation = warehouse.table_name(MARTS_SCHEMA, table)
-            stored = judge_field(entry, warehouse.sample(relation, real, sample))
-            if stored.status in {"encrypted", "hashed"}:
-                results.append(stored)
-                continue
-            hidden = _mart_hidden(
-                warehouse, entry, table, masked_schema, views, readers, config, sample
-            )
-            if hidden is None:  # in clear, or empty (nothing to hide today)
-                results.append(stored)
-            else:
-                results.append(
-                    FieldCoverage(
-                        entry.store,
-                        entry.dataset,
-                        entry.field,
-                        entry.data_class.value,
-                        "masked",
-                        stored.sampled,
-                        0,
-                        hidden,
-                    )
+        for dataset, group in _by_dataset(entries).items():
+            table = dataset.lower()
+            values = store.values(f"{MARTS_SCHEMA}.{table}", [e.field for e in group], sample)
+            for entry in group:
+                if entry.field in values.missing:
+                    results.append(_absent(entry, "not built"))
+                    continue
+                stored = judge_field(entry, values.found[entry.field])
+                if stored.status in {"encrypted", "hashed"}:
+                    results.append(stored)
+                    continue
+                hidden = _mart_hidden(
+                    warehouse, entry, table, masked_schema, views, readers, config, sample
                 )
+                if hidden is None:  # in clear, or empty (nothing to hide today)
+                    results.append(stored)
+                else:
+                    results.append(
+                        FieldCoverage(
+                            entry.store,
+                            entry.dataset,
+                            entry.field,
+                            entry.data_class.value,
+                            "masked",
+                            stored.sampled,
+                            0,
+                            hidden,
+                        )
+                    )
         return results
-    finally:
-        warehouse.close()
 
 
-def _pg_readers(warehouse: _Warehouse, config: Mapping[str, Any]) -> list[str]:
+def _pg_readers(warehouse: Warehouse, config: Mapping[str, Any]) -> list[str]:
     wanted = [r.lower() for r in config["masking_reader_roles"]]
     return [r[0] for r in warehouse.rows("SELECT rolname FROM pg_roles") if r[0] in wanted]
 
 
 def _mart_hidden(
-    warehouse: _Warehouse,
+    warehouse: Warehouse,
     entry: Entry,
     table: str,
     masked_schema: str,
@@ -586,13 +386,13 @@ def _mart_hidden(
     return f"view {masked_schema}.{table}; base readable by {config['masking_admin_role']} only"
 
 
-CHECKS: Mapping[str, Callable[[Settings, list[Entry], int], list[FieldCoverage]]] = {
-    "postgres": _check_postgres,
-    "documents": _check_documents,
-    "lake": _check_lake,
-    "warehouse_raw": _check_warehouse_raw,
-    "marts": _check_marts,
-}
+def _check(
+    settings: Settings, store: str, entries: list[Entry], sample: int
+) -> list[FieldCoverage]:
+    if store == "marts":
+        return _check_marts(settings, entries, sample)
+    with open_store(settings, store) as reader:
+        return _check_sampled(reader, entries, sample)
 
 
 def coverage_report(
@@ -605,7 +405,7 @@ def coverage_report(
     """Check every PROTECTED field of the catalog in each store (see the module docstring)."""
     if sample < 1:
         raise CoverageError(f"coverage: sample must be at least 1, got {sample}")
-    unknown = [s for s in stores if s not in CHECKS]
+    unknown = [s for s in stores if s not in STORES]
     if unknown:
         raise CoverageError(f"coverage: unknown store(s) {unknown}; known: {', '.join(STORES)}")
     catalog = catalog or load_catalog()
@@ -617,17 +417,11 @@ def coverage_report(
             result.detail = "no protected field in the catalog"
         else:
             try:
-                result.fields = CHECKS[store](settings, entries, sample)
-            except _NotBuilt as exc:
+                result.fields = _check(settings, store, entries, sample)
+            except StoreNotBuilt as exc:
                 result.state, result.detail = "not_built", str(exc)
-            except UNREACHABLE as exc:
-                result.state = "unreachable"
-                result.detail = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # a driver's own error (DuckDB: a file held by a writer)
-                if type(exc).__module__.split(".")[0] not in {"duckdb", "_duckdb", "snowflake"}:
-                    raise
-                result.state = "unreachable"
-                result.detail = f"{type(exc).__name__}: {exc}"
+            except StoreUnreachable as exc:
+                result.state, result.detail = "unreachable", str(exc)
         report.stores.append(result)
     return report
 
