@@ -266,6 +266,38 @@ def _stop_writer(writer: subprocess.Popen) -> str:
         return "killed (did not stop within 30 s of Ctrl-C)"
 
 
+def _decrypted(settings, table: str, names: list[str], got: dict[tuple, tuple]) -> dict:
+    """The destination's protected columns (encrypted at rest per data subject by the raw layer,
+    security/subjects_layer.py) decrypted with the platform's keys, so they compare with the
+    source's bytes (a crash that re-delivers a batch re-encrypts it under a new nonce)."""
+    from stripe_platform.governance.classification import load_catalog
+    from stripe_platform.security.envelope import shared_envelope
+    from stripe_platform.security.subjects_layer import decrypt_column
+
+    if not settings.encrypt_at_rest:
+        return got
+    protected = {
+        e.field.lower()
+        for e in load_catalog().protected("lake")
+        if e.dataset == f"postgres.{table}"
+    }
+    at = [i for i, n in enumerate(names) if n.lower() in protected]
+    if not at:
+        return got
+    envelope = shared_envelope(settings)
+    out = {}
+    for k, row in got.items():
+        row = list(row)
+        for i in at:
+            if row[i] is not None:
+                [clear] = decrypt_column(
+                    envelope, "postgres", table, names[i], [bytes.fromhex(row[i])]
+                )
+                row[i] = clear.hex()
+        out[k] = tuple(row)
+    return out
+
+
 def _compare(settings, catalog, dest: Destination) -> dict[str, dict[str, int]]:
     result: dict[str, dict[str, int]] = {}
     with db.connect(settings) as conn:
@@ -291,6 +323,7 @@ def _compare(settings, catalog, dest: Destination) -> dict[str, dict[str, int]]:
                 key,
             )
             got, duplicated = dest.live(stream.name, names, key)
+            got = _decrypted(settings, stream.name, names, got)
             result[stream.name] = {
                 "source_rows": len(source),
                 "lost": len(source.keys() - got.keys()),

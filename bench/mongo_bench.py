@@ -89,6 +89,8 @@ from stripe_platform.docstore.queries import (
     without_elem_match,
 )
 from stripe_platform.docstore.specs import apply_specs, load_specs, view_sources
+from stripe_platform.oltp import db
+from stripe_platform.oltp.migrate import migrate
 from stripe_platform.runtime import embedded
 from stripe_platform.runtime.ferretdb import FERRETDB_VERSION
 from stripe_platform.seed.dataset import build
@@ -799,6 +801,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = base.model_copy(update={"mongodb_database": f"bench_mongo_{os.getpid()}"})
     if settings.mongodb_uri is None:
         embedded.up(settings)  # idempotent: run_all has started it already
+    # The documents' field keys live in the OLTP database's key store (sql/oltp/0012).
+    with db.connect(settings, autocommit=True, with_key=False) as conn:
+        migrate(conn)
     docdb = connect(settings)
     kind = server_kind(docdb)
     info = docdb.client.admin.command("buildInfo")

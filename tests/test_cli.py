@@ -261,10 +261,11 @@ def test_a_sync_to_a_lake_it_cannot_write_names_the_variable(settings, database,
     finally:
         server.stop()
     assert result.returncode == 1, result.stdout
-    # Raised where the lake's filesystem refused, naming the object it was reaching.
+    # Raised where the lake's filesystem refused, naming the object it was reaching (the first
+    # write is the record of which columns the lake encrypts, beside the sync state).
     assert (
         "\nerror: STRIPE_PLATFORM_LAKE_URI: the lake s3://no-such-bucket-here/lake cannot be "
-        "written (s3://no-such-bucket-here/lake/raw/postgres/" in result.stderr
+        "written (s3://no-such-bucket-here/lake/_stripe_platform/state/" in result.stderr
     ), result.stderr
     assert "Traceback" not in result.stderr
 

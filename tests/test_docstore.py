@@ -289,10 +289,11 @@ def test_a_query_that_cannot_be_rewritten_is_refused_on_ferretdb(ferret):
         run_query(ferret, query)
 
 
-def test_loading_the_sample_twice_changes_nothing(docdb, settings):
+def test_loading_the_sample_twice_changes_nothing(docdb, settings, database):
     apply_specs(docdb, settings)
-    first = brief_examples.load_documents(docdb, settings)
-    assert brief_examples.load_documents(docdb, settings) == first
+    keyed = settings.model_copy(update={"pg_database": database})  # its field keys' store
+    first = brief_examples.load_documents(docdb, keyed)
+    assert brief_examples.load_documents(docdb, keyed) == first
     assert [d["query_id"] for d in run_query(docdb, load_queries()["admin-error-logs"])] == [2]
 
 
@@ -447,9 +448,11 @@ def test_mongodb_enforces_the_validator_itself(real_mongodb, settings):
         real_mongodb.CustomerReview.insert_one({"rating": 9, "message": "no ids"})
 
 
-def test_brief_log_query_runs_on_the_logdata_view(real_mongodb, settings):
+def test_brief_log_query_runs_on_the_logdata_view(real_mongodb, settings, database):
     apply_specs(real_mongodb, settings)
-    brief_examples.load_documents(real_mongodb, settings)
+    brief_examples.load_documents(
+        real_mongodb, settings.model_copy(update={"pg_database": database})
+    )
     assert "LogData" in real_mongodb.list_collection_names()
     found = list(
         real_mongodb.LogData.find(

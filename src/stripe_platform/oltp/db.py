@@ -101,6 +101,8 @@ def _session_key_options(settings: Settings, database: str | None) -> _Keyring:
         options = []
         if generation is not None:
             envelope = shared_envelope(_target(settings, database))
+            if cached is not None:  # the generation moved: what the envelope holds may be stale
+                envelope.forget_cached()
             keys, current = [], []
             for table in ENCRYPTED_COLUMNS:
                 scope = f"postgres/{table}"

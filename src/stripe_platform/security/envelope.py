@@ -174,6 +174,16 @@ class Envelope:
         self._subject_cache: dict[int, _SubjectKey] = {}
         self._subject_lock = threading.RLock()
 
+    def forget_cached(self) -> None:
+        """Drop every unwrapped key this envelope holds: the next use reads the key store again.
+        For a caller that knows the store changed under it (oltp.db, when a database's key
+        generation moved: a rotation, or a database dropped and created again under its name)."""
+        with self._lock, self._subject_lock:
+            self._keys.clear()
+            self._current.clear()
+            self._subject_cache.clear()
+            self._schema_checked = False
+
     # -- values ------------------------------------------------------------------------------------
     def encrypt(self, scope: str, plaintext: bytes, *, aad: bytes = b"") -> bytes:
         cached = self._current_cached(scope, "encrypt")

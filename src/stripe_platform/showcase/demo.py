@@ -516,7 +516,9 @@ def where_things_are(settings: Settings, console: Console) -> None:
 
 def showcase_brief(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
     """The brief's OLTP statements and document queries, on its example records."""
-    with db.connect(settings, autocommit=True) as conn:
+    # Migrated first over a connection of its own: a keyed session carries the data keys that
+    # existed when it opened, and a fresh database has none before its key migrations.
+    with db.connect(settings, autocommit=True, with_key=False) as conn:
         applied = migrate(conn, on_apply=lambda m: step(f"applying {m.path.name}"))
         step(f"schema up to date ({len(applied)} migration(s) applied now)")
         report = partitions.maintain(
@@ -528,6 +530,7 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
         step(
             f"Transaction partitions: {len(report.created)} created, {len(report.archived)} archived"
         )
+    with db.connect(settings, autocommit=True) as conn:
         count = brief_examples.load_oltp(conn)
         step(f"sample loaded: {count} transactions")
 
