@@ -43,6 +43,19 @@ if ! have_pg_server || ! have_pgcrypto; then
   fi
 fi
 
+# pysaml2 checks and makes XML signatures with the xmlsec1 program (the API's SAML SSO).
+if ! command -v xmlsec1 >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing xmlsec1 (XML signatures for SAML SSO)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xmlsec1 >/dev/null
+  else
+    echo "xmlsec1 is missing (SAML signatures). Install it, e.g.:" >&2
+    echo "  sudo apt-get install xmlsec1" >&2
+    exit 1
+  fi
+fi
+
 say "syncing the Python environment (uv sync --frozen)"
 # --compile-bytecode writes the .pyc files up front: every CLI call, Airflow task and dbt run
 # imports Airflow or dbt, and where PYTHONDONTWRITEBYTECODE is set they would otherwise be compiled

@@ -210,6 +210,31 @@ class Settings(BaseSettings):
         description="Field-level encryption of the catalog's personal/card fields on write. "
         "Turn off only to measure its cost (bench).",
     )
+    # Access control (issue 21: security/policy.py, api/auth.py, docs/access.md) -----------------
+    access_policy: Path = Field(
+        Path("access/policy.yaml"),
+        description="The access policy as code: roles, users, temporary grants, MFA rules.",
+    )
+    api_public_url: str | None = Field(
+        None,
+        description="The API's address as browsers and the IdP reach it (SAML ACS and metadata "
+        "URLs, cookies); unset: https://<api_host>:<api_port>.",
+    )
+    saml_idp_metadata: str | None = Field(
+        None,
+        description="The identity provider's SAML metadata: a file path or an https:// URL. "
+        "Unset: no SSO (the API's SSO routes answer 503; bearer tokens still work).",
+    )
+    saml_sp_entity_id: str | None = Field(
+        None, description="The API's SAML entity id; unset: <api_public_url>/saml/metadata."
+    )
+    saml_groups_attribute: str = Field(
+        "groups", description="The assertion attribute that carries the user's IdP groups."
+    )
+    api_session_seconds: int = Field(
+        8 * 3600, ge=60, le=7 * 24 * 3600, description="An SSO session's lifetime."
+    )
+
     pii_key: SecretStr | None = Field(
         None,
         min_length=32,
@@ -217,7 +242,7 @@ class Settings(BaseSettings):
         "unset means the local dev keyring file under `home`.",
     )
 
-    @field_validator("home", "warehouse_path", "tls_ca_file")
+    @field_validator("home", "warehouse_path", "tls_ca_file", "access_policy")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else project_path(value)
@@ -315,6 +340,14 @@ class Settings(BaseSettings):
             return self.warehouse_path
         legacy = self.home_dir / "warehouse.duckdb"
         return legacy if legacy.exists() else self.home_dir / "warehouse" / "warehouse.duckdb"
+
+    @property
+    def api_url(self) -> str:
+        """The API's public base URL (no trailing slash)."""
+        if self.api_public_url:
+            return self.api_public_url.rstrip("/")
+        host = f"[{self.api_host}]" if ":" in self.api_host else self.api_host
+        return f"https://{host}:{self.api_port}"
 
     @property
     def lake_root(self) -> str:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from stripe_platform.api import fraud, health
+from stripe_platform.api import customers, fraud, health, mfa, sso
 from stripe_platform.api.services import Services
 from stripe_platform.api.serving import REFRESH_SECONDS
+from stripe_platform.audit import access_log
 
 if TYPE_CHECKING:
     from stripe_platform.config import Settings
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 ROUTERS = (
     health.router,
     fraud.router,
+    sso.router,
+    mfa.router,
+    customers.router,
 )
 
 DESCRIPTION = """The payments platform's API.
@@ -68,6 +72,7 @@ def create_app(
     app.state.services = services
     for router in ROUTERS:
         app.include_router(router)
+    access_log.install(app)  # every request, authentication and authorisation decision, logged
     return app
 
 

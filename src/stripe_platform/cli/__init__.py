@@ -12,6 +12,7 @@ from __future__ import annotations
 import typer
 
 from stripe_platform.cli import (
+    access,
     api,
     bench,
     docstore,
@@ -46,5 +47,8 @@ app.add_typer(kafka.kafka_app, name="kafka")
 app.add_typer(governance.catalog_app, name="catalog")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(tls.tls_app, name="tls")
+app.add_typer(access.access_app, name="access")
+# Their commands register on `access_app` (tokens, MFA, the access log): imported for that.
+from stripe_platform.cli import access_log, access_mfa, access_tokens  # noqa: E402, F401
 
 __all__ = ["app"]

@@ -1,0 +1,1 @@
+"""The audit trail: access logs (issue 21), the sealed trail, monitoring and incidents (issue 22)."""
