@@ -4,7 +4,8 @@ fuzzed by schemathesis, and `stripe-platform api` as a real uvicorn over TLS.
 
 Real components: the session's PostgreSQL (a seeded database per test), a real MLflow store
 (SQLite in tmp_path) whose champion the platform's own training made, the API's follower on a
-temporary replication slot. Expected scores come from the batch feature engine (DuckDB) and the
+temporary replication slot, a real bearer token of the access policy's fraud_service role (the
+scope fraud.score: tests/test_api_auth.py covers the refusals). Expected scores come from the batch feature engine (DuckDB) and the
 booster, not from the API's online path."""
 
 from __future__ import annotations
@@ -44,18 +45,52 @@ from stripe_platform.ml.registry import Registry, load_champion
 from stripe_platform.ml.score import Scorer
 from stripe_platform.oltp import db
 from stripe_platform.runtime.tls import tls_files
+from stripe_platform.security import sessions
 
 # The seeded platform's payments end on this day (ml_platform.seeded_platform): the in-process
 # apps warm their online features up to it, as if it were now.
 SEED_END = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 READY_TIMEOUT = 60.0  # an upper bound on warm-up and first load, never a wait by itself
+# The access policy of these tests: the scorer machine client of the fraud_service role.
+POLICY = """\
+version: 1
+roles:
+  fraud_service:
+    description: the machine client of POST /v1/fraud/score
+    api: [fraud.score]
+users:
+  fraud-scorer:
+    roles: [fraud_service]
+    stores: [api]
+"""
+SCORER = "fraud-scorer"
 
 
 @pytest.fixture(scope="module")
-def seeded(settings, tmp_path_factory) -> Iterator[Platform]:
+def access_policy(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("api-access") / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+def scorer_headers(s) -> dict[str, str]:
+    """A bearer token of the scorer, issued in ``s``'s database (a day long)."""
+    _, secret = sessions.issue_token(
+        s,
+        user=SCORER,
+        roles=["fraud_service"],
+        expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+        created_by="tests/test_api.py",
+    )
+    return {"Authorization": f"Bearer {secret}"}
+
+
+@pytest.fixture(scope="module")
+def seeded(settings, tmp_path_factory, access_policy) -> Iterator[Platform]:
     """One seeded database and a trained champion (version 1) for the module: seeding and
     training are most of these tests' time. Tests change a copy of its MLflow store."""
     name = f"test_api_{os.getpid()}"
+    settings = settings.model_copy(update={"access_policy": access_policy})
     with db.connect(settings, database="postgres", autocommit=True) as conn:
         conn.execute(
             sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
@@ -93,8 +128,9 @@ def platform(seeded, tmp_path, monkeypatch) -> Platform:
 @contextlib.contextmanager
 def serving(app) -> Iterator[TestClient]:
     """The app running in process (its lifespan: the refresher and the follower threads), once
-    its first champion check and warm-up have ended."""
-    with TestClient(app) as client:
+    its first champion check and warm-up have ended; its requests carry the scorer's token."""
+    headers = scorer_headers(app.state.services.settings)
+    with TestClient(app, headers=headers) as client:
         assert app.state.services.wait_started(READY_TIMEOUT)
         yield client
 
@@ -187,10 +223,12 @@ def test_score_matches_the_batch_features_and_the_booster(platform):
 
 
 def test_malformed_requests_get_422_naming_the_field_and_no_champion_is_not_ready(
-    settings, database, tmp_path, monkeypatch
+    settings, database, tmp_path, monkeypatch, access_policy
 ):
     # A migrated database without payments, an MLflow store without any model.
-    s = ml_settings(settings, tmp_path, monkeypatch, pg_database=database)
+    s = ml_settings(
+        settings, tmp_path, monkeypatch, pg_database=database, access_policy=access_policy
+    )
     with serving(create_app(s)) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
@@ -202,7 +240,19 @@ def test_malformed_requests_get_422_naming_the_field_and_no_champion_is_not_read
         # The OpenAPI document describes the score with its example.
         openapi = client.get("/openapi.json").json()
         operation = openapi["paths"]["/v1/fraud/score"]["post"]
-        assert set(operation["responses"]) == {"200", "400", "422", "503"}
+        assert set(operation["responses"]) == {"200", "400", "401", "403", "422", "503"}
+        # Its security: a bearer token or the SSO session (api/auth.py).
+        assert operation["security"] == [{"bearerToken": []}, {"ssoSession": []}]
+        schemes = openapi["components"]["securitySchemes"]
+        assert schemes["bearerToken"] == {
+            "type": "http", "scheme": "bearer", "description": schemes["bearerToken"]["description"]
+        }  # fmt: skip
+        assert schemes["ssoSession"]["in"] == "cookie"
+        assert schemes["ssoSession"]["name"] == "sp_session"
+        # Without the token: 401 before the body is even read.
+        anonymous = TestClient(client.app).post("/v1/fraud/score", json=EXAMPLE_REQUEST)
+        assert anonymous.status_code == 401
+        assert anonymous.json()["detail"]["reason"] == "no_credentials"
         request_schema = openapi["components"]["schemas"]["ScoreRequest"]
         assert request_schema["examples"] == [EXAMPLE_REQUEST]
         assert request_schema["properties"]["currency"]["enum"] == [
@@ -334,6 +384,7 @@ def test_schemathesis_finds_no_server_error_in_the_openapi_schema(platform):
     app = create_app(platform.settings, features_now=SEED_END)
     with serving(app) as client:  # the services run while schemathesis calls the app
         assert client.get("/readyz").status_code == 200  # else every score would be a 503
+        token = {"Authorization": client.headers["Authorization"]}
         schema = schemathesis.openapi.from_asgi("/openapi.json", app)
         operations = [result.ok() for result in schema.get_all_operations()]
         assert {(o.method.upper(), o.path) for o in operations} == {
@@ -357,7 +408,7 @@ def test_schemathesis_finds_no_server_error_in_the_openapi_schema(platform):
                 database=None,
             )
             def fuzz(case) -> None:
-                case.call_and_validate()
+                case.call_and_validate(headers=token)
 
             fuzz()
 
@@ -383,6 +434,7 @@ def platform_env(s, port: int) -> dict[str, str]:
         "STRIPE_PLATFORM_MONGODB_DATABASE": s.mongodb_database,
         "STRIPE_PLATFORM_MLFLOW_TRACKING_URI": s.mlflow_tracking_uri.get_secret_value(),
         "STRIPE_PLATFORM_API_PORT": str(port),
+        "STRIPE_PLATFORM_ACCESS_POLICY": str(s.access_policy),
     }
 
 
@@ -421,6 +473,7 @@ def test_the_cli_serves_over_tls_follows_changes_and_the_champion(platform, monk
             base_url=f"https://127.0.0.1:{port}",
             verify=ssl.create_default_context(cafile=str(ca)),
             timeout=10,
+            headers=scorer_headers(s),
         )
 
         def until(what: str, ok) -> httpx.Response:

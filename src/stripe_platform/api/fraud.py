@@ -2,7 +2,8 @@
 
 The request path reads memory only: the model the refresher loaded, the feature state the
 follower keeps (``api/serving.py``, ``api/online.py``). Without either it answers 503 and
-``/readyz`` says why.
+``/readyz`` says why. Callers hold the scope ``fraud.score`` (api/auth.py): machines send a bearer
+token (`stripe-platform access token issue --user <a fraud_service user>`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException
 
+from stripe_platform.api.auth import AUTH_RESPONSES, require_scope
 from stripe_platform.api.health import model_info
 from stripe_platform.api.models import (
     Contribution,
@@ -36,14 +38,17 @@ def _value(x: float) -> float | None:
     description="The champion's fraud probability for the payment, the decision at the model's "
     "threshold, the features that moved the score most and every feature it read. The "
     "features come from the platform's recent payments (the online state the stream keeps); "
-    "the payment itself is not recorded.",
+    "the payment itself is not recorded. Needs the scope `fraud.score`.",
+    dependencies=[Depends(require_scope("fraud.score"))],
     responses={
         400: {"model": Problem, "description": "The body cannot be read (not UTF-8 text)"},
+        **AUTH_RESPONSES,
         503: {"model": Problem, "description": "No model or no warm features yet"},
     },
 )
 async def score(
-    payment: ScoreRequest, services: Annotated[Services, Depends(services)]
+    payment: ScoreRequest,
+    services: Annotated[Services, Depends(services)],
 ) -> ScoreResponse:
     model = services.model.current  # one read: a refresh swapping it mid-request is harmless
     if model is None:

@@ -336,6 +336,15 @@ def revoke_token(
     return _token(row[:-1])
 
 
+def get_token(settings: Settings, token_id: str) -> TokenInfo | None:
+    """The token of this id whatever its state, None if there is none."""
+    with _connection(settings) as conn:
+        row = conn.execute(
+            f"SELECT {_BEARER_COLUMNS} FROM access.api_token WHERE token_id = %s", (token_id,)
+        ).fetchone()
+    return None if row is None else _token(row)
+
+
 def list_tokens(settings: Settings, *, usable_only: bool = False) -> list[TokenInfo]:
     """The tokens, newest first; ``usable_only``: not revoked and not expired."""
     where = "WHERE revoked_at IS NULL AND expires_at > clock_timestamp()" if usable_only else ""
