@@ -8,17 +8,34 @@ code under test is given the same ``now``), the `stripe-platform api` process.""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
 import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
 import pyotp
 import pytest
+from psycopg import sql
+from pydantic import SecretStr
 
+from conftest import TEMPLATE_DB
 from stripe_platform.audit import access_log
+from stripe_platform.config import Settings
 from stripe_platform.oltp import db
-from stripe_platform.security import mfa
+from stripe_platform.runtime.tls import tls_files
+from stripe_platform.security import mfa, sessions
 from stripe_platform.security.envelope import Envelope
 from stripe_platform.security.keys import KeyError_, LocalKeyring, TamperedCiphertext
 from stripe_platform.security.policy import load_policy
@@ -39,6 +56,10 @@ def events(monkeypatch) -> list[dict]:
         access_log, "record", lambda settings, **event: recorded.append(event), raising=True
     )
     return recorded
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def code_at(secret: str, when: dt.datetime) -> str:
@@ -275,3 +296,438 @@ def test_data_roles_cannot_read_the_factors(s):
             with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
                 conn.execute(f"SET LOCAL ROLE {role}")
                 conn.execute("SELECT user_name FROM access.mfa_factor")
+
+
+# -- the API: step-up in front of the sensitive reads, over a real uvicorn with TLS ----------------
+# The access policy of these tests: an administrator cleared for everything, an analyst who reads
+# customers masked only, and a machine user (bearer tokens cannot step up).
+POLICY = """\
+version: 1
+roles:
+  admin:
+    description: everything in clear, with a second factor
+    clear: [pii_quasi, pii, pci, credential]
+    api: [customers.read, payments.read, exports.run]
+  analyst:
+    description: customers, masked
+    clear: []
+    api: [customers.read]
+groups:
+  platform-admins: [admin]
+  analysts: [analyst]
+users:
+  ops-bot:
+    roles: [admin]
+    stores: [api]
+mfa:
+  step_up_seconds: 600
+  required_for: [pii, pci, credential, bulk_exports]
+  max_failures: 5
+  lockout_seconds: 900
+"""
+CUSTOMER = {
+    "id": 9001,
+    "user_name": "zoe.k",
+    "email": "zoe.kowalski@example.org",
+    "full_name": "Zoë Kowalski",
+    "phone": "+33 6 12 34 56 78",
+    "line1": "17 rue des Lilas",
+    "postal_code": "75020",
+    "pan": "4111111111111111",
+}
+PAYMENTS = [  # (id, when, amount): two in the exported period, one after it
+    (70001, dt.datetime(2026, 2, 1, 10, 0, tzinfo=dt.UTC), "12.50"),
+    (70002, dt.datetime(2026, 2, 2, 11, 30, tzinfo=dt.UTC), "980.00"),
+    (70003, dt.datetime(2026, 3, 5, 8, 0, tzinfo=dt.UTC), "5.00"),
+]
+SERVER_TIMEOUT = 60.0  # an upper bound on the server's start, never a wait by itself
+
+
+@dataclass
+class Api:
+    settings: Settings  # the test's: the server's database and policy
+    url: str
+    ca: Path
+    instrument_id: int
+
+    def client(self, *, session: str | None = None, token: str | None = None) -> httpx.Client:
+        headers = {}
+        if session is not None:
+            headers["Cookie"] = f"sp_session={session}"
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(
+            base_url=self.url,
+            verify=ssl.create_default_context(cafile=str(self.ca)),
+            headers=headers,
+            timeout=30,
+        )
+
+    def session(self, user: str, group: str) -> str:
+        role = {"platform-admins": "admin", "analysts": "analyst"}[group]
+        return sessions.create_session(
+            self.settings, user=user, roles=[role], via="saml", source_ip=None, groups=[group]
+        )
+
+
+def insert_customer(s: Settings) -> int:
+    """The customer of CUSTOMER with an address, a card and PAYMENTS (encrypted as the platform
+    writes them: pii_encrypt on a keyed session). The card's id."""
+    c = CUSTOMER
+    with db.connect(s, autocommit=True) as conn, conn.transaction():
+        (location,) = conn.execute(
+            "INSERT INTO Location (City, Country, CountryCode) VALUES ('Paris', 'France', 'FR') "
+            "RETURNING ID"
+        ).fetchone()
+        conn.execute(
+            """INSERT INTO Customer (ID, UserName, Password, Email, FullName, Phone, CountryCode,
+                   PreferredDevice, PreferredPaymentMethodID, PreferredCurrencyID)
+               VALUES (%s, %s, crypt('pw', gen_salt('bf')), pii_encrypt(%s), pii_encrypt(%s),
+                       pii_encrypt(%s), 'FR', 'Mobile', 1, 1)""",
+            (c["id"], c["user_name"], c["email"], c["full_name"], c["phone"]),
+        )
+        conn.execute(
+            """INSERT INTO Address (CustomerID, Line1, PostalCode, LocationID)
+               VALUES (%s, pii_encrypt(%s, 'postgres/address'), %s, %s)""",
+            (c["id"], c["line1"], c["postal_code"], location),
+        )
+        (instrument,) = conn.execute(
+            """INSERT INTO PaymentInstrument (CustomerID, PaymentMethodID, Brand, Last4, PAN,
+                   ExpiryMonth, ExpiryYear)
+               VALUES (%s, 1, 'Visa', %s, pii_encrypt(%s, 'postgres/paymentinstrument'), 7, 2029)
+               RETURNING ID""",
+            (c["id"], c["pan"][-4:], c["pan"]),
+        ).fetchone()
+        (merchant,) = conn.execute(
+            "INSERT INTO Merchant (Name, IndustryID, MerchantSizeID) VALUES ('Lilas Café', 3, 1) "
+            "RETURNING ID"
+        ).fetchone()
+        for payment_id, when, amount in PAYMENTS:
+            conn.execute(
+                """INSERT INTO Transaction (ID, TransactionStatusID, MerchantID, Amount,
+                       CurrencyID, PaymentMethodID, PaymentInstrumentID, CustomerID, IPAddress,
+                       DateTime)
+                   VALUES (%s, 1, %s, %s, 1, 1, %s, %s, '203.0.113.9', %s)""",
+                (payment_id, merchant, amount, instrument, c["id"], when),
+            )
+    return instrument
+
+
+def server_env(s: Settings, port: int) -> dict[str, str]:
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("STRIPE_PLATFORM_") and k != "MONGODB_URI"
+    }
+    return {
+        **base,
+        "STRIPE_PLATFORM_PROFILE": "embedded",
+        "STRIPE_PLATFORM_HOME": str(s.home_dir),
+        "STRIPE_PLATFORM_PG_DATABASE": s.pg_database,
+        "STRIPE_PLATFORM_MLFLOW_TRACKING_URI": s.mlflow_tracking_uri.get_secret_value(),
+        "STRIPE_PLATFORM_ACCESS_POLICY": str(s.access_policy),
+        "STRIPE_PLATFORM_API_PORT": str(port),
+    }
+
+
+@pytest.fixture(scope="module")
+def api(settings, tmp_path_factory) -> Iterator[Api]:
+    """`stripe-platform api` on a database of the module's, with CUSTOMER in it: one server for
+    the module's tests."""
+    tmp = tmp_path_factory.mktemp("mfa-api")
+    (tmp / "policy.yaml").write_text(POLICY)
+    name = f"test_mfa_api_{os.getpid()}"
+    s = settings.model_copy(
+        update={
+            "pg_database": name,
+            "access_policy": tmp / "policy.yaml",
+            "mlflow_tracking_uri": SecretStr(f"sqlite:///{tmp}/mlflow.db"),  # no champion
+        }
+    )
+    with db.connect(settings, database="postgres", autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE_DB)
+            )
+        )
+    server = None
+    try:
+        instrument = insert_customer(s)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log = tmp / "api.log"
+        with log.open("w") as out:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "stripe_platform.cli", "api", "--port", str(port)],
+                env=server_env(s, port),
+                cwd=tmp,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        ready = Api(
+            s, f"https://127.0.0.1:{port}", tls_files(s.home_dir / "tls").ca_cert, instrument
+        )
+        deadline = time.monotonic() + SERVER_TIMEOUT
+        with ready.client() as client:
+            while True:
+                assert server.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
+                try:
+                    if client.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass  # not listening yet
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+        yield ready
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+        with db.connect(settings, database="postgres", autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def reason(response: httpx.Response) -> str:
+    return response.json()["detail"]["reason"]
+
+
+def enrolled_now(s: Settings, user: str) -> str:
+    """``user`` enrolled and confirmed with the code of 90 s ago (the API's verify then takes the
+    current code: a later step). The secret."""
+    earlier = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=90)
+    return enrolled(s, user, at=earlier)
+
+
+def test_pii_needs_a_fresh_second_factor_and_shows_it_for_the_window_only(api):
+    s = api.settings
+    started = now()
+    session = api.session("ada", "platform-admins")
+    pii_path = f"/v1/customers/{CUSTOMER['id']}/pii"
+    with api.client(session=session) as client:
+        refused = client.get(pii_path)
+        assert refused.status_code == 401, refused.text
+        assert reason(refused) == "mfa_required"
+        assert "insufficient_user_authentication" in refused.headers["WWW-Authenticate"]
+        assert client.get(f"/v1/payment-instruments/{api.instrument_id}").status_code == 401
+
+        secret = enrolled_now(s, "ada")
+        wrong = client.post("/v1/auth/mfa/verify", json={"code": wrong_code(secret, now())})
+        assert wrong.status_code == 401
+        detail = wrong.json()["detail"]
+        assert (detail["reason"], detail["remaining"]) == ("mfa_wrong_code", 4)
+        assert "4 attempt(s) left" in detail["message"] and "until" not in detail
+        assert client.get(pii_path).status_code == 401  # a wrong code steps nothing up
+
+        before = now()
+        used = pyotp.TOTP(secret).now()
+        verified = client.post("/v1/auth/mfa/verify", json={"code": used})
+        assert verified.status_code == 200, verified.text
+        body = verified.json()
+        at = dt.datetime.fromisoformat(body["mfa_verified_at"])
+        assert before - dt.timedelta(seconds=1) <= at <= now()
+        assert dt.datetime.fromisoformat(body["step_up_until"]) == at + dt.timedelta(seconds=600)
+
+        shown = client.get(pii_path)
+        assert shown.status_code == 200, shown.text
+        pii = shown.json()
+        expected = {k: CUSTOMER[k] for k in ("id", "user_name", "email", "full_name", "phone")}
+        assert {k: pii[k] for k in expected} == expected
+        [address] = pii["addresses"]
+        assert (address["line1"], address["postal_code"], address["city"]) == (
+            CUSTOMER["line1"],
+            CUSTOMER["postal_code"],
+            "Paris",
+        )
+        card = client.get(f"/v1/payment-instruments/{api.instrument_id}")
+        assert card.status_code == 200, card.text
+        assert (card.json()["pan"], card.json()["last4"], card.json()["expiry_year"]) == (
+            CUSTOMER["pan"],
+            "1111",
+            2029,
+        )
+        missing = client.get("/v1/customers/424242/pii")
+        assert missing.status_code == 404
+
+        # The step-up ages out: verified longer ago than the policy's window -> 401 again.
+        sessions.mark_step_up(s, sessions.digest(session), now() - dt.timedelta(seconds=601))
+        deadline = time.monotonic() + 10 * sessions.CACHE_SECONDS  # the server's cache
+        while (aged := client.get(pii_path)).status_code == 200:
+            assert time.monotonic() < deadline, "the server still serves an aged step-up"
+            time.sleep(0.2)
+        assert aged.status_code == 401 and reason(aged) == "mfa_required"
+        # ... and the code used cannot step it up again: it stays inside the drift window for at
+        # least 30 s after its step, long enough for this test, and is refused as a replay.
+        replay = client.post("/v1/auth/mfa/verify", json={"code": used})
+        assert replay.status_code == 401 and reason(replay) == "mfa_replayed_code"
+
+    # The access log has each read with what it revealed (ids, fields, classes, rows), and none
+    # of the values; the step-ups and their refusals too.
+    reads = [
+        e
+        for e in access_log.events(s, since=started, user="ada", origins=["api"])
+        if e.kind == "read"
+    ]
+    read = [(e.action, tuple(e.detail["ids"]), e.detail["rows"]) for e in reads]
+    assert read[:3] == [
+        ("read_customer_pii", (CUSTOMER["id"],), 2),
+        ("read_payment_instrument", (api.instrument_id,), 1),
+        ("read_customer_pii", (424242,), 0),
+    ]
+    # Then those the server answered while its cache still held the step-up (at most 2 s).
+    assert set(read[3:]) <= {("read_customer_pii", (CUSTOMER["id"],), 2)}
+    assert reads[0].detail["classes_in_clear"] == ["non_personal", "pii", "pii_quasi"]
+    assert "pan" in reads[1].detail["fields_in_clear"]
+    mfa_events = [
+        (e.action, e.outcome, e.reason)
+        for e in access_log.events(s, since=started, user="ada", origins=["api"])
+        if e.kind == "authn" and e.action.startswith("mfa_")
+    ]
+    assert mfa_events == [
+        ("mfa_enroll", "allow", None),
+        ("mfa_confirm", "allow", None),
+        ("mfa_verify", "deny", "mfa_wrong_code"),
+        ("mfa_verify", "allow", None),
+        ("mfa_verify", "deny", "mfa_replayed_code"),
+    ]
+    logged = "".join(f.read_text() for f in access_log.log_dir(s).glob("*.jsonl"))
+    for field in ("email", "full_name", "phone", "line1", "pan"):
+        assert CUSTOMER[field] not in logged, field
+    assert secret not in logged and used not in logged
+
+
+def test_each_route_asks_clearance_for_the_classes_it_reveals():
+    # The catalog's classes of the columns revealed (sql/oltp/0011_classification.sql): the
+    # customer's e-mail, name, phone and street (PII), login and postal code (QUASI); the card's
+    # PAN (PCI), last four digits and expiry (QUASI); the export only non-personal columns.
+    from stripe_platform.api import customers
+
+    assert customers.CUSTOMER_PII_CLASSES == ("pii", "pii_quasi")
+    assert customers.PAYMENT_INSTRUMENT_CLASSES == ("pci", "pii_quasi")
+    assert customers.PAYMENTS_EXPORT_CLASSES == ()
+
+
+def test_masked_view_never_shows_clear_values_and_uncleared_roles_get_403(api):
+    secrets_of_customer = [
+        v for k, v in CUSTOMER.items() if k not in ("id",) and isinstance(v, str)
+    ]
+    admin = api.session("ada2", "platform-admins")
+    analyst = api.session("ana", "analysts")
+    for session in (admin, analyst):
+        with api.client(session=session) as client:
+            masked = client.get(f"/v1/customers/{CUSTOMER['id']}")
+            assert masked.status_code == 200, masked.text
+            body = masked.json()
+            for value in secrets_of_customer:
+                assert value not in masked.text
+            assert {
+                k: body[k] for k in ("user_name", "email", "full_name", "phone")
+            } == dict.fromkeys(("user_name", "email", "full_name", "phone"), "***MASKED***")
+            assert (body["id"], body["country_code"], body["preferred_currency"]) == (
+                CUSTOMER["id"],
+                "FR",
+                "EUR",
+            )
+            assert set(body["masked"]) == {"user_name", "email", "full_name", "phone"}
+
+    with api.client(session=analyst) as client:
+        # Not cleared for personal data: 403, whatever the second factor (none here).
+        refused = client.get(f"/v1/customers/{CUSTOMER['id']}/pii")
+        assert refused.status_code == 403 and reason(refused) == "not_cleared"
+        for path in (
+            f"/v1/payment-instruments/{api.instrument_id}",
+            "/v1/exports/payments?since=2026-02-01T00:00:00Z&until=2026-03-01T00:00:00Z",
+        ):
+            refused = client.get(path)
+            assert refused.status_code == 403 and reason(refused) == "missing_scope", path
+    with api.client() as anonymous:
+        refused = anonymous.get(f"/v1/customers/{CUSTOMER['id']}")
+        assert refused.status_code == 401 and reason(refused) == "no_credentials"
+
+
+def test_bulk_export_needs_the_step_up_and_streams_the_period(api):
+    s = api.settings
+    session = api.session("bea", "platform-admins")
+    period = "since=2026-02-01T00:00:00Z&until=2026-03-01T00:00:00Z"
+    with api.client(session=session) as client:
+        refused = client.get(f"/v1/exports/payments?{period}")
+        assert refused.status_code == 401 and reason(refused) == "mfa_required"
+
+        # Enrolment through the API: the secret is shown once, the factor confirmed with a code.
+        enrolment = client.post("/v1/auth/mfa/enroll")
+        assert enrolment.status_code == 200, enrolment.text
+        assert enrolment.headers["Cache-Control"] == "no-store"
+        secret = enrolment.json()["secret"]
+        assert f"secret={secret}" in enrolment.json()["otpauth_uri"]
+        # Confirmed with the previous step's code (inside the drift window), so that the current
+        # code is a later step for the verification.
+        previous = pyotp.TOTP(secret).at(now(), counter_offset=-1)
+        confirmed = client.post("/v1/auth/mfa/confirm", json={"code": previous})
+        assert confirmed.status_code == 200, confirmed.text
+        again = client.post("/v1/auth/mfa/enroll")
+        assert again.status_code == 409 and reason(again) == "mfa_already_enrolled"
+        verified = client.post("/v1/auth/mfa/verify", json={"code": pyotp.TOTP(secret).now()})
+        assert verified.status_code == 200, verified.text
+
+        lines = client.get(f"/v1/exports/payments?{period}")
+        assert lines.status_code == 200, lines.text
+        assert lines.headers["content-type"].startswith("application/x-ndjson")
+        rows = [json.loads(line) for line in lines.text.splitlines()]
+        assert [(r["id"], r["amount"], r["date_time"]) for r in rows] == [
+            (i, amount, when.isoformat()) for i, when, amount in PAYMENTS[:2]
+        ]
+        assert all(r["customer_id"] == CUSTOMER["id"] for r in rows)
+        assert "203.0.113.9" not in lines.text  # the IP (pii_quasi) is not exported
+        as_csv = client.get(f"/v1/exports/payments?{period}&format=csv")
+        assert as_csv.status_code == 200
+        parsed = list(csv.DictReader(io.StringIO(as_csv.text)))
+        assert [(int(r["id"]), r["status"], r["currency"]) for r in parsed] == [
+            (70001, "completed", "EUR"),
+            (70002, "completed", "EUR"),
+        ]
+        for bad in (
+            "since=2026-03-01T00:00:00Z&until=2026-02-01T00:00:00Z",  # reversed
+            "since=2025-01-01T00:00:00Z&until=2026-01-01T00:00:00Z",  # a year: too long
+        ):
+            assert client.get(f"/v1/exports/payments?{bad}").status_code == 400, bad
+        naive = client.get(
+            "/v1/exports/payments?since=2026-02-01T00:00:00&until=2026-03-01T00:00:00"
+        )
+        assert naive.status_code == 422  # a time without its zone is ambiguous
+
+    # A bearer token (a machine) holds the admin role but cannot step up.
+    _, token = sessions.issue_token(
+        s, user="ops-bot", roles=["admin"], expires_at=now() + dt.timedelta(hours=1),
+        created_by="tests/test_mfa.py",
+    )  # fmt: skip
+    with api.client(token=token) as machine:
+        refused = machine.get(f"/v1/exports/payments?{period}")
+        assert refused.status_code == 403 and reason(refused) == "interactive_session_required"
+        refused = machine.post("/v1/auth/mfa/enroll")
+        assert refused.status_code == 403 and reason(refused) == "interactive_session_required"
+
+
+def test_wrong_codes_over_the_api_lock_with_429_and_the_unlock_time(api):
+    s = api.settings
+    session = api.session("cy", "platform-admins")
+    secret = enrolled_now(s, "cy")
+    with api.client(session=session) as client:
+        for left in (4, 3, 2, 1):
+            wrong = client.post("/v1/auth/mfa/verify", json={"code": wrong_code(secret, now())})
+            assert wrong.status_code == 401 and wrong.json()["detail"]["remaining"] == left
+        before = now()
+        locked = client.post("/v1/auth/mfa/verify", json={"code": wrong_code(secret, now())})
+        assert locked.status_code == 429, locked.text
+        assert reason(locked) == "mfa_locked"
+        until = dt.datetime.fromisoformat(locked.json()["detail"]["until"])
+        assert before + dt.timedelta(seconds=899) <= until <= now() + dt.timedelta(seconds=900)
+        assert 890 <= int(locked.headers["Retry-After"]) <= 900
+        right = client.post("/v1/auth/mfa/verify", json={"code": pyotp.TOTP(secret).now()})
+        assert right.status_code == 429  # the right code too, while locked
+        assert client.get(f"/v1/customers/{CUSTOMER['id']}/pii").status_code == 401
+        malformed = client.post("/v1/auth/mfa/verify", json={"code": ""})
+        assert malformed.status_code == 422
+        # A user without a factor cannot verify; the state is the conflict, not the code.
+    with api.client(session=api.session("dee", "platform-admins")) as client:
+        none = client.post("/v1/auth/mfa/verify", json={"code": "123456"})
+        assert none.status_code == 409 and reason(none) == "mfa_not_enrolled"
