@@ -731,3 +731,58 @@ def test_wrong_codes_over_the_api_lock_with_429_and_the_unlock_time(api):
     with api.client(session=api.session("dee", "platform-admins")) as client:
         none = client.post("/v1/auth/mfa/verify", json={"code": "123456"})
         assert none.status_code == 409 and reason(none) == "mfa_not_enrolled"
+
+
+# -- the CLI ----------------------------------------------------------------------------------------
+@pytest.fixture
+def cli(s, monkeypatch):
+    """`stripe-platform` invoked in process against the test's database."""
+    from typer.testing import CliRunner
+
+    from stripe_platform.cli import app
+    from stripe_platform.config import get_settings
+
+    for key in [k for k in os.environ if k.startswith("STRIPE_PLATFORM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("STRIPE_PLATFORM_PROFILE", "embedded")
+    monkeypatch.setenv("STRIPE_PLATFORM_HOME", str(s.home_dir))
+    monkeypatch.setenv("STRIPE_PLATFORM_PG_DATABASE", s.pg_database)
+    get_settings.cache_clear()
+    yield lambda *args: CliRunner().invoke(app, ["access", "mfa", *args])
+    get_settings.cache_clear()
+
+
+def test_cli_enrols_once_confirms_resets_and_shows_no_secret(cli, s):
+    enrolled_cli = cli("enroll", "hal", "--json")
+    assert enrolled_cli.exit_code == 0, enrolled_cli.output
+    assert "shown this once" in enrolled_cli.stderr
+    shown = json.loads(enrolled_cli.stdout)
+    secret = shown["secret"]
+    assert shown["otpauth_uri"].startswith("otpauth://totp/stripe-platform:hal?")
+    assert f"secret={secret}" in shown["otpauth_uri"]
+
+    wrong = cli("confirm", "hal", wrong_code(secret, now()))
+    assert wrong.exit_code == 1
+    assert "error: wrong MFA code (4 attempt(s) left" in wrong.stderr
+    assert "Traceback" not in wrong.output
+    confirmed = cli("confirm", "hal", pyotp.TOTP(secret).now())
+    assert confirmed.exit_code == 0, confirmed.output
+    again = cli("enroll", "hal")
+    assert again.exit_code == 1 and "access mfa reset hal" in again.stderr
+
+    status = cli("status", "--json")
+    assert status.exit_code == 0, status.output
+    [factor] = json.loads(status.stdout)
+    assert (factor["user"], factor["state"], factor["failures"]) == ("hal", "confirmed", 0)
+    table = cli("status")
+    assert "hal" in table.stdout and "confirmed" in table.stdout
+    for output in (status.output, table.output):
+        assert secret not in output
+
+    reset = cli("reset", "hal")
+    assert reset.exit_code == 0, reset.output
+    [factor] = mfa.status(s, "hal")
+    assert factor.state == "reset" and factor.reset_by
+    assert cli("reset", "hal").exit_code == 1  # nothing left to reset
+    fresh = cli("enroll", "hal")
+    assert fresh.exit_code == 0 and "secret: " in fresh.stdout and secret not in fresh.stdout
