@@ -20,8 +20,9 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated
 
 import httpx
@@ -42,6 +43,9 @@ from stripe_platform.config import Settings, get_settings
 from stripe_platform.oltp import db
 from stripe_platform.runtime.tls import ensure_certificates
 from stripe_platform.security import sessions
+from stripe_platform.security.access import expired_all, plan_all, revoke_expired_all
+from stripe_platform.security.access_api import apply as apply_api
+from stripe_platform.security.policy import PolicyError, load_policy
 
 TODAY = dt.datetime.now(dt.UTC).date()
 ENDED = TODAY - dt.timedelta(days=10)  # a contractor's end, passed
@@ -518,3 +522,90 @@ def test_cli_issues_lists_and_revokes_tokens(server, cli):
     assert missing.exit_code == 1 and "no API token 'tok_000000000000'" in missing.output
     listed = json.loads(cli("list", "--json").stdout)
     assert next(t for t in listed if t["token_id"] == token["token_id"])["state"] == "revoked"
+
+
+# -- the API target of `access plan|apply|expired|revoke-expired` ----------------------------------
+def test_access_target_plans_revocations_and_revokes_expired_access(server):
+    s = server.settings
+    with db.connect(s, autocommit=True) as conn:  # a clean slate: the module's earlier credentials
+        conn.execute(
+            "UPDATE access.api_token SET revoked_at = now(), revoked_by = 'tests' WHERE revoked_at IS NULL"
+        )
+        conn.execute(
+            "UPDATE access.api_session SET revoked_at = now(), revoked_reason = 'tests' WHERE revoked_at IS NULL"
+        )
+    sessions.forget_cached()
+
+    def token_id(secret: str) -> str:
+        return sessions.resolve_token(s, secret).token_id
+
+    backed = server.token("scorer", ["fraud_service"])
+    stranger = server.token("stranger", ["fraud_service"])
+    wide = server.token("reader", ["viewer", "admin"])
+    dba = server.token("dba", ["admin"])
+    outliving = server.token("temp", ["fraud_service"], days=(LATER - TODAY).days + 5)
+    ended = server.token("contractor", ["fraud_service"])
+    boss = sessions.create_session(s, user="boss", roles=["admin"], via="saml", source_ip=None)
+    grabby = sessions.create_session(s, user="reader", roles=["admin"], via="saml", source_ip=None)
+    sessions.create_session(s, user="contractor", roles=["viewer"], via="saml", source_ip=None)
+    policy = load_policy(path=server.policy)
+    now = dt.datetime.now(dt.UTC)
+
+    changes = plan_all(s, policy, now, targets=["api"])
+    assert {(c.action, c.principal, c.object) for c in changes} == {
+        ("revoke_token", "stranger", f"token {token_id(stranger)}"),
+        ("revoke_token", "reader", f"token {token_id(wide)}"),
+        ("revoke_token", "dba", f"token {token_id(dba)}"),
+        ("revoke_token", "temp", f"token {token_id(outliving)}"),
+        ("revoke_session", "reader", f"session {sessions.digest(grabby)}"),
+    }
+    reasons = {c.principal: c.reason for c in changes if c.action == "revoke_token"}
+    assert reasons["stranger"] == "user stranger is not in the access policy (policy.yaml)"
+    assert reasons["reader"].startswith(
+        "the token carries admin, which the policy no longer grants reader"
+    )
+    assert reasons["dba"].startswith("user dba is not provisioned on the API")
+    assert (
+        f"after the end of temp's access, {LATER + dt.timedelta(days=1)} 00:00 UTC"
+        in reasons["temp"]
+    )
+
+    # Expired access: the contractor's token and session, refused by the API already.
+    found = expired_all(s, policy, now, targets=["api"])
+    assert sorted((f.principal, f.still.split(" ")[0]) for f in found) == [
+        ("contractor", "saml"), ("contractor", "token")
+    ]  # fmt: skip
+    assert all(f.still.endswith("refused at request time, row still present") for f in found)
+    assert all(
+        f.ended_at == dt.datetime.combine(ENDED + dt.timedelta(days=1), dt.time(), dt.UTC)
+        for f in found
+    )
+    assert refusal(server.score(ended), 401)[0] == "access_expired"
+
+    # apply refuses while the policy still grants the ended access, and changes nothing.
+    with pytest.raises(
+        PolicyError, match=f"{server.policy}:{policy_line('contractor')}: user contractor"
+    ):
+        apply_api(s, policy, changes)
+    assert len(plan_all(s, policy, now, targets=["api"])) == 5
+
+    revoked = revoke_expired_all(s, policy, now, targets=["api"])
+    assert sorted(r.principal for r in revoked) == ["contractor", "contractor"]
+    assert {r.remedy for r in revoked} == {"revoked"}
+    assert expired_all(s, policy, now, targets=["api"]) == []
+    assert sessions.resolve_token(s, backed) is not None  # only the ended access went
+
+    # The contractor's entry removed from the policy: apply revokes the five, in one go.
+    current = replace(
+        policy, users=MappingProxyType({k: v for k, v in policy.users.items() if k != "contractor"})
+    )
+    applied = apply_api(s, current, changes)
+    assert applied == changes
+    assert plan_all(s, current, now, targets=["api"]) == []
+    for secret in (stranger, wide, dba, outliving):
+        assert refusal(server.score(secret), 401)[0] == "invalid_token"
+    reason, message = refusal(server.get("/probe/whoami", session=grabby), 401)
+    assert reason == "invalid_session" and "(access apply)" in message
+    # What the policy backs is untouched.
+    assert server.score(backed).status_code == 503
+    assert server.get("/probe/whoami", session=boss).status_code == 200

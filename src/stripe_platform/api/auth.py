@@ -287,10 +287,8 @@ def _roles(
     *,
     via: str,
 ) -> frozenset[str]:
-    """The credential's roles the policy still grants ``user`` at ``now``.
-
-    A session that came with its IdP groups maps them again; one that did not keeps the roles any
-    IdP group of the policy still maps to (the IdP vouched for its groups at login)."""
+    """The credential's roles the policy still grants ``user`` at ``now``
+    (sessions.policy_roles); refused when the policy user's access ended or is not on the API."""
     entry = policy.users.get(user.lower())
     if entry is not None and not entry.active(now):
         assert entry.until is not None
@@ -306,11 +304,7 @@ def _roles(
             f"user {user} is not provisioned on the API (stores of {policy.where(entry.line)})",
             kind="authn", user=user, via=via,
         )  # fmt: skip
-    if groups is None:
-        allowed = policy.roles_for(user, (), now) | {r for rs in policy.groups.values() for r in rs}
-    else:
-        allowed = policy.roles_for(user, groups, now)
-    roles = frozenset(carried & allowed)
+    roles = carried & sessions.policy_roles(policy, user, groups, now)
     if not roles:
         raise _refuse(
             request, 403, "no_role",

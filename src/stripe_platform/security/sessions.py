@@ -32,6 +32,7 @@ from stripe_platform.errors import PlatformError
 
 if TYPE_CHECKING:
     from stripe_platform.config import Settings
+    from stripe_platform.security.policy import Policy
 
 SESSION_COOKIE = "sp_session"
 # Recognisable in a leaked config or a log (secret scanners, reviewers).
@@ -115,6 +116,15 @@ def _roles(roles: Iterable[str]) -> list[str]:
     return out
 
 
+def policy_roles(
+    policy: Policy, user: str, groups: Iterable[str] | None, now: dt.datetime
+) -> frozenset[str]:
+    """The roles the policy lets a credential of ``user`` use at ``now``: the user's own (none
+    once its `until` passed) and those its IdP groups (as recorded at login) map to now. A token,
+    or a session recorded without groups, has the user's own roles only."""
+    return policy.roles_for(user, groups or (), now)
+
+
 # -- sessions -------------------------------------------------------------------------------------
 _SESSION_COLUMNS = """session_id, user_name, roles, via, created_at, expires_at, mfa_verified_at,
     host(source_ip), idp_groups, idp_session_index, last_seen_at, revoked_at, revoked_reason"""
@@ -150,8 +160,8 @@ def create_session(
     groups: Iterable[str] | None = None,
 ) -> str:
     """A new session of ``user`` for ``settings.api_session_seconds``; returns the cookie's token
-    (the only copy). ``groups``: the IdP groups it came with, when known (api/auth.py maps them
-    through the policy again at each request)."""
+    (the only copy). ``groups``: the IdP groups it came with; api/auth.py maps them through the
+    policy again at each request (without them, only the policy user's own roles count)."""
     if not user:
         raise ValueError("a session needs a user")
     token = secrets.token_urlsafe(32)
@@ -225,6 +235,35 @@ def revoke_session(settings: Settings, session_id: str, reason: str = "revoked")
             (reason, session_id),
         )
     _cache.drop(session_id)
+
+
+def revoke_many(
+    settings: Settings,
+    *,
+    tokens: Iterable[str] = (),
+    session_ids: Iterable[str] = (),
+    by: str,
+    reason: str,
+) -> None:
+    """Revoke these tokens (ids) and sessions in one transaction: all or none."""
+    tokens, session_ids = list(tokens), list(session_ids)
+    with _connection(settings) as conn, conn.transaction():
+        if tokens:
+            conn.execute(
+                """UPDATE access.api_token
+                   SET revoked_at = clock_timestamp(), revoked_by = %s, revoked_reason = %s
+                   WHERE token_id = ANY(%s) AND revoked_at IS NULL""",
+                (by, reason, tokens),
+            )
+        if session_ids:
+            conn.execute(
+                """UPDATE access.api_session
+                   SET revoked_at = clock_timestamp(), revoked_reason = %s
+                   WHERE session_id = ANY(%s) AND revoked_at IS NULL""",
+                (reason, session_ids),
+            )
+    # Tokens are cached by their secret's digest, which only the database knows here.
+    _cache.clear()
 
 
 def list_sessions(settings: Settings, *, usable_only: bool = True) -> list[SessionInfo]:
