@@ -68,7 +68,9 @@ PRIVILEGES: Mapping[str, tuple[str, ...]] = MappingProxyType(
 # (KeyAdmin, 0012) and access control's state (AccessAdmin, 0015) stay apart from data access.
 PLATFORM_SCHEMAS = frozenset({"keys", "access"})
 # Roles the platform creates for itself; a policy role or user cannot take their names.
-PLATFORM_ROLES = frozenset({"keyadmin", "accessadmin", "temporary_access", "public"})
+PLATFORM_ROLES = frozenset(
+    {"keyadmin", "accessadmin", "temporary_access", "access_policy_user", "public"}
+)
 
 ROLE_NAME = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 # Users are PostgreSQL login roles, warehouse users and SSO names (often e-mail addresses).
