@@ -517,6 +517,7 @@ def test_pii_needs_a_fresh_second_factor_and_shows_it_for_the_window_only(api):
         detail = wrong.json()["detail"]
         assert (detail["reason"], detail["remaining"]) == ("mfa_wrong_code", 4)
         assert "4 attempt(s) left" in detail["message"] and "until" not in detail
+        assert "insufficient_user_authentication" in wrong.headers["WWW-Authenticate"]
         assert client.get(pii_path).status_code == 401  # a wrong code steps nothing up
 
         before = now()

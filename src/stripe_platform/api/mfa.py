@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field, StringConstraints
 
-from stripe_platform.api.auth import AUTH_RESPONSES, Principal, principal
+from stripe_platform.api.auth import AUTH_RESPONSES, REALM, Principal, principal
 from stripe_platform.audit import access_log
 from stripe_platform.security import mfa, sessions
 from stripe_platform.security.keys import KeyError_
@@ -129,13 +129,18 @@ def session_principal(request: Request, who: Annotated[Principal, Depends(princi
 
 def _refusal(exc: mfa.MfaError, now: dt.datetime) -> HTTPException:
     body: dict[str, Any] = {"reason": exc.reason, "message": str(exc)}
+    status = STATUS.get(exc.reason, 400)
     headers = None
     if exc.remaining is not None:
         body["remaining"] = exc.remaining
     if isinstance(exc, mfa.MfaLocked):
         body["until"] = exc.until.isoformat()
         headers = {"Retry-After": str(max(1, math.ceil((exc.until - now).total_seconds())))}
-    return HTTPException(STATUS.get(exc.reason, 400), body, headers=headers)
+    elif status == 401:  # the step-up is still owed (RFC 9470's challenge, as api/auth.py)
+        headers = {
+            "WWW-Authenticate": f'Bearer realm="{REALM}", error="insufficient_user_authentication"'
+        }
+    return HTTPException(status, body, headers=headers)
 
 
 def _unreadable(exc: KeyError_) -> HTTPException:
@@ -220,7 +225,9 @@ def verify(
         sessions.mark_step_up(settings, who.session_id, now)
     except sessions.CredentialStoreError as exc:  # revoked meanwhile
         raise HTTPException(
-            401, {"reason": "invalid_session", "message": f"{exc}: log in again"}
+            401,
+            {"reason": "invalid_session", "message": f"{exc}: log in again"},
+            headers={"WWW-Authenticate": f'Bearer realm="{REALM}", error="invalid_token"'},
         ) from None
     window = load_policy(settings).mfa.step_up_seconds
     return StepUp(
