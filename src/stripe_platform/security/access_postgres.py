@@ -705,13 +705,14 @@ def _expired(
                 still.append("VALID UNTIL stops its password only: other methods still log in")
         if groups:
             still.append(f"member of {', '.join(groups)}")
-        origin = (
-            "policy user"
-            if user is not None
-            else "db grant-temporary"
-            if TEMPORARY_ROLE in row.member_of
-            else "outside the policy"
-        )
+        if user is not None:
+            origin = f"policy user, {policy.where(user.line)}"
+        elif POLICY_USER_ROLE in row.member_of:
+            origin = "made by access apply for a user no longer in the policy"
+        elif TEMPORARY_ROLE in row.member_of:
+            origin = "db grant-temporary"
+        else:
+            origin = "outside the policy"
         found.append(
             (
                 ExpiredAccess(
