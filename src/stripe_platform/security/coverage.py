@@ -292,19 +292,26 @@ def _check_sampled(store: StoreReader, entries: list[Entry], sample: int) -> lis
     return results
 
 
-def masking_vars() -> dict[str, Any]:
-    """The masking settings of the dbt project (vars of dbt_project.yml: masked schema, roles)."""
+def masking_vars(settings: Settings) -> dict[str, Any]:
+    """The masking settings: the dbt project's vars (masked schema) and, from the access policy,
+    the roles reading the marts in clear (``clear_roles``) and those reading only the masked
+    views (``masked_roles``)."""
+    from stripe_platform.security.access_warehouse import layout
+    from stripe_platform.security.policy import load_policy
     from stripe_platform.transform.dbt import DBT_PROJECT_DIR
 
     project = yaml.safe_load((DBT_PROJECT_DIR / "dbt_project.yml").read_text())
-    return project["vars"]
+    readers = layout(settings, load_policy(settings)).readers
+    clear = list(readers["marts"])
+    masked = [r for r in readers["marts_masked"] if r not in clear]
+    return {**project["vars"], "clear_roles": clear, "masked_roles": masked}
 
 
 def _check_marts(settings: Settings, entries: list[Entry], sample: int) -> list[FieldCoverage]:
     from stripe_platform.governance.sampling import WarehouseReader
     from stripe_platform.transform.dbt import MARTS_SCHEMA
 
-    config = masking_vars()
+    config = masking_vars(settings)
     masked_schema = config["masked_schema"]
     with open_store(settings, "marts") as store:
         assert isinstance(store, WarehouseReader)
@@ -345,7 +352,7 @@ def _check_marts(settings: Settings, entries: list[Entry], sample: int) -> list[
 
 
 def _pg_readers(warehouse: Warehouse, config: Mapping[str, Any]) -> list[str]:
-    wanted = [r.lower() for r in config["masking_reader_roles"]]
+    wanted = [r.lower() for r in config["masked_roles"]]
     return [r[0] for r in warehouse.rows("SELECT rolname FROM pg_roles") if r[0] in wanted]
 
 
@@ -383,7 +390,8 @@ def _mart_hidden(
     for role in ["public", *readers]:
         if warehouse.rows("SELECT has_table_privilege(%s, %s, 'SELECT')", (role, relation))[0][0]:
             return None  # a reader role reads the base mart: the view hides nothing
-    return f"view {masked_schema}.{table}; base readable by {config['masking_admin_role']} only"
+    clear = ", ".join(config["clear_roles"]) or "no policy role"
+    return f"view {masked_schema}.{table}; base readable by {clear} only"
 
 
 def _check(

@@ -94,9 +94,23 @@ def profile_target(settings: Settings) -> dict[str, Any]:
     return target
 
 
+def masked_schema() -> str:
+    """The schema of the masked marts' views (var masked_schema of dbt_project.yml)."""
+    project = yaml.safe_load((DBT_PROJECT_DIR / "dbt_project.yml").read_text())
+    return str(project["vars"]["masked_schema"])
+
+
 def dbt_env(settings: Settings) -> dict[str, str]:
-    """The secrets the generated profile refers to."""
+    """What dbt reads from its environment: the secrets the generated profile refers to, and the
+    roles the masking macros grant (from the access policy: the one list of who reads the marts
+    in clear; security/access_warehouse.masking_env). DuckDB has no roles: its builds do not read
+    the policy."""
     env: dict[str, str] = {}
+    if settings.warehouse_backend in ("postgres", "snowflake"):
+        from stripe_platform.security.access_warehouse import masking_env
+        from stripe_platform.security.policy import load_policy
+
+        env.update(masking_env(load_policy(settings)))
     if settings.warehouse_backend == "postgres" and settings.warehouse_dsn is not None:
         password = conninfo_to_dict(settings.warehouse_dsn.get_secret_value()).get("password")
         if password:

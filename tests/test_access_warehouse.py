@@ -1,0 +1,392 @@
+"""The warehouse target of the access policy (security/access_warehouse.py, issue 21).
+
+PostgreSQL: a warehouse database of its own in the session's cluster, laid out as the platform
+lays it out (raw, analytics with the base marts, marts_masked with the masked views, staging), the
+marts' masking statements rendered by dbt itself from the policy (run-operation), then `plan` and
+`apply`, proved by logging in as members of each role and as the policy's own login. The session
+cluster is also the OLTP's: the target finds that out (same system identifier) and leaves the roles
+to the postgres target; the tests of the warehouse's own roles and logins replace that finding
+(``own_cluster``) and use role names of their own (roles are cluster-wide).
+
+DuckDB: the file's mode. Snowflake: the rendered statements against hand-written ones, the plan
+against hand-written SHOW output, and every statement run on fakesnow, which accepts almost none
+of them (see test_the_snowflake_stand_in_runs_what_it_can).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors, sql
+from pydantic import SecretStr
+
+from stripe_platform.config import Settings
+from stripe_platform.oltp import db
+from stripe_platform.security import access_warehouse as aw
+from stripe_platform.security.policy import PolicyError, load_policy
+from stripe_platform.transform import dbt as transform
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.filterwarnings("ignore:Arrow output on a DB-API result:UserWarning"),
+]
+
+MASKED = "***MASKED***"
+SUFFIX = secrets.token_hex(3)
+ANALYST = f"wh_analyst_{SUFFIX}"  # a policy role of this module's own (roles are cluster-wide)
+CAROL = f"wh_carol_{SUFFIX}"  # a temporary policy user provisioned in the warehouse
+FUTURE = dt.datetime(2031, 3, 31, tzinfo=dt.UTC)
+
+
+NOSCHEMA = f"wh_noschema_{SUFFIX}"  # a policy role with no warehouse schema
+
+
+def policy_text(*, carol_until: str = "2031-03-30", marts_for_developer: bool = False) -> str:
+    developer = "[marts, marts_masked]" if marts_for_developer else "[marts_masked]"
+    return f"""version: 1
+roles:
+  admin:
+    description: everything
+    warehouse: [raw, marts, marts_masked]
+    clear: [pii_quasi, pii, pci, credential]
+  developer:
+    warehouse: {developer}
+    clear: []
+  readonlyuser:
+    warehouse: [marts_masked]
+  {ANALYST}:
+    warehouse: [marts_masked]
+  {NOSCHEMA}:
+    api: [fraud.score]
+users:
+  {CAROL}:
+    roles: [{ANALYST}]
+    until: {carol_until}
+    reason: CHG-1 quarter review
+    stores: [warehouse]
+"""
+
+
+def write_policy(path: Path, **kwargs: Any) -> Path:
+    path.write_text(policy_text(**kwargs))
+    return path
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def _contract(model: str) -> list[tuple[str, str]]:
+    """(column, data_type) of a mart's contract, as models/marts/<model>.yml declares it."""
+    import yaml
+
+    spec = yaml.safe_load(
+        (transform.DBT_PROJECT_DIR / "models" / "marts" / f"{model}.yml").read_text()
+    )
+    (node,) = [m for m in spec["models"] if m["name"] == model]
+    return [(c["name"], c["data_type"]) for c in node["columns"]]
+
+
+def masking_plan(s: Settings) -> dict[str, list[str]]:
+    """The statements dbt's masking macros render for this warehouse and policy
+    (`dbt run-operation print_masking_statements`, in-process, with the env the platform passes)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = transform.run_dbt(s, "run-operation", "print_masking_statements")
+    assert summary.success, out.getvalue()[-3000:]
+    line = next(x for x in out.getvalue().splitlines() if "MASKING_PLAN " in x)
+    return json.loads(line.split("MASKING_PLAN ", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def warehouse(settings: Settings, tmp_path_factory) -> Iterator[Settings]:
+    """A PostgreSQL warehouse database laid out as the platform does, its marts masked by the
+    statements dbt renders from the test policy; the settings point at it and at the policy."""
+    home = tmp_path_factory.mktemp("access_wh")
+    name = f"access_wh_{os.getpid()}_{SUFFIX}"
+    with db.connect(settings, database="postgres", autocommit=True, with_key=False) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    s = settings.model_copy(
+        update={
+            "warehouse": "postgres",
+            "warehouse_dsn": SecretStr(db.conninfo(settings, database=name, with_key=False)),
+            "access_policy": write_policy(home / "policy.yaml"),
+        }
+    )
+    try:
+        with psycopg.connect(s.warehouse_dsn.get_secret_value(), autocommit=True) as conn:
+            for schema in ("raw", "analytics", "staging"):
+                conn.execute(f"CREATE SCHEMA {schema}")
+            conn.execute("CREATE TABLE raw.postgres_customer (customerid bigint, username text)")
+            conn.execute("INSERT INTO raw.postgres_customer VALUES (1, 'ann_b')")
+            conn.execute("CREATE VIEW staging.stg_customer AS SELECT * FROM raw.postgres_customer")
+            for model in ("DIM_Customer", "FACT_Session"):
+                columns = ", ".join(f"{c} {t}" for c, t in _contract(model))
+                conn.execute(f"CREATE TABLE analytics.{model} ({columns})")
+            conn.execute(
+                "INSERT INTO analytics.dim_customer (CustomerKey, UserName, CustomerSegment) "
+                "VALUES (1, 'ann_b', 'Premium')"
+            )
+        plan = masking_plan(s)
+        with psycopg.connect(s.warehouse_dsn.get_secret_value(), autocommit=True) as conn:
+            for statement in [*plan["setup"], *plan["DIM_Customer"], *plan["FACT_Session"]]:
+                conn.execute(statement)
+        yield s
+    finally:
+        with db.connect(settings, database="postgres", autocommit=True, with_key=False) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            for role in (CAROL, ANALYST, NOSCHEMA):
+                conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture
+def own_cluster(monkeypatch):
+    """The warehouse as if on a cluster of its own: its roles and logins are this target's."""
+    monkeypatch.setattr(aw, "shares_oltp_cluster", lambda settings, conn=None: False)
+
+
+@contextlib.contextmanager
+def member_of(settings: Settings, s: Settings, role: str) -> Iterator[psycopg.Connection]:
+    """A fresh login, member of ``role``, connected to the warehouse database."""
+    user = f"wh_{role[:20]}_{secrets.token_hex(4)}"
+    password = secrets.token_urlsafe(12)
+    with db.connect(settings, database="postgres", autocommit=True, with_key=False) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(user), sql.Literal(password), sql.Identifier(role)
+            )
+        )
+    try:
+        with login(s, user, password) as conn:
+            yield conn
+    finally:
+        with db.connect(settings, database="postgres", autocommit=True, with_key=False) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(user)))
+
+
+def login(s: Settings, user: str, password: str) -> psycopg.Connection:
+    params = psycopg.conninfo.conninfo_to_dict(s.warehouse_dsn.get_secret_value())
+    params.update(user=user, password=password)
+    return psycopg.connect(psycopg.conninfo.make_conninfo(**params), autocommit=True)
+
+
+def value(conn: psycopg.Connection, query: str) -> Any:
+    rows = conn.execute(query).fetchall()
+    assert len(rows) == 1, rows
+    return rows[0][0]
+
+
+def refused(conn: psycopg.Connection, relation: str) -> bool:
+    try:
+        conn.execute(f"SELECT 1 FROM {relation} LIMIT 1")
+    except errors.InsufficientPrivilege:
+        return True
+    return False
+
+
+def owner_and_database(s: Settings) -> tuple[str, str]:
+    with psycopg.connect(s.warehouse_dsn.get_secret_value()) as conn:
+        return conn.execute("SELECT current_user, current_database()").fetchone()
+
+
+def test_on_the_oltp_cluster_the_roles_are_the_postgres_targets(warehouse):
+    s = warehouse
+    assert aw.shares_oltp_cluster(s)
+    changes = aw.plan(s, load_policy(s), dt.datetime.now(dt.UTC))
+    assert not [c for c in changes if c.action in ("create_role", "alter_role", "grant_role")]
+    mine = [c for c in changes if c.principal == ANALYST]
+    assert mine and all("the postgres target creates it" in c.reason for c in mine)
+    # Applying would grant to a role nobody created yet: refused, nothing applied.
+    with pytest.raises(aw.WarehouseAccessError, match=f"role.*{ANALYST}.*postgres target"):
+        aw.apply(s, load_policy(s), changes)
+    with psycopg.connect(s.warehouse_dsn.get_secret_value(), autocommit=True) as conn:
+        assert conn.execute(
+            "SELECT has_database_privilege('public', current_database(), 'CONNECT')"
+        ).fetchone()[0]
+
+
+def test_apply_makes_each_role_read_what_the_policy_says_and_nothing_more(
+    warehouse, settings, own_cluster
+):
+    s = warehouse
+    policy = load_policy(s)
+    owner, database = owner_and_database(s)
+    changes = aw.plan(s, policy, dt.datetime.now(dt.UTC))
+    statements = {c.statement for c in changes}
+    # What the raw layer and the marts need, as hand-written statements.
+    for expected in (
+        f'CREATE ROLE "{ANALYST}" NOLOGIN',
+        'GRANT USAGE ON SCHEMA "raw" TO "admin"',
+        'GRANT SELECT ON ALL TABLES IN SCHEMA "raw" TO "admin"',
+        f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" IN SCHEMA "raw" GRANT SELECT ON TABLES '
+        'TO "admin"',
+        f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" IN SCHEMA "marts_masked" GRANT SELECT ON '
+        f'TABLES TO "{ANALYST}"',
+        f'GRANT USAGE ON SCHEMA "marts_masked" TO "{ANALYST}"',
+        f'GRANT SELECT ON ALL TABLES IN SCHEMA "marts_masked" TO "{ANALYST}"',
+        f'GRANT CONNECT ON DATABASE "{database}" TO "developer"',
+        f'REVOKE CONNECT, TEMPORARY ON DATABASE "{database}" FROM PUBLIC',
+    ):
+        assert expected in statements, (expected, sorted(statements, key=str))
+    (new_login,) = [c for c in changes if c.action == "create_role" and c.principal == CAROL]
+    assert new_login.statement == (
+        f'CREATE ROLE "{CAROL}" LOGIN VALID UNTIL \'2031-03-31T00:00:00+00:00\' IN ROLE "{ANALYST}"'
+    )
+    assert new_login.secret and new_login.secret not in repr(new_login)
+    # Nothing for the staging layer, nor for a role without warehouse schemas.
+    assert not [c for c in changes if "staging" in c.object or c.principal == NOSCHEMA]
+
+    assert aw.apply(s, policy, changes) == changes
+    assert aw.plan(s, policy, dt.datetime.now(dt.UTC)) == []
+
+    with member_of(settings, s, "admin") as admin:
+        assert value(admin, "SELECT UserName FROM analytics.dim_customer") == "ann_b"  # in clear
+        assert value(admin, "SELECT username FROM raw.postgres_customer") == "ann_b"
+        assert refused(admin, "staging.stg_customer")
+    for role in ("developer", "readonlyuser", ANALYST):
+        with member_of(settings, s, role) as reader:
+            assert value(reader, "SELECT UserName FROM marts_masked.dim_customer") == MASKED
+            assert value(reader, "SELECT CustomerSegment FROM marts_masked.dim_customer") == (
+                "Premium"
+            )
+            for relation in (
+                "analytics.dim_customer",
+                "analytics.fact_session",
+                "raw.postgres_customer",
+                "staging.stg_customer",
+            ):
+                assert refused(reader, relation), (role, relation)
+    # The policy's own login: VALID UNTIL its end, member of its role, its one-time password.
+    with login(s, CAROL, new_login.secret) as carol:
+        assert value(carol, "SELECT UserName FROM marts_masked.dim_customer") == MASKED
+        assert refused(carol, "analytics.dim_customer")
+        assert value(
+            carol, "SELECT rolvaliduntil FROM pg_roles WHERE rolname = current_user"
+        ) == dt.datetime(2031, 3, 31, tzinfo=dt.UTC)
+    # A role the policy gives no warehouse schema cannot even connect.
+    with db.connect(settings, database="postgres", autocommit=True, with_key=False) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(NOSCHEMA)))
+    with (
+        pytest.raises(psycopg.OperationalError, match="permission denied for database"),
+        member_of(settings, s, NOSCHEMA),
+    ):
+        pass
+
+    # What the platform creates later is granted by the default privileges, without an apply.
+    with psycopg.connect(s.warehouse_dsn.get_secret_value(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE raw.postgres_merchant (merchantid bigint)")
+        conn.execute("CREATE VIEW marts_masked.fact_extra AS SELECT 1 AS one")
+    with member_of(settings, s, "admin") as admin:
+        assert admin.execute("SELECT count(*) FROM raw.postgres_merchant").fetchone() == (0,)
+    with member_of(settings, s, ANALYST) as analyst:
+        assert value(analyst, "SELECT one FROM marts_masked.fact_extra") == 1
+        assert refused(analyst, "raw.postgres_merchant")
+    assert aw.plan(s, policy, dt.datetime.now(dt.UTC)) == []
+
+
+def test_a_grant_made_by_hand_is_drift_and_apply_revokes_it(warehouse, settings, own_cluster):
+    s = warehouse
+    policy = load_policy(s)
+    aw.apply(s, policy, aw.plan(s, policy, dt.datetime.now(dt.UTC)))
+    with psycopg.connect(s.warehouse_dsn.get_secret_value(), autocommit=True) as owner:
+        owner.execute("GRANT USAGE ON SCHEMA analytics TO developer")
+        owner.execute("GRANT SELECT, UPDATE ON analytics.dim_customer TO developer")
+        owner.execute("GRANT SELECT (customerid) ON raw.postgres_customer TO readonlyuser")
+        owner.execute("ALTER DEFAULT PRIVILEGES IN SCHEMA staging GRANT SELECT ON TABLES TO PUBLIC")
+    with member_of(settings, s, "developer") as developer:
+        assert value(developer, "SELECT UserName FROM analytics.dim_customer") == "ann_b"  # leak
+    owner_name, _ = owner_and_database(s)
+    drift = aw.plan(s, policy, dt.datetime.now(dt.UTC))
+    assert sorted(c.statement for c in drift) == sorted(
+        [
+            'REVOKE USAGE ON SCHEMA "analytics" FROM "developer"',
+            'REVOKE SELECT, UPDATE ON TABLE "analytics"."dim_customer" FROM "developer"',
+            'REVOKE SELECT ("customerid") ON TABLE "raw"."postgres_customer" FROM "readonlyuser"',
+            f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner_name}" IN SCHEMA "staging" REVOKE SELECT '
+            "ON TABLES FROM PUBLIC",
+        ]
+    )
+    assert {c.action for c in drift} == {"revoke", "default_privileges"}
+    aw.apply(s, policy, drift)
+    assert aw.plan(s, policy, dt.datetime.now(dt.UTC)) == []
+    with member_of(settings, s, "developer") as developer:
+        assert refused(developer, "analytics.dim_customer")
+
+
+def test_expired_access_is_listed_then_revoked(warehouse, settings, own_cluster, tmp_path):
+    s = warehouse
+    policy = load_policy(s)
+    aw.apply(s, policy, aw.plan(s, policy, dt.datetime.now(dt.UTC)))
+    password = secrets.token_urlsafe(12)
+    with psycopg.connect(s.warehouse_dsn.get_secret_value(), autocommit=True) as owner:
+        owner.execute(
+            sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(CAROL), sql.Literal(password)
+            )
+        )
+    # The contract ended an hour ago: the policy says so; the login still works.
+    ended = (dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)).replace(microsecond=0)
+    s2 = s.model_copy(
+        update={"access_policy": write_policy(tmp_path / "p.yaml", carol_until=ended.isoformat())}
+    )
+    policy2 = load_policy(s2)
+    now = dt.datetime.now(dt.UTC)
+    with login(s2, CAROL, password) as carol:
+        assert value(carol, "SELECT UserName FROM marts_masked.dim_customer") == MASKED
+    (found,) = aw.expired(s2, policy2, now)
+    assert (found.target, found.principal, found.ended_at) == ("warehouse", CAROL, ended)
+    assert f"member of {ANALYST}" in found.still and "login" in found.still
+    # apply refuses while the policy holds an ended grant; revoke-expired ends it.
+    with pytest.raises(PolicyError, match=f"user {CAROL}: temporary grant ended"):
+        aw.apply(s2, policy2, aw.plan(s2, policy2, now))
+    assert aw.revoke_expired(s2, policy2, now) == [found]
+    with pytest.raises(psycopg.OperationalError, match="not permitted to log in"):
+        login(s2, CAROL, password)
+    assert aw.expired(s2, policy2, now) == []
+    assert aw.plan(s2, policy2, now) == []
+
+
+def test_the_masking_macros_take_their_roles_from_the_policy(warehouse, settings, tmp_path):
+    s = warehouse
+    assert json.loads(aw.masking_env(load_policy(s))[aw.MASKING_ENV]) == {
+        "marts": {"admin": ["credential", "non_personal", "pci", "pii", "pii_quasi"]},
+        "masked": sorted(["admin", "developer", "readonlyuser", ANALYST]),
+    }
+    with db.connect(settings, database="postgres", autocommit=True, with_key=False) as conn:
+        analyst = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ANALYST]).fetchone()
+    readers = ["admin", "developer", "readonlyuser"] + ([ANALYST] if analyst else [])
+    plan = masking_plan(s)
+    assert plan["setup"] == [
+        "create schema if not exists marts_masked",
+        "revoke all on schema analytics, marts_masked from public",
+        "grant usage on schema analytics to admin",
+        f"grant usage on schema marts_masked to {', '.join(readers)}",
+        f"revoke all on schema analytics from {', '.join(readers[1:])}",
+    ]
+    _, database = owner_and_database(s)
+    assert plan["DIM_Customer"] == [
+        f"revoke all on {database}.analytics.dim_customer from public",
+        f"revoke all on {database}.analytics.dim_customer from {', '.join(readers[1:])}",
+        f"grant select on {database}.analytics.dim_customer to admin",
+        "drop view if exists marts_masked.dim_customer",
+        plan["DIM_Customer"][4],  # the view itself: tests/test_masking.py
+        f"grant select on marts_masked.dim_customer to {', '.join(readers)}",
+    ]
+    assert plan["DIM_Customer"][4].startswith("create view marts_masked.dim_customer as select")
+    # A policy giving developer the marts in clear without the classes they hold is refused.
+    bad = s.model_copy(
+        update={"access_policy": write_policy(tmp_path / "bad.yaml", marts_for_developer=True)}
+    )
+    with pytest.raises(PolicyError, match=r"bad.yaml:\d+: role developer: warehouse schema marts"):
+        aw.layout(bad, load_policy(bad))
