@@ -301,6 +301,9 @@ def test_expired_logins_are_listed_then_revoked(pg, conn, tmp_path):
     )
     # Someone set VALID UNTIL in the past by hand: the password stops, the membership stays.
     conn.execute("ALTER ROLE extended VALID UNTIL 'yesterday'")
+    # A login with no part in this database (e.g. the warehouse target's, on a shared cluster): not
+    # this target's to report.
+    conn.execute("CREATE ROLE stranger LOGIN VALID UNTIL 'yesterday'")
 
     found = {e.principal: e for e in access_postgres.expired(pg, policy, now())}
     assert set(found) == {"contractor_old", "extended"}

@@ -84,7 +84,12 @@ def db_grant_temporary(
     role: Annotated[str, typer.Option(help="developer or readonlyuser")] = "readonlyuser",
     days: Annotated[int, typer.Option(help="Validity in days")] = 30,
 ) -> None:
-    """Create a login for a contractor that expires after --days (VALID UNTIL)."""
+    """Create a login for a contractor that expires after --days (VALID UNTIL).
+
+    A quick grant outside the access policy: `access plan` leaves it alone (and notes it),
+    `access expired` lists it once its validity passed, `access revoke-expired` (or `db
+    revoke-expired`) drops it. Access that is reviewed and provisioned everywhere (warehouse, API)
+    is a user with `until` in access/policy.yaml."""
     from stripe_platform.oltp import db
     from stripe_platform.oltp.access import grant_temporary
 

@@ -681,11 +681,19 @@ def _expired(
         ).fetchall()
     }
     service = conn.execute("SELECT current_user").fetchone()[0]
+    pg_roles = _pg_roles(policy)
     found = []
     for name, row in sorted(roles.items()):
         if name == service or row.superuser or name in PLATFORM_ROLES or name.startswith("pg_"):
             continue
         user = policy.users.get(name)
+        # This target's logins only: roles are cluster-wide, and the warehouse's own logins on
+        # the same cluster are the warehouse target's to report.
+        ours = row.member_of & {POLICY_USER_ROLE, TEMPORARY_ROLE, *pg_roles} or (
+            user is not None and "postgres" in user.stores
+        )
+        if not ours:
+            continue
         ended = []
         if row.valid_until is not None and row.valid_until <= now:
             ended.append(row.valid_until)
