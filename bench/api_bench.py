@@ -6,7 +6,9 @@
 In a platform home of its own (bench/realtime_setup.py: `seed --scale S`, `ml train`: a real
 champion), `stripe-platform api` is started (uvicorn, TLS with the home's certificates, on a free
 port of 127.0.0.1) and, once `GET /readyz` answers 200, locust (bench/locustfile_api.py, headless,
-every latency recorded) offers a fixed load:
+every latency recorded) offers a fixed load. The score requests carry a bearer token of the
+fraud_service role (an access policy of the bench home's own, the token issued in its database),
+so every one goes through the API's authentication and authorisation (api/auth.py):
 
 1. `POST /v1/fraud/score` at --rate requests/s (200) for --seconds: p50/p95/p99 (goal p99 < 10 ms);
    then `GET /healthz` at the same rate for as long: the reference, the same server's HTTP + TLS
@@ -81,6 +83,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.seconds <= WARMUP_S or args.step_seconds <= WARMUP_S:
         parser.error(f"--seconds and --step-seconds must exceed the {WARMUP_S:g} s warm-up")
     return args
+
+
+# The bench home's access policy: the machine client that scores (docs/access.md).
+POLICY = """\
+version: 1
+roles:
+  fraud_service:
+    description: the load generator, a machine client of POST /v1/fraud/score
+    api: [fraud.score]
+users:
+  bench-scorer:
+    roles: [fraud_service]
+    stores: [api]
+"""
+
+
+def scorer_token(home: BenchHome) -> Path:
+    """The home's access policy (its settings point the API at it) and a bearer token of its
+    scorer, issued in the home's database for a day; returns the file holding the secret (0600:
+    not on locust's command line, where `ps` would show it)."""
+    from stripe_platform.security import sessions
+
+    policy = home.path / "access-policy.yaml"
+    policy.write_text(POLICY)
+    home.env["STRIPE_PLATFORM_ACCESS_POLICY"] = str(policy)
+    _, secret = sessions.issue_token(
+        home.settings(access_policy=policy),
+        user="bench-scorer",
+        roles=["fraud_service"],
+        expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+        created_by="bench/api_bench.py",
+    )
+    path = home.logs / "scorer.token"
+    path.touch(mode=0o600)
+    path.write_text(secret)
+    return path
 
 
 # -- the load -----------------------------------------------------------------------------------
@@ -184,6 +222,7 @@ def locust(
     seconds: float,
     payloads: Path,
     server_pid: int,
+    token: Path,
 ) -> dict[str, Any]:
     """One headless locust run at a fixed offered rate; the latencies after the warm-up."""
     users = max(1, math.ceil(rate / PER_USER_RATE))
@@ -198,7 +237,7 @@ def locust(
         *("--host", url, "--loglevel", "WARNING"),
         *("--bench-target", target, "--bench-rate", f"{rate:g}"),
         *("--bench-payloads", str(payloads), "--bench-ca", str(home.path / "tls" / "ca.crt")),
-        *("--bench-samples", str(samples)),
+        *("--bench-samples", str(samples), "--bench-token-file", str(token)),
     ]
     server_cpu = cpu_seconds(server_pid)
     started = time.perf_counter()
@@ -303,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = home.settings()
         payloads = home.logs / "payloads.json"
         payloads.write_text(json.dumps(request_bodies(settings)))
+        token = scorer_token(home)  # before the API starts: its environment names the policy
         api_log = home.logs / "api.log"
         api = home.start("api", log=api_log.name)
         url = f"https://127.0.0.1:{home.env['STRIPE_PLATFORM_API_PORT']}"
@@ -314,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(
                     f"`stripe-platform api` exited ({api.returncode}): {tail(api_log)}"
                 )
-            return locust(home, url, target, rate, seconds, payloads, api.pid)
+            return locust(home, url, target, rate, seconds, payloads, api.pid, token)
 
         fixed: dict[str, list[dict[str, Any]]] = {"score": [], "healthz": []}
         for _ in range(args.runs):
@@ -356,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "api",
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "endpoint": "POST /v1/fraud/score",
+        "endpoint": "POST /v1/fraud/score (bearer token, scope fraud.score)",
         "reference": "GET /healthz (same server, same TLS)",
         "server": "stripe-platform api (uvicorn, TLS, 127.0.0.1)",
         "load_generator": f"locust {_version('locust')} (FastHttpUser, headless, one process)",

@@ -2,12 +2,14 @@
 
     locust -f bench/locustfile_api.py --headless --users U --spawn-rate U --run-time 30s \
         --host https://127.0.0.1:PORT --bench-target score|healthz --bench-rate R \
-        --bench-payloads FILE --bench-ca CA --bench-samples OUT
+        --bench-payloads FILE --bench-ca CA --bench-samples OUT --bench-token-file TOKEN
 
 Each of the U users fires at R / U per second on a fixed grid, the users' grids interleaved, so the
 offered load is R requests/s evenly spaced as long as a request takes less than U / R seconds
 (api_bench.py gives each user 250 ms); a late request does not move the grid. ``score`` POSTs /v1/fraud/score with the payloads of the file in turn
-(real payments of the bench home), ``healthz`` GETs /healthz: the same server's HTTP + TLS floor.
+(real payments of the bench home) with the bearer token of --bench-token-file (the API's
+authentication and authorisation on every request), ``healthz`` GETs /healthz: the same server's
+HTTP + TLS floor.
 TLS is verified against the platform's CA. Every request's start time, latency (ms), status and
 error go to --bench-samples as JSON when the test stops, so the percentiles are exact rather than
 locust's rounded histogram.
@@ -35,6 +37,7 @@ def _arguments(parser) -> None:
     parser.add_argument("--bench-payloads", default="", help="JSON list of request bodies")
     parser.add_argument("--bench-ca", default="", help="CA certificate to verify the server")
     parser.add_argument("--bench-samples", default="", help="where the latencies go")
+    parser.add_argument("--bench-token-file", default="", help="a file holding the bearer token")
 
 
 @events.request.add_listener
@@ -78,6 +81,8 @@ class ApiUser(FastHttpUser):
         self.target = options.bench_target
         if self.target == "score":
             self.payloads = _payloads(options.bench_payloads)
+            token = Path(options.bench_token_file).read_text().strip()
+            self.headers = {"Authorization": f"Bearer {token}"}
 
     def on_start(self) -> None:
         now = time.perf_counter()
@@ -93,7 +98,9 @@ class ApiUser(FastHttpUser):
     @task
     def request(self) -> None:
         if self.target == "score":
-            self.client.post("/v1/fraud/score", json=next(self.payloads), name="score")
+            self.client.post(
+                "/v1/fraud/score", json=next(self.payloads), headers=self.headers, name="score"
+            )
         else:
             self.client.get("/healthz", name="healthz")
 

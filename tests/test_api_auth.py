@@ -298,7 +298,7 @@ def test_the_policy_decides_at_request_time(server):
         f"the access of contractor ended at {ENDED + dt.timedelta(days=1):%Y-%m-%d} 00:00 UTC"
         in message
     )
-    assert message.endswith(f"({server.policy}:{policy_line('contractor')})")
+    assert message.endswith(f"(policy.yaml:{policy_line('contractor')})")  # not the server's path
     # One still in time passes.
     assert server.score(server.token("temp", ["fraud_service"])).status_code == 503
 

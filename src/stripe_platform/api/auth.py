@@ -23,11 +23,13 @@ for the request log.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
     from stripe_platform.config import Settings
 
+log = logging.getLogger(__name__)
 REALM = "stripe-platform"
 
 Reason = Literal[
@@ -151,8 +154,13 @@ def _refuse(
 
 
 def _policy(request: Request) -> Policy:
+    """The policy of this request: read once (cached by the file's mtime) and kept for it."""
+    policy = getattr(request.state, "access_policy", None)
+    if policy is not None:
+        return policy
     try:
-        return load_policy(_settings(request))
+        request.state.access_policy = policy = load_policy(_settings(request))
+        return policy
     except PolicyError as exc:  # fail closed, say why (the operator fixes the file)
         access_log.record(
             _settings(request),
@@ -162,9 +170,13 @@ def _policy(request: Request) -> Policy:
             resource=request.url.path,
             action=request.method,
             outcome="error",
-            reason=str(exc).splitlines()[0],
+            reason=str(exc),
         )
-        raise HTTPException(503, f"the access policy cannot be read: {exc}") from None
+        log.error("access decisions refused: %s", exc)
+        # The client learns that, not the server's paths: the operator reads the log.
+        raise HTTPException(
+            503, "the access policy cannot be read: every request is refused until it is fixed"
+        ) from None
 
 
 def _unavailable(request: Request, exc: sessions.CredentialStoreError) -> HTTPException:
@@ -178,18 +190,19 @@ def _unavailable(request: Request, exc: sessions.CredentialStoreError) -> HTTPEx
         outcome="error",
         reason=str(exc),
     )
-    return HTTPException(503, f"credentials cannot be checked now: {exc}")
+    log.error("credentials cannot be checked: %s", exc)
+    return HTTPException(503, "credentials cannot be checked now: try again later")
 
 
-def principal(
+async def principal(
     request: Request,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     cookie: Annotated[str | None, Depends(_cookie)],
 ) -> Principal:
     """Who calls: a bearer token if one is sent, else the session cookie. 401 otherwise.
 
-    A plain function: FastAPI runs it on its thread pool (a cache miss reads the database)."""
-    now = dt.datetime.now(dt.UTC)
+    A credential resolved in the last seconds is decided in memory, on the event loop; otherwise
+    on the thread pool (one database read)."""
     if bearer is None and not cookie:
         raise _refuse(
             request,
@@ -199,24 +212,24 @@ def principal(
             "in through SSO (GET /saml/login)",
             kind="authn",
         )
+    secret = bearer.credentials if bearer is not None else cookie or ""
+    via = "token" if bearer is not None else "session"
+    if sessions.in_memory(secret):
+        return _authenticate(request, secret, via)
+    return await run_in_threadpool(_authenticate, request, secret, via)
+
+
+def _authenticate(request: Request, secret: str, via: str) -> Principal:
+    now = dt.datetime.now(dt.UTC)
     policy = _policy(request)
     try:
-        if bearer is not None:
-            found = _from_token(request, policy, bearer.credentials, now)
+        if via == "token":
+            found = _from_token(request, policy, secret, now)
         else:
-            found = _from_session(request, policy, cookie or "", now)
+            found = _from_session(request, policy, secret, now)
     except sessions.CredentialStoreError as exc:
         raise _unavailable(request, exc) from None
-    who = Principal(
-        user=found.user,
-        roles=found.roles,
-        via=found.via,
-        session_id=found.session_id,
-        mfa_verified_at=found.mfa_verified_at,
-        source_ip=_source(request),
-        token_id=found.token_id,
-        login=found.login,
-    )
+    who = replace(found, source_ip=_source(request))
     request.state.principal = who
     return who
 
@@ -295,13 +308,13 @@ def _roles(
         raise _refuse(
             request, 401, "access_expired",
             f"the access of {user} ended at {entry.until:%Y-%m-%d %H:%M} UTC "
-            f"({policy.where(entry.line)})",
+            f"({policy.source.name}:{entry.line})",
             kind="authn", user=user, via=via,
         )  # fmt: skip
     if entry is not None and "api" not in entry.stores:
         raise _refuse(
             request, 403, "no_api_access",
-            f"user {user} is not provisioned on the API (stores of {policy.where(entry.line)})",
+            f"user {user} is not provisioned on the API (stores of {policy.source.name}:{entry.line})",
             kind="authn", user=user, via=via,
         )  # fmt: skip
     roles = carried & sessions.policy_roles(policy, user, groups, now)
@@ -334,7 +347,7 @@ def require_scope(scope: str) -> Callable[..., Principal]:
     if scope not in API_SCOPES:  # a typo in a route fails at import, not at request time
         raise ValueError(f"unknown API scope {scope!r}; known: {', '.join(sorted(API_SCOPES))}")
 
-    def check(request: Request, who: Annotated[Principal, Depends(principal)]) -> Principal:
+    async def check(request: Request, who: Annotated[Principal, Depends(principal)]) -> Principal:
         policy = _policy(request)
         if not policy.has_scope(who.roles, scope):
             raise _refuse(
@@ -365,7 +378,7 @@ def require_clear(*data_classes: str, bulk: bool = False) -> Callable[..., Princ
         )
     classes = tuple(data_classes)
 
-    def check(request: Request, who: Annotated[Principal, Depends(principal)]) -> Principal:
+    async def check(request: Request, who: Annotated[Principal, Depends(principal)]) -> Principal:
         policy = _policy(request)
         what = {"classes": list(classes), "bulk": bulk}
         hidden = [c for c in classes if not policy.may_read_clear(who.roles, c)]

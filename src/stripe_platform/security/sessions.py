@@ -426,6 +426,12 @@ class _Cache:
 _cache = _Cache()
 
 
+def in_memory(secret: str) -> bool:
+    """Whether resolving this session or token secret now needs no database read (it was
+    resolved less than CACHE_SECONDS ago here)."""
+    return _cache.get(digest(secret)) is not None
+
+
 def forget_cached() -> None:
     """Drop every cached credential (tests, or after a bulk change made in this process)."""
     _cache.clear()
