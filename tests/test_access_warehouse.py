@@ -4,13 +4,13 @@ PostgreSQL: a warehouse database of its own in the session's cluster, laid out a
 lays it out (raw, analytics with the base marts, marts_masked with the masked views, staging), the
 marts' masking statements rendered by dbt itself from the policy (run-operation), then `plan` and
 `apply`, proved by logging in as members of each role and as the policy's own login. The session
-cluster is also the OLTP's: the target finds that out (same system identifier) and leaves the roles
-to the postgres target; the tests of the warehouse's own roles and logins replace that finding
-(``own_cluster``) and use role names of their own (roles are cluster-wide).
+cluster is also the OLTP's, as in the embedded profile: the target finds that out (same system
+identifier) and leaves the roles with OLTP rules to the postgres target; role and user names are
+this module's own (roles are cluster-wide).
 
 DuckDB: the file's mode. Snowflake: the rendered statements against hand-written ones, the plan
 against hand-written SHOW output, and every statement run on fakesnow, which accepts almost none
-of them (see test_the_snowflake_stand_in_runs_what_it_can).
+of them (see test_what_the_snowflake_stand_in_runs).
 """
 
 from __future__ import annotations
@@ -51,8 +51,34 @@ FUTURE = dt.datetime(2031, 3, 31, tzinfo=dt.UTC)
 NOSCHEMA = f"wh_noschema_{SUFFIX}"  # a policy role with no warehouse schema
 
 
-def policy_text(*, carol_until: str = "2031-03-30", marts_for_developer: bool = False) -> str:
+OPS = f"wh_ops_{SUFFIX}"  # a policy role with OLTP rules, that the cluster does not have
+DAVE = f"wh_dave_{SUFFIX}"
+
+
+def policy_text(
+    *,
+    carol_until: str = "2031-03-30",
+    marts_for_developer: bool = False,
+    ops: bool = False,
+    dave: bool = False,
+) -> str:
     developer = "[marts, marts_masked]" if marts_for_developer else "[marts_masked]"
+    extra_role = (
+        f"""  {OPS}:
+    postgres: [GRANT CONNECT ON DATABASE mydb]
+    warehouse: [marts_masked]
+"""
+        if ops
+        else ""
+    )
+    extra_user = (
+        f"""  {DAVE}:
+    roles: [{OPS}]
+    stores: [warehouse]
+"""
+        if dave
+        else ""
+    )
     return f"""version: 1
 roles:
   admin:
@@ -68,13 +94,13 @@ roles:
     warehouse: [marts_masked]
   {NOSCHEMA}:
     api: [fraud.score]
-users:
+{extra_role}users:
   {CAROL}:
     roles: [{ANALYST}]
     until: {carol_until}
     reason: CHG-1 quarter review
     stores: [warehouse]
-"""
+{extra_user}"""
 
 
 def write_policy(path: Path, **kwargs: Any) -> Path:
@@ -146,14 +172,8 @@ def warehouse(settings: Settings, tmp_path_factory) -> Iterator[Settings]:
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
-            for role in (CAROL, ANALYST, NOSCHEMA):
+            for role in (CAROL, DAVE, ANALYST, NOSCHEMA, OPS):
                 conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
-
-
-@pytest.fixture
-def own_cluster(monkeypatch):
-    """The warehouse as if on a cluster of its own: its roles and logins are this target's."""
-    monkeypatch.setattr(aw, "shares_oltp_cluster", lambda settings, conn=None: False)
 
 
 @contextlib.contextmanager
@@ -200,25 +220,46 @@ def owner_and_database(s: Settings) -> tuple[str, str]:
         return conn.execute("SELECT current_user, current_database()").fetchone()
 
 
-def test_on_the_oltp_cluster_the_roles_are_the_postgres_targets(warehouse):
-    s = warehouse
+def test_on_the_oltp_cluster_its_roles_are_the_postgres_targets(warehouse, tmp_path, monkeypatch):
+    """The session cluster is the OLTP's too: a role with OLTP rules is the postgres target's to
+    create; a warehouse-only user may not hold it (membership is cluster-wide)."""
+    s = warehouse.model_copy(
+        update={"access_policy": write_policy(tmp_path / "ops.yaml", ops=True)}
+    )
     assert aw.shares_oltp_cluster(s)
     changes = aw.plan(s, load_policy(s), dt.datetime.now(dt.UTC))
-    assert not [c for c in changes if c.action in ("create_role", "alter_role", "grant_role")]
-    mine = [c for c in changes if c.principal == ANALYST]
-    assert mine and all("the postgres target creates it" in c.reason for c in mine)
+    assert f'CREATE ROLE "{ANALYST}" NOLOGIN' in {c.statement for c in changes}  # warehouse-only
+    assert not [c for c in changes if c.action == "create_role" and c.principal == OPS]
+    awaited = [c for c in changes if c.principal == OPS]
+    assert awaited and all("the postgres target creates it" in c.reason for c in awaited)
     # Applying would grant to a role nobody created yet: refused, nothing applied.
-    with pytest.raises(aw.WarehouseAccessError, match=f"role.*{ANALYST}.*postgres target"):
+    with pytest.raises(aw.WarehouseAccessError, match=f"role.*{OPS}.*postgres target"):
         aw.apply(s, load_policy(s), changes)
     with psycopg.connect(s.warehouse_dsn.get_secret_value(), autocommit=True) as conn:
         assert conn.execute(
             "SELECT has_database_privilege('public', current_database(), 'CONNECT')"
         ).fetchone()[0]
+        assert not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [ANALYST]).fetchone()
+    # A warehouse-only user holding it: refused, naming the user's line.
+    both = s.model_copy(
+        update={"access_policy": write_policy(tmp_path / "dave.yaml", ops=True, dave=True)}
+    )
+    with pytest.raises(
+        PolicyError,
+        match=rf"dave.yaml:\d+: user {DAVE}: provisioned in the warehouse only, but role\(s\) "
+        rf"{OPS} also grant OLTP access",
+    ):
+        aw.plan(both, load_policy(both), dt.datetime.now(dt.UTC))
+    # On a cluster of its own, the warehouse target creates every role it needs.
+    monkeypatch.setattr(aw, "shares_oltp_cluster", lambda settings, conn=None: False)
+    own = aw.plan(both, load_policy(both), dt.datetime.now(dt.UTC))
+    assert sorted(c.principal for c in own if c.action == "create_role") == sorted(
+        [OPS, ANALYST, CAROL, DAVE]
+    )
+    assert f'CREATE ROLE "{OPS}" NOLOGIN' in {c.statement for c in own}
 
 
-def test_apply_makes_each_role_read_what_the_policy_says_and_nothing_more(
-    warehouse, settings, own_cluster
-):
+def test_apply_makes_each_role_read_what_the_policy_says_and_nothing_more(warehouse, settings):
     s = warehouse
     policy = load_policy(s)
     owner, database = owner_and_database(s)
@@ -295,7 +336,7 @@ def test_apply_makes_each_role_read_what_the_policy_says_and_nothing_more(
     assert aw.plan(s, policy, dt.datetime.now(dt.UTC)) == []
 
 
-def test_a_grant_made_by_hand_is_drift_and_apply_revokes_it(warehouse, settings, own_cluster):
+def test_a_grant_made_by_hand_is_drift_and_apply_revokes_it(warehouse, settings):
     s = warehouse
     policy = load_policy(s)
     aw.apply(s, policy, aw.plan(s, policy, dt.datetime.now(dt.UTC)))
@@ -324,7 +365,7 @@ def test_a_grant_made_by_hand_is_drift_and_apply_revokes_it(warehouse, settings,
         assert refused(developer, "analytics.dim_customer")
 
 
-def test_expired_access_is_listed_then_revoked(warehouse, settings, own_cluster, tmp_path):
+def test_expired_access_is_listed_then_revoked(warehouse, settings, tmp_path):
     s = warehouse
     policy = load_policy(s)
     aw.apply(s, policy, aw.plan(s, policy, dt.datetime.now(dt.UTC)))

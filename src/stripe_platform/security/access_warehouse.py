@@ -105,6 +105,10 @@ class Layout:
     policy_roles: tuple[str, ...]  # every role of the policy
     policy_users: tuple[str, ...]  # every user of the policy
     where: Mapping[str, str]  # role or user -> "policy file:line", for reasons
+    # What the postgres (OLTP) target provisions: roles with `postgres` rules, users with the
+    # postgres store. On a cluster shared with the OLTP those roles are its, not this target's.
+    oltp_roles: frozenset[str] = frozenset()
+    oltp_users: frozenset[str] = frozenset()
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -147,6 +151,8 @@ def layout(settings: Settings, policy: Policy) -> Layout:
             **{r.name: policy.where(r.line) for r in policy.roles.values()},
             **{u.name: policy.where(u.line) for u in policy.users.values()},
         },
+        oltp_roles=frozenset(r.name for r in policy.roles.values() if r.postgres),
+        oltp_users=frozenset(u.name for u in policy.users.values() if "postgres" in u.stores),
     )
 
 
@@ -472,16 +478,12 @@ def _pg_diff(
         return sql.Identifier(*names)
 
     physical = _physical(settings)
-    changes: list[Change] = []
-    role_changes = [] if state.shared else _pg_role_changes(lay, state, now, q)
-    changes += role_changes
-
-    missing_roles = [r for r in lay.roles if r not in state.roles]
-    owned_elsewhere = (
-        "; the role does not exist yet: the postgres target creates it (same cluster)"
-        if state.shared
-        else ""
-    )
+    changes: list[Change] = _pg_role_changes(lay, state, now, q)
+    # On the OLTP's cluster, a role the postgres target owns may not exist yet (apply_all applies
+    # that target first; apply refuses if it still does not exist).
+    awaited = [
+        r for r in lay.roles if r not in state.roles and state.shared and r in lay.oltp_roles
+    ]
 
     # The schemas, so grants and default privileges hold before the first sync or build.
     for schema in SCHEMAS:
@@ -506,8 +508,8 @@ def _pg_diff(
     wanted_default: set[tuple[str, str | None, str, str, str]] = set()
     for role in lay.roles:
         why = f"policy role {role} ({lay.where.get(role)})"
-        if role in missing_roles:
-            why += owned_elsewhere
+        if role in awaited:
+            why += "; the role does not exist yet: the postgres target creates it (same cluster)"
         schemas = lay.schemas_of(role)
         if schemas:
             wanted.add(("database", role, "CONNECT"))
@@ -668,11 +670,19 @@ def _same_instant(a: dt.datetime | None, b: dt.datetime | None) -> bool:
 
 
 def _pg_role_changes(lay: Layout, state: _PgState, now: dt.datetime, q) -> list[Change]:
-    """The warehouse's own cluster: its group roles and the policy's login roles."""
+    """The group roles the warehouse needs and the logins of the policy's warehouse users.
+
+    Roles are cluster-wide. On a cluster of its own the warehouse target provisions them all. On
+    the OLTP's cluster it provisions only what the postgres target does not: group roles without
+    `postgres` rules (created NOLOGIN, never altered or dropped) and the logins of users without
+    the postgres store; a user of that kind holding a role with `postgres` rules is refused, since
+    the membership would open the OLTP database to them too."""
     from psycopg import sql
 
     changes = []
     for role in lay.roles:
+        if state.shared and role in lay.oltp_roles:
+            continue
         if role not in state.roles:
             changes.append(
                 _change(
@@ -680,11 +690,24 @@ def _pg_role_changes(lay: Layout, state: _PgState, now: dt.datetime, q) -> list[
                     role,
                     f"role {role}",
                     q(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role))),
-                    f"policy role {role} (a group role: its members log in)",
+                    f"policy role {role} ({lay.where[role]}): a group role, its members log in",
                 )
             )
+    users = lay.users
+    if state.shared:
+        users = tuple(u for u in users if u.name not in lay.oltp_users)
+        problems = [
+            f"{lay.where[u.name]}: user {u.name}: provisioned in the warehouse only, but role(s) "
+            f"{', '.join(sorted(set(u.roles) & lay.oltp_roles))} also grant OLTP access and the "
+            "warehouse shares the OLTP's PostgreSQL cluster (roles are cluster-wide): add "
+            "postgres to the user's stores, or give them warehouse-only roles"
+            for u in users
+            if set(u.roles) & lay.oltp_roles
+        ]
+        if problems:
+            raise PolicyError("\n  ".join(["access policy: warehouse target refuses", *problems]))
     policy_roles = set(lay.policy_roles)
-    for user in lay.users:
+    for user in users:
         name = sql.Identifier(user.name)
         current = state.roles.get(user.name)
         active = user.active(now)
@@ -778,7 +801,8 @@ def _pg_role_changes(lay: Layout, state: _PgState, now: dt.datetime, q) -> list[
 def _postgres_apply(settings: Settings, changes: list[Change]) -> None:
     with _pg_connect(settings) as conn:
         if shares_oltp_cluster(settings, conn):
-            grantees = {c.principal for c in changes if c.principal != "public"}
+            created = {c.principal for c in changes if c.action == "create_role"}
+            grantees = {c.principal for c in changes if c.principal != "public"} - created
             present = {
                 r[0]
                 for r in conn.execute(
@@ -825,17 +849,17 @@ def _postgres_expired(
     settings: Settings, policy: Policy, now: dt.datetime
 ) -> list[tuple[ExpiredAccess, list[str]]]:
     """Policy users provisioned in the warehouse whose end passed and whose login role can still
-    log in or still holds a policy role. On the OLTP's cluster those login roles are the postgres
-    target's (it reports and revokes them); this target then reports nothing of its own."""
+    log in or still holds a policy role. On the OLTP's cluster the logins of users with the
+    postgres store are the postgres target's (it reports and revokes them), not this target's."""
     from psycopg import sql
 
     lay = layout(settings, policy)
     with _pg_connect(settings) as conn:
         state = _pg_read(settings, conn, lay)
-        if state.shared:
-            return []
         found = []
         for user in lay.users:
+            if state.shared and user.name in lay.oltp_users:
+                continue
             current = state.roles.get(user.name)
             if user.active(now) or current is None or user.until is None:
                 continue
