@@ -13,6 +13,7 @@ import pytest
 from psycopg import sql
 from typer.testing import CliRunner
 
+from stripe_platform.audit import access_log
 from stripe_platform.cli import app as cli_app
 from stripe_platform.config import get_settings
 from stripe_platform.oltp import db, partitions
@@ -128,6 +129,14 @@ def test_a_policy_change_plans_the_statements_apply_runs(pg, conn, tmp_path):
     password = applied[0].secret
     assert password and len(password) >= 24 and all(c.secret is None for c in applied[1:])
     assert password not in repr(applied[0])
+    # The password reaches no log: the server gets a SCRAM verifier, the access log the statements.
+    events = [e for e in access_log.events(pg) if e.action == "access.apply"]
+    assert events and events[-1].outcome == "allow" and events[-1].user
+    logs = [
+        *access_log.log_dir(pg).glob("*"),
+        *db.embedded_cluster(pg).status().audit_log_dir.glob("*"),
+    ]
+    assert logs and not any(password in p.read_text() for p in logs)
     assert access_postgres.plan(pg, policy, now()) == []
     (valid_until,) = conn.execute(
         "SELECT rolvaliduntil FROM pg_roles WHERE rolname = 'jane.contractor'"
