@@ -183,19 +183,17 @@ def acs_url(settings: Settings) -> str:
 
 @dataclass(frozen=True)
 class ServiceProvider:
-    """pysaml2's SP configuration for ``settings``, with the one IdP it trusts."""
+    """pysaml2's SP configuration for ``settings``, with the one IdP it trusts, and its client.
+
+    One client per configuration, shared by the requests: making one loads the SP's RSA key
+    (~0.3 s of key checks). Its calls keep their state in per-call objects; the one thing it would
+    keep, each identity it parsed, it is told to forget (:func:`_forgetful_cache`)."""
 
     entity_id: str
     acs_url: str
     idp_entity_id: str | None  # None: no IdP configured (the SP metadata can still be served)
     config: SPConfig
-
-    def client(self) -> Any:
-        """A pysaml2 client for one login step. A fresh one each time: a client remembers every
-        identity it parsed (memory grows with logins) and is not meant to be shared by threads."""
-        from saml2.client import Saml2Client
-
-        return Saml2Client(self.config)
+    client: Any  # saml2.client.Saml2Client
 
     def require_idp(self) -> str:
         if self.idp_entity_id is None:
@@ -239,6 +237,7 @@ def service_provider(settings: Settings) -> ServiceProvider:
 
 def _build(settings: Settings, source: str | None) -> ServiceProvider:
     from saml2 import BINDING_HTTP_POST
+    from saml2.client import Saml2Client
     from saml2.config import SPConfig
     from saml2.saml import NAMEID_FORMAT_UNSPECIFIED
     from saml2.xmldsig import DIGEST_SHA256, SIG_RSA_SHA256
@@ -292,7 +291,20 @@ def _build(settings: Settings, source: str | None) -> ServiceProvider:
                 f"({', '.join(idps) or 'none'}): give the metadata of exactly one"
             )
         idp = idps[0]
-    return ServiceProvider(entity_id(settings), acs_url(settings), idp, config)
+    client = Saml2Client(config, identity_cache=_forgetful_cache())
+    return ServiceProvider(entity_id(settings), acs_url(settings), idp, config, client)
+
+
+def _forgetful_cache() -> Any:
+    """An identity cache for pysaml2's client that keeps nothing: the client would otherwise keep
+    every user's attributes for as long as the process lives; the session is ours to keep."""
+    from saml2.cache import Cache
+
+    class Forgetful(Cache):
+        def set(self, name_id: Any, entity_id: Any, info: Any, not_on_or_after: Any = 0) -> None:
+            return None
+
+    return Forgetful()
 
 
 def _idp_metadata(settings: Settings, source: str) -> str:
@@ -370,7 +382,7 @@ def start_login(
     provider = service_provider(settings)
     idp = provider.require_idp()
     try:
-        request_id, info = provider.client().prepare_for_authenticate(
+        request_id, info = provider.client.prepare_for_authenticate(
             entityid=idp,
             binding=BINDING_HTTP_REDIRECT,
             sigalg=SIG_RSA_SHA256,
@@ -382,7 +394,7 @@ def start_login(
             f"its metadata is needed): {exc}"
         ) from None
     location = dict(info["headers"])["Location"]
-    with _transaction(settings) as conn:
+    with _connection(settings) as conn, conn.transaction():
         _purge(conn)
         conn.execute(
             """INSERT INTO access.saml_request (request_id, next_path, browser_sha256, source_ip,
@@ -414,16 +426,31 @@ class Login:
 
 def finish_login(settings: Settings, saml_response: str, *, browser_token: str | None) -> Login:
     """Validate the posted SAMLResponse (base64) and consume it; :class:`SamlError` says why not."""
-    from saml2 import BINDING_HTTP_POST
-
     provider = service_provider(settings)
     idp = provider.require_idp()
     encoded = _compact(saml_response)
     request_id = _in_response_to(encoded)
-    next_path = _outstanding(settings, request_id, browser_token)
-    client = provider.client()
+    with _connection(settings) as conn:
+        next_path = _outstanding(conn, request_id, browser_token)
+        login, expires = _validate(provider, idp, encoded, request_id, next_path, settings)
+        _consume(conn, request_id, login.assertion_id, login.issuer, login.user, expires)
+    return login
+
+
+def _validate(
+    provider: ServiceProvider,
+    idp: str,
+    encoded: str,
+    request_id: str,
+    next_path: str,
+    settings: Settings,
+) -> tuple[Login, dt.datetime]:
+    """The login the response vouches for (pysaml2's checks, then ours), and until when its
+    assertion could be accepted."""
+    from saml2 import BINDING_HTTP_POST
+
     try:
-        response = client.parse_authn_request_response(
+        response = provider.client.parse_authn_request_response(
             encoded, BINDING_HTTP_POST, outstanding={request_id: next_path}
         )
     except Exception as exc:  # pysaml2 raises its own classes and bare Exceptions alike
@@ -453,13 +480,12 @@ def finish_login(settings: Settings, saml_response: str, *, browser_token: str |
         )
     if not assertion.id:
         raise SamlError("invalid", "the assertion has no ID", user=user)
-    groups = _groups(response, settings.saml_groups_attribute)
     session_index = None
     if assertion.authn_statement:
         session_index = assertion.authn_statement[0].session_index
-    expires = _assertion_expiry(assertion)
-    _consume(settings, request_id, assertion.id, issuer, user, expires)
-    return Login(user, groups, next_path, issuer, assertion.id, request_id, session_index)
+    groups = _groups(response, settings.saml_groups_attribute)
+    login = Login(user, groups, next_path, issuer, assertion.id, request_id, session_index)
+    return login, _assertion_expiry(assertion)
 
 
 def _compact(saml_response: str) -> str:
@@ -498,15 +524,14 @@ def _in_response_to(encoded: str) -> str:
     return request_id
 
 
-def _outstanding(settings: Settings, request_id: str, browser_token: str | None) -> str:
+def _outstanding(conn: psycopg.Connection, request_id: str, browser_token: str | None) -> str:
     """The request's next path, if it is ours, unanswered, unexpired and this browser's."""
-    with _transaction(settings) as conn:
-        row = conn.execute(
-            """SELECT next_path, browser_sha256, answered_at IS NOT NULL,
-                      expires_at <= clock_timestamp()
-               FROM access.saml_request WHERE request_id = %s""",
-            (request_id,),
-        ).fetchone()
+    row = conn.execute(
+        """SELECT next_path, browser_sha256, answered_at IS NOT NULL,
+                  expires_at <= clock_timestamp()
+           FROM access.saml_request WHERE request_id = %s""",
+        (request_id,),
+    ).fetchone()
     if row is None:
         raise SamlError(
             "unsolicited", f"the response answers {_short(request_id)}, which is no request of ours"
@@ -530,7 +555,7 @@ def _outstanding(settings: Settings, request_id: str, browser_token: str | None)
 
 
 def _consume(
-    settings: Settings,
+    conn: psycopg.Connection,
     request_id: str,
     assertion_id: str,
     issuer: str,
@@ -539,7 +564,7 @@ def _consume(
 ) -> None:
     """Mark the request answered and the assertion used, together; a second use of either (two
     posts racing, a replay) finds them taken and is refused."""
-    with _transaction(settings) as conn:
+    with conn.transaction():
         answered = conn.execute(
             """UPDATE access.saml_request
                SET answered_at = clock_timestamp(), assertion_id = %s
@@ -647,14 +672,15 @@ def _short(identifier: str) -> str:
 
 # -- the replay cache's storage -------------------------------------------------------------------
 @contextlib.contextmanager
-def _transaction(settings: Settings) -> Iterator[psycopg.Connection]:
-    """One transaction on the OLTP database (unkeyed: no personal data here)."""
+def _connection(settings: Settings) -> Iterator[psycopg.Connection]:
+    """An autocommit connection to the OLTP database (unkeyed: no personal data here); the
+    writes that go together take a transaction of their own."""
     import psycopg
 
     from stripe_platform.oltp import db
 
     try:
-        with db.connect(settings, with_key=False) as conn, conn.transaction():
+        with db.connect(settings, with_key=False, autocommit=True) as conn:
             yield conn
     except psycopg.errors.UndefinedTable as exc:
         raise SamlNotConfigured(
