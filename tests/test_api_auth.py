@@ -334,6 +334,22 @@ def test_the_policy_decides_at_request_time(server):
     assert server.score(scorer).status_code == 503
 
 
+def test_a_database_connection_dropped_meanwhile_fails_no_request(server):
+    s = server.settings
+    token = server.token("scorer", ["fraud_service"])
+    assert server.score(token).status_code == 503  # through auth: pooled connections now idle
+    with db.connect(s, autocommit=True) as conn:  # what a database restart does to them
+        (dropped,) = conn.execute(
+            """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+               WHERE datname = current_database() AND pid <> pg_backend_pid()
+                 AND state = 'idle' AND query LIKE '%%access.api_%%'"""
+        ).fetchone()
+    assert dropped >= 1
+    sessions.forget_cached()
+    response = server.score(token)
+    assert response.status_code == 503 and "no model to score with" in response.text
+
+
 # -- sessions --------------------------------------------------------------------------------------
 def test_session_cookie_works_until_revoked_and_roles_follow_the_policy(server):
     s = server.settings
@@ -474,6 +490,7 @@ def cli(server, monkeypatch):
 
 
 def test_cli_issues_lists_and_revokes_tokens(server, cli):
+    since = dt.datetime.now(dt.UTC)
     issued = cli("issue", "--user", "scorer", "--days", "7", "--json")
     assert issued.exit_code == 0, issued.output
     token = json.loads(issued.stdout)
@@ -522,6 +539,16 @@ def test_cli_issues_lists_and_revokes_tokens(server, cli):
     assert missing.exit_code == 1 and "no API token 'tok_000000000000'" in missing.output
     listed = json.loads(cli("list", "--json").stdout)
     assert next(t for t in listed if t["token_id"] == token["token_id"])["state"] == "revoked"
+    # Issuing and revoking are administrative events of the access log (never the secret).
+    admin = [
+        (e.action, e.resource)
+        for e in access_log.events(server.settings, since=since)
+        if e.origin == "api" and e.kind == "admin"
+    ]
+    assert ("token.issue", f"api/token/{token['token_id']}") in admin
+    assert admin.count(("token.revoke", f"api/token/{token['token_id']}")) == 1  # not twice
+    text = "".join(p.read_text() for p in access_log.log_dir(server.settings).glob("*"))
+    assert token["secret"] not in text
 
 
 # -- the API target of `access plan|apply|expired|revoke-expired` ----------------------------------

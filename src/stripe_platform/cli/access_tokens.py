@@ -9,7 +9,6 @@ once, whatever the token says. The secret is printed once; only its SHA-256 dige
 from __future__ import annotations
 
 import datetime as dt
-import getpass
 from typing import Annotated
 
 import typer
@@ -20,6 +19,7 @@ from stripe_platform.cli.access import access_app
 from stripe_platform.cli.common import command, console, err, settings
 from stripe_platform.errors import PlatformError
 from stripe_platform.security import sessions
+from stripe_platform.security.access import operator
 from stripe_platform.security.policy import Policy, User, load_policy
 
 DEFAULT_DAYS = 30  # a token without --expires/--days (never past the user's `until`)
@@ -36,13 +36,6 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON document on s
 
 class TokenRefused(PlatformError, ValueError):
     """A token cannot be issued as asked; the message says why and where in the policy."""
-
-
-def _actor() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (a container's arbitrary uid)
-        return "unknown"
 
 
 def _state(token: sessions.TokenInfo, now: dt.datetime) -> str:
@@ -147,7 +140,7 @@ def token_issue(
             "token everywhere"
         )
     expires_at = _expiry(entry, policy, expires, days, now)
-    by = _actor()
+    by, source = operator()
     token_id, secret = sessions.issue_token(
         s, user=entry.name, roles=roles, expires_at=expires_at, created_by=by
     )
@@ -155,7 +148,8 @@ def token_issue(
         s,
         kind="admin",
         user=by,
-        source="cli",
+        source=source,
+        via="cli",
         resource=f"api/token/{token_id}",
         action="token.issue",
         outcome="allow",
@@ -230,7 +224,7 @@ def token_revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Revoke a token now (another API process sees it within a few seconds)."""
-    s, by = settings(), _actor()
+    s, (by, source) = settings(), operator()
     before = sessions.get_token(s, token_id)
     token = sessions.revoke_token(s, token_id, by=by, reason="revoked with the CLI")
     already = before is not None and before.revoked_at is not None
@@ -239,7 +233,8 @@ def token_revoke(
             s,
             kind="admin",
             user=by,
-            source="cli",
+            source=source,
+            via="cli",
             resource=f"api/token/{token_id}",
             action="token.revoke",
             outcome="allow",

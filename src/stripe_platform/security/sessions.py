@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import secrets
 import threading
 import time
@@ -165,6 +166,10 @@ def create_session(
     if not user:
         raise ValueError("a session needs a user")
     token = secrets.token_urlsafe(32)
+    try:  # a test client's "testclient", a proxy's odd value: not an address, not kept
+        source_ip = None if source_ip is None else str(ipaddress.ip_address(source_ip))
+    except ValueError:
+        source_ip = None
     with _connection(settings) as conn:
         conn.execute(
             """INSERT INTO access.api_session (session_id, user_name, roles, idp_groups, via,
@@ -191,12 +196,12 @@ def lookup_session(settings: Settings, token: str) -> SessionInfo | None:
     cached = _cache.get(key)
     if isinstance(cached, SessionInfo):
         return cached
-    with _connection(settings) as conn:
-        row = conn.execute(
-            f"""UPDATE access.api_session SET last_seen_at = clock_timestamp()
-                WHERE session_id = %s RETURNING {_SESSION_COLUMNS}""",
-            (key,),
-        ).fetchone()
+    row = _lookup(
+        settings,
+        f"""UPDATE access.api_session SET last_seen_at = clock_timestamp()
+            WHERE session_id = %s RETURNING {_SESSION_COLUMNS}""",
+        (key,),
+    )
     if row is None:
         return None
     info = _session(row)
@@ -332,12 +337,12 @@ def lookup_token(settings: Settings, secret: str) -> TokenInfo | None:
     cached = _cache.get(key)
     if isinstance(cached, TokenInfo):
         return cached
-    with _connection(settings) as conn:
-        row = conn.execute(
-            f"""UPDATE access.api_token SET last_used_at = clock_timestamp()
-                WHERE secret_sha256 = %s RETURNING {_BEARER_COLUMNS}""",
-            (key,),
-        ).fetchone()
+    row = _lookup(
+        settings,
+        f"""UPDATE access.api_token SET last_used_at = clock_timestamp()
+            WHERE secret_sha256 = %s RETURNING {_BEARER_COLUMNS}""",
+        (key,),
+    )
     if row is None:
         return None
     info = _token(row)
@@ -468,6 +473,10 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection]:
         ) from None
     except psycopg.OperationalError as exc:
         _discard(conn)
+        with _idle_lock:  # after a server restart the idle ones are dead too
+            stale, pool[:] = list(pool), []
+        for other in stale:
+            _discard(other)
         raise CredentialStoreError(
             f"the API's sessions and tokens are unreachable: {exc}"
         ) from None
@@ -480,6 +489,19 @@ def _connection(settings: Settings) -> Iterator[psycopg.Connection]:
                 pool.append(conn)
                 conn = None
         _discard(conn)
+
+
+def _lookup(settings: Settings, query: str, params: tuple) -> tuple | None:
+    """The first row of an idempotent statement; tried twice when the connection fails (a pooled
+    connection the server dropped meanwhile, a restart): a request should not fail for that."""
+    try:
+        with _connection(settings) as conn:
+            return conn.execute(query, params).fetchone()
+    except CredentialStoreError as exc:
+        if not isinstance(exc.__context__, psycopg.OperationalError):
+            raise
+    with _connection(settings) as conn:
+        return conn.execute(query, params).fetchone()
 
 
 def _discard(conn: psycopg.Connection | None) -> None:
