@@ -42,7 +42,7 @@ from saml2.saml import NAMEID_FORMAT_UNSPECIFIED, NameID
 from saml2.server import Server
 from saml2.sigver import pre_signature_part
 from saml2.time_util import instant
-from saml2.xmldsig import DIGEST_SHA256, SIG_RSA_SHA256
+from saml2.xmldsig import DIGEST_SHA1, DIGEST_SHA256, SIG_RSA_SHA1, SIG_RSA_SHA256
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
@@ -56,6 +56,7 @@ DEFECTS = (
     "unsigned",  # neither the assertion nor the response signed
     "response_signed_only",  # the response signed, the assertion inside not
     "foreign_key",  # signed by a key that is not the IdP's (same issuer name)
+    "sha1",  # signed by the IdP with rsa-sha1 and a sha1 digest (pysaml2's default)
     "expired",  # NotOnOrAfter an hour ago, signed by the IdP
     "wrong_audience",  # for another service provider, signed by the IdP
     "tampered",  # signed by the IdP, then a group added
@@ -312,6 +313,10 @@ class TestIdP:
             xml = self.respond(pending, user, groups, sign_assertion=False, sign_response=True)
         elif defect == "foreign_key":
             xml = self.signed_edit(pending, user, groups, None, key=self.foreign_key_file)
+        elif defect == "sha1":
+            xml = self.signed_edit(
+                pending, user, groups, None, algorithms=(SIG_RSA_SHA1, DIGEST_SHA1)
+            )
         elif defect == "tampered":
             signed = self.respond(pending, user, groups, sign_response=False)
             marker = f">{groups[0]}<"
@@ -329,8 +334,10 @@ class TestIdP:
         edit: Callable[[Any, Any], None] | None,
         *,
         key: Path | None = None,
+        algorithms: tuple[str, str] = (SIG_RSA_SHA256, DIGEST_SHA256),
     ) -> str:
-        """An unsigned response, edited, then its assertion signed with ``key`` (the IdP's)."""
+        """An unsigned response, edited, then its assertion signed with ``key`` (the IdP's) and
+        ``algorithms`` (signature, digest)."""
         assert self.server is not None
         xml = self.respond(pending, user, groups, sign_assertion=False, sign_response=False)
         response = samlp.response_from_string(xml)
@@ -340,9 +347,8 @@ class TestIdP:
         key_file = key or self.key_file
         cert_file = self.foreign_cert_file if key is not None else self.cert_file
         cert = "".join(cert_file.read_text().strip().splitlines()[1:-1])
-        assertion.signature = pre_signature_part(
-            assertion.id, cert, 1, DIGEST_SHA256, SIG_RSA_SHA256
-        )
+        signing, digest = algorithms
+        assertion.signature = pre_signature_part(assertion.id, cert, 1, digest, signing)
         return self.server.sec.sign_statement(
             str(response), class_name(assertion), key_file=str(key_file), node_id=assertion.id
         )

@@ -243,6 +243,7 @@ DEFECTS = {
     "response_signed_only": "signature",
     "foreign_key": "signature",
     "tampered": "signature",
+    "sha1": "weak_signature",
     "expired": "expired",
     "wrong_audience": "audience",
     "unsolicited": "unsolicited",

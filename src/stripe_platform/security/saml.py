@@ -7,8 +7,9 @@ What a login is (api/sso.py serves it over HTTP):
    afterwards and a digest of the browser's own random cookie are stored in PostgreSQL
    (``access.saml_request``, sql/oltp/0018) for :data:`REQUEST_SECONDS`.
 2. :func:`finish_login`: the IdP's answer, posted by the browser (HTTP-POST binding). Accepted only
-   when pysaml2 validated it: the assertion signed (rsa-sha256 or better) by the key in the IdP's
-   metadata, issued by that IdP, for this SP (audience), within its validity window
+   when pysaml2 validated it: the assertion signed by the key in the IdP's metadata (and with
+   SHA-256 or stronger: xmlsec1 still accepts SHA-1), issued by that IdP, for this SP (audience),
+   within its validity window
    (NotBefore/NotOnOrAfter, :data:`CLOCK_SKEW_SECONDS` of slack), in response to an AuthnRequest of
    ours still outstanding and sent to this browser, and never accepted before (the request is
    marked answered and the assertion id recorded in ``access.saml_assertion``, in one
@@ -65,6 +66,20 @@ CERT_VALIDITY = dt.timedelta(days=3650)  # SAML signing certificates are pinned,
 
 # pysaml2 logs the refused assertion or response in full at ERROR: our refusal says why instead.
 logging.getLogger("saml2").setLevel(logging.CRITICAL)
+
+# What an IdP signature may use: SHA-1 (pysaml2's default, and xmlsec1 still verifies it) is out.
+STRONG_SIGNATURES = frozenset(
+    f"http://www.w3.org/2001/04/xmldsig-more#{name}"
+    for name in ("rsa-sha256", "rsa-sha384", "rsa-sha512", "ecdsa-sha256", "ecdsa-sha384",
+                 "ecdsa-sha512")
+)  # fmt: skip
+STRONG_DIGESTS = frozenset(
+    {
+        "http://www.w3.org/2001/04/xmlenc#sha256",
+        "http://www.w3.org/2001/04/xmldsig-more#sha384",
+        "http://www.w3.org/2001/04/xmlenc#sha512",
+    }
+)
 
 _PROTOCOL_NS = "urn:oasis:names:tc:SAML:2.0:protocol"
 _NEXT_PATH = re.compile(r"^/(?![/\\])[\x21-\x7e]*$")
@@ -459,6 +474,7 @@ def _validate(
         raise _no_response(encoded, provider.acs_url)
 
     assertion = response.assertion
+    _strong_signatures(response.response, assertion)
     issuer = (response.issuer() or "").strip()
     asserted_by = (assertion.issuer.text or "").strip() if assertion.issuer is not None else ""
     # The metadata holds one IdP (checked when it is loaded); the issuer must be it, said outright.
@@ -587,6 +603,27 @@ def _consume(
         if fresh is None:
             raise SamlError(
                 "replayed", f"the assertion {_short(assertion_id)} was used already", user=user
+            )
+
+
+def _strong_signatures(*signed: Any) -> None:
+    """Every signature present (the assertion's is, pysaml2 made sure) uses SHA-2."""
+    for element in signed:
+        signature = element.signature
+        if signature is None:
+            continue
+        info = signature.signed_info
+        method = info.signature_method.algorithm if info.signature_method else None
+        digests = {r.digest_method.algorithm for r in info.reference if r.digest_method}
+        weak = digests - STRONG_DIGESTS
+        if method not in STRONG_SIGNATURES:
+            weak.add(str(method))
+        if weak or not digests:
+            used = ", ".join(sorted(weak)) or "no digest"
+            raise SamlError(
+                "weak_signature",
+                f"the {type(element).__name__} is signed with {used}: SHA-256 or stronger is "
+                "required (set the IdP's signature and digest algorithms)",
             )
 
 
