@@ -89,6 +89,15 @@ def test_the_default_policy_matches_a_freshly_migrated_database(settings):
             # Partitions created afterwards (default privileges, then the narrowing) match too.
             partitions.maintain(conn, today=dt.date.today(), months_ahead=2, retention_months=36)
             assert access_postgres.plan(s, policy, now()) == []
+            # Partitions past retention, moved to `archive`, keep nothing the policy does not
+            # give there (developer and readonlyuser read them in `public`, not in `archive`).
+            five_years_ago = dt.date.today() - dt.timedelta(days=5 * 365)
+            partitions.maintain(conn, today=five_years_ago, months_ahead=1, retention_months=2)
+            report = partitions.maintain(
+                conn, today=dt.date.today(), months_ahead=2, retention_months=36
+            )
+            assert report.archived
+            assert access_postgres.plan(s, policy, now()) == []
     finally:
         with db.connect(settings, database="postgres", autocommit=True) as admin:
             admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -121,9 +121,37 @@ def maintain(
                     conn.execute(
                         sql.SQL("ALTER TABLE {} SET SCHEMA archive").format(sql.Identifier(name))
                     )
+                    _restrict_archived(conn, name)
                     report.archived.append(f"archive.{name}")
         conn.execute("SELECT apply_column_privileges()")
     return report
+
+
+def _restrict_archived(conn: psycopg.Connection, name: str) -> None:
+    """An archived partition keeps the privileges it had in ``public``: take them from every role
+    the access policy does not let into ``archive`` (no USAGE on the schema; PUBLIC included), so
+    archiving never leaves drift for `access plan` (docs/access.md)."""
+    grantees = conn.execute(
+        """WITH acl AS (  -- the table's privileges and its columns' (the narrowing's)
+               SELECT c.relowner, (aclexplode(c.relacl)).grantee FROM pg_class c WHERE c.oid = %(t)s::regclass
+               UNION
+               SELECT c.relowner, (aclexplode(a.attacl)).grantee
+               FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid WHERE c.oid = %(t)s::regclass)
+           SELECT DISTINCT CASE WHEN grantee = 0 THEN 'PUBLIC'
+                                ELSE (SELECT rolname FROM pg_roles WHERE oid = grantee) END
+           FROM acl
+           WHERE grantee <> relowner
+             AND (grantee = 0 OR NOT has_schema_privilege(grantee, 'archive', 'USAGE'))""",
+        {"t": f"archive.{name}"},
+    ).fetchall()
+    for (grantee,) in grantees:
+        conn.execute(
+            sql.SQL("REVOKE ALL ON {}.{} FROM {}").format(
+                sql.Identifier("archive"),
+                sql.Identifier(name),
+                sql.SQL("PUBLIC") if grantee == "PUBLIC" else sql.Identifier(grantee),
+            )
+        )
 
 
 def row_counts(conn: psycopg.Connection) -> list[tuple[str, int]]:
