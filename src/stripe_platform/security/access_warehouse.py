@@ -81,7 +81,7 @@ class WarehouseAccessError(PlatformError, RuntimeError):
 
 
 def exposed_classes(settings: Settings) -> dict[str, frozenset[str]]:
-    """The restricted classes each policy schema shows in clear (from the classification catalog)."""
+    """The restricted classes each policy schema shows in clear (the classification catalog's)."""
     from stripe_platform.governance.classification import PROTECTED, RESTRICTED, load_catalog
 
     catalog = load_catalog()
@@ -202,6 +202,7 @@ def plan(settings: Settings, policy: Policy, now: dt.datetime) -> list[Change]:
     """What differs between the policy and the configured warehouse, with what makes it match."""
     backend = settings.warehouse_backend
     if backend == "duckdb":
+        layout(settings, policy)  # a contradictory policy is refused whatever the backend
         return duckdb_plan(settings)
     if backend == "postgres":
         return postgres_plan(settings, policy, now)
@@ -600,7 +601,8 @@ def _pg_diff(
                 grantee,
                 obj,
                 q(_pg_revoke(state.database, obj, privileges, grantee)),
-                f"{grantee} holds {', '.join(privileges)} on {obj}, which the policy does not grant",
+                f"{grantee} holds {', '.join(privileges)} on {obj}, which the policy does not "
+                "grant",
             )
         )
     extra_default: dict[tuple[str, str | None, str, str], list[str]] = defaultdict(list)
@@ -1035,8 +1037,7 @@ class SnowflakeState:
     )  # type -> body, of the policies that exist
 
 
-def _sf_facts(settings: Settings, policy: Policy, now: dt.datetime) -> list[_Fact]:
-    lay = layout(settings, policy)
+def _sf_facts(settings: Settings, policy: Policy, now: dt.datetime, lay: Layout) -> list[_Fact]:
     database = _sf_name(settings.snowflake_database)
     warehouse = _sf_name(settings.snowflake_warehouse) if settings.snowflake_warehouse else None
     facts: list[_Fact] = []
@@ -1216,7 +1217,7 @@ def snowflake_statements(settings: Settings, policy: Policy, now: dt.datetime) -
     snowflake-sql` prints; :func:`snowflake_plan` keeps those not already true."""
     return [
         _change(f.action, f.principal, f.object, f.statement, f.reason)
-        for f in _sf_facts(settings, policy, now)
+        for f in _sf_facts(settings, policy, now, layout(settings, policy))
     ]
 
 
@@ -1225,13 +1226,13 @@ def snowflake_diff(
 ) -> list[Change]:
     """The statements not yet true in ``state``, then the revocations of what policy roles and
     users hold in the platform's database beyond the policy."""
-    facts = _sf_facts(settings, policy, now)
+    lay = layout(settings, policy)
+    facts = _sf_facts(settings, policy, now, lay)
     changes = [
         _change(f.action, f.principal, f.object, f.statement, f.reason)
         for f in facts
         if not f.held(state)
     ]
-    lay = layout(settings, policy)
     database = _sf_name(settings.snowflake_database)
     warehouse = _sf_name(settings.snowflake_warehouse) if settings.snowflake_warehouse else None
     wanted: dict[str, set[tuple[str, str, str]]] = defaultdict(set)
