@@ -268,6 +268,31 @@ def test_a_defective_response_is_refused_logged_and_opens_no_session(sso, new_br
     assert [e.outcome for e in denied] == ["deny"]
 
 
+BOMB = (
+    '<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;">]>'
+    '<samlp:Response xmlns:samlp="urn:oasis:names:tc:SAML:2.0:protocol" InResponseTo="x">&b;'
+    "</samlp:Response>"
+)
+
+
+@pytest.mark.parametrize(
+    ("posted", "message"),
+    [
+        ("", "no SAMLResponse in the post"),
+        ("not base64 at all!", "not base64"),
+        (base64.b64encode(b"<html><body>hello</body></html>").decode(), "not a SAML 2.0 Response"),
+        (base64.b64encode(b"<samlp:Response").decode(), "not well-formed XML"),
+        (base64.b64encode(BOMB.encode()).decode(), "declares DTD entities"),
+        ("A" * (saml.MAX_RESPONSE_BYTES + 4), "larger than"),
+    ],
+)
+def test_what_is_not_a_saml_response_is_a_bad_request(sso, posted, message):
+    refused = httpx.post(f"{sso.url}/saml/acs", data={"SAMLResponse": posted}, verify=sso.ca)
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["detail"]["reason"] == "malformed"
+    assert message in refused.json()["detail"]["message"]
+
+
 def test_a_replayed_response_is_refused_from_any_browser(sso, new_browser):
     since = dt.datetime.now(dt.UTC)
     browser = new_browser()

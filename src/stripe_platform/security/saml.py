@@ -523,11 +523,17 @@ def _in_response_to(encoded: str) -> str:
     from defusedxml.common import DefusedXmlException
 
     try:
-        root = ElementTree.fromstring(base64.b64decode(encoded, validate=True))
+        xml = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise SamlBadRequest("malformed", "the SAMLResponse is not base64") from None
-    except (ElementTree.ParseError, DefusedXmlException):
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
         raise SamlBadRequest("malformed", "the SAMLResponse is not well-formed XML") from None
+    except DefusedXmlException:  # a SAML message needs neither; an entity bomb uses them
+        raise SamlBadRequest(
+            "malformed", "the SAMLResponse declares DTD entities or external references: refused"
+        ) from None
     if root.tag != f"{{{_PROTOCOL_NS}}}Response":
         raise SamlBadRequest("malformed", "the SAMLResponse is not a SAML 2.0 Response")
     request_id = (root.get("InResponseTo") or "").strip()
