@@ -51,6 +51,7 @@ DAG_IDS = {
     "elt_warehouse_daily",
     "cdc_fraud_stream",
     "security_key_rotation",
+    "security_access_review",
 }
 
 

@@ -134,6 +134,10 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
     security(settings, console, step)
     stage_done("security")
 
+    console.rule("[bold]Access: the policy as code applied, expired access detected and revoked")
+    access(settings, console, step)
+    stage_done("access")
+
     console.rule("[bold]The brief's OLAP queries, answered from the marts")
     answer_brief_queries(settings, console)
     stage_done("queries")
@@ -394,6 +398,54 @@ def answer_brief_queries(settings: Settings, console: Console) -> None:
                 rows,
             )
         )
+
+
+DEMO_CONTRACTOR = "demo_contractor"
+
+
+def access(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
+    """The access policy (access/policy.yaml) checked and applied to every target, then a
+    contractor whose end date has passed (a login made by `db grant-temporary` three days ago for
+    one day) found by `access expired` and revoked, as the hourly review DAG does."""
+    from stripe_platform.oltp.access import grant_temporary
+    from stripe_platform.security.access import apply_all, expired_all, plan_all, revoke_expired_all
+    from stripe_platform.security.policy import load_policy
+
+    now = dt.datetime.now(dt.UTC)
+    policy = load_policy(settings)
+    step(
+        f"policy {policy.source.name}: {len(policy.roles)} roles, {len(policy.groups)} IdP "
+        f"groups, {len(policy.users)} users"
+    )
+    drift = plan_all(settings, policy, now)
+    applied = apply_all(settings, policy, now, changes=drift) if drift else []
+    left = plan_all(settings, policy, now)
+    step(
+        f"`access apply`: {len(applied)} statement(s) applied; `access plan` now: "
+        + ("no drift" if not left else f"{len(left)} difference(s) left")
+    )
+
+    with db.connect(settings, autocommit=True) as conn:
+        if not conn.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = %s", (DEMO_CONTRACTOR,)
+        ).fetchone():
+            grant_temporary(
+                conn, DEMO_CONTRACTOR, "readonlyuser", days=1, now=now - dt.timedelta(days=3)
+            )
+    found = expired_all(settings, policy, now)
+    console.print(
+        table(
+            "Access still usable past its end date (`stripe-platform access expired`)",
+            ["target", "principal", "ended", "still usable because"],
+            [[e.target, e.principal, f"{e.ended_at:%Y-%m-%d %H:%M}", e.still] for e in found],
+        )
+    )
+    revoked = revoke_expired_all(settings, policy, now)
+    step(
+        f"`access revoke-expired`: {len(revoked)} revoked "
+        f"({', '.join(sorted({r.principal for r in revoked})) or 'none'}); "
+        f"{len(expired_all(settings, policy, now))} left"
+    )
 
 
 def security(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
