@@ -38,6 +38,17 @@ DESCRIPTION = """The payments platform's API.
   its features computed from the platform's recent payments as the stream scorer computes them.
 - **health**: liveness (`/healthz`) and readiness (`/readyz`: the model serving and the state of
   the online features; 503 until both are there).
+- **sso**: single sign-on through the configured SAML identity provider (`/saml/login`,
+  `/saml/acs`, `/saml/metadata`, `/saml/logout`): a session cookie whose roles come from the access
+  policy (access/policy.yaml) and the IdP's groups.
+- **mfa**: the TOTP second factor (`/v1/auth/mfa/enroll`, `/confirm`, `/verify`): a verified code
+  steps the session up for the policy's window.
+- **customers**: customers masked; their personal data and card numbers in clear and bulk exports
+  only to roles the policy clears for those classes, with a fresh second factor.
+
+Every route but health, sso and the docs needs a bearer token (`stripe-platform access token
+issue`) or an SSO session, and the scope the policy gives the caller's roles; every decision is in
+the access log (`stripe-platform access log`). docs/access.md.
 """
 
 
