@@ -376,6 +376,17 @@ def test_a_response_posted_through_another_browser_is_refused(sso, new_browser):
     assert asked.post(action, data=fields).status_code == 303
 
 
+def test_two_logins_started_in_one_browser_are_both_answered(sso, new_browser):
+    """Two tabs: the second login does not disown the first (one binding cookie per browser)."""
+    browser = new_browser()
+    first = start_login(sso, browser)
+    second = start_login(sso, browser)
+    for page in (second, first):
+        action, fields = log_in_at_idp(sso, browser, page, "tara.tabs", ["engineers"])
+        assert browser.post(action, data=fields).status_code == 303
+    assert len(sessions_of(sso, "tara.tabs")) == 2
+
+
 def test_a_user_whose_groups_map_to_no_role_gets_no_session(sso, new_browser):
     since = dt.datetime.now(dt.UTC)
     browser = new_browser()

@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 router = APIRouter(prefix="/saml", tags=["sso"])
 
 # The cookie that ties the IdP's answer to the browser that asked for the login. The answer is a
-# cross-site POST from the IdP, which carries only SameSite=None cookies; Path limits it to the ACS.
+# cross-site POST from the IdP, which carries only SameSite=None cookies; its path keeps it to the
+# SSO routes (the login reads it too: one value per browser, so two tabs logging in both work).
 BROWSER_COOKIE = "sp_saml_browser"
+BROWSER_COOKIE_PATH = "/saml"
 ACS_PATH = "/saml/acs"
 
 
@@ -111,7 +113,7 @@ def login(
     browser: Annotated[str | None, Cookie(alias=BROWSER_COOKIE)] = None,
 ) -> Response:
     settings = _settings(request)
-    # One random value per browser (kept across logins: two tabs logging in at once both work).
+    # One random value per browser, kept across logins (two tabs logging in at once both work).
     token = browser if browser and len(browser) == 43 else saml.new_browser_token()
     try:
         started = saml.start_login(
@@ -124,7 +126,7 @@ def login(
         BROWSER_COOKIE,
         token,
         max_age=saml.REQUEST_SECONDS,
-        path=ACS_PATH,
+        path=BROWSER_COOKIE_PATH,
         secure=True,
         httponly=True,
         samesite="none",
