@@ -33,6 +33,7 @@ from psycopg import errors, sql
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from stripe_platform.audit import access_log
 from stripe_platform.config import Settings
 from stripe_platform.oltp import db
 from stripe_platform.security import access_warehouse as aw
@@ -362,8 +363,16 @@ def test_a_grant_made_by_hand_is_drift_and_apply_revokes_it(warehouse, settings)
         ]
     )
     assert {c.action for c in drift} == {"revoke", "default_privileges"}
+    started = dt.datetime.now(dt.UTC)
     aw.apply(s, policy, drift)
     assert aw.plan(s, policy, dt.datetime.now(dt.UTC)) == []
+    # The apply is in the access log, with what it changed.
+    (event,) = [
+        e
+        for e in access_log.events(s, since=started, origins=["api"])
+        if e.resource == "access/warehouse/postgres"
+    ]
+    assert (event.kind, event.action, event.outcome) == ("admin", "apply", "allow")
     with member_of(settings, s, "developer") as developer:
         assert refused(developer, "analytics.dim_customer")
 
