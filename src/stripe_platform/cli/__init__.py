@@ -49,6 +49,6 @@ app.add_typer(keys.keys_app, name="keys")
 app.add_typer(tls.tls_app, name="tls")
 app.add_typer(access.access_app, name="access")
 # Their commands register on `access_app` (tokens, MFA, the access log): imported for that.
-from stripe_platform.cli import access_log, access_mfa, access_tokens  # noqa: E402, F401
+from stripe_platform.cli import access_log, access_mfa, access_tokens, access_warehouse  # noqa: E402, F401
 
 __all__ = ["app"]
