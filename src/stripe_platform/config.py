@@ -235,6 +235,25 @@ class Settings(BaseSettings):
         8 * 3600, ge=60, le=7 * 24 * 3600, description="An SSO session's lifetime."
     )
 
+    # Audit trail and monitoring (issue 22: audit/, docs/audit.md) ---------------------------------
+    audit_retention_days: int = Field(
+        365, ge=1, description="How long audit records are kept (PCI-DSS: one year)."
+    )
+    audit_hot_days: int = Field(
+        90,
+        ge=1,
+        description="How long audit records stay immediately available in PostgreSQL (PCI-DSS: "
+        "three months); older ones are in the lake only until the retention ends.",
+    )
+    audit_checkpoint_records: int = Field(
+        10_000, ge=1, description="A signed checkpoint of each stream at least every N records."
+    )
+    audit_lake_object_lock_days: int = Field(
+        365,
+        ge=1,
+        description="prod: the audit lake bucket's Object Lock default retention (compliance mode).",
+    )
+
     pii_key: SecretStr | None = Field(
         None,
         min_length=32,

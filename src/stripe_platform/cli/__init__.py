@@ -14,9 +14,11 @@ import typer
 from stripe_platform.cli import (
     access,
     api,
+    audit,
     bench,
     docstore,
     governance,
+    incidents,
     ingestion,
     kafka,
     keys,
@@ -50,5 +52,9 @@ app.add_typer(tls.tls_app, name="tls")
 app.add_typer(access.access_app, name="access")
 # Their commands register on `access_app` (tokens, MFA, the access log): imported for that.
 from stripe_platform.cli import access_log, access_mfa, access_tokens, access_warehouse  # noqa: E402, F401
+
+app.add_typer(audit.audit_app, name="audit")
+app.add_typer(incidents.incidents_app, name="incidents")
+from stripe_platform.cli import audit_collect, audit_model, audit_rules  # noqa: E402, F401
 
 __all__ = ["app"]
