@@ -67,7 +67,10 @@ def test_the_default_policy_holds_the_briefs_roles_and_grants_as_written():
     assert policy.roles["fraud_service"].api == {"fraud.score"}
     assert policy.roles["analyst"].warehouse == ("marts_masked",)
     assert policy.groups["platform-admins"] == ("admin",)
-    assert policy.users == {}
+    # One machine identity: the checkout scoring payments, on the API only, with no end date.
+    (checkout,) = policy.users.values()
+    assert checkout.name == "checkout-service" and checkout.roles == ("fraud_service",)
+    assert checkout.stores == {"api"} and checkout.until is None
     assert policy.mfa.step_up_seconds == 600 and policy.mfa.max_failures == 5
     assert check_policy(policy, dt.datetime.now(dt.UTC)) == []
 

@@ -319,6 +319,7 @@ def score_over_https(settings: Settings, console: Console, step: Callable[[str],
 
     from stripe_platform.api.models import EXAMPLE_REQUEST
     from stripe_platform.api.server import endpoint
+    from stripe_platform.security import sessions
     from stripe_platform.streaming.supervisor import settings_env
 
     with socket.socket() as probe:
@@ -350,9 +351,29 @@ def score_over_https(settings: Settings, console: Console, step: Callable[[str],
                     )
                 time.sleep(0.2)
             step(f"stripe-platform api ready at {where.url} (OpenAPI at /docs)")
-            started = time.perf_counter()
-            response = client.post("/v1/fraud/score", json=EXAMPLE_REQUEST)
-            millis = (time.perf_counter() - started) * 1000
+            # The checkout's machine identity (access/policy.yaml), a token for this run only.
+            token_id, secret = sessions.issue_token(
+                settings,
+                user=DEMO_API_CLIENT,
+                roles=["fraud_service"],
+                expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(minutes=10),
+                created_by="demo",
+            )
+            try:
+                refused = client.post("/v1/fraud/score", json=EXAMPLE_REQUEST).status_code
+                started = time.perf_counter()
+                response = client.post(
+                    "/v1/fraud/score",
+                    json=EXAMPLE_REQUEST,
+                    headers={"Authorization": f"Bearer {secret}"},
+                )
+                millis = (time.perf_counter() - started) * 1000
+            finally:
+                sessions.revoke_token(settings, token_id)
+            step(
+                f"without a token: {refused}; with {DEMO_API_CLIENT}'s bearer token "
+                f"({token_id}, scope fraud.score, revoked after): {response.status_code}"
+            )
         response.raise_for_status()
         body = response.json()
         model = body["model"]
@@ -401,6 +422,7 @@ def answer_brief_queries(settings: Settings, console: Console) -> None:
 
 
 DEMO_CONTRACTOR = "demo_contractor"
+DEMO_API_CLIENT = "checkout-service"  # access/policy.yaml
 
 
 def access(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
