@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from stripe_platform.cli.common import command, console, err, group, settings
@@ -126,16 +127,25 @@ def access_plan(
 ) -> None:
     """What differs between the policy and the stores, as the statements apply would run.
     Exit 0: nothing differs; 2: something does."""
-    from stripe_platform.security.access import plan_all
+    from stripe_platform.security.access import load_targets, plan_all
 
+    s = settings()
     policy = _policy(policy_file)
-    changes = plan_all(settings(), policy, dt.datetime.now(dt.UTC), target)
+    changes = plan_all(s, policy, dt.datetime.now(dt.UTC), target)
     notes = _notes(target)
+    # What enforces the policy where a store has no grants of its own (e.g. DuckDB): in words.
+    modules, _ = load_targets(target)
+    controls = {m.NAME: m.describe(s, policy) for m in modules if hasattr(m, "describe")}
     if as_json:
-        console.print_json(data={"changes": [c.public() for c in changes], "notes": notes})
+        console.print_json(
+            data={"changes": [c.public() for c in changes], "notes": notes, "controls": controls}
+        )
     else:
         for note in notes:
             err.print(f"note: {note}")
+        for name, lines in controls.items():
+            for line in lines:
+                console.print(f"{name}: {escape(line)}")
         if changes:
             console.print(_changes_table(changes, f"access plan: {len(changes)} change(s)"))
         else:
