@@ -668,9 +668,12 @@ def _classify(conn: psycopg.Connection, stream: str, seq: int) -> tuple[str, str
             (stream, prev_hash),
         ).fetchone()
         written_as = found[0] + 1 if found else None
-    if written_as is not None and written_as != seq:
-        if record_hash(prev_hash, stream, written_as, at, kind, source_key, payload) == stored:
-            return "reordered", f"record at seq {seq} was written as seq {written_as}"
+    if (
+        written_as is not None
+        and written_as != seq
+        and record_hash(prev_hash, stream, written_as, at, kind, source_key, payload) == stored
+    ):
+        return "reordered", f"record at seq {seq} was written as seq {written_as}"
     return "altered", f"record {seq}'s content no longer matches its hash"
 
 

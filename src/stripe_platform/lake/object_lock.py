@@ -111,12 +111,13 @@ def apply(settings: Settings, s3: Any, *, region: str = "us-east-1") -> dict[str
     except s3.exceptions.BucketAlreadyOwnedByYou:
         try:
             enabled = s3.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]
-        except s3.exceptions.ClientError as exc:
-            raise ObjectLockError(
-                f"audit bucket {bucket} exists without Object Lock ({exc}): make a new bucket"
-            ) from exc
+        except s3.exceptions.ClientError:
+            enabled = {}
         if enabled.get("ObjectLockEnabled") != "Enabled":
-            raise ObjectLockError(f"audit bucket {bucket} exists without Object Lock")
+            raise ObjectLockError(
+                f"audit bucket {bucket} exists without Object Lock: make a new bucket (objects "
+                "written before the lock would stay unlocked)"
+            ) from None
     for call in (
         "put_bucket_versioning",
         "put_object_lock_configuration",

@@ -1,0 +1,161 @@
+"""Benchmark: the audit trail, collector and rules (issue 22, docs/audit.md).
+
+    uv run python bench/audit_bench.py [--scale 1] [--runs 3] [--records 1000000] [--output FILE]
+
+One platform home of its own (a temporary one, its own embedded cluster on a free port), one
+database. A section a measure, each a function ``measure_<what>(ctx, args) -> dict`` listed in
+MEASURES; the JSON document has one key a section:
+
+- ``verify`` (W1): ``audit verify`` over ``--records`` records (1,000,000 by default) of one
+  stream, built fast (the hash chain computed here with the trail's own hash function, loaded with
+  COPY, one signed checkpoint at the head), then verified ``--runs`` times. Goal: < 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from psycopg import sql
+
+from stripe_platform.audit import trail
+from stripe_platform.config import Settings, load_settings
+from stripe_platform.oltp import db
+from stripe_platform.oltp.migrate import migrate
+from stripe_platform.runtime import embedded
+
+DATABASE = "audit_bench"
+VERIFY_GOAL_S = 10.0
+
+
+@dataclass
+class Context:
+    settings: Settings  # pointed at DATABASE
+    home: Path
+
+
+# -- verify (W1) -----------------------------------------------------------------------------------
+def build_trail(s: Settings, stream: str, count: int) -> float:
+    """``count`` chained records of ``stream`` (payloads shaped like a collected log statement),
+    COPYed in; returns the seconds it took."""
+    started = time.perf_counter()
+    at0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    prev = trail.ZERO_HASH
+    with db.connect(s, with_key=False) as conn:
+        with conn.cursor().copy(
+            "COPY audit.trail_record (stream, seq, at, kind, source_key, payload, prev_hash, hash) "
+            "FROM STDIN"
+        ) as copy:
+            for seq in range(1, count + 1):
+                at = trail.format_at(at0 + dt.timedelta(milliseconds=37 * seq))
+                source_key = f"postgres:postgresql-2026-01-01.json:{seq * 211}"
+                payload = trail.canonical_payload(
+                    {
+                        "user": f"user_{seq % 97}",
+                        "dbname": "stripe",
+                        "session_id": f"{seq // 50:x}.{seq % 7}",
+                        "error_severity": "LOG",
+                        "message": f"statement: SELECT * FROM customer WHERE id = {seq % 5000}",
+                    }
+                )
+                digest = trail.record_hash(prev, stream, seq, at, "statement", source_key, payload)
+                copy.write_row((stream, seq, at, "statement", source_key, payload, prev, digest))
+                prev = digest
+        conn.execute(
+            "INSERT INTO audit.trail_head (stream, seq, hash) VALUES (%s, %s, %s)",
+            (stream, count, prev),
+        )
+        conn.commit()
+        conn.autocommit = True
+        conn.execute("VACUUM ANALYZE audit.trail_record")
+    trail.checkpoint(s, stream=stream)
+    return time.perf_counter() - started
+
+
+def measure_verify(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    s = ctx.settings
+    build_s = build_trail(s, "postgres", args.records)
+    print(f"verify: {args.records:,} records built and loaded in {build_s:.1f} s", flush=True)
+    seconds = []
+    for run in range(args.runs):
+        started = time.perf_counter()
+        report = trail.verify(s)
+        seconds.append(time.perf_counter() - started)
+        if not report.ok or report.records != args.records:
+            raise RuntimeError(f"verify failed on an untouched trail: {report.as_dict()}")
+        print(f"verify: run {run + 1}: {seconds[-1]:.2f} s", flush=True)
+    median = statistics.median(seconds)
+    return {
+        "records": args.records,
+        "build_seconds": build_s,
+        "seconds": seconds,
+        "median_seconds": median,
+        "records_per_second": args.records / median,
+        "goal_seconds": VERIFY_GOAL_S,
+        "goal_met": median < VERIFY_GOAL_S,
+    }
+
+
+# The sections, in order: W2 (collector) and W3 (rules) add theirs here.
+MEASURES = {"verify": measure_verify}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--records", type=int, default=1_000_000, help="trail records to verify")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(MEASURES)}")
+    parser.add_argument("--home", type=Path, help="platform home (default: a temporary one)")
+    parser.add_argument("--output", type=Path, help="JSON file to write")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.records < 1:
+        parser.error("--runs and --records take at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    chosen = [m.strip() for m in (args.only or ",".join(MEASURES)).split(",") if m.strip()]
+    unknown = set(chosen) - set(MEASURES)
+    if unknown:
+        print(f"--only: unknown {', '.join(sorted(unknown))}; known: {', '.join(MEASURES)}")
+        return 2
+    home = args.home or Path(tempfile.mkdtemp(prefix="stripe-platform-audit-bench-"))
+    home.mkdir(parents=True, exist_ok=True)
+    home.chmod(0o755)  # the cluster runs as an unprivileged OS user under root
+    base = load_settings(home=home, pg_fsync=True, profile="embedded", pg_port=None)
+    embedded.up(base)
+    s = base.model_copy(update={"pg_database": DATABASE})
+    result: dict[str, Any] = {"scale": args.scale, "runs": args.runs}
+    try:
+        with db.connect(base, database="postgres", autocommit=True, with_key=False) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(DATABASE)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+        with db.connect(s, autocommit=True, with_key=False) as conn:
+            migrate(conn)
+        ctx = Context(s, home)
+        for name in chosen:
+            result[name] = MEASURES[name](ctx, args)
+    finally:
+        embedded.down(base)
+        if args.home is None:
+            shutil.rmtree(home, ignore_errors=True)
+    text = json.dumps(result, indent=2, default=str)
+    if args.output:
+        args.output.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
