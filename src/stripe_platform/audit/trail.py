@@ -651,29 +651,32 @@ def _verify_stream(conn: psycopg.Connection, keys: _Keys, stream: str) -> Stream
     return report
 
 
+REORDER_WINDOW = 1000  # how far from its place a moved record is looked for
+
+
 def _classify(conn: psycopg.Connection, stream: str, seq: int) -> tuple[str, str]:
-    """A record whose hash does not match its content: moved from another position (its content
-    hashes right at the seq that follows its prev_hash), or altered."""
+    """A record whose hash does not match its content: moved from another position (its content,
+    unchanged, hashes right at another seq nearby, or at the seq after the record holding its
+    prev_hash), or altered."""
     at, kind, source_key, payload, prev_hash, stored = conn.execute(
         "SELECT at, kind, source_key, payload, prev_hash, hash FROM audit.trail_record "
         "WHERE stream = %s AND seq = %s",
         (stream, seq),
     ).fetchone()
     prev_hash, stored = bytes(prev_hash), bytes(stored)
-    if prev_hash == ZERO_HASH:
-        written_as = 1
-    else:
-        found = conn.execute(
-            "SELECT seq FROM audit.trail_record WHERE stream = %s AND hash = %s LIMIT 1",
-            (stream, prev_hash),
-        ).fetchone()
-        written_as = found[0] + 1 if found else None
-    if (
-        written_as is not None
-        and written_as != seq
-        and record_hash(prev_hash, stream, written_as, at, kind, source_key, payload) == stored
-    ):
-        return "reordered", f"record at seq {seq} was written as seq {written_as}"
+    candidates = list(range(max(1, seq - REORDER_WINDOW), seq + REORDER_WINDOW + 1))
+    found = conn.execute(
+        "SELECT seq FROM audit.trail_record WHERE stream = %s AND hash = %s LIMIT 1",
+        (stream, prev_hash),
+    ).fetchone()
+    if found:
+        candidates.insert(0, found[0] + 1)
+    at_text = format_at(at)
+    for written_as in candidates:
+        if written_as != seq and (
+            record_hash(prev_hash, stream, written_as, at_text, kind, source_key, payload) == stored
+        ):
+            return "reordered", f"record at seq {seq} was written as seq {written_as}"
     return "altered", f"record {seq}'s content no longer matches its hash"
 
 

@@ -106,9 +106,15 @@ def apply(settings: Settings, s3: Any, *, region: str = "us-east-1") -> dict[str
     bucket whose older objects would stay unlocked. Returns the configuration applied."""
     config = bucket_configuration(settings, region=region)
     bucket = config["create_bucket"]["Bucket"]
+    # Looked up first: in us-east-1 CreateBucket on a bucket one already owns succeeds silently.
     try:
+        s3.head_bucket(Bucket=bucket)
+        exists = True
+    except s3.exceptions.ClientError:
+        exists = False
+    if not exists:
         s3.create_bucket(**config["create_bucket"])
-    except s3.exceptions.BucketAlreadyOwnedByYou:
+    else:
         try:
             enabled = s3.get_object_lock_configuration(Bucket=bucket)["ObjectLockConfiguration"]
         except s3.exceptions.ClientError:
@@ -117,7 +123,7 @@ def apply(settings: Settings, s3: Any, *, region: str = "us-east-1") -> dict[str
             raise ObjectLockError(
                 f"audit bucket {bucket} exists without Object Lock: make a new bucket (objects "
                 "written before the lock would stay unlocked)"
-            ) from None
+            )
     for call in (
         "put_bucket_versioning",
         "put_object_lock_configuration",
@@ -142,7 +148,14 @@ def check(settings: Settings, s3: Any) -> list[str]:
         problems.append(f"{bucket}: no Object Lock configuration ({exc})")
     else:
         want = config["put_object_lock_configuration"]["ObjectLockConfiguration"]
-        if lock != want:
+        retention = lock.get("Rule", {}).get("DefaultRetention", {})
+        # Compared field by field: S3 stand-ins report the unused unit too ("Years": 0).
+        if (
+            lock.get("ObjectLockEnabled") != "Enabled"
+            or retention.get("Mode") != "COMPLIANCE"
+            or retention.get("Days") != settings.audit_lake_object_lock_days
+            or retention.get("Years")
+        ):
             problems.append(f"{bucket}: Object Lock is {lock}, not {want}")
     access = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
     if not all(
