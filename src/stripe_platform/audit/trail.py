@@ -696,7 +696,7 @@ def raise_incident(settings: Settings, report: VerifyReport) -> list | None:
         severity="critical",
         title=f"audit trail {bad.stream} failed verification: {bad.why} at seq {bad.seq}",
         user=None,
-        source="trail",
+        source=None,
         at=dt.datetime.now(dt.UTC),
         evidence=(f"trail:{bad.stream}:{bad.seq}",),
         dedup_key=f"audit:trail_verify:{bad.stream}:{bad.seq}:{bad.why}",
