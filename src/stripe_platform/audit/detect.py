@@ -807,7 +807,14 @@ def detect(
         if isinstance(rule.correlation, EventCount):
             findings += _bursts(rule, rule.correlation, matched, current, now)
         elif isinstance(rule.correlation, ValueSumBaseline):
-            findings += _baseline(rule, rule.correlation, matched, current, now)
+            first_seen: dict[tuple[str, ...], dt.date] = {}
+            for doc in everything.values():  # days before a user's first record are unknown
+                seen = _doc_time(doc)
+                if seen is not None:
+                    group = tuple(str(doc.get(g) or "") for g in rule.correlation.group_by)
+                    day = seen.astimezone(dt.UTC).date()
+                    first_seen[group] = min(day, first_seen.get(group, day))
+            findings += _baseline(rule, rule.correlation, matched, current, now, first_seen)
         else:
             findings += _per_day(rule, [m for m in matched if m[1] in current], now)
     findings.sort(key=lambda f: (f.at, f.rule, f.dedup_key))
@@ -897,12 +904,24 @@ def _bursts(
     return out
 
 
+def _doc_time(doc: Mapping) -> dt.datetime | None:
+    lines = doc.get("lines") or [{}]
+    return _when(doc.get("session_start")) or _when(lines[0].get("timestamp"))
+
+
 def _baseline(
-    rule: Rule, corr: ValueSumBaseline, matched: list, current: Mapping, now: dt.datetime
+    rule: Rule,
+    corr: ValueSumBaseline,
+    matched: list,
+    current: Mapping,
+    now: dt.datetime,
+    first_seen: Mapping[tuple[str, ...], dt.date],
 ) -> list[Finding]:
-    """A day's sum of the field per group against the group's previous ``days`` days (days without
-    activity count as 0, days that fired are left out: an attack does not become the baseline):
-    z = (day - mean) / max(stddev, stddev_floor * mean, 1)."""
+    """A day's sum of the field per group against the group's previous ``days`` days: days since
+    the group's first record count (0 when inactive), earlier ones are unknown; with no known day
+    the sum is judged on min_value alone. z = (day - mean) / max(stddev, stddev_floor * mean, 1).
+    A day that fired against an established baseline (a third of ``days`` known) is left out of
+    later baselines: an attack does not become the norm."""
     days: dict[tuple[str, ...], dict[dt.date, list]] = defaultdict(lambda: defaultdict(list))
     for m in matched:
         days[_group(m[2], corr.group_by)][m[0].astimezone(dt.UTC).date()].append(m)
@@ -911,22 +930,23 @@ def _baseline(
         totals = {
             d: sum(e.get(corr.field) or 0 for _, _, e in events) for d, events in per_day.items()
         }
-        fired: set[dt.date] = set()  # an anomalous day is kept out of later days' baselines
+        fired: set[dt.date] = set()
+        start = first_seen.get(group, min(per_day))
         for day in sorted(per_day):
             events = per_day[day]
             value = totals[day]
-            past = [
-                totals.get(d, 0)
-                for k in range(1, corr.days + 1)
-                if (d := day - dt.timedelta(days=k)) not in fired
-            ] or [0]
+            known = [
+                d for k in range(1, corr.days + 1) if (d := day - dt.timedelta(days=k)) >= start
+            ]
+            past = [totals.get(d, 0) for d in known if d not in fired] or [0]
             mean = sum(past) / len(past)
             stddev = math.sqrt(sum((p - mean) ** 2 for p in past) / len(past))
             spread = max(stddev, corr.stddev_floor * mean, 1.0)
             z = (value - mean) / spread
             if value < corr.min_value or z < corr.zscore:
                 continue
-            fired.add(day)
+            if len(known) >= corr.days // 3:
+                fired.add(day)
             if any(doc_id in current for _, doc_id, _ in events):
                 detail = {
                     "group": dict(zip(corr.group_by, group, strict=True)),
