@@ -121,6 +121,37 @@ def test_append_chains_records_idempotently_and_checkpoints(s, sql):
     assert report.ok and report.records == 14 and report.checkpoints == 2
 
 
+def test_append_in_the_callers_transaction_commits_or_rolls_back_with_it(s, sql):
+    # The collector appends and saves its position in one transaction of its own.
+    with db.connect(s, with_key=False) as conn:
+        assert trail.append(s, "postgres", records(3), conn=conn) == 3
+        conn.rollback()
+        assert trail.append(s, "postgres", records(2, start=3), conn=conn) == 2
+        conn.commit()
+    keys = sql.execute("SELECT seq, source_key FROM audit.trail_record ORDER BY seq").fetchall()
+    assert keys == [(1, "postgres:log-3"), (2, "postgres:log-4")]
+    assert trail.verify(s).ok
+
+
+def test_concurrent_appends_to_a_stream_make_one_chain(s, sql):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(
+            pool.map(
+                lambda w: sum(
+                    trail.append(s, "api", records(5, start=w * 100 + b * 5)) for b in range(6)
+                ),
+                range(4),
+            )
+        )
+    assert counts == [30, 30, 30, 30]
+    assert sql.execute(
+        "SELECT min(seq), max(seq), count(*) FROM audit.trail_record"
+    ).fetchone() == (1, 120, 120)
+    assert trail.verify(s).ok
+
+
 def test_bad_input_is_refused(s):
     with pytest.raises(trail.TrailError, match="time zone"):
         trail.append(s, "postgres", [("k", dt.datetime(2026, 1, 1), "x", {})])
@@ -245,6 +276,29 @@ def test_a_truncated_tail_is_caught_by_the_last_signed_checkpoint(sealed, sql):
     )
     bad = problem(sealed)
     assert (bad.seq, bad.why) == (14, "truncated")
+
+
+def test_a_tail_cut_with_its_checkpoints_is_caught_by_the_lake_copy(sealed, sql):
+    trail.export_lake(sealed)
+    # The intruder removes the tail, the checkpoints that pin it, and moves the head back.
+    last = sql.execute(
+        "SELECT hash FROM audit.trail_record WHERE stream = 'postgres' AND seq = 10"
+    ).fetchone()[0]
+    tamper(
+        sql,
+        "DELETE FROM audit.trail_record WHERE stream = 'postgres' AND seq > 10",
+        "DELETE FROM audit.trail_checkpoint WHERE stream = 'postgres'",
+        f"UPDATE audit.trail_head SET seq = 10, hash = '\\x{bytes(last).hex()}' "
+        "WHERE stream = 'postgres'",
+    )
+    assert trail.verify(sealed).ok  # the database alone can no longer tell
+    report = trail.verify(sealed, lake=True)
+    assert not report.ok
+    assert (report.first_bad.stream, report.first_bad.seq, report.first_bad.why) == (
+        "postgres",
+        11,
+        "truncated",
+    )
 
 
 def test_a_forged_checkpoint_signature_is_caught(sealed, sql):

@@ -324,6 +324,10 @@ def append(
 def _append(
     settings: Settings, conn: psycopg.Connection, stream: str, prepared: list[tuple[str, ...]]
 ) -> int:
+    if not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        # Join the caller's transaction: psycopg begins it on a first statement, and then
+        # transaction() below is a savepoint in it (on an idle connection it would commit alone).
+        conn.execute("SELECT 1")
     with conn.transaction():
         conn.execute(
             "INSERT INTO audit.trail_head (stream) VALUES (%s) ON CONFLICT DO NOTHING", (stream,)
@@ -502,20 +506,26 @@ class _Keys:
 
 
 def verify(
-    settings: Settings, *, stream: str | None = None, check_keys: bool = True
+    settings: Settings, *, stream: str | None = None, check_keys: bool = True, lake: bool = False
 ) -> VerifyReport:
     """Prove each stream's chain intact: every hash recomputed, every link and seq in order, the
     start anchored (seq 1, or a signed retention checkpoint), every checkpoint's signature valid
     under an authentic platform key and matching the record it pins, nothing after the head
     missing. ``check_keys=False`` skips the key authenticity check (a verifier without the
-    platform's key store: signatures are still checked against the stored public keys)."""
+    platform's key store: signatures are still checked against the stored public keys).
+    ``lake=True`` also holds each stream to the lake's copy (on prod, an object-locked bucket an
+    intruder with the database cannot touch): the last record exported must still be there with
+    the hash the lake noted, which catches a tail cut together with its checkpoints."""
     import time
 
     started = time.perf_counter()
     with _connect(settings) as conn:
         names = [_check_stream(stream)] if stream else _streams(conn)
         keys = _Keys(settings, conn, check_keys)
-        reports = [_verify_stream(conn, keys, name) for name in names]
+        reports = [
+            _verify_stream(conn, keys, name, _exported(settings, name) if lake else None)
+            for name in names
+        ]
     return VerifyReport(
         ok=all(r.problem is None for r in reports),
         records=sum(r.records for r in reports),
@@ -525,7 +535,9 @@ def verify(
     )
 
 
-def _verify_stream(conn: psycopg.Connection, keys: _Keys, stream: str) -> StreamReport:
+def _verify_stream(
+    conn: psycopg.Connection, keys: _Keys, stream: str, exported: dict[str, Any] | None
+) -> StreamReport:
     report = StreamReport(stream)
     problems: list[BadRecord] = []
 
@@ -638,6 +650,16 @@ def _verify_stream(conn: psycopg.Connection, keys: _Keys, stream: str) -> Stream
             )
             break
         last_good = seq
+    if exported and exported["through_seq"] > anchor:
+        seq, noted = exported["through_seq"], exported["hash"]
+        row = conn.execute(
+            "SELECT hash FROM audit.trail_record WHERE stream = %s AND seq = %s", (stream, seq)
+        ).fetchone()
+        if row is None and (last_seq is None or seq > last_seq):
+            missing = (last_seq or anchor) + 1
+            bad(missing, "truncated", f"records {missing}..{seq} are gone; the lake holds them")
+        elif row is not None and bytes(row[0]).hex() != noted:
+            bad(seq, "altered", f"record {seq} no longer has the hash the lake's copy noted")
     if head_seq > (last_seq or anchor) and not any(p.why == "truncated" for p in problems):
         missing = (last_seq or anchor) + 1
         bad(
@@ -735,11 +757,10 @@ def export_lake(settings: Settings) -> ExportResult:
     ``<audit lake root>/audit/trail/stream=<s>/date=<YYYY-MM-DD>/<first>-<last>.parquet``. Files are
     written once (new records get new files, named by their seq range): an object-locked bucket
     never needs an overwrite. What was exported is remembered per stream in the lake itself
-    (``_exported.json``), so a crash between the write and that note re-exports the same range
-    under the same name."""
+    (``_exported.json``): a crash between a write and that note exports those records again on the
+    next run (a file may then repeat records of another: (stream, seq) is the key)."""
     import pyarrow as pa
-
-    from stripe_platform.lake.writer import _write_parquet
+    import pyarrow.parquet as pq
 
     writer = _lake_writer(settings)
     result = ExportResult(root=writer.uri(writer.base))
@@ -777,27 +798,26 @@ def export_lake(settings: Settings) -> ExportResult:
                     f"{writer.base}/{LAKE_DIR}/stream={stream}/date={day.isoformat()}/"
                     f"{rows[0][0]:012d}-{rows[-1][0]:012d}.parquet"
                 )
-                with writer.reaching(path):
-                    if writer._local:
-                        writer._write_local(
-                            lambda out, t=table: _write_parquet(t, out, writer.compression, None),
-                            path,
-                        )
-                    else:
-                        buffer = pa.BufferOutputStream()
-                        _write_parquet(table, buffer, writer.compression, None)
-                        writer._write_object(buffer.getvalue(), path)
+                buffer = pa.BufferOutputStream()
+                pq.write_table(table, buffer, compression="zstd")
+                writer.put_bytes(path, buffer.getvalue().to_pybytes())  # atomic, private
                 result.files.append(writer.uri(path))
                 result.records += len(rows)
-            last = max(r[0] for rows in by_day.values() for r in rows)
-            writer.put_bytes(state_path, json.dumps({"through_seq": last}).encode())
+            last = max((r for rows in by_day.values() for r in rows), key=lambda r: r[0])
+            note = {"through_seq": last[0], "hash": bytes(last[6]).hex()}
+            writer.put_bytes(state_path, json.dumps(note).encode())
     return result
 
 
-def _exported_through(settings: Settings, stream: str) -> int:
+def _exported(settings: Settings, stream: str) -> dict[str, Any]:
+    """The lake's note of what of ``stream`` it holds: through_seq and that record's hash."""
     writer = _lake_writer(settings)
     state = writer.get_bytes(f"{writer.base}/{LAKE_DIR}/stream={stream}/_exported.json")
-    return json.loads(state)["through_seq"] if state else 0
+    return json.loads(state) if state else {"through_seq": 0, "hash": None}
+
+
+def _exported_through(settings: Settings, stream: str) -> int:
+    return _exported(settings, stream)["through_seq"]
 
 
 def _remove_lake_days(settings: Settings, before: dt.date) -> list[str]:

@@ -29,6 +29,10 @@ def audit_verify(
     stream: Annotated[
         str | None, typer.Option("--stream", help="Only this stream (default: all)")
     ] = None,
+    lake: Annotated[
+        bool,
+        typer.Option("--lake", help="Also hold each stream to the lake's copy (its last record)"),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Prove the trail intact (hashes, order, signed checkpoints); exit 1 naming the first bad
@@ -36,7 +40,7 @@ def audit_verify(
     from stripe_platform.audit import trail
 
     s = settings()
-    report = trail.verify(s, stream=stream)
+    report = trail.verify(s, stream=stream, lake=lake)
     incidents = None if report.ok else trail.raise_incident(s, report)
     if as_json:
         data = report.as_dict()
