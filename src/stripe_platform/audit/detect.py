@@ -30,8 +30,8 @@ import datetime as dt
 import fnmatch
 import functools
 import logging
-import math
 import re
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -917,11 +917,11 @@ def _baseline(
     now: dt.datetime,
     first_seen: Mapping[tuple[str, ...], dt.date],
 ) -> list[Finding]:
-    """A day's sum of the field per group against the group's previous ``days`` days: days since
-    the group's first record count (0 when inactive), earlier ones are unknown; with no known day
-    the sum is judged on min_value alone. z = (day - mean) / max(stddev, stddev_floor * mean, 1).
-    A day that fired against an established baseline (a third of ``days`` known) is left out of
-    later baselines: an attack does not become the norm."""
+    """A day's sum of the field per group against the group's previous ``days`` days (days since
+    the group's first record; 0 when inactive; earlier days are unknown, and with no known day the
+    sum is judged on min_value alone). A robust z-score (median and MAD, so a few earlier attack
+    days do not become the norm): z = (day - median) / max(1.4826 * MAD, stddev_floor * median, 1).
+    """
     days: dict[tuple[str, ...], dict[dt.date, list]] = defaultdict(lambda: defaultdict(list))
     for m in matched:
         days[_group(m[2], corr.group_by)][m[0].astimezone(dt.UTC).date()].append(m)
@@ -930,29 +930,27 @@ def _baseline(
         totals = {
             d: sum(e.get(corr.field) or 0 for _, _, e in events) for d, events in per_day.items()
         }
-        fired: set[dt.date] = set()
         start = first_seen.get(group, min(per_day))
-        for day in sorted(per_day):
-            events = per_day[day]
-            value = totals[day]
-            known = [
-                d for k in range(1, corr.days + 1) if (d := day - dt.timedelta(days=k)) >= start
-            ]
-            past = [totals.get(d, 0) for d in known if d not in fired] or [0]
-            mean = sum(past) / len(past)
-            stddev = math.sqrt(sum((p - mean) ** 2 for p in past) / len(past))
-            spread = max(stddev, corr.stddev_floor * mean, 1.0)
-            z = (value - mean) / spread
-            if value < corr.min_value or z < corr.zscore:
+        for day, events in per_day.items():
+            if not any(doc_id in current for _, doc_id, _ in events):
                 continue
-            if len(known) >= corr.days // 3:
-                fired.add(day)
-            if any(doc_id in current for _, doc_id, _ in events):
+            value = totals[day]
+            past = [
+                totals.get(d, 0)
+                for k in range(1, corr.days + 1)
+                if (d := day - dt.timedelta(days=k)) >= start
+            ] or [0]
+            median = statistics.median(past)
+            mad = statistics.median(abs(p - median) for p in past)
+            spread = max(1.4826 * mad, corr.stddev_floor * median, 1.0)
+            z = (value - median) / spread
+            if value >= corr.min_value and z >= corr.zscore:
                 detail = {
                     "group": dict(zip(corr.group_by, group, strict=True)),
                     corr.field: value,
-                    "baseline_mean": round(mean, 1),
-                    "baseline_stddev": round(stddev, 1),
+                    "baseline_days": len(past),
+                    "baseline_median": median,
+                    "baseline_mad": mad,
                     "zscore": round(z, 2),
                 }
                 out.append(_finding(rule, events, _key(rule, group, day), now, detail))
