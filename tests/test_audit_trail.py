@@ -554,3 +554,20 @@ def test_an_existing_bucket_without_object_lock_is_refused_and_a_drift_is_named(
     )
     problems = object_lock.check(third, s3)
     assert len(problems) == 1 and "GOVERNANCE" in problems[0]
+
+
+def test_a_failed_verify_becomes_a_critical_finding_for_the_incidents(sealed, sql, monkeypatch):
+    import sys
+    import types
+
+    raised = []
+    fake = types.ModuleType("stripe_platform.audit.incidents")
+    fake.raise_findings = lambda settings, findings: raised.extend(findings) or ["incident"]
+    monkeypatch.setitem(sys.modules, "stripe_platform.audit.incidents", fake)
+    assert trail.raise_incident(sealed, trail.verify(sealed)) is None  # intact: nothing raised
+    tamper(sql, "DELETE FROM audit.trail_record WHERE stream = 'postgres' AND seq = 3")
+    assert trail.raise_incident(sealed, trail.verify(sealed)) == ["incident"]
+    (finding,) = raised
+    assert (finding.rule, finding.severity) == ("audit:trail_verify", "critical")
+    assert finding.evidence == ("trail:postgres:3",)
+    assert finding.detail["why"] == "deleted"
