@@ -9,6 +9,9 @@ MEASURES; the JSON document has one key a section:
 - ``verify`` (W1): ``audit verify`` over ``--records`` records (1,000,000 by default) of one
   stream, built fast (the hash chain computed here with the trail's own hash function, loaded with
   COPY, one signed checkpoint at the head), then verified ``--runs`` times. Goal: < 10 s.
+- ``rules`` (W3): the detection rules over the busiest day of the seed's Log documents at
+  ``--scale`` with the 15 days before as history, ``--runs`` times, then over all 90 days once
+  (documents a second, precision/recall/false alerts). Goal: < 10 s for the day.
 """
 
 from __future__ import annotations
@@ -105,8 +108,65 @@ def measure_verify(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- rules (W3) ------------------------------------------------------------------------------------
+RULES_GOAL_S = 10.0
+
+
+def measure_rules(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    """The detection rules (audit/detect.py) over the busiest day of the seed's Log documents at
+    --scale, with the 15 days before as the baselines' history (what the hourly watch reads), then
+    over the whole 90 days at once (throughput). No database: the seeded users are not roles."""
+    import numpy as np
+
+    from stripe_platform.audit import detect
+    from stripe_platform.seed.logs import log_documents
+    from stripe_platform.seed.spec import SeedSpec
+
+    spec = SeedSpec(scale=args.scale, seed=42)
+    docs = list(log_documents(spec, np.random.default_rng([spec.seed, 6])))
+    by_day: dict[dt.date, list[dict]] = {}
+    for d in docs:
+        by_day.setdefault(d["session_start"].date(), []).append(d)
+    day = max(by_day, key=lambda k: len(by_day[k]))
+    history = [d for k, v in by_day.items() if day - dt.timedelta(days=16) <= k < day for d in v]
+    rules = detect.load_rules()
+    context = detect.load_context(ctx.settings, database=False)
+    now = dt.datetime.now(dt.UTC)
+    seconds, findings = [], []
+    for run in range(args.runs):
+        detect._statement_shape.cache_clear()  # each run parses its statements afresh
+        started = time.perf_counter()
+        findings = detect.detect(
+            ctx.settings, by_day[day], now=now, history=history, rules=rules, context=context
+        )
+        seconds.append(time.perf_counter() - started)
+        print(f"rules: run {run + 1}: {seconds[-1]:.3f} s over {len(by_day[day])} documents")
+    started = time.perf_counter()
+    everything = detect.detect(ctx.settings, docs, now=now, rules=rules, context=context)
+    all_s = time.perf_counter() - started
+    quality = detect.evaluate(docs, everything, rules)
+    median = statistics.median(seconds)
+    return {
+        "day": day.isoformat(),
+        "day_documents": len(by_day[day]),
+        "history_documents": len(history),
+        "rules": len(rules),
+        "seconds": seconds,
+        "median_seconds": median,
+        "findings_that_day": len(findings),
+        "all_days_documents": len(docs),
+        "all_days_seconds": all_s,
+        "all_days_documents_per_second": len(docs) / all_s,
+        "precision": quality["overall"]["precision"],
+        "recall": quality["overall"]["recall"],
+        "false_alerts_per_day": quality["false_alerts"]["per_day"],
+        "goal_seconds": RULES_GOAL_S,
+        "goal_met": median < RULES_GOAL_S,
+    }
+
+
 # The sections, in order: W2 (collector) and W3 (rules) add theirs here.
-MEASURES = {"verify": measure_verify}
+MEASURES = {"verify": measure_verify, "rules": measure_rules}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
