@@ -571,3 +571,28 @@ def test_a_failed_verify_becomes_a_critical_finding_for_the_incidents(sealed, sq
     assert (finding.rule, finding.severity) == ("audit:trail_verify", "critical")
     assert finding.evidence == ("trail:postgres:3",)
     assert finding.detail["why"] == "deleted"
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        ("DELETE FROM audit.trail_record WHERE stream = 'postgres' AND seq = 9", (9, "deleted")),
+        ("DELETE FROM audit.trail_record WHERE stream = 'postgres' AND seq = 8", (8, "deleted")),
+        (
+            "UPDATE audit.trail_record SET kind = 'x' WHERE stream = 'postgres' AND seq IN (6, 13)",
+            (6, "altered"),
+        ),
+    ],
+)
+def test_a_long_stream_checked_in_parallel_slices_misses_nothing_at_their_edges(
+    sealed, sql, monkeypatch, statement, expected
+):
+    import os
+
+    # 15 records in slices 1-4, 5-8, 9-12, 13-15 (a real trail slices from 400,000 records).
+    monkeypatch.setattr(trail, "CHAIN_SLICE", 3)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert trail.verify(sealed).ok
+    tamper(sql, statement)
+    bad = problem(sealed)
+    assert (bad.seq, bad.why) == expected

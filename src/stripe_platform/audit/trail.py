@@ -535,6 +535,49 @@ def verify(
     )
 
 
+CHAIN_SLICE = 200_000  # records a worker checks at least: below that, one query is quicker
+_CHAIN_QUERY = (
+    "SELECT seq, prev_seq, hash_ok FROM ("
+    f" SELECT seq, prev_hash, hash = {SQL_HASH} AS hash_ok,"
+    "  lag(seq) OVER w AS prev_seq, lag(hash) OVER w AS prev_stored"
+    "  FROM audit.trail_record WHERE stream = %(stream)s AND seq <= %(hi)s AND seq >= coalesce("
+    "   (SELECT max(seq) FROM audit.trail_record WHERE stream = %(stream)s AND seq < %(lo)s),"
+    "   %(lo)s)"
+    "  WINDOW w AS (ORDER BY seq)) r "
+    "WHERE seq >= %(lo)s AND (NOT hash_ok OR (prev_seq IS NOT NULL"
+    "  AND (seq <> prev_seq + 1 OR prev_hash <> prev_stored))) "
+    "ORDER BY seq LIMIT 1"
+)
+
+
+def _chain_break(
+    settings: Settings, conn: psycopg.Connection, stream: str, first_seq: int, last_seq: int
+) -> tuple | None:
+    """The first record (seq, prev_seq, hash_ok) whose hash, seq or link is wrong, or None. A
+    long stream is checked in slices by parallel sessions (each slice starts from the record
+    before it, so no link between slices goes unchecked): PostgreSQL runs one query on one core."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(os.cpu_count() or 1, 8, max(1, (last_seq - first_seq + 1) // CHAIN_SLICE))
+    if workers == 1:
+        return conn.execute(
+            _CHAIN_QUERY, {"stream": stream, "lo": first_seq, "hi": last_seq}
+        ).fetchone()
+    step = (last_seq - first_seq) // workers + 1
+    slices = [(lo, min(lo + step - 1, last_seq)) for lo in range(first_seq, last_seq + 1, step)]
+
+    def check(bounds: tuple[int, int]) -> tuple | None:
+        with _connect(settings) as own:
+            return own.execute(
+                _CHAIN_QUERY, {"stream": stream, "lo": bounds[0], "hi": bounds[1]}
+            ).fetchone()
+
+    with ThreadPoolExecutor(len(slices)) as pool:
+        found = [r for r in pool.map(check, slices) if r is not None]
+    return min(found, key=lambda r: r[0]) if found else None
+
+
 def _verify_stream(
     conn: psycopg.Connection, keys: _Keys, stream: str, exported: dict[str, Any] | None
 ) -> StreamReport:
@@ -602,16 +645,7 @@ def _verify_stream(
 
     # The chain, in PostgreSQL: the first record whose hash, seq or link is wrong.
     if first_seq is not None:
-        row = conn.execute(
-            "SELECT seq, prev_seq, hash_ok FROM ("
-            f" SELECT seq, prev_hash, hash = {SQL_HASH} AS hash_ok,"
-            "  lag(seq) OVER w AS prev_seq, lag(hash) OVER w AS prev_stored"
-            "  FROM audit.trail_record WHERE stream = %s WINDOW w AS (ORDER BY seq)) r "
-            "WHERE NOT hash_ok OR (prev_seq IS NOT NULL"
-            "  AND (seq <> prev_seq + 1 OR prev_hash <> prev_stored)) "
-            "ORDER BY seq LIMIT 1",
-            (stream,),
-        ).fetchone()
+        row = _chain_break(keys.settings, conn, stream, first_seq, last_seq)
         if row is not None:
             seq, prev_seq, hash_ok = row
             if prev_seq is not None and seq != prev_seq + 1:
