@@ -321,3 +321,75 @@ def test_temporary_grant_past_valid_until_from_postgres(settings, conn) -> None:
     docs = [doc("contractor_zed", after, statement("SELECT * FROM Merchant"))]
     findings = detect(settings, docs, now=after, rules=RULES, context=context)
     assert [f.rule for f in findings] == ["expired_grant"]
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_list_run_evaluate(settings, database, docdb, monkeypatch, request) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from stripe_platform.cli import app
+    from stripe_platform.config import get_settings
+
+    monkeypatch.setenv("STRIPE_PLATFORM_HOME", str(settings.home_dir))
+    monkeypatch.setenv("STRIPE_PLATFORM_PG_DATABASE", database)
+    monkeypatch.setenv("STRIPE_PLATFORM_MONGODB_DATABASE", docdb.name)
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    runner = CliRunner()
+
+    listed = runner.invoke(app, ["audit", "rules", "list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert {r["name"] for r in json.loads(listed.stdout)} == {r.name for r in RULES}
+
+    # In the Log collection: a burst of refused logins 20 minutes ago, an old one (3 hours: out of
+    # the window and of the minutes of history bursts need), tom's daily exports of 10,000 rows
+    # over the 9 days before and 900,000 rows ten minutes ago, and statements without rows.
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    recent = [
+        doc("mallory", now - dt.timedelta(minutes=20, seconds=-5 * k), refused_login("mallory"))
+        for k in range(6)
+    ]
+    old = [
+        doc("admin", now - dt.timedelta(hours=3, seconds=-5 * k), refused_login("admin"))
+        for k in range(6)
+    ]
+    daily = [
+        doc(
+            "tom",
+            now - dt.timedelta(days=k),
+            statement("COPY Merchant TO STDOUT"),
+            exported(10_000),
+        )
+        for k in range(2, 11)
+    ]
+    chatter = [doc("tom", now - dt.timedelta(days=k), statement("SELECT 1")) for k in range(2, 5)]
+    spike = doc(
+        "tom",
+        now - dt.timedelta(minutes=10),
+        statement("COPY Merchant TO STDOUT"),
+        exported(900_000),
+    )
+    docdb["Log"].insert_many([{**d} for d in [*recent, *old, *daily, *chatter, spike]])
+    ran = runner.invoke(app, ["audit", "rules", "run", "--since", "1h", "--no-incidents", "--json"])
+    assert ran.exit_code == 0, ran.output
+    out = json.loads(ran.stdout)
+    assert out["documents"] == 7
+    assert out["history_documents"] == 9  # tom's exports; not the old burst, not the chatter
+    assert out["notes"] == []  # PostgreSQL memberships and temporary grants were read
+    found = {f["rule"]: f for f in out["findings"]}
+    assert set(found) == {"failed_login_burst", "unusual_read_volume"}
+    assert found["failed_login_burst"]["user"] == "mallory"
+    assert sorted(found["failed_login_burst"]["evidence"]) == sorted(d["_id"] for d in recent)
+    assert found["unusual_read_volume"]["evidence"] == [spike["_id"]]
+    assert found["unusual_read_volume"]["detail"]["baseline_median"] == 10_000
+    bad = runner.invoke(app, ["audit", "rules", "run", "--since", "yesterday"])
+    assert bad.exit_code == 1 and "--since 'yesterday'" in bad.output
+
+    evaluated = runner.invoke(app, ["audit", "rules", "evaluate", "--scale", "0.2", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout)
+    assert report["documents"] == 1000 and report["overall"]["precision"] == 1.0

@@ -105,10 +105,19 @@ def rules_run(
     loaded = load_rules(rules)
     now = dt.datetime.now(dt.UTC)
     start = now - _span(since)
-    history_start = start - history_span(loaded)
+    bursts, baselines = history_spans(loaded)
     logs = docstore.connect(s)["Log"]
     docs = list(logs.find({"lines.timestamp": {"$gte": start}}))
-    history = list(logs.find({"lines.timestamp": {"$gte": history_start, "$lt": start}}))
+    # Minutes before the window: every document (a burst cut by the window's start); days before:
+    # only those reporting rows (what the baselines sum), not every statement of two weeks.
+    history = list(logs.find({"lines.timestamp": {"$gte": start - bursts, "$lt": start}}))
+    if baselines > bursts:
+        history += logs.find(
+            {
+                "lines.timestamp": {"$gte": start - baselines, "$lt": start - bursts},
+                "lines.message": {"$regex": "rows: [0-9]"},
+            }
+        )
     context = load_context(s)
     for note in context.notes:
         err.print(f"warning: {note}")
@@ -152,17 +161,18 @@ def rules_run(
     )
 
 
-def history_span(rules: Any) -> dt.timedelta:
-    """How far before the window the rules need documents: baselines' days, bursts' timespans."""
+def history_spans(rules: Any) -> tuple[dt.timedelta, dt.timedelta]:
+    """How far before the window the rules need documents: (bursts' longest timespan, baselines'
+    longest history)."""
     from stripe_platform.audit.detect import EventCount, ValueSumBaseline
 
-    span = dt.timedelta(0)
+    bursts = baselines = dt.timedelta(0)
     for rule in rules:
         if isinstance(rule.correlation, ValueSumBaseline):
-            span = max(span, dt.timedelta(days=rule.correlation.days + 1))
+            baselines = max(baselines, dt.timedelta(days=rule.correlation.days + 1))
         elif isinstance(rule.correlation, EventCount):
-            span = max(span, rule.correlation.timespan)
-    return span
+            bursts = max(bursts, rule.correlation.timespan)
+    return bursts, baselines
 
 
 @command(rules_app, "evaluate")
