@@ -45,9 +45,10 @@ CONTEXT = Context(
 _ids = iter(range(1, 1_000_000))
 
 
-def doc(user: str, at: dt.datetime, *lines: dict, host: str = "10.0.4.7") -> dict:
+def doc(user: str, at: dt.datetime, *lines: dict, host: str = "10.0.4.7", **fields: str) -> dict:
     n = next(_ids)
     return {
+        **fields,
         "_id": f"log{n:06d}",
         "user": user,
         "dbname": "stripe",
@@ -226,6 +227,47 @@ def test_pci_read_by_uncleared_role() -> None:
     assert "pci_read_by_uncleared_role" not in run([cleared, last4])
 
 
+def api_denied(user: str = "") -> dict:
+    # What the collector writes for the API access log's `authn deny` (audit/collector.py).
+    return {
+        "error_severity": "FATAL",
+        "state_code": "28000",
+        "message": "authn deny bearer /v1/fraud/score: invalid_token unknown bearer token",
+    }
+
+
+def test_api_failed_auth_burst() -> None:
+    guesses = [
+        doc(
+            "",
+            at(15, 0) + dt.timedelta(seconds=20 * k),
+            api_denied(),
+            host="203.0.113.9",
+            source="api",
+            dbname="api",
+        )
+        for k in range(8)
+    ]
+    found = run(guesses)["api_failed_auth_burst"]
+    assert len(found) == 1 and len(found[0].evidence) == 8
+    assert found[0].dedup_key == "api_failed_auth_burst:203.0.113.9:2026-11-20"
+    # Near misses: four refusals; eight spread over eight hosts; eight PostgreSQL 28000 lines.
+    four = guesses[:4]
+    spread = [
+        doc("", at(15, 0), api_denied(), host=f"203.0.113.{k}", source="api", dbname="api")
+        for k in range(8)
+    ]
+    postgres = [doc("eve", at(15, 0) + dt.timedelta(seconds=k), api_denied()) for k in range(8)]
+    assert "api_failed_auth_burst" not in run(four + spread + postgres)
+
+
+def test_expired_grant_on_the_api() -> None:
+    request = {"error_severity": "LOG", "message": "POST /v1/fraud/score -> 200"}
+    late = doc("jane", at(11), request, source="api", dbname="api")
+    found = run([late])["expired_grant"]
+    assert found[0].evidence == (late["_id"],)
+
+
 # --- rule files --------------------------------------------------------------------------------
 
 GOOD = (RULES_DIR / "failed_login_burst.yaml").read_text()
@@ -271,6 +313,7 @@ def test_the_packaged_rules_load_and_ship_in_the_wheel(tmp_path: Path) -> None:
         "privilege_change",
         "expired_grant",
         "pci_read_by_uncleared_role",
+        "api_failed_auth_burst",
     }
     # hatch's wheel target takes the package directory whole (files git tracks): build and look.
     root = Path(__file__).resolve().parents[1]
