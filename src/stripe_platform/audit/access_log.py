@@ -667,6 +667,30 @@ def _postgres_event(line: dict) -> AccessEvent | None:
 
 
 _QUOTED = re.compile(r'"(?:[^"]|"")*"')
+# A message that carries a statement's text after its prefix (log_statement, log_duration, the
+# extended protocol's bind/execute/parse lines): the prefix is kept, the text redacted as SQL.
+_STATEMENT_MESSAGE = re.compile(
+    r"^((?:duration: [\d.]+ ms\s+)?(?:statement|(?:execute|bind|parse)(?: fetch from)? [^:]*): )(.*)$",
+    re.DOTALL,
+)
+
+
+def redact_message(message: str, sqlstate: str | None = None, context: str | None = None) -> str:
+    """A jsonlog ``message`` as it may leave the database host (the audit collector's one way to
+    clean it): a statement's literals redacted (:func:`redact_sql`, its prefix kept); a function's
+    RAISE (class P0, or a ``context`` that says "at RAISE": a NOTICE too) reduced to that, as it
+    words its own message, values and all; any other message with its quoted parts hidden (they
+    quote the input)."""
+    if match := _STATEMENT_MESSAGE.match(message):
+        return match.group(1) + redact_sql(match.group(2))
+    if (sqlstate and sqlstate.startswith("P0")) or (context and " at RAISE" in context):
+        return "raised by a function"
+    return _redact_message(message)
+
+
+def pg_time(text: str) -> dt.datetime:
+    """A jsonlog timestamp as an aware datetime (ValueError if it is not one)."""
+    return _pg_time(text)
 
 
 def _redact_message(message: str) -> str:
