@@ -596,3 +596,49 @@ def test_a_long_stream_checked_in_parallel_slices_misses_nothing_at_their_edges(
     tamper(sql, statement)
     bad = problem(sealed)
     assert (bad.seq, bad.why) == expected
+
+
+def test_the_service_role_appends_through_auditadmin_and_other_roles_see_nothing(s, sql):
+    import secrets
+
+    from psycopg import sql as q
+
+    made = []
+
+    def login(role: str) -> psycopg.Connection:
+        user, password = f"w1_{role}_{secrets.token_hex(3)}", secrets.token_urlsafe(12)
+        sql.execute(
+            q.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                q.Identifier(user), q.Literal(password), q.Identifier(role)
+            )
+        )
+        made.append(user)
+        return psycopg.connect(
+            db.conninfo(s, database=s.pg_database, user=user, password=password), autocommit=True
+        )
+
+    try:
+        # A non-superuser member of AuditAdmin (what the platform's service role is on compose
+        # and prod) appends, signs and verifies, but cannot change or remove anything.
+        with login("auditadmin") as svc:
+            assert trail.append(s, "api", records(EVERY), conn=svc) == EVERY
+            assert svc.execute("SELECT count(*) FROM audit.trail_checkpoint").fetchone() == (1,)
+            for statement, error in (
+                ("UPDATE audit.trail_record SET kind = 'x'", psycopg.errors.InsufficientPrivilege),
+                ("DELETE FROM audit.trail_record", psycopg.errors.InsufficientPrivilege),
+                ("TRUNCATE audit.trail_record", psycopg.errors.InsufficientPrivilege),
+                ("DELETE FROM audit.trail_checkpoint", psycopg.errors.InsufficientPrivilege),
+                ("SET session_replication_role = replica", psycopg.errors.InsufficientPrivilege),
+            ):
+                with pytest.raises(error):
+                    svc.execute(statement)
+        with login("admin") as admin:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="schema audit"):
+                admin.execute("SELECT count(*) FROM audit.trail_record")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                admin.execute("SELECT audit.remove_expired('api', 1, now())")
+        assert trail.verify(s).ok
+    finally:
+        for user in made:
+            sql.execute(q.SQL("DROP OWNED BY {}").format(q.Identifier(user)))
+            sql.execute(q.SQL("DROP ROLE {}").format(q.Identifier(user)))
