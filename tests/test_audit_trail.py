@@ -454,6 +454,13 @@ def test_cli_verify_fails_with_exit_1_naming_the_record(sealed, sql, monkeypatch
     ok = runner.invoke(app, ["audit", "verify", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["ok"] is True
+    trail.append(sealed, "api", [("api:3", NOW, "request", {})])
+    signed = runner.invoke(app, ["audit", "checkpoint", "--json"])
+    assert signed.exit_code == 0, signed.output
+    assert [(c["stream"], c["seq"]) for c in json.loads(signed.stdout)] == [("api", 3)]
+    kept = runner.invoke(app, ["audit", "retention", "--json"])
+    assert kept.exit_code == 0, kept.output
+    assert json.loads(kept.stdout)["cuts"] == []  # nothing is 90 days old
     tamper(sql, "DELETE FROM audit.trail_record WHERE stream = 'api' AND seq = 1")
     failed = runner.invoke(app, ["audit", "verify", "--json"])
     assert failed.exit_code == 1
@@ -464,8 +471,12 @@ def test_cli_verify_fails_with_exit_1_naming_the_record(sealed, sql, monkeypatch
         "why": "deleted",
         "detail": data["first_bad"]["detail"],
     }
+    text = runner.invoke(app, ["audit", "verify", "--stream", "api"])
+    assert text.exit_code == 1
+    assert "NOT intact: stream api, seq 1: deleted" in text.output
+    assert runner.invoke(app, ["audit", "verify", "--stream", "postgres"]).exit_code == 0
     exported = runner.invoke(app, ["audit", "export-lake", "--json"])
-    assert exported.exit_code == 0 and json.loads(exported.stdout)["records"] == 16
+    assert exported.exit_code == 0 and json.loads(exported.stdout)["records"] == 1  # the run's
 
 
 # -- the prod audit bucket: Object Lock in COMPLIANCE mode, against moto's S3 ---------------------
