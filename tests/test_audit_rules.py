@@ -436,3 +436,61 @@ def test_cli_list_run_evaluate(settings, database, docdb, monkeypatch, request) 
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
     assert report["documents"] == 1000 and report["overall"]["precision"] == 1.0
+
+
+# --- end to end: real PostgreSQL logs, shipped by the collector -----------------------------------
+
+
+def test_rules_on_real_postgres_logs_through_the_collector(settings, database, docdb) -> None:
+    """Real logins and statements on the session's cluster, its jsonlog shipped into the Log
+    collection by audit/collector.py, the rules over what it wrote."""
+    import psycopg
+
+    from stripe_platform.audit import collector
+    from stripe_platform.oltp import access, db
+
+    s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
+    with db.connect(s, autocommit=True) as c:
+        c.execute("CREATE ROLE rules_dev LOGIN PASSWORD 'Right-pass-1' IN ROLE developer")
+        c.execute("GRANT SELECT ON customer TO rules_dev")  # a privilege change, logged
+        # A contractor whose temporary access ended yesterday.
+        _, password = access.grant_temporary(
+            c,
+            "rules_contractor",
+            "readonlyuser",
+            days=1,
+            now=dt.datetime.now(dt.UTC) - dt.timedelta(days=2),
+        )
+    base = db.conninfo(s, database=database, with_key=False) + " host=127.0.0.1"
+    attempts = [("rules_dev", "wrong-password")] * 4 + [("rules_contractor", password)]
+    for user, secret in attempts:
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(f"{base} user={user} password={secret}").close()
+    with (
+        psycopg.connect(f"{base} user=rules_dev password=Right-pass-1", autocommit=True) as c,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        c.execute("SELECT pan FROM paymentinstrument")  # card data, refused: still a finding
+    collector.collect(s)
+
+    docs = list(docdb["Log"].find({}))
+    with db.connect(s, autocommit=True) as c:
+        context = load_context(s, conn=c)
+    assert context.roles["rules_dev"] >= {"developer"}
+    findings = detect(s, docs, now=dt.datetime.now(dt.UTC), rules=RULES, context=context)
+    found = {(f.rule, f.user) for f in findings}
+    assert ("failed_login_burst", "rules_dev") in found
+    assert ("pci_read_by_uncleared_role", "rules_dev") in found
+    assert ("expired_grant", "rules_contractor") in found
+    (grant_doc,) = [
+        d["_id"]
+        for d in docs
+        if any(
+            ln["message"] == "statement: GRANT SELECT ON customer TO rules_dev" for ln in d["lines"]
+        )
+    ]
+    assert any(f.rule == "privilege_change" and grant_doc in f.evidence for f in findings)
+    burst = next(f for f in findings if f.rule == "failed_login_burst" and f.user == "rules_dev")
+    assert len(burst.evidence) == 4 and burst.source == "127.0.0.1"
+    # Secrets never reach the findings: the collector redacted them, the rules add none.
+    assert "Right-pass-1" not in repr(findings) and password not in repr(findings)
