@@ -20,7 +20,7 @@ test: bootstrap
 
 # Every benchmark (bench/run_all.py), embedded profile: bench/results/<date>.json and .md, table printed.
 # Scale 1 unless SCALE is given (`make bench SCALE=0.1`); RUNS measured runs after a warm-up;
-# ONLY=seed,ingest,transform,mongo,demo,fault,ml,api,stream picks some. Never part of `make test`.
+# ONLY=seed,ingest,transform,mongo,demo,fault,ml,api,stream,security,audit picks some. Never part of `make test`.
 RUNS ?= 3
 bench: bootstrap
 	$(UV) run --frozen stripe-platform bench --runs $(RUNS) \
