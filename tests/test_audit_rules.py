@@ -436,6 +436,13 @@ def test_cli_list_run_evaluate(settings, database, docdb, monkeypatch, request) 
     assert evaluated.exit_code == 0, evaluated.output
     report = json.loads(evaluated.stdout)
     assert report["documents"] == 1000 and report["overall"]["precision"] == 1.0
+    split = runner.invoke(
+        app, ["audit", "rules", "evaluate", "--scale", "0.2", "--test-days", "30", "--json"]
+    )
+    assert split.exit_code == 0, split.output
+    held_back = json.loads(split.stdout)
+    assert held_back["test_days"] == 30 and 0 < held_back["documents"] < 500
+    assert held_back["days"] <= 31
 
 
 # --- end to end: real PostgreSQL logs, shipped by the collector -----------------------------------

@@ -809,7 +809,7 @@ def detect(
         elif isinstance(rule.correlation, ValueSumBaseline):
             first_seen: dict[tuple[str, ...], dt.date] = {}
             for doc in everything.values():  # days before a user's first record are unknown
-                seen = _doc_time(doc)
+                seen = doc_time(doc)
                 if seen is not None:
                     group = tuple(str(doc.get(g) or "") for g in rule.correlation.group_by)
                     day = seen.astimezone(dt.UTC).date()
@@ -904,7 +904,8 @@ def _bursts(
     return out
 
 
-def _doc_time(doc: Mapping) -> dt.datetime | None:
+def doc_time(doc: Mapping) -> dt.datetime | None:
+    """When a Log document starts: its session start, else its first line."""
     lines = doc.get("lines") or [{}]
     return _when(doc.get("session_start")) or _when(lines[0].get("timestamp"))
 

@@ -183,12 +183,21 @@ def rules_evaluate(
         bool,
         typer.Option("--from-store", help="Read the seeded Log collection instead of generating"),
     ] = False,
+    test_days: Annotated[
+        int | None,
+        typer.Option(
+            "--test-days",
+            min=1,
+            help="Score only the last N days (the earlier ones are the baselines' history): the "
+            "time split the log model is held to",
+        ),
+    ] = None,
     rules: RulesOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Precision and recall of the rules on the seed's planted log anomalies (docs/seed.md), per
     rule and overall, and the false alerts per day of normal activity."""
-    from stripe_platform.audit.detect import detect, evaluate, load_context, load_rules
+    from stripe_platform.audit.detect import detect, doc_time, evaluate, load_context, load_rules
 
     s = settings()
     loaded = load_rules(rules)
@@ -209,7 +218,15 @@ def rules_evaluate(
     # The seeded users are not PostgreSQL roles: the policy file is the whole context.
     context = load_context(s, database=False)
     now = dt.datetime.now(dt.UTC)
-    report = evaluate(docs, detect(s, docs, now=now, rules=loaded, context=context), loaded)
+    history: list = []
+    if test_days is not None:
+        times = [t for d in docs if (t := doc_time(d)) is not None]
+        cut = max(times) - dt.timedelta(days=test_days)
+        history = [d for d in docs if (doc_time(d) or cut) < cut]
+        docs = [d for d in docs if (doc_time(d) or cut) >= cut]
+    findings = detect(s, docs, now=now, history=history, rules=loaded, context=context)
+    report = evaluate(docs, findings, loaded)
+    report["test_days"] = test_days
     if as_json:
         console.print_json(data=report)
         return
