@@ -165,8 +165,127 @@ def measure_rules(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- collect (W2) ----------------------------------------------------------------------------------
+def write_logs(directory: Path, lines: int, day: int = 7) -> dict[str, Path]:
+    """Synthetic logs shaped like the platform's: PostgreSQL jsonlog sessions (connection, a few
+    statements with literals, an error now and then, disconnection) for 4/5 of ``lines``, the
+    API's access log (three events a request) for the rest."""
+    import random
+
+    rng = random.Random(7)
+    pg_dir, api_dir = directory / "pg", directory / "api"
+    pg_dir.mkdir(parents=True)
+    api_dir.mkdir(parents=True)
+    t0 = dt.datetime(2026, 12, 7, 8, tzinfo=dt.UTC)
+    pg_lines, n, session = [], 0, 0
+    while n < lines * 4 // 5:
+        session += 1
+        pid = 1000 + session % 50000
+        sid = f"6754{session:04x}.{pid:x}"
+        base = {"user": f"user_{session % 40}", "dbname": "stripe", "pid": pid,
+                "remote_host": f"10.0.{session % 7}.{session % 250}", "session_id": sid,
+                "session_start": (t0 + dt.timedelta(seconds=session)).strftime("%Y-%m-%d %H:%M:%S UTC"),
+                "application_name": "psql", "backend_type": "client backend"}  # fmt: skip
+        messages = ["connection authorized: user=x database=stripe"]
+        for q in range(rng.randint(2, 8)):
+            messages.append(f"statement: SELECT * FROM customer WHERE id = {rng.randint(1, 10**6)}"
+                            f" AND email = 'user{q}@example.com'")  # fmt: skip
+        messages.append("disconnection: session time: 0:00:01.000 user=x")
+        for k, message in enumerate(messages):
+            when = t0 + dt.timedelta(seconds=session, milliseconds=k)
+            line = {"timestamp": when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC", **base,
+                    "error_severity": "LOG", "state_code": "00000", "message": message}  # fmt: skip
+            pg_lines.append(json.dumps(line, separators=(",", ":")))
+            n += 1
+    (pg_dir / f"postgresql-2026-12-{day:02d}.json").write_text("\n".join(pg_lines) + "\n")
+    api_lines = []
+    for i in range(lines - n):
+        when = t0 + dt.timedelta(milliseconds=10 * i)
+        api_lines.append(json.dumps({
+            "time": when.isoformat(timespec="microseconds"), "v": 1,
+            "kind": "request" if i % 3 == 2 else "authz", "user": f"api_user_{i % 30}",
+            "source": "10.9.0.1", "resource": "/customers/12", "action": "GET",
+            "outcome": "allow", "request_id": f"{i // 3:016x}", "pid": 4242,
+            "detail": {"status": 200}}, separators=(",", ":")))  # fmt: skip
+    (api_dir / f"api-2026-12-{day:02d}.jsonl").write_text("\n".join(api_lines) + "\n")
+    return {"postgres": pg_dir, "api": api_dir}
+
+
+def read_raw(paths: list[Path], parse: bool) -> int:
+    """The floor: every line of the files read (and, with ``parse``, decoded as JSON)."""
+    count = 0
+    for path in paths:
+        with path.open("rb") as f:
+            for line in f:
+                if parse:
+                    json.loads(line)
+                count += 1
+    return count
+
+
+def measure_collect(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
+    """``audit collect`` over --collect-lines synthetic log lines (each run: files of another day,
+    so new trail records; the collector's state reset; a new document database and lake): lines/s
+    into Log, the trail and the lake, beside the floor of reading the same files raw (lines only,
+    then lines parsed as JSON)."""
+    from stripe_platform.audit import collector
+    from stripe_platform.docstore import client as docstore
+
+    lines = args.collect_lines
+    directory = ctx.home / "collect-bench"
+    shutil.rmtree(directory, ignore_errors=True)
+    raw_s, parsed_s, runs = [], [], []
+    for run in range(args.runs):
+        dirs = write_logs(directory / f"run{run}", lines, day=1 + run)
+        sources = [
+            collector.LogSource("postgres", dirs["postgres"], "postgresql-*.json"),
+            collector.LogSource("api", dirs["api"], "api-*.jsonl"),
+        ]
+        files = [p for d in dirs.values() for p in sorted(d.iterdir())]
+        size = sum(p.stat().st_size for p in files)
+        started = time.perf_counter()
+        assert read_raw(files, parse=False) == lines
+        raw_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        read_raw(files, parse=True)
+        parsed_s.append(time.perf_counter() - started)
+        s = ctx.settings.model_copy(
+            update={
+                "mongodb_database": f"collect_bench_{run}",
+                "lake_uri": str(directory / f"lake{run}"),
+            }
+        )
+        with db.connect(s, autocommit=True, with_key=False) as conn:
+            for table in ("collector_file", "collector_source", "collector_session"):
+                conn.execute(f"DELETE FROM audit.{table}")
+        started = time.perf_counter()
+        result = collector.collect(s, log_sources=sources)
+        seconds = time.perf_counter() - started
+        if result.lines_read != lines or result.quarantined:
+            raise RuntimeError(f"collect read {result.as_dict()}, expected {lines} good lines")
+        runs.append({**result.as_dict(), "wall_seconds": seconds})
+        print(f"collect: run {run + 1}: {lines / seconds:,.0f} lines/s "
+              f"({result.documents_written} documents, {result.trail_records} trail records "
+              f"written), raw read {lines / raw_s[-1]:,.0f} lines/s, "
+              f"raw + JSON {lines / parsed_s[-1]:,.0f} lines/s", flush=True)  # fmt: skip
+        database = docstore.connect(s)
+        database.client.drop_database(database.name)
+        database.client.close()
+    median = statistics.median(r["wall_seconds"] for r in runs)
+    return {
+        "lines": lines,
+        "bytes": size,
+        "runs": runs,
+        "median_seconds": median,
+        "lines_per_second": lines / median,
+        "megabytes_per_second": size / median / 1e6,
+        "raw_read_lines_per_second": lines / statistics.median(raw_s),
+        "raw_json_lines_per_second": lines / statistics.median(parsed_s),
+    }
+
+
 # The sections, in order: W2 (collector) and W3 (rules) add theirs here.
-MEASURES = {"verify": measure_verify, "rules": measure_rules}
+MEASURES = {"verify": measure_verify, "rules": measure_rules, "collect": measure_collect}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -174,6 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--records", type=int, default=1_000_000, help="trail records to verify")
+    parser.add_argument(
+        "--collect-lines", type=int, default=100_000, help="log lines the collector reads"
+    )
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(MEASURES)}")
     parser.add_argument("--home", type=Path, help="platform home (default: a temporary one)")
     parser.add_argument("--output", type=Path, help="JSON file to write")
