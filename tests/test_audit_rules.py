@@ -227,6 +227,26 @@ def test_pci_read_by_uncleared_role() -> None:
     assert "pci_read_by_uncleared_role" not in run([cleared, last4])
 
 
+def test_bulk_export_uncleared() -> None:
+    exports = [
+        doc("dave", at(22), statement("COPY Customer TO STDOUT")),
+        doc(
+            "dave",
+            at(22, 5),
+            statement("COPY (SELECT * FROM PaymentInstrument) TO STDOUT WITH CSV"),
+        ),
+    ]
+    found = run(exports)["bulk_export_uncleared"]
+    assert len(found) == 1 and len(found[0].evidence) == 2
+    # Near misses: an admin (cleared) exporting; a table without restricted columns; an import.
+    near = [
+        doc("carol", at(22), statement("COPY Customer TO STDOUT")),
+        doc("dave", at(22), statement("COPY Merchant TO STDOUT")),
+        doc("dave", at(22), statement("COPY Customer (Email) FROM STDIN")),
+    ]
+    assert "bulk_export_uncleared" not in run(near)
+
+
 def api_denied(user: str = "") -> dict:
     # What the collector writes for the API access log's `authn deny` (audit/collector.py).
     return {
@@ -314,6 +334,7 @@ def test_the_packaged_rules_load_and_ship_in_the_wheel(tmp_path: Path) -> None:
         "expired_grant",
         "pci_read_by_uncleared_role",
         "api_failed_auth_burst",
+        "bulk_export_uncleared",
     }
     # hatch's wheel target takes the package directory whole (files git tracks): build and look.
     root = Path(__file__).resolve().parents[1]
@@ -342,7 +363,8 @@ def test_quality_floor_on_seeded_logs(settings) -> None:
     report = evaluate(docs, findings, RULES)
     overall = report["overall"]
     assert overall["anomalies"] == sum(d["isAnomaly"] for d in docs) > 50
-    # Measured at seeds 7 and 42, scale 1: precision 1.0, recall 1.0; scale 0.2: recall 0.9.
+    # Measured (scale 1): seed 7 P 0.990 R 1.0, seed 42 P 1.0 R 1.0, seed 3 P 1.0 R 0.99; no false
+    # alert in 90 days. Scale 0.2, seed 42: R 0.9 (a tail burst of two failed logins).
     assert overall["precision"] >= 0.95
     assert overall["recall"] >= 0.95
     for kind, recall in report["recall_by_type"].items():
