@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def test_grouping_rotation_and_truncation(cs, docdb, tmp_path):
     assert collector.collect(cs, log_sources=src).lines_read == 0
 
 
-def test_bad_input_quarantined_as_read(cs, docdb, tmp_path):
+def test_bad_input_quarantined_as_read(cs, docdb, tmp_path, monkeypatch):
     api_dir, pg_dir = tmp_path / "api", tmp_path / "pg"
     api_dir.mkdir()
     pg_dir.mkdir()
@@ -283,14 +284,19 @@ def test_bad_input_quarantined_as_read(cs, docdb, tmp_path):
     (api_dir / "api-2026-12-07.jsonl").write_text(
         api_line(30, "r1") + json.dumps({"time": "yesterday", "kind": "x"}) + "\n"
     )
+    # An older file, rotated away, whose last line was never finished (the writer died): once it
+    # is older than ORPHAN_TAIL_AGE (here at once) it is quarantined, not waited for forever.
+    orphan = api_line(21, "r0")[:50]
+    (api_dir / "api-2026-12-06.jsonl").write_text(api_line(20, "r0") + orphan)
+    monkeypatch.setattr(collector, "ORPHAN_TAIL_AGE", -1)
     result = collector.collect(cs, log_sources=src)
     assert result.quarantined == {
-        "truncated": 1,
+        "truncated": 2,
         "corrupt": 2,
         "unknown_format": 3,
         "clock_backwards": 1,
     }
-    assert result.lines_read == 10 and result.trail_records == 3  # the half line waits
+    assert result.lines_read == 12 and result.trail_records == 4  # the last half line waits
     with db.connect(cs, with_key=False, autocommit=True) as conn:
         kept = {
             bytes(line): reason
@@ -304,6 +310,7 @@ def test_bad_input_quarantined_as_read(cs, docdb, tmp_path):
         array.encode(): "unknown_format",
         backwards.encode(): "clock_backwards",
         (json.dumps({"time": "yesterday", "kind": "x"}) + "\n").encode(): "unknown_format",
+        orphan.encode(): "truncated",
     }
     statements = sorted(
         ln["message"] for d in docdb["Log"].find({"source": "postgres"}) for ln in d["lines"]
@@ -316,6 +323,46 @@ def test_bad_input_quarantined_as_read(cs, docdb, tmp_path):
     assert (again.lines_read, again.trail_records, again.quarantined) == (1, 1, {})
     assert collector.quarantine(cs)[0]["reason"] in {"truncated", "corrupt", "unknown_format",
                                                      "clock_backwards"}  # fmt: skip
+
+
+def test_follow_collects_as_lines_come_until_stopped(cs, tmp_path):
+    api_dir = tmp_path / "api"
+    api_dir.mkdir()
+    path = api_dir / "api-2026-12-07.jsonl"
+    path.write_text(api_line(1, "a"))
+    src = [collector.LogSource("api", api_dir, "api-*.jsonl")]
+    stop, passes, failed = threading.Event(), [], []
+
+    def follow() -> None:
+        try:
+            collector.collect(
+                cs, until_idle=False, interval=0.1, log_sources=src, stop=stop,
+                on_pass=passes.append,
+            )  # fmt: skip
+        except Exception as exc:  # reported below, in the test's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=follow)
+    thread.start()
+    try:
+        _wait(lambda: len(trail_keys(cs, "api")) == 1)
+        with path.open("a") as f:
+            f.write(api_line(2, "b"))
+        _wait(lambda: len(trail_keys(cs, "api")) == 2)
+        with pytest.raises(collector.CollectorBusy, match="another collector is running"):
+            collector.collect(cs, log_sources=src)  # one collector a database at a time
+    finally:
+        stop.set()
+        thread.join(15)
+    assert not thread.is_alive() and not failed
+    assert sum(p.lines_read for p in passes) == 2 and len(passes) >= 2
+
+
+def _wait(condition, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 # -- kill -9 mid-run, then resume ------------------------------------------------------------------
