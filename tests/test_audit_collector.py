@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
 from stripe_platform.audit import access_log, collector
 from stripe_platform.oltp import db
@@ -356,6 +357,29 @@ def test_follow_collects_as_lines_come_until_stopped(cs, tmp_path):
         thread.join(15)
     assert not thread.is_alive() and not failed
     assert sum(p.lines_read for p in passes) == 2 and len(passes) >= 2
+
+
+def test_cli_prints_counts_and_refuses_a_bad_log_dir(cs, tmp_path, monkeypatch, request):
+    from stripe_platform.cli import app
+    from stripe_platform.config import get_settings
+
+    api_dir = tmp_path / "api"
+    api_dir.mkdir()
+    (api_dir / "api-2026-12-07.jsonl").write_text(api_line(1, "a") + "not json\n")
+    for name, value in {
+        "PROFILE": cs.profile, "HOME": str(cs.home_dir), "PG_DATABASE": cs.pg_database,
+        "MONGODB_DATABASE": cs.mongodb_database, "LAKE_URI": cs.lake_root,
+    }.items():  # fmt: skip
+        monkeypatch.setenv(f"STRIPE_PLATFORM_{name}", value)
+    get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)
+    runner = CliRunner()
+    done = runner.invoke(app, ["audit", "collect", "--log-dir", f"api={api_dir}"])
+    assert done.exit_code == 0, done.output
+    assert "2 lines read" in done.output and "1 Log documents written" in done.output
+    assert "1 quarantined (1 corrupt)" in done.output
+    refused = runner.invoke(app, ["audit", "collect", "--log-dir", f"mysql={api_dir}"])
+    assert refused.exit_code == 1 and "expected SOURCE=DIRECTORY" in refused.output
 
 
 def _wait(condition, timeout: float = 15) -> None:
