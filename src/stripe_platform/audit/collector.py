@@ -95,6 +95,7 @@ _SESSION_LINE = re.compile(
 _DOCUMENT_SERVER = (ferretdb.ROLE, ferretdb.BACKEND_DATABASE)
 _FAILURE = frozenset({"ERROR", "FATAL", "PANIC"})
 _SESSION_ID = re.compile(rb'"session_id":\s*"([^"]*)"')  # read before parsing: its state is loaded
+DUPLICATE_KEY = 11000  # MongoDB's (and FerretDB's) error code of an _id already taken
 _SQLSTATE = re.compile(r"^[0-9A-Z]{5}$")
 
 __all__ = ["CollectResult", "CollectorBusy", "CollectorError", "LogSource", "collect", "sources"]
@@ -730,9 +731,13 @@ def _line_order(line: dict[str, Any]) -> tuple:
 
 
 def _write_documents(collection: Any, parsed: list[_Parsed]) -> int:
-    """Upsert the batch's Log documents, each merged with its stored lines by source_key; returns
-    how many were new or changed."""
+    """Write the batch's Log documents; returns how many were new or changed. Each is inserted
+    (one statement a batch on FerretDB, which filters ``$in`` by reading the whole table, and
+    costs a statement per updated document); one whose ``_id`` is taken (a session or request
+    that began in an earlier batch, or a batch written again after a crash) is read back by
+    ``_id``, merged with it by line source_key and replaced, unless it holds nothing new."""
     from pymongo import ReplaceOne
+    from pymongo.errors import BulkWriteError
 
     from stripe_platform.docstore import validation
 
@@ -743,32 +748,33 @@ def _write_documents(collection: Any, parsed: list[_Parsed]) -> int:
         header, lines = grouped.setdefault(p.doc_id, ({}, {}))
         _merge_header(header, p.header)
         lines[p.line["source_key"]] = p.line
-    stored = {d["_id"]: d for d in collection.find({"_id": {"$in": list(grouped)}})}
-    new, requests = [], []
-    for doc_id, (header, lines) in grouped.items():
-        old = stored.get(doc_id)
-        if old is not None:
-            old_lines = {ln.get("source_key"): ln for ln in old.get("lines", [])}
-            merged_header = {k: v for k, v in old.items() if k not in ("_id", "lines")}
-            _merge_header(merged_header, header)
-            if set(lines) <= set(old_lines) and merged_header == {
-                k: v for k, v in old.items() if k not in ("_id", "lines")
-            }:
-                continue  # a replay: nothing new
-            lines = {**old_lines, **lines}
-            header = merged_header
-        doc = {"_id": doc_id, **header, "lines": sorted(lines.values(), key=_line_order)}
-        if old is None:
-            new.append(doc)
-        else:
-            requests.append(ReplaceOne({"_id": doc_id}, doc, upsert=True))
-    # Checked against the Log validator where the server does not enforce it (FerretDB). New
-    # documents are inserted (one statement a batch on FerretDB; an update costs one a document).
-    if new:
-        validation.insert_many(collection, new, ordered=False)
+    docs = [
+        {"_id": doc_id, **header, "lines": sorted(lines.values(), key=_line_order)}
+        for doc_id, (header, lines) in grouped.items()
+    ]
+    taken: list[dict] = []
+    try:  # checked against the Log validator where the server does not enforce it (FerretDB)
+        validation.insert_many(collection, docs, ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(e.get("code") != DUPLICATE_KEY for e in errors):
+            raise
+        taken = [docs[e["index"]] for e in errors]
+    requests = []
+    for doc in taken:
+        old = collection.find_one({"_id": doc["_id"]}) or {}
+        old_header = {k: v for k, v in old.items() if k not in ("_id", "lines")}
+        old_lines = {ln.get("source_key"): ln for ln in old.get("lines", [])}
+        header = dict(old_header)
+        _merge_header(header, {k: v for k, v in doc.items() if k not in ("_id", "lines")})
+        if {ln["source_key"] for ln in doc["lines"]} <= set(old_lines) and header == old_header:
+            continue  # written before (a replay): nothing new
+        lines = {**old_lines, **{ln["source_key"]: ln for ln in doc["lines"]}}
+        merged = {"_id": doc["_id"], **header, "lines": sorted(lines.values(), key=_line_order)}
+        requests.append(ReplaceOne({"_id": doc["_id"]}, merged, upsert=True))
     if requests:
         validation.bulk_write(collection, requests, ordered=False)
-    return len(new) + len(requests)
+    return len(docs) - len(taken) + len(requests)
 
 
 def _merge_header(into: dict[str, Any], new: dict[str, Any]) -> None:
