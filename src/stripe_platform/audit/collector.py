@@ -8,8 +8,8 @@ log shipped, incrementally, into the document store's ``Log`` collection, the se
 last line is left for the next pass.
 
 **Exactly once.** Lines are read in batches. For each batch, in this order: the Log documents are
-upserted (by a deterministic ``_id``; each line carries its ``source_key``, and a document's lines
-are merged by that key, so writing the same batch again changes nothing), the batch's lake file is
+written by a deterministic ``_id`` (inserted; one whose ``_id`` is taken is merged with the stored
+one by its lines' ``source_key`` and replaced, so writing the same batch again changes nothing), the batch's lake file is
 written (named by the batch's first byte: written again, it is replaced), then ONE PostgreSQL
 transaction appends the trail records (``source_key = "<source>:<file>:<offset>"``, which the
 trail skips when already present), the quarantined lines, the grouping state and the file's new
