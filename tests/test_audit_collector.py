@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from stripe_platform.audit import access_log, collector
+from stripe_platform.audit import access_log, collector, trail
 from stripe_platform.oltp import db
 
 T0 = "2026-12-07 10:00:00.000 UTC"
@@ -195,6 +195,8 @@ def test_real_logs_collected_redacted_and_idempotent(cs, loaded, docdb, settings
         assert sorted(r["source_key"] for r in rows) == sorted(keys)  # the lake: the same lines
         server = {r["source_key"] for r in rows if (r["user"], r["dbname"]) == SERVER}
         assert set(lines) == set(keys) - server
+    report = trail.verify(cs)  # what the collector appended is a sound chain
+    assert report.ok and report.records >= len(trail_keys(cs, "postgres")), report.as_dict()
 
 
 # -- synthetic logs: grouping, rotation, bad input -------------------------------------------------
