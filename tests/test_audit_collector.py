@@ -124,8 +124,8 @@ def _wait_in_log(s, needle: str, timeout: float = 15) -> None:
 
 
 def test_real_logs_collected_redacted_and_idempotent(cs, loaded, docdb, settings):
-    # `loaded` ran the brief's sql/examples/customer_insert.sql on the real cluster:
-    #   INSERT ... crypt('password_john', gen_salt('bf')), pii_encrypt('john.doe@stripe.com') ...
+    # `loaded` ran the brief's sql/examples/customer_insert.sql with statement logging off (its
+    # literals: crypt('password_john', ...), 'john.doe@stripe.com'); this test sends its own.
     tag = secrets.token_hex(4)
     password, email = f"password_john_{tag}", f"john.doe.{tag}@example.com"
     loaded.execute(
@@ -143,8 +143,8 @@ def test_real_logs_collected_redacted_and_idempotent(cs, loaded, docdb, settings
         p.read_text(errors="replace")
         for p in access_log.postgres_log_dir(cs).glob("postgresql-*.json")
     )
-    for secret in (password, email, "password_john", "john.doe@stripe.com"):
-        assert secret in raw  # PostgreSQL's own log holds them in clear...
+    for secret in (password, email):
+        assert secret in raw  # PostgreSQL's own log holds this test's literals in clear...
 
     first = collector.collect(cs)
     assert first.lines_read > 0 and first.documents_written > 0
@@ -159,15 +159,17 @@ def test_real_logs_collected_redacted_and_idempotent(cs, loaded, docdb, settings
             assert secret not in text, f"{secret} reached the {where}"  # ...nothing shipped does
 
     # The brief's shape, grouped per session and query.
+    # The collector ships the whole cluster's log: other tests' sessions are in it too.
+    ours = [d for d in docs if d.get("dbname") == cs.pg_database]
     (updated,) = [
-        d for d in docs if any("UPDATE Customer SET Password" in ln["message"] for ln in d["lines"])
+        d for d in ours if any("UPDATE Customer SET Password" in ln["message"] for ln in d["lines"])
     ]
     assert updated["source"] == "postgres" and updated["dbname"] == cs.pg_database
     assert updated["_id"] == f"pg:{updated['session_id']}:{updated['query_id']}"
     assert updated["lines"][0]["message"] == (
         "statement: UPDATE Customer SET Password = crypt('?', gen_salt('?')) WHERE ID = ?"
     )
-    (failed,) = [d for d in docs if any(ln.get("state_code") == "22012" for ln in d["lines"])]
+    (failed,) = [d for d in ours if any(ln.get("state_code") == "22012" for ln in d["lines"])]
     assert [ln["error_severity"] for ln in failed["lines"]] == ["LOG", "ERROR"]
     assert failed["lines"][1]["statement"] == "SELECT '?' AS email, ? / ?"
     assert failed["session_id"] == updated["session_id"]

@@ -10,11 +10,13 @@ import pytest
 
 from stripe_platform.oltp import db
 from stripe_platform.paths import SQL_EXAMPLES_DIR
+from stripe_platform.showcase.brief_examples import execute_unlogged
 
 
 @pytest.fixture
 def john(conn):
-    conn.execute((SQL_EXAMPLES_DIR / "customer_insert.sql").read_text())
+    with conn.transaction():  # the brief's statement as written, its literals kept out of the log
+        execute_unlogged(conn, (SQL_EXAMPLES_DIR / "customer_insert.sql").read_text())
     return conn
 
 

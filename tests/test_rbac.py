@@ -2,6 +2,7 @@
 
 import datetime as dt
 import itertools
+import json
 import secrets
 import time
 
@@ -187,3 +188,23 @@ def test_bind_parameters_never_appear_in_the_audit_log(conn, settings):
 def test_bad_grant_requests_are_refused(conn, user, role, days, message):
     with pytest.raises(AccessError, match=message):
         grant_temporary(conn, user, role, days=days)
+
+
+def test_the_briefs_example_secrets_never_reach_the_audit_log(loaded, settings):
+    """The brief's example INSERT writes its password and e-mail as literals: the platform runs it
+    with statement logging off for its transaction (brief_examples.execute_unlogged)."""
+    pid = loaded.info.backend_pid
+    marker = f"audit-marker-{secrets.token_hex(4)}"
+    loaded.execute(f"SELECT '{marker}'")
+    log_dir = db.embedded_cluster(settings).status().audit_log_dir
+    deadline = time.monotonic() + 30
+    mine: list[str] = []
+    while not any(marker in m for m in mine) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        lines = [json.loads(x) for p in log_dir.glob("*.json") for x in p.read_text().splitlines()]
+        mine = [x.get("message", "") for x in lines if x.get("pid") == pid]
+    assert any(marker in m for m in mine), "the audit log never received the session's statements"
+    assert any("SET LOCAL log_statement = 'none'" in m for m in mine)
+    assert any("INSERT INTO Customer" in m for m in mine)  # the parameterised ones are logged
+    text = "\n".join(mine)
+    assert "password_john" not in text and "john.doe@stripe.com" not in text

@@ -126,6 +126,20 @@ def _sample_transactions(today: dt.date) -> list[tuple[Any, ...]]:
     return rows
 
 
+def execute_unlogged(conn: psycopg.Connection, statement: str) -> list[tuple]:
+    """Run one of the brief's example statements as written, inside the caller's transaction, with
+    statement logging off for it alone; return its rows (if any). The brief writes its secrets as
+    literals (``crypt('password_john', ...)``, an e-mail): with ``log_statement = all`` they would
+    land in the cluster's log in clear. The platform's own statements pass them as parameters.
+    ``log_statement`` is a superuser setting: the embedded runtime's service role."""
+    (logged,) = conn.execute("SELECT current_setting('log_statement')").fetchone()
+    conn.execute("SET LOCAL log_statement = 'none'")
+    cur = conn.execute(statement)
+    rows = cur.fetchall() if cur.description else []
+    conn.execute("SELECT set_config('log_statement', %s, true)", (logged,))
+    return rows
+
+
 def load_oltp(conn: psycopg.Connection, today: dt.date | None = None) -> int:
     """Insert the examples into PostgreSQL (idempotent); return the number of transactions present."""
     today = today or dt.date.today()
@@ -142,7 +156,7 @@ def load_oltp(conn: psycopg.Connection, today: dt.date | None = None) -> int:
                    VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING""",
                 MERCHANTS,
             )
-            cur.execute((SQL_EXAMPLES_DIR / "customer_insert.sql").read_text())
+            execute_unlogged(conn, (SQL_EXAMPLES_DIR / "customer_insert.sql").read_text())
             cur.executemany(
                 """INSERT INTO Customer (ID, UserName, Password, Email, FullName, CountryCode,
                        PreferredDevice, PreferredPaymentMethodID, PreferredCurrencyID)

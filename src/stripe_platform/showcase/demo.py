@@ -639,10 +639,14 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
                 f"[yellow]{escape(str(exc))}[/yellow]"
             )
 
-        good = conn.execute((SQL_EXAMPLES_DIR / "password_check.sql").read_text()).fetchall()
+        with conn.transaction():
+            good = brief_examples.execute_unlogged(
+                conn, (SQL_EXAMPLES_DIR / "password_check.sql").read_text()
+            )
         bad = conn.execute(
-            "SELECT UserName, (Password = crypt('not-the-password', Password)) FROM Customer "
-            "WHERE UserName = 'John42'"
+            "SELECT UserName, (Password = crypt(%s, Password)) FROM Customer "
+            "WHERE UserName = 'John42'",
+            ("not-the-password",),
         ).fetchall()
         console.print(
             table(
@@ -654,7 +658,8 @@ def showcase_brief(settings: Settings, console: Console, step: Callable[[str], N
         john = conn.execute(
             """SELECT UserName, (pii_key_ref(Email)).scope || ' v' || (pii_key_ref(Email)).version,
                       '…' || encode(substr(Email, length(Email) - 11), 'hex'), pii_decrypt(FullName)
-               FROM Customer WHERE EmailHash = pii_lookup_hash('john.doe@stripe.com')"""
+               FROM Customer WHERE EmailHash = pii_lookup_hash(%s)""",
+            ("john.doe@stripe.com",),
         ).fetchall()
         console.print(
             table(
