@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import sys
+import types
 
 import pytest
 from pydantic import SecretStr
@@ -170,3 +172,53 @@ def test_retention_clean_then_tampered(s, webhook):
     with pytest.raises(jobs.AuditVerifyFailed):
         jobs.retention(s, now=NOW + dt.timedelta(days=1))
     assert len(webhook.bodies) == 1
+
+
+def test_watch_raises_the_model_findings_and_runs_without_a_champion(
+    s, docdb, webhook, monkeypatch
+):
+    from stripe_platform.audit.detect import Finding
+    from stripe_platform.ml.registry import NoChampion
+
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    quiet = log_doc("tom", now - dt.timedelta(minutes=10), grant("SELECT 1"))
+    docdb["Log"].insert_one(quiet)
+    seen: list[list[str]] = []
+
+    def score(settings, docs):
+        seen.append([d["_id"] for d in docs])
+        return [
+            Finding(
+                rule=jobs.MODEL_RULE,
+                severity="high",
+                title="unusual session by tom",
+                user="tom",
+                source="10.0.4.7",
+                at=now,
+                evidence=(quiet["_id"],),
+                dedup_key=f"{jobs.MODEL_RULE}:tom:{now.date()}",
+            )
+        ]
+
+    # W4's ml/log_anomaly.py, as its contract says (score(settings, docs) -> list[Finding]).
+    model = types.ModuleType("stripe_platform.ml.log_anomaly")
+    model.score = score
+    monkeypatch.setitem(sys.modules, "stripe_platform.ml.log_anomaly", model)
+    result = jobs.watch(s, now=now)
+    assert seen == [[quiet["_id"]]]  # the window's documents, not the history
+    assert (result["rule_findings"], result["model_findings"]) == (0, 1)
+    (incident,) = incidents.list_incidents(s)
+    assert (incident.rule, incident.user, incident.evidence) == (
+        jobs.MODEL_RULE,
+        "tom",
+        (quiet["_id"],),
+    )
+    assert [b["rule"] for b in webhook.bodies] == [jobs.MODEL_RULE]
+
+    def no_champion(settings, docs):
+        raise NoChampion("no version of log_anomaly has the alias champion")
+
+    model.score = no_champion
+    result = jobs.watch(s, now=now)
+    assert result["model_findings"] == 0
+    assert any("no champion" in note for note in result["notes"])

@@ -286,3 +286,31 @@ def test_cli(s, webhook, monkeypatch):
         assert json.loads(out.stdout)["by_status"] == {"open": 1, "acknowledged": 0, "resolved": 1}
     finally:
         get_settings.cache_clear()
+
+
+def test_concurrent_raisers_make_one_incident_per_key(s, webhook):
+    # Eight threads raising the same twenty new keys at once (their transactions overlap): one
+    # incident a key, one alert a key, every thread's evidence in it.
+    keys = [f"burst-{n}" for n in range(20)]
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def raise_all(k: int) -> None:
+        try:
+            batch = [finding(key=key, evidence=(f"doc-{k}",)) for key in keys]
+            barrier.wait()
+            incidents.raise_findings(s, batch)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=raise_all, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    raised = incidents.list_incidents(s)
+    assert sorted(i.dedup_key for i in raised) == sorted(keys)
+    for inc in raised:
+        assert (inc.count, sorted(inc.evidence)) == (8, sorted(f"doc-{k}" for k in range(8)))
+    assert sorted(b["dedup_key"] for b in webhook.bodies) == sorted(keys)

@@ -161,6 +161,9 @@ def _replace_change(incident: Incident, change: str) -> Incident:
 def _raise_one(conn: psycopg.Connection, f: Any) -> Incident | None:
     at = _aware(f.at)
     evidence = list(dict.fromkeys(str(e) for e in f.evidence))
+    # One raiser per key at a time (a watch and an `audit verify` may run together): without it,
+    # two would both find no incident and the second insert would break the unique index.
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 22))", (f.dedup_key,))
     current = conn.execute(
         f"SELECT {_COLUMNS} FROM audit.incident WHERE dedup_key = %s AND status <> 'resolved' "
         "FOR UPDATE",

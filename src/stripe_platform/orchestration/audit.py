@@ -96,8 +96,10 @@ def watch(
     context = load_context(settings)
     notes = list(context.notes)
     findings = detect(settings, docs, now=now, history=history, rules=rules, context=context)
+    # The rules' incidents first: a model that fails (registry down) fails the task after them.
+    incidents = raise_findings(settings, findings)
     model = _model_findings(settings, docs, notes) if docs else []
-    incidents = raise_findings(settings, findings + model)
+    incidents += raise_findings(settings, model)
     for note in notes:
         log.warning("audit watch: %s", note)
     return {
@@ -107,7 +109,7 @@ def watch(
         "rule_findings": len(findings),
         "model_findings": len(model),
         "incidents": {
-            change: sorted(i.id for i in incidents if i.change == change)
+            change: sorted({i.id for i in incidents if i.change == change})
             for change in ("new", "escalated", "grouped")
         },
         "notes": notes,
