@@ -52,6 +52,9 @@ DAG_IDS = {
     "cdc_fraud_stream",
     "security_key_rotation",
     "security_access_review",
+    "audit_collect",
+    "audit_watch",
+    "audit_retention",
 }
 
 
