@@ -197,7 +197,7 @@ def rules_evaluate(
 ) -> None:
     """Precision and recall of the rules on the seed's planted log anomalies (docs/seed.md), per
     rule and overall, and the false alerts per day of normal activity."""
-    from stripe_platform.audit.detect import detect, doc_time, evaluate, load_context, load_rules
+    from stripe_platform.audit.detect import evaluate_labelled, load_rules
 
     s = settings()
     loaded = load_rules(rules)
@@ -215,18 +215,7 @@ def rules_evaluate(
 
         spec = SeedSpec(scale=scale, seed=seed)
         docs = list(log_documents(spec, np.random.default_rng([spec.seed, 6])))
-    # The seeded users are not PostgreSQL roles: the policy file is the whole context.
-    context = load_context(s, database=False)
-    now = dt.datetime.now(dt.UTC)
-    history: list = []
-    if test_days is not None:
-        times = [t for d in docs if (t := doc_time(d)) is not None]
-        cut = max(times) - dt.timedelta(days=test_days)
-        history = [d for d in docs if (doc_time(d) or cut) < cut]
-        docs = [d for d in docs if (doc_time(d) or cut) >= cut]
-    findings = detect(s, docs, now=now, history=history, rules=loaded, context=context)
-    report = evaluate(docs, findings, loaded)
-    report["test_days"] = test_days
+    report = evaluate_labelled(s, docs, test_days=test_days, rules=loaded)
     if as_json:
         console.print_json(data=report)
         return
