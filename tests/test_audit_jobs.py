@@ -204,6 +204,11 @@ def test_watch_raises_the_model_findings_and_runs_without_a_champion(
     model = types.ModuleType("stripe_platform.ml.log_anomaly")
     model.score = score
     monkeypatch.setitem(sys.modules, "stripe_platform.ml.log_anomaly", model)
+    # ...and as the package's attribute, which `from stripe_platform.ml import log_anomaly` reads
+    # first once the real module was imported by another test.
+    import stripe_platform.ml
+
+    monkeypatch.setattr(stripe_platform.ml, "log_anomaly", model, raising=False)
     result = jobs.watch(s, now=now)
     assert seen == [[quiet["_id"]]]  # the window's documents, not the history
     assert (result["rule_findings"], result["model_findings"]) == (0, 1)

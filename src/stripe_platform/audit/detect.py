@@ -42,6 +42,7 @@ import yaml
 
 from stripe_platform.audit.access_log import _tokens, summarise_sql
 from stripe_platform.errors import PlatformError
+from stripe_platform.governance.classification import DataClass
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ DERIVED_FIELDS = frozenset(
         "rows",
         "off_hours",
         "grant_expired",
+        "platform_account",
     }
 )
 FIELDS = DOC_FIELDS | LINE_FIELDS | DERIVED_FIELDS
+ALL_CLASSES = frozenset(c.value for c in DataClass)
 MODIFIERS = frozenset({"contains", "startswith", "endswith", "re", "gt", "gte", "lt", "lte", "all"})
 RULE_KEYS = frozenset(
     {
@@ -579,10 +582,16 @@ class Context:
     ends: Mapping[str, dt.datetime]  # login -> end of its access (policy `until`, VALID UNTIL)
     clear: Mapping[str, frozenset[str]]  # policy role -> data classes it reads in clear
     notes: tuple[str, ...] = ()  # what could not be read (say it, do not hide it)
+    # The platform's own logins (PostgreSQL superusers: the service role that holds the keys and
+    # runs migrations, seeds, syncs and nightly jobs): cleared for everything by design; their
+    # misuse shows in the other rules (privilege changes, failed logins), not as "reads".
+    platform: frozenset[str] = frozenset()
 
     def cleared(self, user: str | None) -> frozenset[str]:
         if not user:
             return frozenset()
+        if user.lower() in self.platform:
+            return ALL_CLASSES
         roles = set(self.roles.get(user.lower(), ()))
         if user.lower() in self.clear:  # a login named after a policy role (the brief's Admin)
             roles.add(user.lower())
@@ -609,9 +618,10 @@ def load_context(settings: Any, *, conn: Any = None, database: bool = True) -> C
         if user.until is not None:
             ends[name.lower()] = user.until
     notes: list[str] = []
+    platform: set[str] = set()
     if database:
         try:
-            _database_context(settings, conn, clear, roles, ends)
+            _database_context(settings, conn, clear, roles, ends, platform)
         except Exception as exc:  # any failure to read PostgreSQL is reported, not fatal
             notes.append(
                 f"PostgreSQL role memberships and temporary grants not read ({exc}): "
@@ -624,6 +634,7 @@ def load_context(settings: Any, *, conn: Any = None, database: bool = True) -> C
         ends=ends,
         clear=clear,
         notes=tuple(notes),
+        platform=frozenset(platform),
     )
 
 
@@ -633,10 +644,15 @@ def _database_context(
     clear: Mapping[str, frozenset[str]],
     roles: dict[str, set[str]],
     ends: dict[str, dt.datetime],
+    platform: set[str],
 ) -> None:
     from stripe_platform.oltp import access, db
 
     def read(c: Any) -> None:
+        platform.update(
+            name.lower()
+            for (name,) in c.execute("SELECT rolname FROM pg_roles WHERE rolsuper AND rolcanlogin")
+        )
         rows = c.execute(
             """WITH RECURSIVE m(login, role) AS (
                    SELECT r.rolname, g.rolname FROM pg_roles r
@@ -755,6 +771,9 @@ class Event:
 
     def _off_hours(self) -> bool:
         return self.at is not None and self.hours.off(self.at)
+
+    def _platform_account(self) -> bool:
+        return str(self.doc.get("user") or "").lower() in self.ctx.platform
 
     def _grant_expired(self) -> bool:
         end = self.ctx.ends.get(str(self.doc.get("user") or "").lower())

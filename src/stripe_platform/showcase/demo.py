@@ -138,6 +138,12 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
     access(settings, console, step)
     stage_done("access")
 
+    console.rule(
+        "[bold]Audit: logs collected, the trail sealed and verified, anomalies to incidents"
+    )
+    audit(settings, console, step)
+    stage_done("audit")
+
     console.rule("[bold]The brief's OLAP queries, answered from the marts")
     answer_brief_queries(settings, console)
     stage_done("queries")
@@ -419,6 +425,83 @@ def answer_brief_queries(settings: Settings, console: Console) -> None:
                 rows,
             )
         )
+
+
+def audit(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
+    """The audit trail (docs/audit.md): the cluster's and the API's logs collected into the Log
+    collection, the hash-chained trail and the lake; the trail checkpointed and verified; the
+    detection rules over the seeded logs (their planted anomalies are the ground truth) and the
+    hourly watch's incidents."""
+    from stripe_platform.audit import collector, trail
+    from stripe_platform.audit.detect import evaluate_labelled
+    from stripe_platform.audit.incidents import counts, list_incidents
+    from stripe_platform.orchestration.audit import watch
+
+    collected = collector.collect(settings)
+    step(
+        f"`audit collect`: {collected.lines_read:,} log lines (PostgreSQL jsonlog, API access log) "
+        f"in {collected.seconds:.1f}s -> {collected.documents_written:,} Log documents, "
+        f"{collected.trail_records:,} trail records, {collected.lake_files} lake files, "
+        f"{sum(collected.quarantined.values())} quarantined"
+    )
+    trail.checkpoint(settings)
+    report = trail.verify(settings)
+    step(
+        f"`audit verify`: {report.records:,} records in {len(report.streams)} streams, "
+        f"{report.checkpoints} signed checkpoints, "
+        + ("chain intact" if report.ok else f"BROKEN at {report.first_bad}")
+        + f" ({report.seconds:.2f}s)"
+    )
+
+    database = docstore.connect(settings)
+    try:
+        seeded = list(database["Log"].find({"isAnomaly": {"$exists": True}}))
+    finally:
+        database.client.close()
+    if seeded:
+        quality = evaluate_labelled(settings, seeded)
+        overall, false_alerts = quality["overall"], quality["false_alerts"]
+        step(
+            f"detection rules on the seed's {len(seeded):,} logs ({overall['anomalies']} planted "
+            f"anomalies): precision {_ratio(overall['precision'])}, recall "
+            f"{_ratio(overall['recall'])}, {false_alerts['total']} false alerts over "
+            f"{quality['days']} days"
+        )
+        # The seed's logs span weeks: watched at once here, the last hours by the hourly DAG.
+        oldest = min(t for d in seeded if (t := d.get("session_start")) is not None)
+        hours = (dt.datetime.now(dt.UTC) - oldest.replace(tzinfo=dt.UTC)).total_seconds() / 3600
+        watched = watch(settings, hours=hours + 1)
+        step(
+            f"watch: {watched['documents']:,} Log documents, {watched['rule_findings']} rule "
+            f"findings, {watched['model_findings']} model findings -> "
+            f"{len(watched['incidents']['new'])} new incident(s)"
+        )
+    summary = counts(settings)
+    console.print(
+        table(
+            "Open incidents (`stripe-platform incidents list`)",
+            ["id", "severity", "rule", "user", "count", "first seen"],
+            [
+                [
+                    str(i.id),
+                    i.severity,
+                    i.rule,
+                    i.user or "-",
+                    str(i.count),
+                    f"{i.first_seen:%Y-%m-%d %H:%M}",
+                ]
+                for i in list_incidents(settings, status="open", limit=8)
+            ],
+        )
+    )
+    step(
+        f"incidents: {summary['total']} in all; unresolved by severity "
+        + ", ".join(f"{k} {v}" for k, v in summary["unresolved_by_severity"].items())
+    )
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 DEMO_CONTRACTOR = "demo_contractor"
