@@ -11,10 +11,12 @@ attack.
 
 Features (:data:`FEATURE_NAMES`, :func:`features`) are defined here once and used for training,
 evaluation and scoring: per document, counts from its lines (severities, SQLSTATE classes, failed
-logins, permission refusals, COPY ... TO exports, rows and duration reported), the hour (UTC+1,
-as the rules' business hours) and off-hours, whether the client is outside private networks,
+logins, permission refusals, COPY ... TO exports, rows and duration reported), off-hours (UTC+1,
+as the rules' business hours), whether the client is outside private networks, no application,
 and the same counts summed over the document's session (the documents of one session_id in the
-batch scored): a burst of refusals or exports in one session is what an attacker leaves.
+batch scored): a burst of refusals or exports in one session is what an attacker leaves. Counts are on a log
+scale. (The hour itself as a continuous value was tried and dropped: normal traffic at odd hours
+then isolates as easily as an attack.)
 
 The split is the fraud model's (:func:`stripe_platform.ml.split.split`, by time, whole days; the
 labels of logs are known at once, so no gap by default): the model never sees the test period.
@@ -377,20 +379,35 @@ class TrainResult:
 
 
 def _log_sklearn(forest: Any, example: pd.DataFrame) -> Any:
+    import logging
+
     import mlflow
     import mlflow.sklearn
     import sklearn
     from mlflow.models import infer_signature
 
-    return mlflow.sklearn.log_model(
-        forest,
-        name="model",
-        signature=infer_signature(example, forest.score_samples(example)),
-        # MLflow saves scikit-learn models with skops, which refuses to load a tree's raw node
-        # storage unless trusted: this process made it, and the store is the platform's own.
-        skops_trusted_types=["sklearn.tree._tree.Tree"],
-        pip_requirements=[f"scikit-learn=={sklearn.__version__}", f"mlflow=={mlflow.__version__}"],
-    )
+    # As the fraud model's (ml/train.py): MLflow's notes on the environment files say nothing to
+    # a user training a model.
+    chatty = [logging.getLogger(n) for n in ("mlflow.utils.environment", "mlflow.utils.uv_utils")]
+    levels = [logger.level for logger in chatty]
+    for logger in chatty:
+        logger.setLevel(logging.ERROR)
+    try:
+        return mlflow.sklearn.log_model(
+            forest,
+            name="model",
+            signature=infer_signature(example, forest.score_samples(example)),
+            # MLflow saves scikit-learn models with skops, which refuses a tree's raw node storage
+            # unless trusted: this process made it, and the store is the platform's own.
+            skops_trusted_types=["sklearn.tree._tree.Tree"],
+            pip_requirements=[
+                f"scikit-learn=={sklearn.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
+    finally:
+        for logger, level in zip(chatty, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _champion_f1(registry: Registry, test: Sequence[Mapping]) -> tuple[float | None, str | None]:
