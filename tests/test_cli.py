@@ -44,6 +44,15 @@ def test_main_job_end_to_end_and_again(cli):
     first = cli("demo", "--scale", "0.005")
     out = first.stdout
     assert "elt_warehouse_daily: success" in out and "elt_lake_daily: success" in out
+    flat = " ".join(out.split())  # the console wraps at 80 columns
+    # Access (issue 21): the policy holds, the expired contractor is found and revoked, the API
+    # refuses a call without a token and scores with the policy's machine identity.
+    assert "`access plan` now: no drift" in flat
+    assert "1 revoked (demo_contractor); 0 left" in flat
+    assert "without a token: 401;" in flat and "revoked after): 200" in flat
+    # Audit (issue 22): logs collected, the trail verified, the rules over the seeded logs.
+    assert "`audit collect`:" in flat and "chain intact" in flat
+    assert "detection rules on the seed's" in flat and "new incident(s)" in flat
     # The fraud model: trained and promoted (no champion yet), then every payment scored.
     assert "ml_fraud_training: success" in out and "ml_fraud_scoring: success" in out
     assert "✓ promote" in out
