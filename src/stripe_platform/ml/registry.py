@@ -58,6 +58,10 @@ TAG_FEATURE_NAMES = "feature_names"
 PROBE_TIMEOUT_S = 5.0
 
 
+# The command that trains each model other than the fraud one (`ml train`), for the errors.
+TRAIN_COMMANDS = {"log_anomaly": "audit model train"}
+
+
 class RegistryError(PlatformError, RuntimeError):
     """The model registry refused or failed an operation; the message names the store."""
 
@@ -363,7 +367,8 @@ class Registry:
         if found is None:
             raise NoChampion(
                 f"model {model_name!r} has no champion in MLflow store {self.shown} "
-                f"(models:/{model_name}@{CHAMPION}): train one with `stripe-platform ml train`"
+                f"(models:/{model_name}@{CHAMPION}): train one with "
+                f"`stripe-platform {TRAIN_COMMANDS.get(model_name, 'ml train')}`"
             )
         return found
 
