@@ -145,12 +145,19 @@ def warehouse_cells(path: Path) -> list[bytes]:
         conn.close()
 
 
+def found_in(needles: set[bytes], haystacks: list[bytes]) -> set[bytes]:
+    """The needles inside one of the haystacks. A needle in none of them is in none of their
+    join either: one search of the join rules most needles out at once (thousands of needles
+    times 100,000 cells, one by one, took half a minute); the few left are looked for one
+    haystack at a time, so a match across two joined haystacks counts for nothing."""
+    joined = b"\0".join(haystacks)
+    return {n for n in needles if n in joined and any(n in h for h in haystacks)}
+
+
 def found(needles: set[bytes], lake_root: Path, warehouse: Path) -> tuple[set, set]:
     """The needles found in the lake's file bytes, and in the warehouse's values."""
-    blobs = [f.read_bytes() for f in lake_files(lake_root)]
-    in_lake = {n for n in needles if any(n in blob for blob in blobs)}
-    cells = warehouse_cells(warehouse)
-    in_warehouse = {n for n in needles if any(n in cell for cell in cells)}
+    in_lake = found_in(needles, [f.read_bytes() for f in lake_files(lake_root)])
+    in_warehouse = found_in(needles, warehouse_cells(warehouse))
     return in_lake, in_warehouse
 
 
