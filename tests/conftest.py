@@ -25,8 +25,9 @@ from stripe_platform.runtime import embedded
 from stripe_platform.showcase import brief_examples
 
 TEMPLATE_DB = "stripe_template"
-# The session's Kafka stack (started only when a test asks for the `kafka_stack` fixture).
-pytest_plugins = ["kafka_stack", "kms_server"]
+# Session-wide fixtures started only when a test asks for them by name: the Kafka stack
+# (`kafka_stack`), moto's KMS (`kms_endpoint`), the warehouses built once (`built_warehouse`).
+pytest_plugins = ["kafka_stack", "kms_server", "built_warehouse"]
 _db_counter = itertools.count()
 
 

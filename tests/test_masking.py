@@ -10,7 +10,6 @@ that proves what is attached to which column, not that Snowflake enforces it.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import os
 import secrets
@@ -26,22 +25,15 @@ import yaml
 from psycopg import errors, sql
 from pydantic import SecretStr
 
+from built_warehouse import transform_cli
 from stripe_platform.config import Settings
 from stripe_platform.governance.classification import RESTRICTED
-from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import open_writer, run_sync
-from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.security.coverage import coverage_report
-from stripe_platform.seed import load as seed_load
-from stripe_platform.seed.dataset import build
-from stripe_platform.seed.spec import make_spec
 from stripe_platform.transform import dbt as transform
 
 pytestmark = pytest.mark.timeout(900)
 
-END = dt.date(2026, 11, 1)
-CONNECTIONS = ("postgres-to-snowflake", "mongodb-to-snowflake")
 MASKED = "***MASKED***"
 # The restricted mart columns, as models/marts/*.yml classify them today.
 RESTRICTED_COLUMNS = {"dim_customer": ["username"], "fact_session": ["country", "city"]}
@@ -53,87 +45,6 @@ def test_the_masking_set_is_the_catalogs_restricted_set():
     marts = project["models"]["stripe_platform"]["marts"]
     assert marts["+post-hook"] == "{{ apply_masking() }}"
     assert project["on-run-start"] == ["{{ prepare_masking() }}"]
-
-
-def cli_env(s: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_PLATFORM_")}
-    env.update(
-        STRIPE_PLATFORM_HOME=str(s.home),
-        STRIPE_PLATFORM_PG_DATABASE=s.pg_database,
-        STRIPE_PLATFORM_MONGODB_DATABASE=s.mongodb_database,
-        STRIPE_PLATFORM_WAREHOUSE=s.warehouse_backend,
-        COLUMNS="200",
-    )
-    if s.warehouse_path:
-        env["STRIPE_PLATFORM_WAREHOUSE_PATH"] = str(s.warehouse_path)
-    if s.warehouse_dsn:
-        env["STRIPE_PLATFORM_WAREHOUSE_DSN"] = s.warehouse_dsn.get_secret_value()
-    return env
-
-
-def transform_cli(s: Settings) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "stripe_platform.cli", "transform", "--json"],
-        env=cli_env(s),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert json.loads(result.stdout)["success"]
-
-
-@pytest.fixture
-def source(settings, database, docdb, tmp_path):
-    """A small seeded OLTP + document source and an empty DuckDB warehouse path."""
-    s = settings.model_copy(
-        update={
-            "pg_database": database,
-            "mongodb_database": docdb.name,
-            "warehouse_path": tmp_path / "warehouse.duckdb",
-        }
-    )
-    seed_load.seed(s, build(make_spec(scale=0.002, seed=5, end=END, max_documents=400)), docdb)
-    yield s
-    with db.connect(s, autocommit=True) as conn:
-        catalog = load_catalog()
-        for c in catalog.connections:
-            connection = catalog.resolve(c.name)
-            if connection.source.kind == "postgres":
-                cdc.drop_slot(conn, connection.slot(conn.info.dbname))
-
-
-def sync_all(s: Settings) -> None:
-    catalog = load_catalog()
-    for name in CONNECTIONS:
-        connection = catalog.resolve(name)
-        run_sync(s, connection, open_writer(s, connection))
-
-
-@contextlib.contextmanager
-def postgres_warehouse(settings: Settings, s: Settings):
-    warehouse_db = f"{s.pg_database}_warehouse"
-    with db.connect(settings, database="postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(warehouse_db)))
-    try:
-        yield (
-            s.model_copy(
-                update={
-                    "warehouse": "postgres",
-                    "warehouse_dsn": SecretStr(
-                        db.conninfo(settings, database=warehouse_db, with_key=False)
-                    ),
-                }
-            ),
-            warehouse_db,
-        )
-    finally:
-        with db.connect(settings, database="postgres", autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(warehouse_db)
-                )
-            )
 
 
 @contextlib.contextmanager
@@ -162,73 +73,64 @@ def rows(conn, query: str) -> list[tuple]:
     return sorted(conn.execute(query).fetchall(), key=repr)
 
 
-def test_below_admin_roles_read_masked_marts_and_admin_reads_them_clear(source, settings):
-    s = source
-    with postgres_warehouse(settings, s) as (on_postgres, warehouse_db):
-        sync_all(on_postgres)
-        transform_cli(on_postgres)
-        with db.connect(settings, database=warehouse_db) as owner:
-            base = {
-                t: rows(owner, f"SELECT CustomerKey, {', '.join(cols)} FROM analytics.{t}")
-                for t, cols in RESTRICTED_COLUMNS.items()
-            }
-            segments = rows(
-                owner, "SELECT CustomerKey, CustomerSegment FROM analytics.dim_customer"
-            )
-        assert all(base.values()), base
-        assert all(v not in (None, MASKED) for r in base["dim_customer"] for v in r[1:])
+def test_below_admin_roles_read_masked_marts_and_admin_reads_them_clear(built_warehouse, settings):
+    # The session's seeded source, synced and built on both warehouses (tests/built_warehouse.py).
+    s, on_postgres = built_warehouse.duckdb, built_warehouse.postgres
+    warehouse_db = built_warehouse.warehouse_db
+    with db.connect(settings, database=warehouse_db) as owner:
+        base = {
+            t: rows(owner, f"SELECT CustomerKey, {', '.join(cols)} FROM analytics.{t}")
+            for t, cols in RESTRICTED_COLUMNS.items()
+        }
+        segments = rows(owner, "SELECT CustomerKey, CustomerSegment FROM analytics.dim_customer")
+    assert all(base.values()), base
+    assert all(v not in (None, MASKED) for r in base["dim_customer"] for v in r[1:])
 
-        for role in ("developer", "readonlyuser"):
-            with login_as(settings, warehouse_db, role) as reader:
-                for table, cols in RESTRICTED_COLUMNS.items():
-                    masked = rows(
-                        reader, f"SELECT CustomerKey, {', '.join(cols)} FROM marts_masked.{table}"
-                    )
-                    assert len(masked) == len(base[table])
-                    assert {v for r in masked for v in r[1:]} == {MASKED}, (role, table)
-                # Unrestricted columns come through unchanged.
-                assert (
-                    rows(
-                        reader, "SELECT CustomerKey, CustomerSegment FROM marts_masked.dim_customer"
-                    )
-                    == segments
-                )
-                # Every mart has its masked view.
-                assert reader.execute("SELECT count(*) FROM marts_masked.fact_revenue").fetchone()[
-                    0
-                ]
-                # The base marts and the layers under them are out of reach.
-                for relation in (
-                    "analytics.dim_customer",
-                    "analytics.fact_session",
-                    "staging.stg_postgres__customers",
-                    "raw.postgres_customer",
-                ):
-                    with pytest.raises(errors.InsufficientPrivilege):
-                        reader.execute(f"SELECT 1 FROM {relation} LIMIT 1")
-
-        with login_as(settings, warehouse_db, "admin") as admin:
+    for role in ("developer", "readonlyuser"):
+        with login_as(settings, warehouse_db, role) as reader:
             for table, cols in RESTRICTED_COLUMNS.items():
-                clear = rows(admin, f"SELECT CustomerKey, {', '.join(cols)} FROM analytics.{table}")
-                assert clear == base[table]
-            # marts_masked is the same for admin: the masked names are for tools that must never
-            # see restricted values.
-            assert {
-                r[0] for r in admin.execute("SELECT UserName FROM marts_masked.dim_customer")
-            } == {MASKED}
+                masked = rows(
+                    reader, f"SELECT CustomerKey, {', '.join(cols)} FROM marts_masked.{table}"
+                )
+                assert len(masked) == len(base[table])
+                assert {v for r in masked for v in r[1:]} == {MASKED}, (role, table)
+            # Unrestricted columns come through unchanged.
+            assert (
+                rows(reader, "SELECT CustomerKey, CustomerSegment FROM marts_masked.dim_customer")
+                == segments
+            )
+            # Every mart has its masked view.
+            assert reader.execute("SELECT count(*) FROM marts_masked.fact_revenue").fetchone()[0]
+            # The base marts and the layers under them are out of reach.
+            for relation in (
+                "analytics.dim_customer",
+                "analytics.fact_session",
+                "staging.stg_postgres__customers",
+                "raw.postgres_customer",
+            ):
+                with pytest.raises(errors.InsufficientPrivilege):
+                    reader.execute(f"SELECT 1 FROM {relation} LIMIT 1")
 
-        # A rebuild (tables replaced) keeps the masking: the post-hook runs again.
-        transform_cli(on_postgres)
-        with login_as(settings, warehouse_db, "readonlyuser") as reader:
-            assert {r[0] for r in reader.execute("SELECT City FROM marts_masked.fact_session")} == {
-                MASKED
-            }
-            with pytest.raises(errors.InsufficientPrivilege):
-                reader.execute("SELECT 1 FROM analytics.fact_session LIMIT 1")
+    with login_as(settings, warehouse_db, "admin") as admin:
+        for table, cols in RESTRICTED_COLUMNS.items():
+            clear = rows(admin, f"SELECT CustomerKey, {', '.join(cols)} FROM analytics.{table}")
+            assert clear == base[table]
+        # marts_masked is the same for admin: the masked names are for tools that must never
+        # see restricted values.
+        assert {r[0] for r in admin.execute("SELECT UserName FROM marts_masked.dim_customer")} == {
+            MASKED
+        }
+
+    # A rebuild (tables replaced) keeps the masking: the post-hook runs again.
+    transform_cli(on_postgres)
+    with login_as(settings, warehouse_db, "readonlyuser") as reader:
+        assert {r[0] for r in reader.execute("SELECT City FROM marts_masked.fact_session")} == {
+            MASKED
+        }
+        with pytest.raises(errors.InsufficientPrivilege):
+            reader.execute("SELECT 1 FROM analytics.fact_session LIMIT 1")
 
     # DuckDB: the same masked views; no roles (the file's mode is the only access control).
-    sync_all(s)
-    transform_cli(s)
     with duckdb.connect(str(s.warehouse_file), read_only=True) as conn:
         for table, cols in RESTRICTED_COLUMNS.items():
             base_rows = rows(conn, f"SELECT CustomerKey, {', '.join(cols)} FROM analytics.{table}")
