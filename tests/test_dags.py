@@ -213,30 +213,47 @@ def test_warehouse_dags_sync_then_build_with_cosmos_then_publish_the_marts():
 
 
 def test_each_dag_file_imports_in_under_a_second():
-    """Measured in a fresh interpreter once Airflow itself (its providers' URI handlers, the
-    cosmos plugin) is loaded, as in the long-lived dag-processor: what the file adds."""
+    """Measured once Airflow itself (its providers' URI handlers, the cosmos plugin) is loaded, as
+    in the long-lived dag-processor, which forks a child per file: what the file adds. One
+    interpreter loads Airflow, then forks a child per file (the same fresh state for each, without
+    loading Airflow eleven times)."""
     script = (
-        "import sys, time, runpy, airflow.sdk, cosmos.converter\n"
+        "import os, sys, time, runpy, traceback, airflow.sdk, cosmos.converter\n"
         "from airflow.sdk.plugins_manager import get_hook_lineage_readers_plugins\n"
         "airflow.sdk.Asset(name='warm', uri='s3://warm/up')\n"
         "get_hook_lineage_readers_plugins()  # plugins load once per dag-processor\n"
+        "sys.stdout.flush()\n"
         "for path in sys.argv[1:]:\n"
-        "    t = time.perf_counter(); runpy.run_path(path)\n"
-        "    print(path, time.perf_counter() - t)\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        try:\n"
+        "            t = time.perf_counter(); runpy.run_path(path)\n"
+        "            print('imported', path, time.perf_counter() - t, flush=True)\n"
+        "        except BaseException:\n"
+        "            traceback.print_exc(); sys.stderr.flush(); os._exit(1)\n"
+        "        os._exit(0)\n"
+        "    if os.waitpid(child, 0)[1] != 0:\n"
+        "        sys.exit(f'{path} failed to import')\n"
     )
-    for path in sorted(DAGS_DIR.glob("*.py")):
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        seconds = float(done.stdout.split()[-1])
+    paths = sorted(DAGS_DIR.glob("*.py"))
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    seconds = {
+        Path(line.split()[1]).name: float(line.split()[2])
+        for line in done.stdout.splitlines()
+        if line.startswith("imported ")
+    }
+    assert list(seconds) == [p.name for p in paths], done.stdout
+    for name, took in seconds.items():
         # The goal is < 1 s (0.1-0.7 s measured on a quiet machine, docs/orchestration.md); the
         # bound is loose because shared CI machines are noisy, and still catches what matters:
         # work such as `dbt ls` or a database query at parse time costs several seconds.
-        assert seconds < 5, f"{path.name} took {seconds:.2f}s to import"
+        assert took < 5, f"{name} took {took:.2f}s to import"
 
 
 # --- end to end with real Airflow -------------------------------------------------------------
