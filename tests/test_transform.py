@@ -331,7 +331,10 @@ def test_profiles_are_generated_without_secrets(settings, tmp_path):
         "wh",
         "require",
     )
-    assert transform.dbt_env(s) == {transform.PG_PASSWORD_VAR: "s3cret"}
+    env = transform.dbt_env(s)
+    assert env[transform.PG_PASSWORD_VAR] == "s3cret"
+    # Beside the secret, only the access policy's masking roles (access_warehouse.MASKING_ENV).
+    assert set(env) == {transform.PG_PASSWORD_VAR, "STRIPE_PLATFORM_DBT_MASKING"}
 
     duck = transform.profile_target(
         settings.model_copy(update={"warehouse_path": tmp_path / "w.duckdb"})
