@@ -23,7 +23,10 @@ def reviewed(settings, database, conn, monkeypatch):
     """Settings on this test's database at the default policy, alerts captured at the webhook's
     door (the delivery itself is tested in test_dags.py)."""
     s = settings.model_copy(
-        update={"pg_database": database, "alert_webhook_url": SecretStr("http://127.0.0.1:9/alerts")}
+        update={
+            "pg_database": database,
+            "alert_webhook_url": SecretStr("http://127.0.0.1:9/alerts"),
+        }
     )
     now = dt.datetime.now(dt.UTC)
     policy = load_policy(s)

@@ -17,14 +17,13 @@ from pydantic import SecretStr
 from stripe_platform.audit import access_log, incidents, trail
 from stripe_platform.oltp import db
 from stripe_platform.orchestration import audit as jobs
-from test_incidents import Webhook
+from webhook import Webhook
 
 
 @pytest.fixture(scope="module")
 def webhook():
-    hook = Webhook()
-    yield hook
-    hook.close()
+    with Webhook() as hook:
+        yield hook
 
 
 @pytest.fixture

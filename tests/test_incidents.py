@@ -8,9 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
@@ -20,45 +18,15 @@ from typer.testing import CliRunner
 from stripe_platform.audit import access_log, incidents
 from stripe_platform.audit.detect import Finding
 from stripe_platform.config import get_settings
+from webhook import Webhook
 
 T0 = dt.datetime(2026, 12, 7, 2, 0, tzinfo=dt.UTC)
 
 
-class Webhook:
-    """A webhook receiver on 127.0.0.1 recording every JSON body POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        received = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                received.append(json.loads(self.rfile.read(length)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def webhook():
-    hook = Webhook()
-    yield hook
-    hook.close()
+    with Webhook() as hook:
+        yield hook
 
 
 @pytest.fixture

@@ -93,10 +93,17 @@ def names_in(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir())
 
 
-# LakeRaw writes with the current time: the partition a sync writes today.
-TODAY = f"extracted_date={dt.datetime.now(dt.UTC).date().isoformat()}"
 # Generations: a snapshot's rows and the changes after it carry the snapshot's generation id.
 G1, G2, G3 = 1_000, 2_000, 3_000
+
+
+@pytest.fixture
+def today() -> str:
+    """The partition LakeRaw writes now (it stamps the current time), taken when the test starts:
+    a module constant would be taken at collection, and a run crossing midnight UTC broke on it."""
+    return f"extracted_date={dt.datetime.now(dt.UTC).date().isoformat()}"
+
+
 # What a reader does to see the stream's current rows (docs/ingestion.md): the latest version of
 # each key by generation then LSN, without the keys whose latest version is a deletion.
 LIVE_ROWS = """
@@ -532,7 +539,9 @@ def test_s3_from_settings_uses_the_configured_endpoint(s3: S3, tmp_path: Path):
 # Generations -------------------------------------------------------------------------------------
 
 
-def test_a_resnapshot_supersedes_older_generations_so_source_deletes_stay_deleted(tmp_path: Path):
+def test_a_resnapshot_supersedes_older_generations_so_source_deletes_stay_deleted(
+    tmp_path: Path, today: str
+):
     lake = LakeWriter(tmp_path / "lake")
     raw = LakeRaw(lake, "postgres")
     moved = lose_the_slot_and_resnapshot(raw)
@@ -547,11 +556,11 @@ def test_a_resnapshot_supersedes_older_generations_so_source_deletes_stay_delete
     # The older generations are history, under their own names, readable the same way.
     history = tmp_path / "lake" / "superseded" / "postgres" / "transaction"
     assert sorted(str(p.relative_to(history)) for p in history.rglob("*.parquet")) == [
-        f"generation={G1}/{TODAY}/sync-a-0.parquet",
-        f"generation={G1}/{TODAY}/sync-a-1.parquet",
-        f"generation={G1}/{TODAY}/sync-b-2.parquet",
-        f"generation={G1}/{TODAY}/sync-b-3.parquet",
-        f"generation={G2}/{TODAY}/sync-c-4.parquet",
+        f"generation={G1}/{today}/sync-a-0.parquet",
+        f"generation={G1}/{today}/sync-a-1.parquet",
+        f"generation={G1}/{today}/sync-b-2.parquet",
+        f"generation={G1}/{today}/sync-b-3.parquet",
+        f"generation={G2}/{today}/sync-c-4.parquet",
     ]
     by_generation = (
         duckdb.connect()
@@ -569,11 +578,11 @@ def test_a_resnapshot_supersedes_older_generations_so_source_deletes_stay_delete
     assert live_rows(lake) == AFTER_RESNAPSHOT
 
 
-def test_s3_resnapshot_leaves_only_the_live_generation_under_the_stream_prefix(s3: S3):
+def test_s3_resnapshot_leaves_only_the_live_generation_under_the_stream_prefix(s3: S3, today: str):
     lake = LakeWriter(f"s3://{s3.bucket}/exploration", s3.filesystem)
     assert lose_the_slot_and_resnapshot(LakeRaw(lake, "postgres")) == 10
-    live = f"exploration/raw/postgres/transaction/{TODAY}"
-    old = f"exploration/superseded/postgres/transaction/generation={{}}/{TODAY}"
+    live = f"exploration/raw/postgres/transaction/{today}"
+    old = f"exploration/superseded/postgres/transaction/generation={{}}/{today}"
     assert "exploration/_stripe_platform/state/postgres.transaction.json" in set(s3.keys())
     assert s3.data_keys() == [
         f"{live}/",  # the zero-byte marker pyarrow's S3 delete leaves; no reader takes it for data
@@ -616,13 +625,13 @@ def test_a_resnapshot_of_an_emptied_table_leaves_an_empty_live_generation(tmp_pa
 
 @pytest.mark.parametrize("statistics", [True, False], ids=["statistics", "no-statistics"])
 def test_files_without_a_recorded_generation_are_superseded_by_their_rows(
-    tmp_path: Path, statistics: bool
+    tmp_path: Path, statistics: bool, today: str
 ):
     """Files written before generations were recorded in the footer's metadata (or by another
     writer, without statistics): the generation comes from the column itself."""
     lake = LakeWriter(tmp_path / "lake")
     old, _ = prepare(TRANSACTION, versions([1, 2], 100), sync_id="s", generation_id=G1)
-    directory = Path(lake.stream_dir("postgres", TRANSACTION)) / TODAY
+    directory = Path(lake.stream_dir("postgres", TRANSACTION)) / today
     directory.mkdir(parents=True)
     pq.write_table(old, directory / "sync-a-0.parquet", write_statistics=statistics)
     assert GENERATION_KEY not in (pq.read_metadata(directory / "sync-a-0.parquet").metadata or {})
@@ -633,7 +642,9 @@ def test_files_without_a_recorded_generation_are_superseded_by_their_rows(
     assert moved == 2
 
 
-def test_an_interrupted_supersede_keeps_the_live_generation_and_finishes_next_time(tmp_path: Path):
+def test_an_interrupted_supersede_keeps_the_live_generation_and_finishes_next_time(
+    tmp_path: Path, today: str
+):
     lake = LakeWriter(tmp_path / "lake")
     raw = LakeRaw(lake, "postgres")
     for i in range(3):
@@ -642,7 +653,7 @@ def test_an_interrupted_supersede_keeps_the_live_generation_and_finishes_next_ti
         TRANSACTION, versions([0, 1], 200, "2.00"), sync_id="sync-b", generation_id=G2, state=None
     )
     # The second of the three moves fails: something already sits where its file should go.
-    history = Path(lake.history_dir("postgres", TRANSACTION)) / f"generation={G1}" / TODAY
+    history = Path(lake.history_dir("postgres", TRANSACTION)) / f"generation={G1}" / today
     (history / "sync-a-1.parquet").mkdir(parents=True)
     with pytest.raises(OSError):
         raw.finish_overwrite(TRANSACTION, G2, {"generation": G2})
@@ -753,7 +764,9 @@ class OneCallFailing:
 
 
 @pytest.mark.parametrize("failing", ["copy_file", "delete_file"])
-def test_s3_a_move_failing_half_way_loses_nothing_and_finishes_next_time(s3: S3, failing: str):
+def test_s3_a_move_failing_half_way_loses_nothing_and_finishes_next_time(
+    s3: S3, failing: str, today: str
+):
     lake = LakeWriter(f"s3://{s3.bucket}/lake", s3.filesystem)
     raw = LakeRaw(lake, "postgres")
     for i in range(3):
@@ -761,8 +774,8 @@ def test_s3_a_move_failing_half_way_loses_nothing_and_finishes_next_time(s3: S3,
     raw.write(
         TRANSACTION, versions([0, 1], 200, "2.00"), sync_id="sync-b", generation_id=G2, state=None
     )
-    live = f"lake/raw/postgres/transaction/{TODAY}"
-    old = f"lake/superseded/postgres/transaction/generation={G1}/{TODAY}"
+    live = f"lake/raw/postgres/transaction/{today}"
+    old = f"lake/superseded/postgres/transaction/generation={G1}/{today}"
     lake.filesystem = OneCallFailing(s3.filesystem, failing)
     with pytest.raises(OSError, match="Connection reset"):
         raw.finish_overwrite(TRANSACTION, G2, {"generation": G2})
@@ -805,7 +818,7 @@ def open_umask() -> Iterator[None]:
     os.umask(previous)
 
 
-def test_the_local_lake_is_readable_by_its_owner_only(tmp_path: Path, open_umask: None):
+def test_the_local_lake_is_readable_by_its_owner_only(tmp_path: Path, open_umask: None, today: str):
     home = tmp_path / "home"
     home.mkdir(mode=0o755)
     lake = LakeWriter(home / "lake")
@@ -820,12 +833,12 @@ def test_the_local_lake_is_readable_by_its_owner_only(tmp_path: Path, open_umask
     assert files == dict.fromkeys(files, 0o600)
     assert {
         ".",
-        f"superseded/postgres/transaction/generation={G1}/{TODAY}",
+        f"superseded/postgres/transaction/generation={G1}/{today}",
         "_stripe_platform/state",
     } <= directories
     assert {
-        f"raw/postgres/transaction/{TODAY}/sync-b-1.parquet",
-        f"superseded/postgres/transaction/generation={G1}/{TODAY}/sync-a-0.parquet",
+        f"raw/postgres/transaction/{today}/sync-b-1.parquet",
+        f"superseded/postgres/transaction/generation={G1}/{today}/sync-a-0.parquet",
         "_stripe_platform/state/postgres.transaction.json",
     } <= set(files)
     assert stat.S_IMODE(home.stat().st_mode) == 0o755  # above the lake: left as it was

@@ -8,7 +8,6 @@ import contextlib
 import csv
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 from decimal import Decimal
@@ -19,10 +18,10 @@ import yaml
 from psycopg import sql
 from pydantic import SecretStr
 
+from built_warehouse import cli_env, sync_all
 from stripe_platform.config import Settings
 from stripe_platform.docstore.client import connect as connect_docs
 from stripe_platform.ingestion.catalog import load_catalog
-from stripe_platform.ingestion.engine import open_writer, run_sync
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.status import change_status
@@ -33,7 +32,6 @@ from stripe_platform.transform import analyses
 from stripe_platform.transform import dbt as transform
 
 END = dt.date(2026, 11, 1)
-CONNECTIONS = ("postgres-to-snowflake", "mongodb-to-snowflake")
 QUERIES = ("revenue-tax-fr", "fraud-daily-small-credit", "premium-spend-fr")
 # Relations an incremental run must leave exactly as a rebuild from scratch would.
 INCREMENTAL = (
@@ -43,22 +41,6 @@ INCREMENTAL = (
     "analytics.dim_customer",
     "intermediate.int_transactions",
 )
-
-
-def cli_env(s: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_PLATFORM_")}
-    env.update(
-        STRIPE_PLATFORM_HOME=str(s.home),
-        STRIPE_PLATFORM_PG_DATABASE=s.pg_database,
-        STRIPE_PLATFORM_MONGODB_DATABASE=s.mongodb_database,
-        STRIPE_PLATFORM_WAREHOUSE=s.warehouse_backend,
-        COLUMNS="200",
-    )
-    if s.warehouse_path:
-        env["STRIPE_PLATFORM_WAREHOUSE_PATH"] = str(s.warehouse_path)
-    if s.warehouse_dsn:
-        env["STRIPE_PLATFORM_WAREHOUSE_DSN"] = s.warehouse_dsn.get_secret_value()
-    return env
 
 
 def cli(s: Settings, *args: str) -> subprocess.CompletedProcess:
@@ -71,13 +53,6 @@ def cli(s: Settings, *args: str) -> subprocess.CompletedProcess:
     )
     assert result.returncode == 0, f"{args}: {result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
-
-
-def sync_all(s: Settings) -> None:
-    catalog = load_catalog()
-    for name in CONNECTIONS:
-        connection = catalog.resolve(name)
-        run_sync(s, connection, open_writer(s, connection))
 
 
 def duckdb_rows(s: Settings, query: str) -> list[tuple]:

@@ -118,7 +118,7 @@ def _source(request: Request) -> str | None:
     return request.client.host if request.client else None
 
 
-def _refuse(
+def refuse(
     request: Request,
     status: int,
     reason: Reason,
@@ -204,7 +204,7 @@ async def principal(
     A credential resolved in the last seconds is decided in memory, on the event loop; otherwise
     on the thread pool (one database read)."""
     if bearer is None and not cookie:
-        raise _refuse(
+        raise refuse(
             request,
             401,
             "no_credentials",
@@ -237,17 +237,17 @@ def _authenticate(request: Request, secret: str, via: str) -> Principal:
 def _from_token(request: Request, policy: Policy, secret: str, now: dt.datetime) -> Principal:
     info = sessions.lookup_token(_settings(request), secret)
     if info is None:
-        raise _refuse(
+        raise refuse(
             request, 401, "invalid_token", "unknown bearer token", kind="authn", via="token"
         )
     refused = info.refusal(now)
     if refused is not None:
-        raise _refuse(
+        raise refuse(
             request, 401, "invalid_token", refused, kind="authn", user=info.user, via="token",
             detail={"token_id": info.token_id},
         )  # fmt: skip
     if info.user.lower() not in policy.users:
-        raise _refuse(
+        raise refuse(
             request, 401, "access_ended",
             f"user {info.user} is no longer in the access policy ({policy.source.name})",
             kind="authn", user=info.user, via="token", detail={"token_id": info.token_id},
@@ -267,13 +267,13 @@ def _from_token(request: Request, policy: Policy, secret: str, now: dt.datetime)
 def _from_session(request: Request, policy: Policy, token: str, now: dt.datetime) -> Principal:
     info = sessions.lookup_session(_settings(request), token)
     if info is None:
-        raise _refuse(
+        raise refuse(
             request, 401, "invalid_session", "unknown session: log in again (GET /saml/login)",
             kind="authn", via="session",
         )  # fmt: skip
     refused = info.refusal(now)
     if refused is not None:
-        raise _refuse(
+        raise refuse(
             request, 401, "invalid_session", f"{refused}: log in again (GET /saml/login)",
             kind="authn", user=info.user, via="session",
             detail={"session": info.session_id[:12]},
@@ -305,21 +305,21 @@ def _roles(
     entry = policy.users.get(user.lower())
     if entry is not None and not entry.active(now):
         assert entry.until is not None
-        raise _refuse(
+        raise refuse(
             request, 401, "access_expired",
             f"the access of {user} ended at {entry.until:%Y-%m-%d %H:%M} UTC "
             f"({policy.source.name}:{entry.line})",
             kind="authn", user=user, via=via,
         )  # fmt: skip
     if entry is not None and "api" not in entry.stores:
-        raise _refuse(
+        raise refuse(
             request, 403, "no_api_access",
             f"user {user} is not provisioned on the API (stores of {policy.source.name}:{entry.line})",
             kind="authn", user=user, via=via,
         )  # fmt: skip
     roles = carried & sessions.policy_roles(policy, user, groups, now)
     if not roles:
-        raise _refuse(
+        raise refuse(
             request, 403, "no_role",
             f"none of the roles of this credential ({', '.join(sorted(carried))}) is granted to "
             f"{user} by the access policy now",
@@ -350,7 +350,7 @@ def require_scope(scope: str) -> Callable[..., Principal]:
     async def check(request: Request, who: Annotated[Principal, Depends(principal)]) -> Principal:
         policy = _policy(request)
         if not policy.has_scope(who.roles, scope):
-            raise _refuse(
+            raise refuse(
                 request, 403, "missing_scope",
                 f"{who.user} (roles {', '.join(sorted(who.roles))}) lacks the scope {scope}",
                 kind="authz", user=who.user, via=who.via,
@@ -383,7 +383,7 @@ def require_clear(*data_classes: str, bulk: bool = False) -> Callable[..., Princ
         what = {"classes": list(classes), "bulk": bulk}
         hidden = [c for c in classes if not policy.may_read_clear(who.roles, c)]
         if hidden:
-            raise _refuse(
+            raise refuse(
                 request, 403, "not_cleared",
                 f"{who.user} (roles {', '.join(sorted(who.roles))}) may not read "
                 f"{', '.join(hidden)} data in clear",
@@ -392,7 +392,7 @@ def require_clear(*data_classes: str, bulk: bool = False) -> Callable[..., Princ
         if policy.needs_step_up(classes, bulk=bulk):
             window = policy.mfa.step_up_seconds
             if who.via != "session":
-                raise _refuse(
+                raise refuse(
                     request, 403, "interactive_session_required",
                     "an interactive session with MFA is required (SSO login, then "
                     "POST /v1/auth/mfa/verify); API tokens cannot step up",
@@ -402,7 +402,7 @@ def require_clear(*data_classes: str, bulk: bool = False) -> Callable[..., Princ
             verified = who.mfa_verified_at
             if verified is None or (now - verified).total_seconds() > window:
                 when = "never" if verified is None else f"at {verified:%H:%M:%S} UTC"
-                raise _refuse(
+                raise refuse(
                     request, 401, "mfa_required",
                     f"a second factor within the last {window} s is required (last verified "
                     f"{when}): POST /v1/auth/mfa/verify",

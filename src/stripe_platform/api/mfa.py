@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field, StringConstraints
 
-from stripe_platform.api.auth import AUTH_RESPONSES, REALM, Principal, principal
-from stripe_platform.audit import access_log
+from stripe_platform.api.auth import AUTH_RESPONSES, REALM, Principal, principal, refuse
 from stripe_platform.security import mfa, sessions
 from stripe_platform.security.keys import KeyError_
 from stripe_platform.security.policy import load_policy
@@ -105,25 +104,12 @@ def _settings(request: Request) -> Settings:
 def session_principal(request: Request, who: Annotated[Principal, Depends(principal)]) -> Principal:
     """The caller, who must be a person's session: a token has no second factor."""
     if who.via != "session" or who.session_id is None:
-        access_log.record(
-            _settings(request),
-            kind="authz",
-            user=who.user,
-            source=who.source_ip,
-            resource=request.url.path,
-            action=request.method,
-            outcome="deny",
-            reason="interactive_session_required",
-            via=who.via,
-        )
-        raise HTTPException(
-            403,
-            {
-                "reason": "interactive_session_required",
-                "message": "a second factor belongs to a person's SSO session (GET /saml/login); "
-                "API tokens cannot enrol or step up",
-            },
-        )
+        raise refuse(
+            request, 403, "interactive_session_required",
+            "a second factor belongs to a person's SSO session (GET /saml/login); "
+            "API tokens cannot enrol or step up",
+            kind="authz", user=who.user, via=who.via,
+        )  # fmt: skip
     return who
 
 
