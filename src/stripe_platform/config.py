@@ -254,6 +254,22 @@ class Settings(BaseSettings):
         description="prod: the audit lake bucket's Object Lock default retention (compliance mode).",
     )
 
+    # Privacy and compliance (issue 23: compliance/, docs/compliance.md) ---------------------------
+    privacy_gdpr_days: int = Field(
+        30, ge=1, description="GDPR: a data-subject request is answered within one month."
+    )
+    privacy_ccpa_days: int = Field(
+        45, ge=1, description="CCPA: a consumer request is answered within 45 days."
+    )
+    breach_notify_hours: int = Field(
+        72,
+        ge=1,
+        description="GDPR Art. 33: a personal-data breach is notified to the authority within 72 hours.",
+    )
+    dashboard_trend_days: int = Field(
+        30, ge=1, description="The compliance dashboard's trend window (days of daily controls)."
+    )
+
     pii_key: SecretStr | None = Field(
         None,
         min_length=32,

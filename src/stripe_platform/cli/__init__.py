@@ -16,6 +16,7 @@ from stripe_platform.cli import (
     api,
     audit,
     bench,
+    compliance,
     docstore,
     governance,
     incidents,
@@ -24,6 +25,7 @@ from stripe_platform.cli import (
     keys,
     ml,
     oltp,
+    privacy,
     runtime,
     seed,
     streaming,
@@ -56,5 +58,16 @@ from stripe_platform.cli import access_log, access_mfa, access_tokens, access_wa
 app.add_typer(audit.audit_app, name="audit")
 app.add_typer(incidents.incidents_app, name="incidents")
 from stripe_platform.cli import audit_collect, audit_model, audit_rules  # noqa: E402, F401
+
+app.add_typer(privacy.privacy_app, name="privacy")
+app.add_typer(compliance.compliance_app, name="compliance")
+# Their commands register on `privacy_app` / `compliance_app`: imported for that.
+from stripe_platform.cli import (  # noqa: E402, F401
+    compliance_controls,
+    compliance_dashboard,
+    privacy_breach,
+    privacy_consent,
+    privacy_requests,
+)
 
 __all__ = ["app"]
