@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from stripe_platform.api import customers, fraud, health, mfa, sso
+from stripe_platform.api import compliance, customers, fraud, health, mfa, privacy, sso
 from stripe_platform.api.services import Services
 from stripe_platform.api.serving import REFRESH_SECONDS
 from stripe_platform.audit import access_log
@@ -30,6 +30,8 @@ ROUTERS = (
     sso.router,
     mfa.router,
     customers.router,
+    privacy.router,
+    compliance.router,
 )
 
 DESCRIPTION = """The payments platform's API.

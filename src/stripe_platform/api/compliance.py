@@ -1,0 +1,7 @@
+"""The API's compliance section (issue 23): placeholder until its owner fills it in."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["compliance"])
