@@ -56,6 +56,20 @@ if ! command -v xmlsec1 >/dev/null 2>&1; then
   fi
 fi
 
+# Debian's Chromium: the compliance dashboard's browser tests (playwright drives /usr/bin/chromium;
+# playwright's own browser download is never used).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing chromium (headless browser tests of the compliance dashboard)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium is missing (the dashboard's browser tests). Install it, e.g.:" >&2
+    echo "  sudo apt-get install chromium" >&2
+    exit 1
+  fi
+fi
+
 say "syncing the Python environment (uv sync --frozen)"
 # --compile-bytecode writes the .pyc files up front: every CLI call, Airflow task and dbt run
 # imports Airflow or dbt, and where PYTHONDONTWRITEBYTECODE is set they would otherwise be compiled
