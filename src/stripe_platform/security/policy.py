@@ -39,6 +39,7 @@ API_SCOPES: frozenset[str] = frozenset(
         "exports.run",  # bulk exports
         "access.admin",  # the access API itself (tokens, MFA resets)
         "privacy.requests",  # privacy requests (issue 23)
+        "compliance.read",  # the compliance dashboard, its KPIs and evidence (issue 23)
     }
 )
 # Where a user is provisioned (the targets); a role's grants per store are its own sections.
