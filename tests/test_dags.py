@@ -6,6 +6,7 @@ The defaults, alert and Airflow-environment helpers are also tested without Airf
 from __future__ import annotations
 
 import datetime as dt
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -127,7 +128,33 @@ def test_airflow_env_is_private_to_the_platform_home(tmp_path):
     assert env["AIRFLOW__COSMOS__CACHE_DIR"] == str(tmp_path / "airflow" / "cosmos")
     assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
     assert (env["AIRFLOW__API__HOST"], env["AIRFLOW__API__PORT"]) == ("127.0.0.1", "8099")
-    assert env["STRIPE_PLATFORM_HOME"] == str(tmp_path) and env["PATH"] == "/bin"
+    assert env["STRIPE_PLATFORM_HOME"] == str(tmp_path)
+    assert env["PATH"] == f"{Path(sys.executable).parent}:/bin"
+
+
+def test_airflow_children_find_the_interpreters_scripts_without_the_venv_on_path(tmp_path):
+    """`.venv/bin/stripe-platform airflow` from a shell without the virtualenv activated: Airflow
+    and the libraries its tasks use start `airflow` and `dbt` by name; they must be this
+    environment's, not missing (FileNotFoundError) nor another installation's."""
+    s = load_settings(home=tmp_path, profile="embedded")
+    env = airflow_env(s, base={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}, port=8099)
+    found = subprocess.run(
+        ["/bin/sh", "-c", "command -v airflow; command -v dbt; airflow version"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    airflow, dbt, version = found.stdout.split()[:3]
+    scripts = Path(sys.executable).parent
+    assert (Path(airflow), Path(dbt)) == (scripts / "airflow", scripts / "dbt")
+    assert version == importlib.metadata.version("apache-airflow")
+    # Without the environment's PATH the same shell does not find them: the test can fail.
+    bare = subprocess.run(
+        ["/bin/sh", "-c", "command -v airflow"], env={"PATH": "/usr/bin:/bin"}, check=False
+    )
+    assert bare.returncode != 0
 
 
 # --- DAG integrity ----------------------------------------------------------------------------

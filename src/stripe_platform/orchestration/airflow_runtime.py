@@ -31,6 +31,10 @@ from stripe_platform.runtime.tls import ensure_certificates
 DAGS_DIR = REPO_ROOT / "dags"
 DEFAULT_PORT = 8080
 AIRFLOW = [sys.executable, "-m", "airflow"]
+# The running interpreter's scripts (airflow, dbt, ...): Airflow and the libraries its tasks use
+# start some of them by name, so they must resolve to this environment whatever the user's PATH
+# (`.venv/bin/stripe-platform airflow` without an activated virtualenv).
+SCRIPTS_DIR = Path(sys.executable).parent
 
 
 class AirflowSetupError(PlatformError, RuntimeError):
@@ -49,7 +53,8 @@ def airflow_env(
     The platform's own variables are passed through, with the home made absolute so tasks find
     the same cluster, documents and warehouse whatever their working directory. The api-server
     listens with TLS only (uvicorn takes ``[api] ssl_cert/ssl_key``; there is no plain listener
-    beside it) and tasks verify it against the runtime's CA (``[api] ssl_ca_file``).
+    beside it) and tasks verify it against the runtime's CA (``[api] ssl_ca_file``). ``PATH``
+    starts with this interpreter's scripts directory (:data:`SCRIPTS_DIR`).
     """
     home = airflow_home(settings)
     tls = ensure_certificates(settings.home_dir / "tls")
@@ -80,6 +85,8 @@ def airflow_env(
             "STRIPE_PLATFORM_PROFILE": settings.profile,
         }
     )
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != str(SCRIPTS_DIR)]
+    env["PATH"] = os.pathsep.join([str(SCRIPTS_DIR), *path])
     if "AIRFLOW_CONN_AIRBYTE_DEFAULT" not in env and settings.ingestion_backend == "airbyte":
         from stripe_platform.orchestration.airbyte import airflow_connection_from_env
 
