@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from stripe_platform.api import compliance, customers, fraud, health, mfa, privacy, sso
+from stripe_platform.api import compliance, consent, customers, fraud, health, mfa, privacy, sso
 from stripe_platform.api.services import Services
 from stripe_platform.api.serving import REFRESH_SECONDS
 from stripe_platform.audit import access_log
@@ -31,6 +31,7 @@ ROUTERS = (
     mfa.router,
     customers.router,
     privacy.router,
+    consent.router,
     compliance.router,
 )
 

@@ -491,10 +491,13 @@ def load_platform_transactions(
     start: dt.datetime | None = None,
     end: dt.datetime | None = None,
     require_labels: bool = True,
+    purpose: str | None = None,
 ) -> Transactions:
     """The platform's transactions (OLTP PostgreSQL of ``settings``) with ``start <= DateTime <
     end`` (either bound optional) as canonical transactions; labels are fraud reports (see the
-    module's docstring). Read with COPY binary straight into Arrow."""
+    module's docstring). Read with COPY binary straight into Arrow. ``purpose`` (e.g.
+    ``ml_training``): only the payments of customers who consent to it now (issue 23,
+    compliance/consent.py)."""
     import psycopg
     from psycopg import sql
 
@@ -509,6 +512,10 @@ def load_platform_transactions(
         period.append(sql.SQL("t.DateTime >= {}").format(sql.Literal(start)))
     if end is not None:
         period.append(sql.SQL("t.DateTime < {}").format(sql.Literal(end)))
+    if purpose is not None:
+        from stripe_platform.compliance import consent
+
+        period.append(consent.allowed_sql(purpose, sql.SQL("t.CustomerID")))
     query = sql.SQL(PLATFORM_QUERY).format(
         rates=sql.SQL(", ").join(
             sql.SQL("({}, {}::float8)").format(sql.Literal(code), sql.Literal(rate))

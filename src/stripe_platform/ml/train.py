@@ -101,12 +101,16 @@ def load_transactions(
     *,
     require_labels: bool = True,
 ) -> Transactions:
-    """Canonical transactions: given, read from a parquet file, or the platform's own."""
+    """Canonical transactions: given, read from a parquet file, or the platform's own. The
+    platform's own are its customers' payments: only those of customers who consent to
+    ``ml_training`` now (issue 23, compliance/consent.py) train or evaluate a model."""
     if isinstance(transactions, Transactions):
         return transactions
     if transactions is not None:
         return read_transactions(transactions, require_labels=require_labels)
-    return load_platform_transactions(settings, require_labels=require_labels)
+    return load_platform_transactions(
+        settings, require_labels=require_labels, purpose="ml_training"
+    )
 
 
 def snapshot_id(transactions: Transactions) -> str:
