@@ -39,12 +39,11 @@ from psycopg.types.json import Jsonb
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
-from stripe_platform.governance.classification import load_catalog
 from stripe_platform.oltp import db
 from stripe_platform.security.envelope import shared_envelope
 from stripe_platform.security.keys import KeyError_
 
-from . import stores
+from . import consent, stores
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +352,7 @@ def submit(
             if kind == "rectify"
             else f"an {kind} request takes no corrections"
         )
-    catalog = load_catalog()
+    catalog = stores.catalog()
     for name in changes or {}:
         try:
             stores.POSTGRES.parse_change(catalog, name)
@@ -527,9 +526,10 @@ def read_export(settings: Settings, request_id: int) -> dict[str, Any]:
 
 
 def _consent_opt_out(settings: Settings, request: PrivacyRequest, now: dt.datetime) -> dict:
-    from stripe_platform.compliance import consent  # P3's registry: read, never copied
-
-    consent.opt_out(settings, request.customer_id, source=request.source, at=now)
+    # The consent registry's own opt-out (compliance/consent.py), its source naming the request.
+    consent.opt_out(
+        settings, request.customer_id, source="request", by=request.requested_by, at=now
+    )
     return {"opted_out": 1}
 
 
@@ -571,7 +571,7 @@ def _run(
                 f"{request.id}`)",
             )
             return get_request(settings, request.id)
-    catalog = load_catalog()
+    catalog = stores.catalog()
     plan = request.plan or _plan(request.kind, catalog)
     previous = {s.store: s for s in request.steps}
     steps = [previous.get(n, StepState(n, "pending")) for n in plan["steps"]]

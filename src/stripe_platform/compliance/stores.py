@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import hashlib
 import importlib
 import ipaddress
@@ -39,7 +40,13 @@ from stripe_platform.docstore.fields import (
     protected_fields,
 )
 from stripe_platform.errors import PlatformError
-from stripe_platform.governance.classification import RESTRICTED, Catalog, DataClass, Entry
+from stripe_platform.governance.classification import (
+    RESTRICTED,
+    Catalog,
+    DataClass,
+    Entry,
+    load_catalog,
+)
 from stripe_platform.oltp import db
 
 # The order a request's steps run in; every registered store has one of these names.
@@ -256,6 +263,13 @@ def _identifier_kind(field: str, category: str | None) -> str | None:
     if kind == "emails" and field.lower().endswith("hash"):
         return "email_hashes"
     return kind
+
+
+@functools.cache
+def catalog() -> Catalog:
+    """The classification catalog, loaded once a process (as the API's routes do): every step of
+    a request reads the same one."""
+    return load_catalog()
 
 
 def catalog_digest(catalog: Catalog) -> str:
