@@ -324,7 +324,7 @@ def test_a_drill_down_shows_the_evidence(site, admin):
 def test_a_role_without_the_scope_is_refused(site):
     context, page = log_in(site, "dana.dev", "engineers")
     try:
-        assert "lacks the scope compliance.read" in page.locator("#refusal").inner_text()
+        assert "lacks the scope compliance.read" in page.locator("#message").inner_text()
         assert page.locator("article[data-kpi]").count() == 0
         page.screenshot(path=str(ARTIFACTS / "refused-developer.png"))
         status, api = fetch(context, f"{site.url}/v1/compliance/kpis")
@@ -345,6 +345,8 @@ def test_a_failing_source_leaves_its_kpis_unavailable_and_the_others_shown(site,
             assert "the daily controls cannot be read" in detail and "migration 0026" in detail
             text, status = shown(admin, "incidents")
             assert status == "bad" and number(text) == 2 + 1
+            status, body = fetch(admin.context, f"{site.url}/v1/compliance/evidence/retention")
+            assert status == 503 and "migration 0026" in body["detail"]
             admin.screenshot(path=str(ARTIFACTS / "source-down.png"), full_page=True)
         finally:
             conn.execute("ALTER TABLE privacy.control_result_away RENAME TO control_result")

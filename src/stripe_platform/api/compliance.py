@@ -26,6 +26,7 @@ from stripe_platform.api.auth import AUTH_RESPONSES, Principal, principal, requi
 from stripe_platform.api.dashboard import page
 from stripe_platform.compliance import kpis as kpis_module
 from stripe_platform.compliance.kpis import EvidenceNotFound, Kpis
+from stripe_platform.errors import PlatformError
 from stripe_platform.security import sessions
 
 if TYPE_CHECKING:
@@ -38,7 +39,10 @@ _allowed = require_scope(SCOPE)
 EvidenceName = Annotated[
     str, Path(pattern=r"^[a-z_]{1,40}$", description="A control's name or a source of evidence")
 ]
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No evidence of that name"}}
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No evidence of that name"},
+    503: {"description": "The evidence's source cannot be read now (the message says why)"},
+}
 
 
 def _settings(request: Request) -> Settings:
@@ -60,7 +64,7 @@ async def _viewer(request: Request, cookie: str | None) -> Principal | Response:
             )
         detail = exc.detail if isinstance(exc.detail, dict) else {"message": str(exc.detail)}
         return HTMLResponse(
-            page.refusal_page(exc.status_code, str(detail.get("message", ""))),
+            page.message_page(exc.status_code, str(detail.get("message", ""))),
             status_code=exc.status_code,
             headers=page.security_headers(),
         )
@@ -99,9 +103,10 @@ async def evidence_page(
         return who
     try:
         data = await run_in_threadpool(kpis_module.evidence, _settings(request), name)
-    except EvidenceNotFound as exc:
+    except PlatformError as exc:  # an unknown name (404), or a source that cannot be read (503)
+        status = 404 if isinstance(exc, EvidenceNotFound) else 503
         return HTMLResponse(
-            page.refusal_page(404, str(exc)), status_code=404, headers=page.security_headers()
+            page.message_page(status, str(exc)), status_code=status, headers=page.security_headers()
         )
     return HTMLResponse(
         page.evidence_page(name, data, user=who.user), headers=page.security_headers()
@@ -130,3 +135,5 @@ def evidence(request: Request, name: EvidenceName) -> dict[str, Any]:
         return kpis_module.evidence(_settings(request), name)
     except EvidenceNotFound as exc:
         raise HTTPException(404, str(exc)) from None
+    except PlatformError as exc:  # the source cannot be read now (e.g. not migrated): it says why
+        raise HTTPException(503, str(exc)) from None

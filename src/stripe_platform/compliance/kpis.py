@@ -528,6 +528,10 @@ def _figure(value: float | None, unit: str) -> str:
     if unit == "%":
         return f"{value:.1f} %"
     shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+    if value == 1:  # "1 breach", "1 item": the units are English plurals
+        unit = (
+            unit[:-2] if unit.endswith(("ches", "shes", "sses", "xes")) else unit.removesuffix("s")
+        )
     return f"{shown} {unit}".strip()
 
 

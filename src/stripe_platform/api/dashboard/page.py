@@ -251,7 +251,11 @@ def evidence_page(name: str, data: dict[str, Any], *, user: str) -> str:
     return _document(f"{title} — compliance evidence", header, body)
 
 
-def refusal_page(status: int, message: str) -> str:
-    header = f"<h1>Compliance</h1><p>{status}: access refused</p>"
-    body = f'<section class="panel" id="refusal"><p>{escape(message)}</p></section>'
-    return _document("Access refused — stripe-platform", header, body)
+def message_page(status: int, message: str) -> str:
+    """A refusal (401/403), an unknown evidence name (404) or a source down (503), said plainly."""
+    said = {403: "access refused", 404: "not found", 503: "unavailable"}.get(status, "refused")
+    header = (
+        f'<h1>Compliance</h1><p>{status}: {said} &middot; <a href="/compliance">dashboard</a></p>'
+    )
+    body = f'<section class="panel" id="message"><p>{escape(message)}</p></section>'
+    return _document(f"{status} {said} — stripe-platform", header, body)
