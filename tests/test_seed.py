@@ -312,7 +312,10 @@ def test_every_month_of_history_is_populated(seeded):
 def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, monkeypatch):
     s, docs = stores(settings, database, docdb), docdb
     data = build(make_spec(**{**SPEC, "max_documents": 500}))
-    monkeypatch.setattr(seed_load, "TX_BATCH", 2_000)
+    monkeypatch.setattr(seed_load, "TX_BATCH", 2_000)  # several batches: indexes deferred
+    indexes = "SELECT indexdef FROM pg_indexes WHERE tablename = 'transaction' ORDER BY 1"
+    with db.connect(s) as conn:
+        migrated = rows(conn, indexes)
     real_writer = seed_load._transaction_writer
     calls = {"n": 0}
 
@@ -336,6 +339,15 @@ def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, 
             "SELECT count(*) FROM platform.seed_batch WHERE entity = 'transaction'"
         ).fetchone()[0]
         assert conn.execute("SELECT count(*) FROM Transaction").fetchone()[0] == committed * 2_000
+        # The secondary indexes were dropped for the load; their definitions are kept for the
+        # rerun (primary key only in the meantime).
+        assert [d for (d,) in rows(conn, indexes)] == [
+            d for (d,) in migrated if "transaction_pkey" in d
+        ]
+        kept = rows(
+            conn, "SELECT count(*) FROM platform.seed_batch WHERE entity LIKE 'index:CREATE%'"
+        )
+        assert kept[0][0] == len(migrated) - 1 >= 4
     monkeypatch.setattr(seed_load, "_transaction_writer", real_writer)
     report = seed_load.seed(s, data, docs)
     assert report.resumed_batches >= committed
@@ -344,6 +356,8 @@ def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, 
             "SELECT count(*), count(DISTINCT ID), sum(Amount)::float8 FROM Transaction"
         ).fetchone()
         changes = conn.execute("SELECT count(*) FROM TransactionStateChanges").fetchone()[0]
+        assert rows(conn, indexes) == migrated  # built again, as the migrations define them
+        assert not rows(conn, "SELECT entity FROM platform.seed_batch WHERE entity LIKE 'index:%'")
     assert count == distinct == data.transactions.num_rows
     assert total == pytest.approx(float(np.sum(data.transactions.column("amount").to_numpy())))
     assert changes == data.state_changes.num_rows
