@@ -77,13 +77,19 @@ def prepare_database(settings, scale: float):
         ).fetchone()
         if not exists:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
+    spec = make_spec(scale=scale, end=dt.date(2026, 11, 1), max_documents=1000)
     with db.connect(s, autocommit=True) as conn:
         migrate(conn)
-    spec = make_spec(scale=scale, end=dt.date(2026, 11, 1), max_documents=1000)
+        seeded = [key for (key,) in conn.execute("SELECT run_key FROM platform.seed_run")]
+    # The database is the benchmark's own: data of another scale (or anything else) is replaced,
+    # the same run resumed.
+    replace = seeded != [spec.run_key]
     print(
-        f"seeding {spec.n_transactions:,} transactions (resumes if already there) ...", flush=True
+        f"seeding {spec.n_transactions:,} transactions "
+        f"({'replacing what the database held' if replace else 'resumes if already there'}) ...",
+        flush=True,
     )
-    seed(s, build(spec), connect_docs(s), reset_first=False)
+    seed(s, build(spec), connect_docs(s), reset_first=replace)
     return s
 
 
@@ -167,23 +173,33 @@ PEER_PACKAGES = {
 }
 
 
+def uv_command() -> list[str]:
+    """uv as the bootstrap chose it (scripts/bootstrap.sh's uv_cmd; the Makefile's UV): the one
+    running us under `uv run` (it says which in $UV), else `uv` on PATH, else the copy installed
+    with pip for the system's python3 (`python3 -m uv`)."""
+    if os.environ.get("UV"):
+        return [os.environ["UV"]]
+    on_path = shutil.which("uv")
+    return [on_path] if on_path else ["python3", "-m", "uv"]
+
+
 def _peer_python(name: str) -> Path | str:
     """The interpreter of the peer's own virtualenv (made on first use), or why it is missing."""
     venv = Path(tempfile.gettempdir()) / f"stripe-platform-bench-{name}"
     python = venv / "bin" / "python"
     if not python.exists():
-        made = subprocess.run(
-            ["uv", "venv", "-q", "-p", sys.executable, str(venv)], capture_output=True, check=False
-        )
-        pip = subprocess.run(
-            ["uv", "pip", "install", "-q", "-p", str(python), *PEER_PACKAGES[name]],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if made.returncode or pip.returncode:
-            shutil.rmtree(venv, ignore_errors=True)
-            return f"not run: could not install {name} ({pip.stderr.strip()[:120]})"
+        uv = uv_command()
+        for step in (
+            ["venv", "-q", "-p", sys.executable, str(venv)],
+            ["pip", "install", "-q", "-p", str(python), *PEER_PACKAGES[name]],
+        ):
+            try:
+                done = subprocess.run([*uv, *step], capture_output=True, text=True, check=False)
+            except OSError as exc:  # no uv at all: the peer is reported as not run
+                return f"not run: {' '.join(uv)}: {exc}"[:160]
+            if done.returncode:
+                shutil.rmtree(venv, ignore_errors=True)
+                return f"not run: could not install {name} ({done.stderr.strip()[:120]})"
     return python
 
 

@@ -29,7 +29,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg.types.string import TextLoader
 
 from stripe_platform.config import Settings
@@ -514,42 +514,43 @@ class Engine:
         connection = self.connection
         while True:
             try:
-                batch = cdc.read_changes(conn, slot, connection.publication, max_changes=BATCH_ROWS)
+                batch = cdc.read_changes(
+                    conn, slot, connection.publication, max_changes=BATCH_ROWS, columnar=True
+                )
             except (cdc.SlotNotFoundError, cdc.SlotLostError) as exc:
                 raise _SlotReplaced(f"connection {connection.name}: {exc}") from exc
             refusal = _resume_refusal(state, cdc.slot_info(conn, slot), slot)
             if refusal is not None:
                 raise _SlotReplaced(f"connection {connection.name}: {refusal}")
-            by_table: dict[str, list[cdc.Change]] = defaultdict(list)
-            for change in batch.changes:
-                if change.op != "truncate":
-                    by_table[change.table].append(change)
-            for table_name, changes in by_table.items():
+            for group in batch.relations:  # truncations (batch.changes) are not synced
+                table_name = group.relation.name
                 if table_name not in raw:
                     continue
                 stream = connection.stream(table_name)
                 names = {c.name for c in raw[table_name].columns}
                 allowed = names | set(stream.exclude_columns)
-                if not all(
-                    allowed.issuperset(c.row) and (c.op == "delete" or names.issubset(c.row))
-                    for c in changes
-                ):
+                sent = set(group.relation.column_names)  # every column, deletes' NULL but the key
+                if not (allowed.issuperset(sent) and names.issubset(sent)):
                     raw[table_name] = self._raw_stream(
                         stream, self._pg_columns(conn, stream), "postgres"
+                    )
+                table = _columnar_change_table(raw[table_name], group)
+                if table is None:  # not of the plain shape: a change at a time
+                    changes = group.changes()
+                    table = _change_table(
+                        raw[table_name],
+                        changes,
+                        _toasted_values(conn, raw[table_name], table_name, changes),
                     )
                 self._write(
                     report,
                     raw[table_name],
                     table_name,
-                    _change_table(
-                        raw[table_name],
-                        changes,
-                        _toasted_values(conn, raw[table_name], table_name, changes),
-                    ),
+                    table,
                     None,
                     int(state.get("generation", 0)),
                 )
-            if batch.changes or batch.resume_lsn != state.get("lsn"):
+            if batch.relations or batch.resume_lsn != state.get("lsn"):
                 # Only now, with the changes durable in the destination, may the slot move on.
                 state = {**state, "lsn": batch.resume_lsn}
                 self.writer.save_state(connection.state_key, state)
@@ -965,6 +966,37 @@ def _change_table(
             "_ab_cdc_deleted_at",
             pa.array([c.commit_time if c.op == "delete" else None for c in changes], at),
         )
+    )
+
+
+def _columnar_change_table(raw: RawStream, group: cdc.RelationChanges) -> pa.Table | None:
+    """What :func:`_change_table` gives for the same changes, decoded a column at a time
+    (``RelationChanges.text_columns``) and typed by Arrow in bulk (``pgvalues.from_text``): no
+    Python per value. A column Arrow does not read as pgoutput's converters do (bytea, a value
+    such as ``infinity``) is converted value by value as change rows are. None when the changes
+    are not of the plain shape ``text_columns`` takes: the caller then decodes change by change."""
+    decoded = group.text_columns()
+    if decoded is None or not {c.name for c in raw.columns} <= decoded[1].keys():
+        return None
+    ops, texts = decoded
+    oids = {c.name: c.type_oid for c in group.relation.columns}
+    arrays = []
+    for column in raw.columns:
+        text, oid = texts[column.name], oids[column.name]
+        array = pgvalues.from_text(text, oid, column.type)
+        if array is None:
+            array = pgvalues.column([convert_value(oid, v) for v in text.to_pylist()], column.type)
+        arrays.append(array)
+    schema = pa.schema([(c.name, ARROW[c.type]) for c in raw.columns])
+    batch = pa.RecordBatch.from_arrays(arrays, names=[c.name for c in raw.columns])
+    table = pa.Table.from_batches([_typed(batch, schema)])
+    at = pa.timestamp("us", tz="UTC")
+    committed = pa.array([commit_time for _, commit_time, _ in group.commits], at)
+    deleted = pa.array(ops == ord("D"))
+    return (
+        table.append_column("_ab_cdc_lsn", pa.array(group.lsns, pa.int64()))
+        .append_column("_ab_cdc_updated_at", committed)
+        .append_column("_ab_cdc_deleted_at", pc.if_else(deleted, committed, pa.scalar(None, at)))
     )
 
 

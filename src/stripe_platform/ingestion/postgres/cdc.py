@@ -33,9 +33,10 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple
 
+import numpy as np
 import psycopg
 import pyarrow as pa
 from psycopg import pq, sql
@@ -51,6 +52,7 @@ from stripe_platform.ingestion.postgres.pgoutput import (
     Begin,
     Commit,
     Decoder,
+    Relation,
     RowChange,
     Truncate,
     format_lsn,
@@ -63,6 +65,7 @@ __all__ = [
     "ChangeBatch",
     "ColumnInfo",
     "PublicationNotFoundError",
+    "RelationChanges",
     "ReplicaIdentityError",
     "SlotExistsError",
     "SlotInUseError",
@@ -427,14 +430,103 @@ class Change(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class RelationChanges:
+    """Row changes (inserts, updates, deletes) of one relation, in commit order, as pgoutput sent
+    them (``read_changes(..., columnar=True)``): decoded a column at a time
+    (:meth:`text_columns`), or a change at a time (:meth:`changes`) where that does not apply.
+    A relation redefined within a batch (a column added) has a group per definition."""
+
+    relation: Relation
+    encoding: str
+    messages: list[bytes] = field(default_factory=list)
+    lsns: list[int] = field(default_factory=list)
+    # per change: (commit LSN, commit time, xid) of its transaction, shared by its changes
+    commits: list[tuple[int, dt.datetime, int]] = field(default_factory=list)
+
+    def changes(self) -> list[Change]:
+        """The changes as :func:`read_changes` returns them without ``columnar``."""
+        decoder = Decoder(self.encoding)
+        decoder.relations[self.relation.oid] = self.relation
+        out = []
+        for data, lsn, (commit_lsn, commit_time, xid) in zip(
+            self.messages, self.lsns, self.commits, strict=True
+        ):
+            op, rel, row, old = decoder.decode_change(data)  # type: ignore[misc]
+            out.append(
+                Change(
+                    op,
+                    rel.namespace,
+                    rel.name,
+                    row,
+                    old,
+                    rel.key_columns,
+                    lsn,
+                    commit_lsn,
+                    commit_time,
+                    xid,
+                )
+            )
+        return out
+
+    def text_columns(self) -> tuple[np.ndarray, dict[str, pa.StringArray]] | None:
+        """Each change's operation (b"I", b"U" or b"D" as uint8) and, per column, the server's
+        text of the new values (deletes: the key, other columns NULL), as Arrow string arrays,
+        found by a compiled loop (``pgoutput_kernel``) with no per-value Python. None when a
+        change is not of that plain shape (an update carrying its old key or row, an unchanged
+        TOASTed value, a binary value, text not in UTF-8): :meth:`changes` then applies."""
+        from stripe_platform.ingestion.postgres import pgcopy_kernel, pgoutput_kernel
+
+        n, columns = len(self.messages), self.relation.column_names
+        if self.encoding != "utf-8" or not n:
+            return None
+        sizes = np.fromiter((len(m) for m in self.messages), np.int64, n)
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        buf = np.frombuffer(b"".join(self.messages), np.uint8)
+        ops, kinds_at_5 = buf[starts], buf[starts + 5]
+        plain = np.where(
+            ops == ord("D"), np.isin(kinds_at_5, (ord("K"), ord("O"))), kinds_at_5 == ord("N")
+        )
+        if not plain.all():
+            return None
+        ncols = len(columns)
+        kinds = np.zeros((ncols, n), np.uint8)
+        at = np.zeros((ncols, n), np.int64)
+        length = np.zeros((ncols, n), np.int64)
+        if pgoutput_kernel.split_tuples(buf, starts, ends, ncols, kinds, at, length) != -1:
+            return None
+        if (kinds == pgoutput_kernel.UNCHANGED).any() or (kinds == pgoutput_kernel.BINARY).any():
+            return None
+        if int(length.sum(axis=1).max(initial=0)) >= 2**31:  # Arrow string offsets are int32
+            return None
+        texts = {}
+        for j, name in enumerate(columns):
+            valid = kinds[j] == pgoutput_kernel.TEXT
+            offsets, data = pgcopy_kernel.gather(buf, at[j], length[j], n)
+            validity = None if valid.all() else pa.py_buffer(np.packbits(valid, bitorder="little"))
+            array = pa.Array.from_buffers(
+                pa.string(), n, [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
+            )
+            try:
+                array.validate(full=True)  # UTF-8, as Arrow strings must be
+            except pa.ArrowInvalid:
+                return None
+            texts[name] = array
+        return ops, texts
+
+
+@dataclass(frozen=True, slots=True)
 class ChangeBatch:
     changes: list[Change]
+    """With ``columnar``: truncations only (row changes are in ``relations``)."""
     resume_lsn: int
     """Pass to :func:`advance` once ``changes`` are durable: every transaction that committed
     before it has been returned (in this batch or earlier)."""
     caught_up: bool
     """False when ``max_changes`` cut the read short: more is waiting, read again now."""
     transactions: int
+    relations: list[RelationChanges] = field(default_factory=list)
+    """With ``columnar``: the row changes, one group per relation (and definition)."""
 
 
 _PRECHECK = sql.SQL(
@@ -481,6 +573,7 @@ def read_changes(
     max_changes: int = DEFAULT_MAX_CHANGES,
     *,
     convert: bool = True,
+    columnar: bool = False,
 ) -> ChangeBatch:
     """Peek the next committed transactions from ``slot`` without consuming them.
 
@@ -489,7 +582,9 @@ def read_changes(
     whole, so the limit is soft), and any unfinished tail would be dropped. Calling again
     without :func:`advance` returns the same changes. ``upto_lsn`` bounds the read to
     transactions committed before it. With ``convert`` values are Python objects
-    (:func:`pgoutput.convert_value`), else the server's text.
+    (:func:`pgoutput.convert_value`), else the server's text. With ``columnar`` the row
+    changes come undecoded, grouped by relation (``ChangeBatch.relations``), for a reader that
+    decodes them a column at a time (:meth:`RelationChanges.text_columns`).
 
     Only WAL already flushed is decoded: under ``synchronous_commit = off`` a commit becomes
     visible here after the WAL writer flushes it (at most 3 x wal_writer_delay). Each call
@@ -503,7 +598,7 @@ def read_changes(
     upto = parse_lsn(upto_lsn) if isinstance(upto_lsn, str) else upto_lsn
     try:
         with conn.transaction():
-            return _peek(conn, slot, publication, upto, max_changes, convert)
+            return _peek(conn, slot, publication, upto, max_changes, convert, columnar)
     except psycopg.Error as exc:
         mapped = _map_error(exc, slot, publication)
         if mapped is None:
@@ -518,6 +613,7 @@ def _peek(
     upto: int | None,
     max_changes: int,
     convert: bool,
+    columnar: bool = False,
 ) -> ChangeBatch:
     pre = conn.execute(_PRECHECK, {"publication": publication, "slot": slot}).fetchone()
     assert pre is not None
@@ -550,11 +646,14 @@ def _peek(
     conn.execute(_SESSION_SETTINGS)
     with conn.cursor(binary=True) as cursor:  # binary: bytea arrives as raw bytes
         rows = cursor.execute(_PEEK, (slot, format_lsn(bound), max_changes, publication)).fetchall()
-    changes, transactions, last_end, torn = _decode(rows, _py_encoding(encoding, slot), convert)
+    relations: list[RelationChanges] | None = [] if columnar else None
+    changes, transactions, last_end, torn = _decode(
+        rows, _py_encoding(encoding, slot), convert, relations
+    )
     truncated = len(rows) >= max_changes or torn
     # Cut short: only up to the last returned commit is known complete; else up to `bound`.
     resume = max(start, last_end or 0) if truncated else max(bound, start, last_end or 0)
-    return ChangeBatch(changes, resume, not truncated, transactions)
+    return ChangeBatch(changes, resume, not truncated, transactions, relations or [])
 
 
 def _py_encoding(server_encoding: str, slot: str) -> str:
@@ -569,20 +668,39 @@ def _py_encoding(server_encoding: str, slot: str) -> str:
 
 
 def _decode(
-    rows: list[tuple[int, bytes]], encoding: str, convert: bool
+    rows: list[tuple[int, bytes]],
+    encoding: str,
+    convert: bool,
+    relations: list[RelationChanges] | None = None,
 ) -> tuple[list[Change], int, int | None, bool]:
     """pgoutput rows -> changes of complete transactions, their count, the last end LSN, and
     whether an unfinished transaction was dropped at the end (the server emits whole
-    transactions, so that would only follow a cut-short read; it is never returned)."""
+    transactions, so that would only follow a cut-short read; it is never returned).
+
+    Given ``relations``, row changes are not decoded but appended there, grouped by relation
+    (and its definition): only truncations are returned as changes."""
     decoder = Decoder(encoding)
     done: list[Change] = []
     pending: list[Change] = []
     append = pending.append
+    # columnar: (group, message, lsn) of the open transaction; its commit info is added at COMMIT
+    pending_rows: list[tuple[RelationChanges, bytes, int]] = []
+    groups: dict[int, RelationChanges] = {}  # relation OID -> group of its current definition
     transactions = 0
     last_end: int | None = None
     commit_lsn, commit_time, xid = 0, PG_EPOCH, 0
     open_txn = False
     for lsn, data in rows:
+        if relations is not None and data[:1] in (b"I", b"U", b"D"):
+            relation = decoder.relation(int.from_bytes(data[1:5], "big"))
+            group = groups.get(relation.oid)
+            # pgoutput sends a partitioned table's Relation again for each partition: the same
+            # definition keeps its group, a new one (a column added) starts another
+            if group is None or (group.relation is not relation and group.relation != relation):
+                group = groups[relation.oid] = RelationChanges(relation, encoding)
+                relations.append(group)
+            pending_rows.append((group, data, lsn))
+            continue
         message = decoder.decode_change(data, convert=convert)
         if message.__class__ is RowChange:
             op, rel, row, old = message  # type: ignore[misc]
@@ -603,10 +721,17 @@ def _decode(
         elif isinstance(message, Begin):
             commit_lsn, commit_time, xid = message.final_lsn, message.commit_time, message.xid
             pending.clear()
+            pending_rows.clear()
             open_txn = True
         elif isinstance(message, Commit):
             done.extend(pending)
             pending.clear()
+            commit = (commit_lsn, commit_time, xid)
+            for group, message_data, message_lsn in pending_rows:
+                group.messages.append(message_data)
+                group.lsns.append(message_lsn)
+                group.commits.append(commit)
+            pending_rows.clear()
             transactions += 1
             last_end = message.end_lsn
             open_txn = False

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from stripe_platform.rawlayer import (
     ARROW,
@@ -48,6 +49,7 @@ __all__ = [
     "TIMESTAMP_MINUS_INFINITY",
     "column",
     "dates",
+    "from_text",
     "parse_date",
     "parse_timestamp",
     "table",
@@ -219,6 +221,42 @@ def column(values: Sequence[Any], kind: str) -> pa.Array:
         except (ValueError, TypeError, OverflowError, pa.ArrowInvalid, pa.ArrowTypeError):
             pass
     return pa.array([None if v is None else _text(v) for v in values], pa.string())
+
+
+# Built-in types whose server text Arrow reads in bulk exactly as pgoutput's converters and
+# column() read it value by value (oids of pg_type.dat), per raw-layer kind.
+_FROM_TEXT: Final[dict[str, frozenset[int]]] = {
+    "integer": frozenset({20, 21, 23, 26}),  # int8, int2, int4, oid
+    "number": frozenset({700, 701}),  # float4, float8: shortest exact text (extra_float_digits)
+    "boolean": frozenset({16}),
+    "timestamp_tz": frozenset({1184}),  # ISO text in UTC (the decoding session's TimeZone)
+    "timestamp": frozenset({1114}),
+    "date": frozenset({1082}),
+}
+# Text that column() keeps as text: numeric_out's digits (a Decimal formatted back gives them
+# unchanged), and the types pgoutput leaves as text or formats back as the server did (uuid).
+_KEPT_TEXT: Final[dict[str, frozenset[int]]] = {
+    "decimal": frozenset({1700}),
+    "string": frozenset({18, 19, 25, 114, 650, 869, 1042, 1043, 2950, 3802}),
+    "json": frozenset({114, 3802, 25, 1043}),
+}
+
+
+def from_text(text: pa.StringArray, oid: int, kind: str) -> pa.Array | None:
+    """The array :func:`column` gives for a column of change rows, from the server's text of the
+    same values (type ``oid``), converted by Arrow in bulk rather than value by value. None when
+    that is not known to be the same: a type not listed above, or a value Arrow refuses
+    (``infinity``, a BC date, year 10000 on), which the value-by-value path handles."""
+    if oid in _KEPT_TEXT.get(kind, ()):
+        return text
+    if oid not in _FROM_TEXT.get(kind, ()):
+        return None
+    if kind == "boolean":
+        return pc.equal(text, "t")  # boolout writes t or f
+    try:
+        return pc.cast(text, ARROW[kind])
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
 
 
 def table(columns: Sequence[Column], rows: Iterable[dict[str, Any]]) -> pa.RecordBatch:
