@@ -14,17 +14,34 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import socket
+import ssl
 import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
+import pyotp
 import pytest
+import uvicorn
+from pydantic import SecretStr
+from typer.testing import CliRunner
 
 from privacy_fixtures import NOW, seeded_platform
+from stripe_platform.api.app import create_app
+from stripe_platform.audit import access_log
+from stripe_platform.cli import app as cli_app
 from stripe_platform.compliance import requests, stores
+from stripe_platform.config import Settings, get_settings
 from stripe_platform.docstore.fields import DocumentFields
-from stripe_platform.governance.classification import load_catalog
+from stripe_platform.governance.classification import DataClass, load_catalog
 from stripe_platform.oltp import db
+from stripe_platform.runtime.tls import ensure_certificates
+from stripe_platform.security import mfa, sessions
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +127,9 @@ def test_access_exports_everything_held_with_where_it_came_from(seeded):
         expected["username"],
     )
     assert expected["password"] not in json.dumps(export)  # credentials: "held", never exported
-    assert fields["password"] == stores.CREDENTIAL_HELD
+    assert fields["password"] == stores.NOT_EXPORTED[DataClass.CREDENTIAL]
+    cards = [i["fields"] for i in items if i["dataset"] == "paymentinstrument"]
+    assert cards and all(c["pan"] in (None, stores.NOT_EXPORTED[DataClass.PCI]) for c in cards)
     payments = [i for i in items if i["dataset"] == "transaction"]
     assert len(payments) == seeded.transactions_of(customer) > 0
     assert {i["dataset"] for i in items} >= {"address", "paymentinstrument", "device"}
@@ -443,3 +462,221 @@ def test_data_roles_cannot_read_the_privacy_schema(seeded, settings):
         conn.execute("SET ROLE ReadOnlyUser")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("SELECT count(*) FROM privacy.request")
+
+
+# -- the API: SSO session, scope privacy.requests, fresh MFA; over a real uvicorn with TLS ------------
+POLICY = """\
+version: 1
+roles:
+  dpo:
+    description: the data-protection officer
+    clear: [pii_quasi, pii]
+    api: [privacy.requests, customers.read]
+  support:
+    description: reads customers masked
+    api: [customers.read]
+groups:
+  privacy-office: [dpo]
+  support-team: [support]
+users:
+  dpo-bot:
+    roles: [dpo]
+    stores: [api]
+mfa:
+  step_up_seconds: 600
+  required_for: [pii, pci, credential, bulk_exports]
+  max_failures: 5
+  lockout_seconds: 900
+"""
+
+
+@dataclass
+class Api:
+    settings: Settings
+    client: httpx.Client
+
+    def session(self, user: str, group: str) -> str:
+        role = {"privacy-office": "dpo", "support-team": "support"}[group]
+        return sessions.create_session(
+            self.settings, user=user, roles=[role], via="saml", source_ip=None, groups=[group]
+        )
+
+    def call(self, method: str, path: str, session: str | None = None, **kwargs):
+        cookies = {} if session is None else {"Cookie": f"{sessions.SESSION_COOKIE}={session}"}
+        return self.client.request(method, path, headers=cookies, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def api(seeded, tmp_path_factory) -> Iterator[Api]:
+    tmp = tmp_path_factory.mktemp("privacy-api")
+    (tmp / "policy.yaml").write_text(POLICY)
+    s = seeded.settings.model_copy(
+        update={
+            "access_policy": tmp / "policy.yaml",
+            "mlflow_tracking_uri": SecretStr(f"sqlite:///{tmp}/mlflow.db"),  # no champion
+        }
+    )
+    tls = ensure_certificates(s.home_dir / "tls")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(s),
+            host="127.0.0.1",
+            port=port,
+            ssl_certfile=str(tls.server_cert),
+            ssl_keyfile=str(tls.server_key),
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    thread = threading.Thread(target=server.run, name="privacy-api", daemon=True)
+    thread.start()
+    client = httpx.Client(
+        base_url=f"https://127.0.0.1:{port}",
+        verify=ssl.create_default_context(cafile=str(tls.ca_cert)),
+        timeout=60,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.05)
+        yield Api(s, client)
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(30)
+
+
+def enrolled_now(s: Settings, user: str) -> str:
+    """``user`` enrolled and confirmed with the code of 90 s ago (the API then takes the current
+    code: a later step). The secret."""
+    earlier = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=90)
+    enrolment = mfa.enroll(s, user, now=earlier)
+    mfa.confirm(s, user, pyotp.TOTP(enrolment.secret).at(earlier), now=earlier)
+    return enrolment.secret
+
+
+def reason(response: httpx.Response) -> str:
+    return response.json()["detail"]["reason"]
+
+
+def test_the_api_needs_an_sso_session_the_scope_and_a_fresh_second_factor(seeded, api):
+    s = api.settings
+    started = dt.datetime.now(dt.UTC)
+    customer = seeded.active_customers()[10]
+    expected = seeded.customer(customer)
+    body = {"kind": "access", "customer_id": customer, "identity": "account login + ID check"}
+
+    assert api.call("POST", "/v1/privacy/requests", json=body).status_code == 401
+    support = api.session("sam", "support-team")
+    refused = api.call("POST", "/v1/privacy/requests", support, json=body)
+    assert refused.status_code == 403 and reason(refused) == "missing_scope"
+    token = sessions.issue_token(
+        s,
+        user="dpo-bot",
+        roles=["dpo"],
+        expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=1),
+        created_by="tests",
+    )[1]
+    by_token = api.client.post(
+        "/v1/privacy/requests", json=body, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert by_token.status_code == 403 and reason(by_token) == "interactive_session_required"
+    dpo = api.session("dora", "privacy-office")
+    no_mfa = api.call("POST", "/v1/privacy/requests", dpo, json=body)
+    assert no_mfa.status_code == 401 and reason(no_mfa) == "mfa_required"
+    assert requests.list_requests(s, customer_id=customer) == []  # nothing recorded
+
+    secret = enrolled_now(s, "dora")
+    verified = api.call("POST", "/v1/auth/mfa/verify", dpo, json={"code": pyotp.TOTP(secret).now()})
+    assert verified.status_code == 200, verified.text
+    created = api.call("POST", "/v1/privacy/requests", dpo, json=body)
+    assert created.status_code == 201, created.text
+    answer = created.json()
+    assert (answer["state"], answer["requested_by"], answer["source"]) == ("done", "dora", "api")
+    assert answer["has_export"] and answer["identity"].startswith("account login + ID check")
+    assert [st["store"] for st in answer["steps"]] == ["postgres", "documents"]
+    rid = answer["id"]
+    shown = api.call("GET", f"/v1/privacy/requests/{rid}", dpo)
+    assert shown.status_code == 200 and shown.json()["state"] == "done"
+    export = api.call("GET", f"/v1/privacy/requests/{rid}/export", dpo)
+    assert export.status_code == 200, export.text
+    [row] = [i for i in export.json()["items"] if i["dataset"] == "customer"]
+    assert (row["fields"]["email"], row["fields"]["fullname"]) == (
+        expected["email"],
+        expected["fullname"],
+    )
+    assert api.call("GET", "/v1/privacy/requests/99999999", dpo).status_code == 404
+
+    # Bad input: an unknown subject is recorded refused; a duplicate is 409 naming the open one;
+    # a field no rectification corrects is 422; a request not done has no export (409).
+    unknown = api.call("POST", "/v1/privacy/requests", dpo, json={**body, "customer_id": 99999})
+    assert unknown.status_code == 201 and unknown.json()["state"] == "refused"
+    requests.hold(s, customer, reason="court order 7", by="legal")
+    erase = {**body, "kind": "erase"}
+    held = api.call("POST", "/v1/privacy/requests", dpo, json=erase)
+    assert held.status_code == 201 and held.json()["state"] == "on_hold"
+    duplicate = api.call("POST", "/v1/privacy/requests", dpo, json=erase)
+    assert duplicate.status_code == 409 and str(held.json()["id"]) in duplicate.json()["detail"]
+    no_export = api.call("GET", f"/v1/privacy/requests/{held.json()['id']}/export", dpo)
+    assert no_export.status_code == 409
+    bad = {**body, "kind": "rectify", "changes": {"password": "x"}}
+    rejected = api.call("POST", "/v1/privacy/requests", dpo, json=bad)
+    assert rejected.status_code == 422 and "password" in rejected.json()["detail"]
+    requests.release(s, customer, by="legal")
+    ran = api.call("POST", f"/v1/privacy/requests/{held.json()['id']}/run", dpo)
+    assert ran.status_code == 200 and ran.json()["state"] == "done", ran.text
+
+    # The access log has each call with the request and subject, never a value.
+    events = [
+        (e.action, e.detail["request_id"])
+        for e in access_log.events(s, since=started, user="dora", origins=["api"])
+        if e.action.startswith("privacy.")
+    ]
+    assert ("privacy.request", rid) in events and ("privacy.export", rid) in events
+    logged = "".join(f.read_text() for f in access_log.log_dir(s).glob("*.jsonl"))
+    for value in (expected["email"], expected["fullname"], expected["phone"]):
+        assert value not in logged
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+def test_the_cli_exports_with_a_second_factor_and_reports_states(seeded, api, monkeypatch):
+    s = api.settings
+    for key in [k for k in os.environ if k.startswith("STRIPE_PLATFORM_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("STRIPE_PLATFORM_PROFILE", "embedded")
+    monkeypatch.setenv("STRIPE_PLATFORM_HOME", str(s.home_dir))
+    monkeypatch.setenv("STRIPE_PLATFORM_PG_DATABASE", s.pg_database)
+    monkeypatch.setenv("STRIPE_PLATFORM_MONGODB_DATABASE", s.mongodb_database)
+    get_settings.cache_clear()
+    try:
+        run = lambda *args: CliRunner().invoke(cli_app, ["privacy", *args])  # noqa: E731
+        customer = seeded.active_customers()[11]
+        secret = enrolled_now(s, "olga")
+        ident = ("--customer", str(customer), "--identity", "ticket 51", "--by", "olga")
+        wrong = run("request", "access", *ident, "--otp", "000000", "--json")
+        assert wrong.exit_code == 1 and "code" in wrong.stderr.lower(), wrong.output
+        assert requests.list_requests(s, customer_id=customer) == []
+        ok = run("request", "access", *ident, "--otp", pyotp.TOTP(secret).now(), "--json")
+        assert ok.exit_code == 0, ok.output
+        shown = json.loads(ok.stdout)
+        assert shown["state"] == "done" and Path(shown["export_path"]).exists()
+
+        assert run("hold", "--customer", str(customer), "--reason", "audit 9").exit_code == 0
+        held = run("request", "erase", *ident, "--json")
+        assert held.exit_code == 1 and "on_hold" in held.stderr
+        rid = json.loads(held.stdout)["id"]
+        listed = run("requests", "--state", "on_hold", "--json")
+        assert rid in [r["id"] for r in json.loads(listed.stdout)]
+        assert run("release", "--customer", str(customer)).exit_code == 0
+        done = run("request", "run", str(rid))
+        assert done.exit_code == 0 and "done" in done.stdout, done.output
+        unknown = run("request", "erase", "--customer", "99999", "--identity", "x y z")
+        assert unknown.exit_code == 1 and "unknown subject" in unknown.stderr
+        bad = run("request", "rectify", *ident, "--set", "phone")
+        assert bad.exit_code == 1 and "expected FIELD=VALUE" in bad.stderr
+    finally:
+        get_settings.cache_clear()

@@ -298,7 +298,13 @@ def _json_value(value: Any) -> Any:
 
 # -- PostgreSQL ------------------------------------------------------------------------------------
 
-CREDENTIAL_HELD = "(held: a one-way hash; not exported)"
+# What the export says instead of a value it must not carry: a password's hash is no use to the
+# subject and a risk in a file; a full card number outside the card data environment breaks
+# PCI-DSS 3.4 (the export shows the card's brand, last four digits and expiry instead).
+NOT_EXPORTED = {
+    DataClass.CREDENTIAL: "(held: a one-way hash; not exported)",
+    DataClass.PCI: "(held encrypted: the full card number; not exported, see last4)",
+}
 
 
 @dataclass(frozen=True)
@@ -384,8 +390,8 @@ class PostgresStore:
                 for row in self._rows(conn, table, ctx.customer_id):
                     key = f"id={row['id']}" if "id" in row else f"{table.subject}={ctx.customer_id}"
                     fields = {
-                        k: CREDENTIAL_HELD
-                        if classes[k] == DataClass.CREDENTIAL and v is not None
+                        k: NOT_EXPORTED[classes[k]]
+                        if classes[k] in NOT_EXPORTED and v is not None
                         else _json_value(v)
                         for k, v in row.items()
                     }
