@@ -23,6 +23,7 @@ import datetime as dt
 import importlib
 import logging
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
@@ -418,20 +419,28 @@ def kpis(settings: Settings, *, now: dt.datetime | None = None) -> Kpis:
     ``settings.dashboard_trend_days``."""
     now = _utc(now or dt.datetime.now(dt.UTC))
     days = settings.dashboard_trend_days
-    controls_ = _control_kpis(settings, now, days)
-    requests_, request_deadlines = _requests_kpi(settings, now, days)
-    breaches_, breach_deadlines = _breach_kpi(settings, now, days)
+    # The sources are independent reads, each on its own connection: read at once, the page
+    # waits for the slowest, not for their sum (the first paint's goal is 1 s).
+    with ThreadPoolExecutor(max_workers=5, thread_name_prefix="kpis") as pool:
+        controls_f = pool.submit(_control_kpis, settings, now, days)
+        incidents_f = pool.submit(_incidents_kpi, settings, now, days)
+        requests_f = pool.submit(_requests_kpi, settings, now, days)
+        breaches_f = pool.submit(_breach_kpi, settings, now, days)
+        consent_f = pool.submit(_consent_kpis, settings, now)
+    controls_ = controls_f.result()
+    requests_, request_deadlines = requests_f.result()
+    breaches_, breach_deadlines = breaches_f.result()
     ordered = [
-        *controls_[:1],  # encryption coverage first: the brief names it first
+        controls_[0],  # encryption coverage first: the brief names it first
         controls_[1],  # access-policy compliance
         controls_[3],  # retention
-        _incidents_kpi(settings, now, days),
+        incidents_f.result(),
         requests_,
         breaches_,
         controls_[2],  # expired access
         controls_[5],  # unauthorised transfers
         controls_[4],  # PCI scope
-        *_consent_kpis(settings, now),
+        *consent_f.result(),
     ]
     deadlines = sorted([*request_deadlines, *breach_deadlines], key=lambda d: d.due_at)
     return Kpis(generated_at=now, trend_days=days, kpis=ordered, deadlines=deadlines)
