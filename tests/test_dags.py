@@ -53,6 +53,7 @@ DAG_IDS = {
     "audit_collect",
     "audit_watch",
     "audit_retention",
+    "compliance_daily",
 }
 
 
