@@ -291,6 +291,13 @@ def test_erase_deletes_anonymises_keeps_payments_without_identity_and_is_idempot
     pg = done.steps[0].counts
     assert pg["customer.anonymised"] == 1 and pg["transaction.stripped"] == payments
     assert pg["address.deleted"] >= 1 and pg["paymentinstrument.deleted"] >= 1
+    assert pg["transaction.unlinked"] == payments  # each payment named a card or an address
+    again = submit(s, "erase", customer)
+    assert (again.state, again.error) == (
+        "refused",
+        f"customer {customer} is erased at the source by request {request.id} (done): "
+        f"`privacy request show {request.id}`",
+    )
 
     # PostgreSQL: the customer a tombstone, what was theirs deleted, payments kept anonymous.
     username, email, fullname, phone, _ = pg_customer(s, customer)

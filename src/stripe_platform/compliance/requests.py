@@ -299,6 +299,17 @@ def release(settings: Settings, customer_id: int, *, by: str) -> LegalHold:
     return LegalHold(*row)
 
 
+def _erased(settings: Settings, customer_id: int) -> tuple[int, str] | None:
+    """(the request, when) that erased the subject, if one did: nothing is left to erase or
+    correct (their key is shredded); an access request still answers what is kept."""
+    with _connect(settings) as conn:
+        return conn.execute(
+            "SELECT e.request_id, r.state FROM privacy.erased_subject e "
+            "JOIN privacy.request r ON r.id = e.request_id WHERE e.customer_id = %s",
+            (customer_id,),
+        ).fetchone()
+
+
 # -- submit ---------------------------------------------------------------------------------------
 def _subject_keys(settings: Settings):
     return shared_envelope(settings).subject_keys()
@@ -363,6 +374,11 @@ def submit(
         refusal = "the requester's identity was not verified"
     elif not stores.POSTGRES.exists(settings, catalog, customer_id):
         refusal = f"unknown subject: no customer {customer_id} in PostgreSQL"
+    elif kind in ("erase", "rectify") and (erased := _erased(settings, customer_id)):
+        refusal = (
+            f"customer {customer_id} is erased at the source by request {erased[0]} "
+            f"({erased[1]}): `privacy request show {erased[0]}`"
+        )
     due = now + dt.timedelta(days=legal_days(settings, law))
     with _connect(settings) as conn:
         try:

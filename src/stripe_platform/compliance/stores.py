@@ -548,28 +548,50 @@ class PostgresStore:
         with db.connect(ctx.settings) as conn, conn.transaction():
             references = self._references(conn, [t.name for t in deleted])
             deleting = {t.name for t in deleted}
-            # Rows the erasure keeps lose their links to the rows it deletes.
+            # Rows the erasure keeps lose their links to the rows it deletes: one statement (one
+            # scan) a referencing table, whatever the number of its links.
+            doomed = {
+                t.name: [
+                    r[0]
+                    for r in conn.execute(
+                        sql.SQL("SELECT id FROM {t} WHERE {s} = %s").format(
+                            t=sql.Identifier(t.name), s=sql.Identifier(t.subject)
+                        ),
+                        (subject,),
+                    )
+                ]
+                for t in deleted
+            }
+            links: dict[str, list[tuple[str, str]]] = {}
             for referencing, column, referenced in references:
-                if referencing in deleting:
+                if referencing in deleting or not doomed[referenced]:
                     continue
-                nullable, _ = self._columns(conn, referencing)[column]
-                target = next(t for t in deleted if t.name == referenced)
-                if not nullable:
+                if not self._columns(conn, referencing)[column][0]:
                     raise StoreError(
                         f"postgres {referencing}.{column} references {referenced} (deleted by an "
                         "erasure) and is NOT NULL: the erasure cannot strip it; declare the table "
                         "in RETAINED with a nullable link or in the catalog with a subject"
                     )
-                counts[f"{referencing}.{column}.unlinked"] = conn.execute(
-                    sql.SQL(
-                        "UPDATE {r} SET {c} = NULL WHERE {c} IN (SELECT id FROM {t} WHERE {s} = %s)"
-                    ).format(
+                links.setdefault(referencing, []).append((column, referenced))
+            for referencing, columns in links.items():
+                params = {f"ids_{c}": doomed[f] for c, f in columns}
+                counts[f"{referencing}.unlinked"] = conn.execute(
+                    sql.SQL("UPDATE {r} SET {sets} WHERE {any}").format(
                         r=sql.Identifier(referencing),
-                        c=sql.Identifier(column),
-                        t=sql.Identifier(target.name),
-                        s=sql.Identifier(target.subject),
+                        sets=sql.SQL(", ").join(
+                            sql.SQL("{c} = CASE WHEN {c} = ANY({p}) THEN NULL ELSE {c} END").format(
+                                c=sql.Identifier(c), p=sql.Placeholder(f"ids_{c}")
+                            )
+                            for c, _ in columns
+                        ),
+                        any=sql.SQL(" OR ").join(
+                            sql.SQL("{c} = ANY({p})").format(
+                                c=sql.Identifier(c), p=sql.Placeholder(f"ids_{c}")
+                            )
+                            for c, _ in columns
+                        ),
                     ),
-                    (subject,),
+                    params,
                 ).rowcount
             # Delete a table that references another deleted one first.
             order = sorted(
