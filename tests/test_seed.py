@@ -314,6 +314,10 @@ def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, 
     data = build(make_spec(**{**SPEC, "max_documents": 500}))
     monkeypatch.setattr(seed_load, "TX_BATCH", 2_000)  # several batches: indexes deferred
     indexes = "SELECT indexdef FROM pg_indexes WHERE tablename = 'transaction' ORDER BY 1"
+    # Per partition (the seed creates them): its indexes, all valid.
+    per_partition = """SELECT t.relid::regclass::text, count(i.indexrelid), bool_and(i.indisvalid)
+                       FROM pg_partition_tree('transaction') t
+                       LEFT JOIN pg_index i ON i.indrelid = t.relid WHERE t.isleaf GROUP BY 1"""
     with db.connect(s) as conn:
         migrated = rows(conn, indexes)
     real_writer = seed_load._transaction_writer
@@ -341,13 +345,12 @@ def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, 
         assert conn.execute("SELECT count(*) FROM Transaction").fetchone()[0] == committed * 2_000
         # The secondary indexes were dropped for the load; their definitions are kept for the
         # rerun (primary key only in the meantime).
-        assert [d for (d,) in rows(conn, indexes)] == [
-            d for (d,) in migrated if "transaction_pkey" in d
-        ]
+        assert rows(conn, indexes) == [r for r in migrated if "_pkey" in r[0]]
+        assert {(n, valid) for _, n, valid in rows(conn, per_partition)} == {(1, True)}
         kept = rows(
             conn, "SELECT count(*) FROM platform.seed_batch WHERE entity LIKE 'index:CREATE%'"
         )
-        assert kept[0][0] == len(migrated) - 1 >= 4
+        assert kept[0][0] == len(migrated) - 1 == 4  # customer, merchant, updated, device
     monkeypatch.setattr(seed_load, "_transaction_writer", real_writer)
     report = seed_load.seed(s, data, docs)
     assert report.resumed_batches >= committed
@@ -356,7 +359,9 @@ def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, 
             "SELECT count(*), count(DISTINCT ID), sum(Amount)::float8 FROM Transaction"
         ).fetchone()
         changes = conn.execute("SELECT count(*) FROM TransactionStateChanges").fetchone()[0]
-        assert rows(conn, indexes) == migrated  # built again, as the migrations define them
+        assert rows(conn, indexes) == migrated  # built again, as the migrations define them,
+        partitions = rows(conn, per_partition)  # on every partition
+        assert len(partitions) >= 24 and {(n, v) for _, n, v in partitions} == {(5, True)}
         assert not rows(conn, "SELECT entity FROM platform.seed_batch WHERE entity LIKE 'index:%'")
     assert count == distinct == data.transactions.num_rows
     assert total == pytest.approx(float(np.sum(data.transactions.column("amount").to_numpy())))

@@ -267,6 +267,9 @@ def _defer_transaction_indexes(conn: psycopg.Connection, run_key: str) -> None:
             "WHERE indrelid = 'transaction'::regclass AND NOT indisprimary AND NOT indisunique"
         ).fetchall()
         for name, definition in indexes:
+            # A partitioned index's definition reads "ON ONLY <table>" (the parent alone, left
+            # invalid): built again it must cover every partition.
+            definition = definition.replace(" ON ONLY ", " ON ", 1)
             conn.execute(
                 "INSERT INTO platform.seed_batch (run_key, entity, batch, rows) "
                 "VALUES (%s, %s, 0, 0)",
