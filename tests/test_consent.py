@@ -110,8 +110,8 @@ def customers_with_payments(conn, n: int, *, offset: int = 0) -> list[int]:
 def current(conn, customer_id: int, purpose: str):
     """The latest record, read by the test's own query on the table (not the view)."""
     return conn.execute(
-        """SELECT granted, source FROM privacy.consent WHERE customer_id = %s AND purpose = %s
-           ORDER BY recorded_at DESC, id DESC LIMIT 1""",
+        """SELECT Granted, Source FROM Consent WHERE CustomerID = %s AND Purpose = %s
+           ORDER BY RecordedAt DESC, ID DESC LIMIT 1""",
         (customer_id, purpose),
     ).fetchone()
 
@@ -132,8 +132,7 @@ def test_the_seed_records_its_customers_consents_deterministically(platform):
                 expected.add((cid, purpose, purpose != "sale", created))
     got = set(
         conn.execute(
-            "SELECT customer_id, purpose, granted, recorded_at FROM privacy.consent "
-            "WHERE source = 'seed'"
+            "SELECT CustomerID, Purpose, Granted, RecordedAt FROM Consent WHERE Source = 'seed'"
         ).fetchall()
     )
     assert got == expected
@@ -170,7 +169,7 @@ def test_record_keeps_history_latest_wins_and_refuses_bad_input(platform):
         consent.record(s, cid, "profiling", True, source="cli", by="alice")
     with pytest.raises(consent.ConsentError, match="source 'fax' is not one of"):
         consent.record(s, cid, "marketing", True, source="fax", by="alice")
-    count = conn.execute("SELECT count(*) FROM privacy.consent WHERE customer_id = %s", (cid,))
+    count = conn.execute("SELECT count(*) FROM Consent WHERE CustomerID = %s", (cid,))
     assert count.fetchone()[0] == len(consent.history(s, cid))  # nothing recorded by the refusals
 
 
@@ -184,7 +183,7 @@ def test_opt_out_is_recorded_once_and_rates_count_what_holds(platform):
     again = consent.opt_out(s, cid, source="gpc", by="front-end")
     assert (first.source, again.source) == ("cli", "cli")  # the opt-out in force, not a new one
     rows = conn.execute(
-        "SELECT count(*) FROM privacy.consent WHERE customer_id = %s AND purpose = 'sale'", (cid,)
+        "SELECT count(*) FROM Consent WHERE CustomerID = %s AND Purpose = 'sale'", (cid,)
     ).fetchone()[0]
     assert rows == 1
     assert consent.subject(s, cid).opted_out and cid in consent.opted_out(s)
@@ -192,7 +191,7 @@ def test_opt_out_is_recorded_once_and_rates_count_what_holds(platform):
     # The rates, against the test's own reading of the latest records.
     latest = {}
     for c, p, g in conn.execute(
-        "SELECT customer_id, purpose, granted FROM privacy.consent ORDER BY recorded_at, id"
+        "SELECT CustomerID, Purpose, Granted FROM Consent ORDER BY RecordedAt, ID"
     ).fetchall():
         latest[(c, p)] = g
     subjects = conn.execute("SELECT count(*) FROM Customer").fetchone()[0]
@@ -258,8 +257,7 @@ def test_non_discrimination_the_flag_changes_no_feature_limit_or_decision(platfo
     # The outcomes, by group: the test's own counts of the opted-out customers' payments.
     opted = [
         r[0] for r in platform.conn.execute(
-            """SELECT DISTINCT ON (customer_id) customer_id FROM privacy.consent
-               WHERE purpose = 'sale' ORDER BY customer_id, recorded_at DESC, id DESC"""
+            "SELECT DISTINCT CustomerID FROM Consent WHERE Purpose = 'sale'"
         ).fetchall()
         if current(platform.conn, r[0], "sale")[0] is False
     ]  # fmt: skip
@@ -389,8 +387,8 @@ def api(platform, tmp_path_factory) -> Iterator[Api]:
 
 def records(conn, customer_id: int, purpose: str) -> list[tuple]:
     return conn.execute(
-        """SELECT granted, source, recorded_by FROM privacy.consent
-           WHERE customer_id = %s AND purpose = %s ORDER BY recorded_at, id""",
+        """SELECT Granted, Source, RecordedBy FROM Consent
+           WHERE CustomerID = %s AND Purpose = %s ORDER BY RecordedAt, ID""",
         (customer_id, purpose),
     ).fetchall()
 
@@ -484,3 +482,83 @@ def test_api_records_consent_and_the_gpc_signal_opts_out(api, platform):
     } <= changes
     mine = {plain, signalled, conflicting, reader_side}
     assert {e["user"] for e in events if e["detail"]["customer_id"] in mine} == {"front-end"}
+
+
+# -- the warehouse: datasets shared with third parties ---------------------------------------------
+@pytest.fixture(scope="module")
+def warehouse(platform, tmp_path_factory) -> Iterator[Settings]:
+    """The module's source synced by the real engine into a DuckDB warehouse of its own."""
+    from stripe_platform.ingestion.catalog import load_catalog
+    from stripe_platform.ingestion.postgres import cdc
+
+    path = tmp_path_factory.mktemp("warehouse") / "warehouse.duckdb"
+    s = platform.settings.model_copy(update={"warehouse_path": path})
+    try:
+        yield s
+    finally:
+        catalog = load_catalog()
+        for c in catalog.connections:
+            connection = catalog.resolve(c.name)
+            if connection.source.kind == "postgres":
+                cdc.drop_slot(platform.conn, connection.slot(platform.conn.info.dbname))
+
+
+def mart_keys(s: Settings, mart: str, column: str) -> set[int]:
+    import duckdb
+
+    with duckdb.connect(str(s.warehouse_path), read_only=True) as con:
+        (schema,) = con.execute(
+            "SELECT table_schema FROM information_schema.tables WHERE lower(table_name) = ? "
+            "AND table_type = 'BASE TABLE'",
+            [mart.lower()],
+        ).fetchone()
+        return {r[0] for r in con.execute(f'SELECT "{column}" FROM "{schema}"."{mart}"').fetchall()}
+
+
+def shareable(conn) -> set[int]:
+    """The test's own reading of the source: latest marketing granted, latest sale not false."""
+    latest = {}
+    for c, p, g in conn.execute(
+        "SELECT CustomerID, Purpose, Granted FROM Consent ORDER BY RecordedAt, ID"
+    ).fetchall():
+        latest[(c, p)] = g
+    customers = {r[0] for r in conn.execute("SELECT ID FROM Customer").fetchall()}
+    return {
+        c for c in customers
+        if latest.get((c, "marketing")) is True and latest.get((c, "sale")) is not False
+    }  # fmt: skip
+
+
+def test_marts_shared_with_third_parties_keep_only_consenting_subjects(
+    platform, warehouse, monkeypatch
+):
+    from built_warehouse import sync_all, transform_cli
+
+    s, conn = warehouse, platform.conn
+    # The shared mart and what it reads, with only the tests of those (dbt's cautious indirect
+    # selection): the other marts' relationship tests to DIM_Customer need marts not built here.
+    monkeypatch.setenv("DBT_INDIRECT_SELECTION", "cautious")
+    shared = consent.shared_marts()
+    assert shared == {"MKT_MarketingAudience": "CustomerKey"}
+    sync_all(s)
+    transform_cli(s, "--select", "+MKT_MarketingAudience")  # its dbt test runs in the build
+    expected = shareable(conn)
+    customers = {r[0] for r in conn.execute("SELECT ID FROM Customer").fetchall()}
+    marketing_but_opted_out = {
+        c for (c,) in conn.execute(
+            "SELECT CustomerID FROM Consent WHERE Purpose = 'marketing' AND Granted "
+            "INTERSECT SELECT CustomerID FROM Consent WHERE Purpose = 'sale' AND NOT Granted"
+        ).fetchall()
+    }  # fmt: skip
+    # Both filters have someone to leave out, and the mart holds exactly the rest.
+    assert marketing_but_opted_out and len(expected) < len(customers) - len(marketing_but_opted_out)
+    for mart, column in shared.items():
+        assert mart_keys(s, mart, column) == expected
+
+    # A withdrawal and a GPC opt-out reach the shared mart at the next sync and build.
+    withdrawn, signalled = sorted(expected)[:2]
+    consent.record(s, withdrawn, "marketing", False, source="cli", by="tests")
+    consent.opt_out(s, signalled, source="gpc", by="front-end")
+    sync_all(s)
+    transform_cli(s, "--select", "+MKT_MarketingAudience")
+    assert mart_keys(s, "MKT_MarketingAudience", "CustomerKey") == expected - {withdrawn, signalled}

@@ -1,4 +1,4 @@
-"""The consent registry and do-not-sell (issue 23, docs/compliance.md; ``privacy.consent``,
+"""The consent registry and do-not-sell (issue 23, docs/compliance.md; the table ``Consent``,
 sql/oltp/0025_consent.sql).
 
 Per data subject (a customer) and purpose, every consent given or withdrawn is kept with when and
@@ -12,10 +12,13 @@ table:
   false``, the same for the CLI, the API, a data-subject request and a browser's Global Privacy
   Control signal (``Sec-GPC: 1``, api/consent.py).
 
-Pipelines filter on :func:`allowed` when they run, reading the registry itself (no copy lags
-behind a withdrawal): the fraud model's training set leaves out subjects without ``ml_training``
-(ml/contract.py ``load_platform_transactions(purpose=...)``, used by ml/train.py); a dataset shared
-with third parties needs ``marketing`` and no opt-out (:func:`shareable_sql`).
+Pipelines honour it where they read: the fraud model's training set, read from the OLTP
+database, leaves out subjects without ``ml_training`` (:func:`allowed_sql` in
+ml/contract.py ``load_platform_transactions(purpose=...)``, used by ml/train.py); in the warehouse,
+the table reaches dbt through the stream catalog like every table (``raw.postgres_consent``,
+staged as ``stg_postgres__consent``: the latest record per subject and purpose), and a mart
+flagged ``shared_with_third_parties`` keeps only subjects with ``marketing`` consent who did not
+opt out of sale (dbt_project/models/marts/MKT_MarketingAudience.sql).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import psycopg
+import yaml
 from psycopg import sql
 from psycopg.rows import dict_row
 
@@ -84,12 +89,21 @@ class SubjectConsent:
         }
 
 
+# What holds now: the latest record per (customer, purpose). The one definition every query here
+# reads (the warehouse's staging model says the same in dbt).
+CURRENT = """(SELECT DISTINCT ON (CustomerID, Purpose)
+        CustomerID AS customer_id, Purpose AS purpose, Granted AS granted, Source AS source,
+        RecordedAt AS recorded_at, RecordedBy AS recorded_by
+    FROM Consent ORDER BY CustomerID, Purpose, RecordedAt DESC, ID DESC)"""
+OPTED_OUT = f"SELECT customer_id FROM {CURRENT} k WHERE purpose = 'sale' AND NOT granted"
+
+
 def _connect(settings: Settings) -> psycopg.Connection:
     from stripe_platform.oltp import db
 
     conn = db.connect(settings, with_key=False, autocommit=True)
     conn.row_factory = dict_row
-    present = conn.execute("SELECT to_regclass('privacy.consent') IS NOT NULL AS p").fetchone()
+    present = conn.execute("SELECT to_regclass('public.consent') IS NOT NULL AS p").fetchone()
     if not present["p"]:
         database = conn.info.dbname
         conn.close()
@@ -128,10 +142,10 @@ def _insert(
     by: str,
 ) -> ConsentRecord:
     row = conn.execute(
-        """INSERT INTO privacy.consent (customer_id, purpose, granted, source, recorded_at,
-               recorded_by)
+        """INSERT INTO Consent (CustomerID, Purpose, Granted, Source, RecordedAt, RecordedBy)
            VALUES (%s, %s, %s, %s, %s, %s)
-           RETURNING customer_id, purpose, granted, source, recorded_at, recorded_by""",
+           RETURNING CustomerID AS customer_id, Purpose AS purpose, Granted AS granted,
+               Source AS source, RecordedAt AS recorded_at, RecordedBy AS recorded_by""",
         (customer_id, purpose, granted, source, at, by),
     ).fetchone()
     return ConsentRecord(**row)
@@ -173,11 +187,10 @@ def opt_out(
     with _connect(settings) as conn, conn.transaction():
         _require_customer(conn, customer_id)
         # One writer at a time per subject: two concurrent GPC requests record one opt-out.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('privacy.consent'), %s::int)",
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('consent'), %s::int)",
                      (customer_id % 2**31,))  # fmt: skip
         current = conn.execute(
-            """SELECT customer_id, purpose, granted, source, recorded_at, recorded_by
-               FROM privacy.consent_current WHERE customer_id = %s AND purpose = %s""",
+            f"SELECT * FROM {CURRENT} k WHERE customer_id = %s AND purpose = %s",
             (customer_id, SALE),
         ).fetchone()
         if current is not None and not current["granted"]:
@@ -191,9 +204,7 @@ def subject(settings: Settings, customer_id: int) -> SubjectConsent:
     with _connect(settings) as conn:
         _require_customer(conn, customer_id)
         rows = conn.execute(
-            """SELECT customer_id, purpose, granted, source, recorded_at, recorded_by
-               FROM privacy.consent_current WHERE customer_id = %s ORDER BY purpose""",
-            (customer_id,),
+            f"SELECT * FROM {CURRENT} k WHERE customer_id = %s ORDER BY purpose", (customer_id,)
         ).fetchall()
     records = tuple(ConsentRecord(**r) for r in rows)
     latest = {r.purpose: r.granted for r in records}
@@ -209,8 +220,9 @@ def history(settings: Settings, customer_id: int) -> list[ConsentRecord]:
     """Every record of ``customer_id``, oldest first."""
     with _connect(settings) as conn:
         rows = conn.execute(
-            """SELECT customer_id, purpose, granted, source, recorded_at, recorded_by
-               FROM privacy.consent WHERE customer_id = %s ORDER BY recorded_at, id""",
+            """SELECT CustomerID AS customer_id, Purpose AS purpose, Granted AS granted,
+                   Source AS source, RecordedAt AS recorded_at, RecordedBy AS recorded_by
+               FROM Consent WHERE CustomerID = %s ORDER BY RecordedAt, ID""",
             (customer_id,),
         ).fetchall()
     return [ConsentRecord(**r) for r in rows]
@@ -221,19 +233,17 @@ def allowed_sql(purpose: str, customer_id: sql.Composable) -> sql.Composed:
     ``sql.SQL("t.CustomerID")``) consents to ``purpose`` now: the one filter pipelines put in
     their queries on the OLTP database (no record = no consent)."""
     _check(purpose, PURPOSES, "purpose")
-    return sql.SQL(
-        "EXISTS (SELECT 1 FROM privacy.consent_current c WHERE c.customer_id = {} "
-        "AND c.purpose = {} AND c.granted)"
-    ).format(customer_id, sql.Literal(purpose))
+    return sql.SQL("{} IN (SELECT customer_id FROM {} k WHERE purpose = {} AND granted)").format(
+        customer_id, sql.SQL(CURRENT), sql.Literal(purpose)
+    )
 
 
 def shareable_sql(customer_id: sql.Composable) -> sql.Composed:
     """The condition for a dataset shared with third parties: ``marketing`` consent and not
     opted out of sale or sharing."""
-    return sql.SQL(
-        "{} AND NOT EXISTS (SELECT 1 FROM privacy.consent_current s WHERE s.customer_id = {} "
-        "AND s.purpose = {} AND NOT s.granted)"
-    ).format(allowed_sql("marketing", customer_id), customer_id, sql.Literal(SALE))
+    return sql.SQL("{} AND {} NOT IN ({})").format(
+        allowed_sql("marketing", customer_id), customer_id, sql.SQL(OPTED_OUT)
+    )
 
 
 def allowed(settings: Settings, purpose: str) -> set[int]:
@@ -242,9 +252,7 @@ def allowed(settings: Settings, purpose: str) -> set[int]:
     with _connect(settings) as conn:
         if purpose == SALE:
             rows = conn.execute(
-                """SELECT ID AS id FROM Customer c WHERE NOT EXISTS (SELECT 1 FROM
-                   privacy.consent_current s WHERE s.customer_id = c.ID AND s.purpose = 'sale'
-                   AND NOT s.granted)"""
+                f"SELECT ID AS id FROM Customer WHERE ID NOT IN ({OPTED_OUT})"
             ).fetchall()
         else:
             rows = conn.execute(
@@ -258,9 +266,7 @@ def allowed(settings: Settings, purpose: str) -> set[int]:
 def opted_out(settings: Settings) -> set[int]:
     """The customers opted out of sale or sharing now."""
     with _connect(settings) as conn:
-        rows = conn.execute(
-            "SELECT customer_id FROM privacy.consent_current WHERE purpose = 'sale' AND NOT granted"
-        ).fetchall()
+        rows = conn.execute(OPTED_OUT).fetchall()
     return {r["customer_id"] for r in rows}
 
 
@@ -270,8 +276,8 @@ def rates(settings: Settings) -> dict[str, Any]:
     with _connect(settings) as conn:
         subjects = conn.execute("SELECT count(*) AS n FROM Customer").fetchone()["n"]
         rows = conn.execute(
-            """SELECT k.purpose, k.granted, count(*) AS n
-               FROM privacy.consent_current k JOIN Customer c ON c.ID = k.customer_id
+            f"""SELECT k.purpose, k.granted, count(*) AS n
+               FROM {CURRENT} k JOIN Customer c ON c.ID = k.customer_id
                GROUP BY k.purpose, k.granted"""
         ).fetchall()
     counts = {(r["purpose"], r["granted"]): r["n"] for r in rows}
@@ -311,14 +317,39 @@ def seed_consents(conn: psycopg.Connection, seed: int) -> int:
     )
     cursor = conn.execute(
         sql.SQL(
-            """INSERT INTO privacy.consent (customer_id, purpose, granted, source, recorded_at,
-                   recorded_by)
+            """INSERT INTO Consent (CustomerID, Purpose, Granted, Source, RecordedAt, RecordedBy)
                SELECT c.ID, p.purpose, p.purpose <> 'sale', 'seed', c.CreatedAt, 'seed'
                FROM Customer c CROSS JOIN (VALUES {shares}) AS p (purpose, share)
                WHERE ('x' || substr(md5({seed} || ':' || p.purpose || ':' || c.ID), 1, 8))
                          ::bit(32)::bigint / 4294967296.0 < p.share
-                 AND NOT EXISTS (SELECT FROM privacy.consent k WHERE k.customer_id = c.ID
-                                 AND k.purpose = p.purpose AND k.source = 'seed')"""
+                 AND NOT EXISTS (SELECT FROM Consent k WHERE k.CustomerID = c.ID
+                                 AND k.Purpose = p.purpose AND k.Source = 'seed')"""
         ).format(shares=shares, seed=sql.Literal(str(seed)))
     )
     return cursor.rowcount
+
+
+# -- datasets shared with third parties ----------------------------------------------------------
+def shared_marts(root: Path | None = None) -> dict[str, str]:
+    """The marts flagged ``shared_with_third_parties: true`` in their meta (dbt_project/models/
+    marts/*.yml) and each one's subject column (the catalog's): every one of them keeps only
+    customers with ``marketing`` consent who did not opt out of sale."""
+    from stripe_platform.governance.classification import REPO_ROOT, load_catalog
+
+    root = root or REPO_ROOT
+    flagged = {}
+    for path in sorted((root / "dbt_project" / "models" / "marts").glob("*.yml")):
+        for model in (yaml.safe_load(path.read_text()) or {}).get("models", []):
+            meta = {**(model.get("meta") or {}), **((model.get("config") or {}).get("meta") or {})}
+            if meta.get("shared_with_third_parties") is True:
+                flagged[model["name"]] = None
+    catalog = load_catalog(root)
+    for name in flagged:
+        subject = catalog.subject("marts", name)
+        if subject is None:
+            raise ConsentError(
+                f"mart {name} is shared with third parties but names no subject column "
+                "(meta subject: true): consent cannot be applied to it"
+            )
+        flagged[name] = subject
+    return flagged

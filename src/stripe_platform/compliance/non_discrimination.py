@@ -164,15 +164,13 @@ def _group(
 
 def _declined(settings: Settings, start: dt.datetime, end: dt.datetime) -> dict[bool, int]:
     """Payments declined (status failed) in the period, by opt-out flag."""
-    from stripe_platform.compliance.consent import _connect
+    from stripe_platform.compliance.consent import OPTED_OUT, _connect
 
     with _connect(settings) as conn:
         rows = conn.execute(
-            """SELECT s.customer_id IS NOT NULL AS opted_out, count(*) AS n
+            f"""SELECT t.CustomerID IN ({OPTED_OUT}) AS opted_out, count(*) AS n
                FROM Transaction t
                JOIN TransactionStatus st ON st.ID = t.TransactionStatusID AND st.Name = 'failed'
-               LEFT JOIN privacy.consent_current s ON s.customer_id = t.CustomerID
-                   AND s.purpose = 'sale' AND NOT s.granted
                WHERE t.DateTime >= %s AND t.DateTime < %s
                GROUP BY 1""",
             (start, end),
