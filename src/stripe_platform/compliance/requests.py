@@ -39,6 +39,7 @@ from psycopg.types.json import Jsonb
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
+from stripe_platform.governance.classification import Catalog
 from stripe_platform.oltp import db
 from stripe_platform.security.envelope import shared_envelope
 from stripe_platform.security.keys import KeyError_
@@ -427,7 +428,7 @@ def _steps_for(kind: str) -> list[str]:
     return [s.name for s in stores.registered()]
 
 
-def _plan(kind: str, catalog) -> dict[str, Any]:
+def _plan(kind: str, catalog: Catalog) -> dict[str, Any]:
     names = _steps_for(kind)
     if kind == "opt_out":
         return {"steps": names, "catalog_digest": stores.catalog_digest(catalog), "stores": {}}
@@ -597,7 +598,15 @@ def _run(
     return _execute(settings, conn, request, plan, steps, catalog, now)
 
 
-def _execute(settings, conn, request, plan, steps, catalog, now) -> PrivacyRequest:
+def _execute(
+    settings: Settings,
+    conn: psycopg.Connection,
+    request: PrivacyRequest,
+    plan: dict[str, Any],
+    steps: list[StepState],
+    catalog: Catalog,
+    now: dt.datetime,
+) -> PrivacyRequest:
     registered = {s.name: s for s in stores.registered()}
     missing = [n for n in plan["steps"] if n != CONSENT_STEP and n not in registered]
     if missing:
@@ -659,7 +668,19 @@ def _execute(settings, conn, request, plan, steps, catalog, now) -> PrivacyReque
             return get_request(settings, request.id)
         steps[i] = StepState(step.store, "done", detail, counts, dt.datetime.now(dt.UTC))
         _update(conn, request.id, steps=[s.to_json() for s in steps])
-    export = str(_write_export(settings, request, items, now)) if request.kind == "access" else None
+    export = None
+    if request.kind == "access":
+        try:
+            export = str(_write_export(settings, request, items, now))
+        except OSError as exc:
+            _update(
+                conn,
+                request.id,
+                state="failed",
+                error=f"the export could not be written under {export_dir(settings)}: {exc}; "
+                f"`privacy request run {request.id}` reads and writes it again",
+            )
+            return get_request(settings, request.id)
     _update(
         conn,
         request.id,
