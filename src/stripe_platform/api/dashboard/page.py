@@ -44,10 +44,14 @@ def security_headers() -> dict[str, str]:
     }
 
 
-def _document(title: str, header: str, body: str) -> str:
+REFRESH_SECONDS = 300  # a dashboard left open on a wall reloads itself (no script needed)
+
+
+def _document(title: str, header: str, body: str, *, refresh: bool = False) -> str:
+    again = f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">' if refresh else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">{again}'
         f"<title>{escape(title)}</title><style>{_style()}</style></head><body>"
         f"<header>{header}</header><main>{body}</main></body></html>"
     )
@@ -212,7 +216,7 @@ def dashboard(k: Kpis, *, user: str) -> str:
         + "".join(_card(c, k.trend_days, now) for c in rates)
         + "</section>"
     )
-    return _document("Compliance — stripe-platform", header, body)
+    return _document("Compliance — stripe-platform", header, body, refresh=True)
 
 
 def _render(value: Any) -> str:
