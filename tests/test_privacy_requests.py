@@ -35,7 +35,7 @@ from privacy_fixtures import NOW, seeded_platform
 from stripe_platform.api.app import create_app
 from stripe_platform.audit import access_log
 from stripe_platform.cli import app as cli_app
-from stripe_platform.compliance import requests, stores
+from stripe_platform.compliance import consent, requests, stores
 from stripe_platform.config import Settings, get_settings
 from stripe_platform.docstore.fields import DocumentFields
 from stripe_platform.governance.classification import DataClass, load_catalog
@@ -685,5 +685,12 @@ def test_the_cli_exports_with_a_second_factor_and_reports_states(seeded, api, mo
         assert unknown.exit_code == 1 and "unknown subject" in unknown.stderr
         bad = run("request", "rectify", *ident, "--set", "phone")
         assert bad.exit_code == 1 and "expected FIELD=VALUE" in bad.stderr
+        other = seeded.active_customers()[12]
+        assert not consent.subject(s, other).opted_out
+        opted = run("request", "opt-out", "--customer", str(other), "--identity", "web form")
+        assert opted.exit_code == 0, opted.output
+        assert consent.subject(s, other).opted_out  # in the consent registry, law CCPA
+        [request] = requests.list_requests(s, customer_id=other)
+        assert (request.kind, request.law, request.state) == ("opt_out", "ccpa", "done")
     finally:
         get_settings.cache_clear()
