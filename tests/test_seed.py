@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import psycopg
+import pyarrow as pa
 import pytest
 from psycopg import sql
 
@@ -366,6 +367,23 @@ def test_interrupted_run_resumes_to_exactly_the_data(settings, database, docdb, 
     assert count == distinct == data.transactions.num_rows
     assert total == pytest.approx(float(np.sum(data.transactions.column("amount").to_numpy())))
     assert changes == data.state_changes.num_rows
+
+
+def test_copy_writes_zoned_timestamps_as_the_same_instants_in_any_session_zone(conn):
+    """The seed's COPY text of timestamps (oltp/db.py: the UTC time and +00): every unit, zone,
+    null and date before 1970 reads back as the instant it was, in a session far from UTC."""
+    rng = np.random.default_rng(3)
+    conn.execute("SET TimeZone = 'America/New_York'")
+    conn.execute("CREATE TEMP TABLE stamps (i int, t timestamptz)")
+    for unit, scale in (("s", 1), ("ms", 1_000), ("us", 1_000_000)):
+        for zone in ("UTC", "Europe/Paris", "+05:30"):
+            values = rng.integers(-2 * 10**9, 4 * 10**9, 500) * scale + rng.integers(0, scale, 500)
+            stamps = pa.array(values, pa.timestamp(unit, tz=zone), mask=rng.random(500) < 0.1)
+            conn.execute("TRUNCATE stamps")
+            db.copy_arrow(conn, "stamps", pa.table({"i": np.arange(500), "t": stamps}))
+            back = [t for (t,) in rows(conn, "SELECT t FROM stamps ORDER BY i")]
+            utc = [None if t is None else t.astimezone(dt.UTC) for t in stamps.to_pylist()]
+            assert [None if t is None else t.astimezone(dt.UTC) for t in back] == utc, (unit, zone)
 
 
 def test_killed_process_leaves_consistent_stores_and_rerun_completes(settings, database, docdb):

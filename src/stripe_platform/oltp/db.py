@@ -197,8 +197,10 @@ def _copy_ready(table: pa.Table) -> pa.Table:
     for i, column in enumerate(table.columns):
         name = table.field(i).name
         if pa.types.is_timestamp(column.type) and column.type.tz is not None:
-            # Explicit offset; strftime is ~10x faster than pyarrow's own zoned formatting.
-            table = table.set_column(i, name, pc.strftime(column, format="%Y-%m-%d %H:%M:%S%z"))
+            # Explicit offset. Arrow holds zoned timestamps as UTC instants: the zone-less cast's
+            # text is the UTC time, ~20x faster than strftime (which resolves the zone a value).
+            utc = pc.cast(column.cast(pa.timestamp(column.type.unit)), pa.string())
+            table = table.set_column(i, name, pc.binary_join_element_wise(utc, "+00", ""))
         elif pa.types.is_binary(column.type):
             # bytea's text input is hex (\x..); pyarrow would write raw bytes.
             hexed = [None if v is None else "\\x" + v.hex() for v in column.to_pylist()]
