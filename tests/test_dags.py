@@ -171,7 +171,10 @@ def test_dags_load_without_errors_with_owners_retries_and_tags():
         assert dag.max_active_runs == 1
         for t in dag.tasks:
             assert t.owner == defaults.OWNER, t.task_id
-            assert t.retries >= 1 and t.retry_exponential_backoff, t.task_id
+            if t.task_id.endswith(".dbt_producer_watcher"):  # its node tasks retry their nodes
+                assert t.retries == 0, t.task_id
+            else:
+                assert t.retries >= 1 and t.retry_exponential_backoff, t.task_id
             assert t.execution_timeout is not None, t.task_id
             assert t.on_failure_callback, t.task_id
             if t.task_id.startswith(("sync_", "cdc_", "publish_")) or dag_id == "oltp_maintenance":
@@ -191,13 +194,27 @@ def test_warehouse_dags_sync_then_build_with_cosmos_then_publish_the_marts():
     models = {t.task_id for t in daily.tasks if t.task_id.startswith("transform.")}
     assert {"transform.FACT_Revenue_run", "transform.DIM_Date_run"} <= models
     assert "transform.dbt_project_test" in models  # every dbt test, after every node
+    # cosmos's watcher mode: one `dbt build` (the producer), a sensor per node reporting its status
+    # (reschedule mode: `airflow dags test` runs one task at a time), in the dbt lineage.
+    producer = daily.get_task("transform.dbt_producer_watcher")
+    assert type(producer).__name__ == "DbtProducerWatcherOperator"
+    assert producer.upstream_task_ids == syncs
+    revenue = daily.get_task("transform.FACT_Revenue_run")
+    assert type(revenue).__name__ == "DbtRunWatcherOperator"
+    assert (revenue.mode, revenue.deferrable) == ("reschedule", False)
+    assert revenue.upstream_task_ids == {"transform.int_transactions_run"}
+    models.discard("transform.dbt_producer_watcher_done")  # cosmos's gate, an EmptyOperator
     publish = daily.get_task("publish_marts")
     assert {a.name for a in publish.outlets} >= {
         "warehouse.analytics.FACT_Revenue",
         "warehouse.analytics.FACT_FraudAnalysis",
         "warehouse.analytics.FACT_CustomerSegmentation",
     }
-    assert publish.upstream_task_ids == {"transform.dbt_project_test"}
+    # Published only once every dbt test passed (and after cosmos's gate of the producer).
+    assert publish.upstream_task_ids == {
+        "transform.dbt_project_test",
+        "transform.dbt_producer_watcher_done",
+    }
     for task_id in models:  # nothing is transformed before both syncs finished
         assert syncs <= daily.get_task(task_id).get_flat_relative_ids(upstream=True), task_id
         assert daily.get_task(task_id).pool == defaults.WAREHOUSE_POOL

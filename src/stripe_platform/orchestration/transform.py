@@ -2,6 +2,12 @@
 snapshot, then one task running all the tests, on the active profile's warehouse, in the warehouse
 pool.
 
+Cosmos's watcher execution mode: one producer task runs ``dbt build`` once (dbt in-process) and
+publishes every node's status as it finishes; each node's task is a sensor reporting that status
+(lineage, per-node state, per-node retries: a retried node task runs ``dbt`` for its node alone).
+One dbt invocation instead of one per node: dbt's start-up (project load, adapter, connection),
+about a second per node, is paid once (docs/orchestration.md has the measurements).
+
 Rendering reads dbt's manifest (``dbt_project/target/manifest.json``, see
 ``transform.dbt.ensure_manifest``) instead of running ``dbt ls`` while the DAG file is parsed: dbt's
 imports alone take seconds, and a DAG file must parse in well under one.
@@ -73,8 +79,11 @@ def dbt_task_group(
             profiles_yml_filepath=profiles,
         ),
         execution_config=ExecutionConfig(
-            execution_mode=ExecutionMode.LOCAL,
+            execution_mode=ExecutionMode.WATCHER,
             invocation_mode=InvocationMode.DBT_RUNNER,
+            # A producer's retry only skips itself (cosmos never runs a second `dbt build`): a
+            # failed build fails at once and the node tasks retry their own nodes.
+            setup_operator_args={"retries": 0},
         ),
         render_config=RenderConfig(
             load_method=LoadMode.DBT_MANIFEST,
@@ -85,7 +94,13 @@ def dbt_task_group(
             select=select or [],
             emit_datasets=False,  # the platform publishes its own mart Assets (mart_assets)
         ),
-        operator_args={"pool": WAREHOUSE_POOL},
+        operator_args={
+            "pool": WAREHOUSE_POOL,
+            # Node tasks poke in reschedule mode rather than deferring: `airflow dags test` runs
+            # one task at a time, and a node task taken before the producer must give way to it.
+            "deferrable": False,
+            "mode": "reschedule",
+        },
         **kwargs,
     )
 
