@@ -15,9 +15,11 @@ needs no clearance for a data class and no second factor. Every decision is in t
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
+import psycopg
 from fastapi import APIRouter, Cookie, Depends, HTTPException, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -32,6 +34,7 @@ from stripe_platform.security import sessions
 if TYPE_CHECKING:
     from stripe_platform.config import Settings
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["compliance"])
 
 SCOPE = "compliance.read"
@@ -103,10 +106,12 @@ async def evidence_page(
         return who
     try:
         data = await run_in_threadpool(kpis_module.evidence, _settings(request), name)
-    except PlatformError as exc:  # an unknown name (404), or a source that cannot be read (503)
+    except (PlatformError, psycopg.OperationalError) as exc:  # unknown name 404, source down 503
         status = 404 if isinstance(exc, EvidenceNotFound) else 503
         return HTMLResponse(
-            page.message_page(status, str(exc)), status_code=status, headers=page.security_headers()
+            page.message_page(status, _said(exc)),
+            status_code=status,
+            headers=page.security_headers(),
         )
     return HTMLResponse(
         page.evidence_page(name, data, user=who.user), headers=page.security_headers()
@@ -135,5 +140,14 @@ def evidence(request: Request, name: EvidenceName) -> dict[str, Any]:
         return kpis_module.evidence(_settings(request), name)
     except EvidenceNotFound as exc:
         raise HTTPException(404, str(exc)) from None
-    except PlatformError as exc:  # the source cannot be read now (e.g. not migrated): it says why
-        raise HTTPException(503, str(exc)) from None
+    except (PlatformError, psycopg.OperationalError) as exc:  # the source cannot be read now
+        raise HTTPException(503, _said(exc)) from None
+
+
+def _said(exc: Exception) -> str:
+    """What the client is told: the platform's own errors say what to do; a database error's text
+    (hosts, sockets) is for the operator's log only."""
+    if isinstance(exc, PlatformError):
+        return str(exc)
+    log.error("compliance evidence cannot be read: %s", exc)
+    return "the platform's database cannot be reached now: try again later"
