@@ -190,7 +190,11 @@ def test_clear_classes_widen_the_columns_and_migrations_keep_them(pg, conn, tmp_
     assert sorted(statements(planned)) == sorted(
         [
             "CREATE ROLE reader LOGIN IN ROLE readonlyuser, access_policy_user",
-            # Every hidden column of device and transaction is a quasi-identifier: whole tables.
+            # Every hidden column of consent, device and transaction is a quasi-identifier:
+            # whole tables.
+            "REVOKE SELECT (id, customerid, purpose, granted, source, recordedat, createdat, "
+            "updatedat) ON public.consent FROM readonlyuser",
+            "GRANT SELECT ON public.consent TO readonlyuser",
             "REVOKE SELECT (id, customerid, devicetype, os, osversion, browser, browserversion, "
             "firstseenat, updatedat) ON public.device FROM readonlyuser",
             f"REVOKE SELECT ({transaction_visible}) ON public.transaction FROM readonlyuser",
