@@ -159,17 +159,18 @@ def record(
     granted: bool,
     *,
     source: str,
-    by: str,
+    by: str | None = None,
     at: dt.datetime | None = None,
 ) -> ConsentRecord:
     """Record that ``customer_id`` gave (``granted``) or withdrew consent for ``purpose`` (one of
     :data:`PURPOSES`, or ``sale``: granted = false is the do-not-sell opt-out) at ``at`` (now),
-    through ``source``, recorded by ``by``. Kept beside the earlier records; the latest wins."""
+    through ``source``, recorded by ``by`` (default: the source's name). Kept beside the earlier
+    records; the latest wins."""
     _check(purpose, (*PURPOSES, SALE), "purpose")
     _check(source, SOURCES, "source")
     with _connect(settings) as conn:
         _require_customer(conn, customer_id)
-        return _insert(conn, customer_id, purpose, bool(granted), source, _aware(at), by)
+        return _insert(conn, customer_id, purpose, bool(granted), source, _aware(at), by or source)
 
 
 def opt_out(
@@ -177,7 +178,7 @@ def opt_out(
     customer_id: int,
     *,
     source: str,
-    by: str,
+    by: str | None = None,
     at: dt.datetime | None = None,
 ) -> ConsentRecord:
     """CCPA do not sell or share: ``customer_id`` opts out (``sale`` = false). Idempotent: a subject
@@ -195,7 +196,7 @@ def opt_out(
         ).fetchone()
         if current is not None and not current["granted"]:
             return ConsentRecord(**current)
-        return _insert(conn, customer_id, SALE, False, source, _aware(at), by)
+        return _insert(conn, customer_id, SALE, False, source, _aware(at), by or source)
 
 
 # -- reading ------------------------------------------------------------------------------------
