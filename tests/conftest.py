@@ -26,8 +26,9 @@ from stripe_platform.showcase import brief_examples
 
 TEMPLATE_DB = "stripe_template"
 # Session-wide fixtures started only when a test asks for them by name: the Kafka stack
-# (`kafka_stack`), moto's KMS (`kms_endpoint`), the warehouses built once (`built_warehouse`).
-pytest_plugins = ["kafka_stack", "kms_server", "built_warehouse"]
+# (`kafka_stack`), moto's KMS (`kms_endpoint`), the warehouses built once (`built_warehouse`),
+# seeded sources cloned from a template seeded once (`seed_templates`).
+pytest_plugins = ["kafka_stack", "kms_server", "built_warehouse", "seed_templates"]
 _db_counter = itertools.count()
 
 

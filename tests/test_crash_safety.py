@@ -35,7 +35,6 @@ from stripe_platform.ingestion.engine import Engine, follow, open_writer
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.seed import incremental
-from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
 
@@ -251,11 +250,11 @@ def write_at_source(s: Any, seed: int) -> None:
 
 
 @pytest.fixture
-def source(settings, database, docdb):
+def source(settings, database, docdb, seed_templates):
     """A seeded source database and document database (the test's own, on the session's
     servers); its connections' slots are dropped afterwards."""
     s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
-    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=100)), docdb)
+    seed_templates.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=100)), docdb)
     yield s
     catalog = load_catalog()
     with db.connect(s, autocommit=True) as conn:

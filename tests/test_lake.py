@@ -33,7 +33,6 @@ from stripe_platform.lake.target import LakeRaw
 from stripe_platform.lake.writer import GENERATION_KEY, LakeWriter
 from stripe_platform.oltp import db
 from stripe_platform.rawlayer import Column, RawStream, prepare
-from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
 
@@ -677,12 +676,14 @@ def test_an_interrupted_supersede_keeps_the_live_generation_and_finishes_next_ti
 
 
 @pytest.fixture
-def seeded(settings: Settings, database: str, docdb: Database) -> Iterator[Settings]:
+def seeded(
+    settings: Settings, database: str, docdb: Database, seed_templates
+) -> Iterator[Settings]:
     """A small seeded source database and document database, the test's own on the session's
     servers (as test_sync_engine's platform fixture seeds them)."""
     s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
     spec = make_spec(scale=0.003, seed=4, end=dt.date(2026, 11, 1), max_documents=300)
-    seed_load.seed(s, build(spec), docdb)
+    seed_templates.seed(s, build(spec), docdb)
     yield s
     with db.connect(s, autocommit=True) as conn:
         cdc.drop_slot(conn, load_catalog().resolve("postgres-to-s3").slot(conn.info.dbname))

@@ -36,7 +36,6 @@ from stripe_platform.rawlayer import Column, RawStream
 from stripe_platform.security.envelope import Envelope, SubjectKeys
 from stripe_platform.security.keys import KeyShredded, TamperedCiphertext
 from stripe_platform.security.subjects_layer import decrypt_column
-from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
 from stripe_platform.warehouse.duckdb import DuckDBRaw
@@ -55,10 +54,10 @@ CUSTOMER_FIELDS = [
 
 
 @pytest.fixture
-def platform(settings, database, docdb, tmp_path):
+def platform(settings, database, docdb, tmp_path, seed_templates):
     s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
     data = build(make_spec(scale=0.003, seed=4, end=END, max_documents=300))
-    seed_load.seed(s, data, docdb)
+    seed_templates.seed(s, data, docdb)
     catalog = load_catalog()
     yield s, data, docdb, catalog, tmp_path
     with db.connect(s, autocommit=True) as conn:

@@ -19,7 +19,6 @@ from stripe_platform.ingestion.engine import Engine, SyncError
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
 from stripe_platform.oltp.migrate import migrate
-from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
 from stripe_platform.warehouse.duckdb import DuckDBRaw
@@ -29,11 +28,11 @@ END = dt.date(2026, 11, 1)
 
 
 @pytest.fixture
-def platform(settings, database, docdb, tmp_path):
+def platform(settings, database, docdb, tmp_path, seed_templates):
     """A seeded database, its document database (both the test's own, on the session's servers)
     and an empty DuckDB warehouse."""
     s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
-    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
+    seed_templates.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
     catalog = load_catalog()
     warehouse = duckdb.connect(str(tmp_path / "warehouse.duckdb"))
     yield s, docdb, catalog, DuckDBRaw(warehouse)
