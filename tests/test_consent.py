@@ -207,6 +207,35 @@ def test_opt_out_is_recorded_once_and_rates_count_what_holds(platform):
     )
 
 
+def test_cli_sets_shows_and_opts_out_and_refuses_an_unknown_customer(platform, cli):
+    conn = platform.conn
+    cid = not_opted_out(conn, 1, offset=120)[0]
+    done = cli("consent", "set", "--customer", str(cid), "--purpose", "analytics", "--revoked",
+               "--by", "dpo", "--json")  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["granted"] is False
+    assert records(conn, cid, "analytics")[-1] == (False, "cli", "dpo")
+
+    opted = cli("opt-out", "--customer", str(cid), "--by", "dpo", "--json")
+    assert opted.exit_code == 0 and json.loads(opted.stdout)["source"] == "cli"
+    shown = cli("consent", "show", "--customer", str(cid), "--history", "--json")
+    state = json.loads(shown.stdout)
+    assert state["opted_out"] is True and state["purposes"]["analytics"] is False
+    assert (
+        len(state["records"])
+        == conn.execute("SELECT count(*) FROM Consent WHERE CustomerID = %s", (cid,)).fetchone()[0]
+    )
+    rates = json.loads(cli("consent", "rates", "--json").stdout)
+    assert rates == consent.rates(platform.settings)
+
+    missing = conn.execute("SELECT max(ID) + 5 FROM Customer").fetchone()[0]
+    refused = cli("consent", "set", "--customer", str(missing), "--purpose", "marketing",
+                  "--granted")  # fmt: skip
+    assert refused.exit_code == 1 and f"customer {missing}: no such customer" in refused.output
+    bad = cli("consent", "set", "--customer", str(cid), "--purpose", "profiling", "--granted")
+    assert bad.exit_code == 1 and "purpose 'profiling' is not one of" in bad.output
+
+
 # -- pipelines honour it --------------------------------------------------------------------------
 def test_ml_training_leaves_out_subjects_without_ml_training_consent(platform):
     from stripe_platform.ml.split import SplitSpec
@@ -228,7 +257,7 @@ def test_ml_training_leaves_out_subjects_without_ml_training_consent(platform):
     assert loaded.num_rows == total - theirs
 
     # The real training entry point reads the same: the refusing subjects' payments are not in it.
-    result = train_fraud(s, split=SplitSpec(test_days=180), num_boost_round=20)
+    result = train_fraud(s, split=SplitSpec(test_days=180), num_boost_round=10)
     assert result.rows == total - theirs and result.promoted
 
     # Consent given again (latest wins): back in the training set.
@@ -240,7 +269,7 @@ def test_ml_training_leaves_out_subjects_without_ml_training_consent(platform):
 
 
 # -- non-discrimination ---------------------------------------------------------------------------
-def test_non_discrimination_the_flag_changes_no_feature_limit_or_decision(platform):
+def test_non_discrimination_the_flag_changes_no_feature_limit_or_decision(platform, cli):
     s = platform.settings
     report = non_discrimination.check(s, end=END_AT, days=120)  # the champion trained above
     c = report.counterfactual
@@ -270,6 +299,9 @@ def test_non_discrimination_the_flag_changes_no_feature_limit_or_decision(platfo
     assert report.others.payments == payments - theirs
     assert report.opted_out.declined == declined
     assert set(report.z) == {"declined_rate", "rules_flagged_rate", "model_flagged_rate"}
+    shown = cli("non-discrimination", "--end", "2026-01-01", "--days", "120", "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["passed"] is True
 
 
 def test_non_discrimination_fails_when_the_flag_reaches_a_price(platform, cli, monkeypatch):
