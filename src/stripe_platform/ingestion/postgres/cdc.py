@@ -685,7 +685,8 @@ def _decode(
     append = pending.append
     # columnar: (group, message, lsn) of the open transaction; its commit info is added at COMMIT
     pending_rows: list[tuple[RelationChanges, bytes, int]] = []
-    groups: dict[int, RelationChanges] = {}  # relation OID -> group of its current definition
+    # relation OID -> the group of its current definition, and the Relation last checked for it
+    groups: dict[int, tuple[RelationChanges, Relation]] = {}
     transactions = 0
     last_end: int | None = None
     commit_lsn, commit_time, xid = 0, PG_EPOCH, 0
@@ -693,12 +694,15 @@ def _decode(
     for lsn, data in rows:
         if relations is not None and data[:1] in (b"I", b"U", b"D"):
             relation = decoder.relation(int.from_bytes(data[1:5], "big"))
-            group = groups.get(relation.oid)
+            group, known = groups.get(relation.oid, (None, None))
             # pgoutput sends a partitioned table's Relation again for each partition: the same
-            # definition keeps its group, a new one (a column added) starts another
-            if group is None or (group.relation is not relation and group.relation != relation):
-                group = groups[relation.oid] = RelationChanges(relation, encoding)
-                relations.append(group)
+            # definition keeps its group (compared once per Relation message, not per change),
+            # a new one (a column added) starts another
+            if relation is not known:
+                if group is None or group.relation != relation:
+                    group = RelationChanges(relation, encoding)
+                    relations.append(group)
+                groups[relation.oid] = (group, relation)
             pending_rows.append((group, data, lsn))
             continue
         message = decoder.decode_change(data, convert=convert)
