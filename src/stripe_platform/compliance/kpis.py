@@ -20,7 +20,6 @@ path of its evidence.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
+from stripe_platform.audit import incidents
+from stripe_platform.compliance import breach, consent, controls, requests
 from stripe_platform.errors import PlatformError
 
 if TYPE_CHECKING:
@@ -47,9 +48,6 @@ CONTROL_TITLES: dict[str, str] = {
     "pci_scope": "PCI scope",
     "unauthorised_transfers": "Unauthorised transfers",
 }
-# The modules read (stripe_platform.<module>), imported when read (see _read).
-CONTROLS, INCIDENTS, REQUESTS = "compliance.controls", "audit.incidents", "compliance.requests"
-BREACH, CONSENT = "compliance.breach", "compliance.consent"
 # The other sources of evidence (drill-down keys beside the controls' names).
 SOURCES = ("incidents", "privacy_requests", "breaches", "consent")
 PURPOSES = ("analytics", "ml_training", "marketing")  # compliance/consent.py's purposes
@@ -110,12 +108,11 @@ class Kpis(BaseModel):
 # --- reading the sources ------------------------------------------------------------------------
 
 
-def _read(what: str, module: str, fn: Callable[[Any], Any]) -> tuple[Any, str | None]:
-    """``fn(stripe_platform.<module>)``, or its failure as one line: one source down must not
-    blank the whole dashboard (the page shows that KPI unavailable, with the reason, and the
-    others). The module is imported here for the same reason."""
+def _read(what: str, fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``fn()``, or its failure as one line: one source down must not blank the whole dashboard
+    (the page shows that KPI unavailable, with the reason, and the others)."""
     try:
-        return fn(importlib.import_module(f"stripe_platform.{module}")), None
+        return fn(), None
     except Exception as exc:  # shown on the KPI, logged with its traceback
         log.exception("compliance KPIs: %s cannot be read", what)
         return None, f"{what} cannot be read: {type(exc).__name__}: {exc}"
@@ -171,13 +168,13 @@ def _open_per_day(
 
 
 def _control_kpis(settings: Settings, now: dt.datetime, days: int) -> list[Kpi]:
-    latest, error = _read("the daily controls", CONTROLS, lambda m: m.latest(settings))
+    latest, error = _read("the daily controls", lambda: controls.latest(settings))
     if error is not None:
         return [
             _unavailable(name, title, "", name, error) for name, title in CONTROL_TITLES.items()
         ]
     history, history_error = _read(
-        "the controls' history", CONTROLS, lambda m: m.history(settings, days, now=now)
+        "the controls' history", lambda: controls.history(settings, days, now=now)
     )
     by_name = {r.name: r for r in latest}
     out = []
@@ -232,7 +229,7 @@ def _control_kpis(settings: Settings, now: dt.datetime, days: int) -> list[Kpi]:
 
 def _incidents_kpi(settings: Settings, now: dt.datetime, days: int) -> Kpi:
     title, unit = "Open security incidents", "incidents"
-    counts, error = _read("the incidents", INCIDENTS, lambda m: m.counts(settings))
+    counts, error = _read("the incidents", lambda: incidents.counts(settings))
     if error is not None:
         return _unavailable("incidents", title, unit, "incidents", error)
     by_severity = counts["unresolved_by_severity"]
@@ -246,9 +243,7 @@ def _incidents_kpi(settings: Settings, now: dt.datetime, days: int) -> Kpi:
     detail = (
         ", ".join(f"{n} {s}" for s, n in reversed(by_severity.items()) if n) or "none unresolved"
     )
-    found, trend_error = _read(
-        "the incidents' history", INCIDENTS, lambda m: m.list_incidents(settings)
-    )
+    found, trend_error = _read("the incidents' history", lambda: incidents.list_incidents(settings))
     trend = []
     if trend_error is None:
         trend = _open_per_day(((i.created_at, i.resolved_at) for i in found), _days(now, days), now)
@@ -269,7 +264,7 @@ def _incidents_kpi(settings: Settings, now: dt.datetime, days: int) -> Kpi:
 
 def _requests_kpi(settings: Settings, now: dt.datetime, days: int) -> tuple[Kpi, list[Deadline]]:
     title, unit = "Open privacy requests", "requests"
-    summary, error = _read("the privacy requests", REQUESTS, lambda m: m.summary(settings, now=now))
+    summary, error = _read("the privacy requests", lambda: requests.summary(settings, now=now))
     if error is not None:
         return _unavailable("privacy_requests", title, unit, "privacy_requests", error), []
     open_ = summary["open"]
@@ -293,14 +288,12 @@ def _requests_kpi(settings: Settings, now: dt.datetime, days: int) -> tuple[Kpi,
         for r in open_
     ]
     found, trend_error = _read(
-        "the privacy requests' history",
-        REQUESTS,
-        lambda m: (m.list_requests(settings), m.OPEN_STATES),
+        "the privacy requests' history", lambda: requests.list_requests(settings)
     )
     trend = []
     if trend_error is None:
         trend = _open_per_day(
-            ((r.received_at, _finished_at(r, found[1])) for r in found[0]), _days(now, days), now
+            ((r.received_at, _finished_at(r)) for r in found), _days(now, days), now
         )
     return Kpi(
         key="privacy_requests",
@@ -317,10 +310,10 @@ def _requests_kpi(settings: Settings, now: dt.datetime, days: int) -> tuple[Kpi,
     ), deadlines
 
 
-def _finished_at(request: Any, open_states: tuple[str, ...]) -> dt.datetime | None:
+def _finished_at(request: requests.PrivacyRequest) -> dt.datetime | None:
     """When a finished request finished (its last step; received, for one refused before any
     step); None while it is open."""
-    if request.state in open_states:
+    if request.state in requests.OPEN_STATES:
         return None
     ends = [s.finished_at for s in request.steps if s.finished_at is not None]
     return max(ends) if ends else request.received_at
@@ -328,7 +321,7 @@ def _finished_at(request: Any, open_states: tuple[str, ...]) -> dt.datetime | No
 
 def _breach_kpi(settings: Settings, now: dt.datetime, days: int) -> tuple[Kpi, list[Deadline]]:
     title, unit = "Breaches awaiting notification", "breaches"
-    clocks, error = _read("the breach clocks", BREACH, lambda m: m.clocks(settings, now=now))
+    clocks, error = _read("the breach clocks", lambda: breach.clocks(settings, now=now))
     if error is not None:
         return _unavailable("breaches", title, unit, "breaches", error), []
     open_ = [c for c in clocks if c.state == "open"]
@@ -375,7 +368,7 @@ def _breach_kpi(settings: Settings, now: dt.datetime, days: int) -> tuple[Kpi, l
 
 def _consent_kpis(settings: Settings, now: dt.datetime) -> list[Kpi]:
     titles = {p: f"Consent: {p.replace('_', ' ')}" for p in PURPOSES}
-    rates, error = _read("the consent registry", CONSENT, lambda m: m.rates(settings))
+    rates, error = _read("the consent registry", lambda: consent.rates(settings))
     if error is not None:
         return [
             *(_unavailable(f"consent_{p}", t, "%", "consent", error) for p, t in titles.items()),
@@ -460,8 +453,6 @@ def evidence(settings: Settings, name: str, *, now: dt.datetime | None = None) -
     now = _utc(now or dt.datetime.now(dt.UTC))
     days = settings.dashboard_trend_days
     if name in CONTROL_TITLES:
-        from stripe_platform.compliance import controls
-
         latest = next((r for r in controls.latest(settings) if r.name == name), None)
         runs = controls.history(settings, days, name=name, now=now)
         return _jsonable(
@@ -476,8 +467,6 @@ def evidence(settings: Settings, name: str, *, now: dt.datetime | None = None) -
             }
         )
     if name == "incidents":
-        from stripe_platform.audit import incidents
-
         unresolved = incidents.list_incidents(settings, status=["open", "acknowledged"])
         return _jsonable(
             {
@@ -501,13 +490,9 @@ def evidence(settings: Settings, name: str, *, now: dt.datetime | None = None) -
             }
         )
     if name == "privacy_requests":
-        from stripe_platform.compliance import requests
-
         summary = requests.summary(settings, now=now)
         return _jsonable({"name": name, "title": "Privacy requests", **summary})
     if name == "breaches":
-        from stripe_platform.compliance import breach
-
         clocks = breach.clocks(settings, now=now)
         return {
             "name": name,
@@ -516,8 +501,6 @@ def evidence(settings: Settings, name: str, *, now: dt.datetime | None = None) -
             "clocks": [c.to_json() for c in clocks],
         }
     if name == "consent":
-        from stripe_platform.compliance import consent
-
         return _jsonable(
             {"name": name, "title": "Consent and do not sell", **consent.rates(settings)}
         )
