@@ -214,6 +214,7 @@ class _Table:
     schema: str
     name: str
     columns: dict[str, str]  # lower-case name -> the name as stored
+    required: frozenset[str] = frozenset()  # lower-case names of NOT NULL columns
 
     @property
     def ref(self) -> str:
@@ -224,6 +225,23 @@ class _Table:
 
     def has(self, name: str) -> bool:
         return name.lower() in self.columns
+
+    def erased(self, name: str) -> str:
+        """The value an erased field takes: NULL, or the ERASED mark where the column may not be
+        null (a mart's contract, e.g. DIM_Customer.UserName)."""
+        return f"'{ERASED}'" if name.lower() in self.required else "NULL"
+
+    def holding(self, name: str) -> str:
+        """SQL true where the field still holds something to erase."""
+        column = self.col(name)
+        if name.lower() in self.required:
+            return f"({column} IS NOT NULL AND {column} <> '{ERASED}')"
+        return f"{column} IS NOT NULL"
+
+    def erase_sql(self, fields: list[str]) -> tuple[str, str]:
+        """(the SET list, the condition that some field still holds a value)."""
+        sets = ", ".join(f"{self.col(f)} = {self.erased(f)}" for f in fields)
+        return sets, " OR ".join(self.holding(f) for f in fields)
 
 
 def _q(name: str) -> str:
@@ -301,17 +319,21 @@ class _Warehouse:
             return None
         if self._tables is None:
             rows = self.query(
-                "SELECT c.table_schema, c.table_name, c.column_name "
+                "SELECT c.table_schema, c.table_name, c.column_name, c.is_nullable "
                 "FROM information_schema.columns c JOIN information_schema.tables t "
                 "ON t.table_schema = c.table_schema AND t.table_name = c.table_name "
                 "WHERE t.table_type = 'BASE TABLE'"
             )
-            tables: dict[tuple[str, str], _Table] = {}
-            for s, t, c in rows:
-                key = (s.lower(), t.lower())
-                table = tables.setdefault(key, _Table(s, t, {}))
-                table.columns[c.lower()] = c
-            self._tables = tables
+            columns: dict[tuple[str, str], dict[str, str]] = {}
+            required: dict[tuple[str, str], set[str]] = {}
+            for s, t, c, nullable in rows:
+                columns.setdefault((s, t), {})[c.lower()] = c
+                if nullable == "NO":
+                    required.setdefault((s, t), set()).add(c.lower())
+            self._tables = {
+                (s.lower(), t.lower()): _Table(s, t, cols, frozenset(required.get((s, t), ())))
+                for (s, t), cols in columns.items()
+            }
         return self._tables.get((schema.lower(), name.lower()))
 
     def text(self, column: str) -> str:
@@ -427,10 +449,9 @@ class WarehouseRaw:
                 if where is None or not fields:
                     continue
                 # Only rows that still hold something: a second run changes nothing.
-                held = " OR ".join(f"{table.col(f)} IS NOT NULL" for f in fields)
-                nulled = ", ".join(f"{table.col(f)} = NULL" for f in fields)
+                sets, held = table.erase_sql(fields)
                 n = wh.execute(
-                    f"UPDATE {table.ref} SET {nulled} WHERE ({where[0]}) AND ({held})", where[1]
+                    f"UPDATE {table.ref} SET {sets} WHERE ({where[0]}) AND ({held})", where[1]
                 )
                 if n:
                     counts[f"{dataset.name}.nulled"] = n
@@ -508,10 +529,9 @@ class Marts:
             for name, table, subject, fields in self._targets(wh, ctx.catalog):
                 if not fields:
                     continue
-                held = " OR ".join(f"{table.col(f)} IS NOT NULL" for f in fields)
-                nulled = ", ".join(f"{table.col(f)} = NULL" for f in fields)
+                sets, held = table.erase_sql(fields)
                 n = wh.execute(
-                    f"UPDATE {table.ref} SET {nulled} "
+                    f"UPDATE {table.ref} SET {sets} "
                     f"WHERE {table.col(subject)} = {wh.ph} AND ({held})",
                     [ctx.customer_id],
                 )
