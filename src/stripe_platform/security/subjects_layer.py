@@ -23,6 +23,15 @@ in clear. Values that are already ciphertext of the source store (pgcrypto's byt
 field encryption) are wrapped again: the source store's table key must not be able to undo a
 shredding.
 
+Erased subjects' rows still arriving: a PostgreSQL stream's changes carry every version of a row
+(the WAL), so the versions an erasure wrote on its way (a transaction unlinked from a deleted
+card, then stripped of its IP address) reach the raw layer after the privacy request's own
+downstream steps ran. Such a row of a shredded subject also has its subject-bound fields that are
+kept in clear (pii_quasi: IP address, user name, postal code...) nulled, recorded the same way:
+nothing of an erased subject lands readable, whatever the order of syncs and erasures. (Streams
+whose subject is a document id, not the customer id, are read whole from the documents, which the
+erasure deleted: nothing of theirs arrives again.)
+
 Turned off by ``settings.encrypt_at_rest = False`` (the bench's comparison only).
 """
 
@@ -40,7 +49,7 @@ import pyarrow.compute as pc
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
-from stripe_platform.governance.classification import Catalog, load_catalog
+from stripe_platform.governance.classification import PROTECTED, Catalog, load_catalog
 from stripe_platform.rawlayer import (
     Column,
     RawStream,
@@ -94,6 +103,18 @@ def protected_fields(store: str, catalog: Catalog | None = None) -> dict[str, li
     return found
 
 
+def erased_in_clear(store: str, catalog: Catalog | None = None) -> dict[str, list[ProtectedField]]:
+    """The catalog's RESTRICTED columns kept in clear (pii_quasi) of each raw stream of ``store``
+    that names its data subject: nulled in rows of a shredded subject (see the module's doc)."""
+    found: dict[str, list[ProtectedField]] = {}
+    for e in (catalog or load_catalog()).restricted(store):  # type: ignore[arg-type]
+        if e.data_class not in PROTECTED and e.subject is not None:
+            found.setdefault(e.dataset, []).append(
+                ProtectedField(e.field, str(e.data_class), e.subject)
+            )
+    return found
+
+
 class RawProtector:
     """``rawlayer.Protector`` of one stream: encrypts its protected columns batch by batch.
 
@@ -108,10 +129,12 @@ class RawProtector:
         envelope: Envelope,
         subjects: SubjectKeys,
         ensure_lock: threading.Lock,
+        in_clear: Sequence[ProtectedField] = (),
     ) -> None:
         self.source, self.dataset = source, dataset
         self.scope = stream_scope(source, dataset)
         self.fields = tuple(fields)
+        self.in_clear = tuple(in_clear)  # nulled for shredded subjects, else left as they are
         self.columns = frozenset(f.column for f in fields)
         self.envelope, self.subjects = envelope, subjects
         self._ensure_lock = ensure_lock  # the lake writes batches in parallel threads
@@ -138,6 +161,18 @@ class RawProtector:
                     arrays[f.subject], plain, shredded_rows[f.subject], scope_aad
                 )
             out[f.column] = pa.array(encrypted, pa.binary())
+        for f in self.in_clear:
+            if f.subject not in shredded_rows:
+                shredded_rows[f.subject] = self._shredded_rows(arrays[f.subject])
+            erased = shredded_rows[f.subject]
+            values = arrays[f.column]
+            if not erased.any() or values.null_count == len(values):
+                continue
+            mask = pa.array(erased)
+            refused[f.column] = np.flatnonzero(
+                erased & pc.is_valid(values).to_numpy(zero_copy_only=False)
+            ).tolist()
+            out[f.column] = pc.if_else(mask, pa.scalar(None, values.type), values)
         return out, {c: rows for c, rows in refused.items() if rows}
 
     def _shredded_rows(self, subject_column: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -205,11 +240,16 @@ def protect(
     envelope: Envelope,
     subjects: SubjectKeys,
     ensure_lock: threading.Lock | None = None,
+    in_clear: Sequence[ProtectedField] = (),
 ) -> RawStream:
-    """``stream`` with its protected columns typed ``binary`` and the protector that fills them."""
-    if not fields:
-        return stream
+    """``stream`` with its protected columns typed ``binary`` and the protector that fills them
+    (and nulls ``in_clear`` fields of shredded subjects' rows)."""
     names = {c.name for c in stream.columns}
+    # Only subjects named by an integer column (the customer id) can be checked for shredding.
+    integer = {c.name for c in stream.columns if c.type == "integer"}
+    in_clear = [f for f in in_clear if f.column in names and f.subject in integer]
+    if not fields and not in_clear:
+        return stream
     for f in fields:
         if f.column not in names:
             raise RawEncryptionError(
@@ -224,7 +264,7 @@ def protect(
     protected = {f.column for f in fields}
     columns = tuple(Column(c.name, "binary") if c.name in protected else c for c in stream.columns)
     protector = RawProtector(
-        source, dataset, fields, envelope, subjects, ensure_lock or threading.Lock()
+        source, dataset, fields, envelope, subjects, ensure_lock or threading.Lock(), in_clear
     )
     return dataclasses.replace(stream, columns=columns, protector=protector)
 
@@ -269,6 +309,7 @@ class ProtectedWriter:
         self._lock = threading.Lock()
         self._ensure_lock = threading.Lock()
         self._fields: dict[str, list[ProtectedField]] | None = None
+        self._in_clear: dict[str, list[ProtectedField]] = {}
         self._streams: dict[tuple[str, tuple[Column, ...]], RawStream] = {}
 
     def _keys(self) -> tuple[Envelope, SubjectKeys]:
@@ -282,9 +323,14 @@ class ProtectedWriter:
         """Each raw stream's protected fields, checked against the destination once."""
         with self._lock:
             if self._fields is None:
-                by_stream = protected_fields(self.store)  # the catalog read once a sync
+                catalog = load_catalog()  # read once a sync
+                by_stream = protected_fields(self.store, catalog)
                 fields = {
                     name: by_stream.get(f"{self.namespace}.{name}", []) for name in self.datasets
+                }
+                in_clear = erased_in_clear(self.store, catalog)
+                self._in_clear = {
+                    name: in_clear.get(f"{self.namespace}.{name}", []) for name in self.datasets
                 }
                 self._check_destination({n: [f.column for f in fs] for n, fs in fields.items()})
                 self._fields = fields
@@ -318,7 +364,8 @@ class ProtectedWriter:
     def stream(self, stream: RawStream) -> RawStream:
         """``stream`` as it is stored: protected columns binary, with its protector."""
         fields = self._ready().get(stream.name) or []
-        if not fields:
+        in_clear = self._in_clear.get(stream.name) or []
+        if not fields and not in_clear:
             return stream
         cache_key = (stream.key, stream.columns)
         with self._lock:
@@ -326,7 +373,14 @@ class ProtectedWriter:
                 dataset = self.datasets[stream.name]
                 envelope, subjects = self._keys()
                 self._streams[cache_key] = protect(
-                    stream, self.source, dataset, fields, envelope, subjects, self._ensure_lock
+                    stream,
+                    self.source,
+                    dataset,
+                    fields,
+                    envelope,
+                    subjects,
+                    self._ensure_lock,
+                    in_clear,
                 )
             return self._streams[cache_key]
 
@@ -447,6 +501,7 @@ __all__ = [
     "RawProtector",
     "aad",
     "decrypt_column",
+    "erased_in_clear",
     "protect",
     "protected_fields",
     "protected_writer",
