@@ -779,6 +779,8 @@ class Logs:
         fields = [
             e.field for e in ctx.catalog.restricted("documents") if e.dataset == self.collection
         ]
+        if not fields:
+            return
         pattern = "|".join(re.escape(n) for n in needles)
         query = {"$or": [{f: {"$regex": pattern}} for f in fields]}
         db = docstore.connect(ctx.settings)
@@ -841,10 +843,16 @@ class Logs:
                 continue
             # In place, same length: the file's writer keeps appending at its offset, and readers
             # that remember offsets (the collector) still find their lines.
-            with path.open("r+b") as f:
-                for at, length in hits:
-                    f.seek(at)
-                    f.write(b"*" * length)
+            try:
+                with path.open("r+b") as f:
+                    for at, length in hits:
+                        f.seek(at)
+                        f.write(b"*" * length)
+            except OSError as exc:
+                raise StoreError(
+                    f"logs: {path} holds the subject's identifiers and cannot be rewritten "
+                    f"({exc}); the platform's OS user must be able to write its log files"
+                ) from exc
             counts[f"{path.parent.name}/{path.name}.redacted"] = len(hits)
         return StepOutcome(self.name, counts, "identifiers redacted from Log documents and files")
 
