@@ -448,6 +448,12 @@ def test_api_consent_routes_need_the_privacy_scope(api, platform):
     assert gone.status_code == 404 and f"customer {missing}" in gone.json()["detail"]
     bad = {"customer_id": cid, "purpose": "profiling", "granted": True}
     assert api.call("POST", "/v1/privacy/consent", api.front, json=bad).status_code == 422
+    # Beyond Customer.ID's bigint: refused as invalid, not a server error.
+    assert api.call("GET", f"/v1/privacy/consent/{2**63}", api.front).status_code == 422
+    huge = {"customer_id": 2**70}
+    assert api.call("POST", "/v1/privacy/opt-out", api.front, json=huge).status_code == 422
+    with pytest.raises(consent.UnknownSubject, match=f"customer {2**63}: no such customer"):
+        consent.opt_out(platform.settings, 2**63, source="cli")
 
 
 def test_api_records_consent_and_the_gpc_signal_opts_out(api, platform):

@@ -38,7 +38,8 @@ router = APIRouter(tags=["privacy"])
 
 GPC_HEADER = "Sec-GPC"
 PrivacyScope = Annotated[Principal, Depends(require_scope("privacy.requests"))]
-CustomerId = Annotated[int, Path(gt=0, description="The customer (data subject)")]
+BIGINT_MAX = 2**63 - 1  # Customer.ID is a bigint: a larger id names no one (422, not a 500)
+CustomerId = Annotated[int, Path(gt=0, le=BIGINT_MAX, description="The customer (data subject)")]
 
 
 class ConsentRecord(BaseModel):
@@ -60,7 +61,7 @@ class SubjectConsent(BaseModel):
 
 
 class ConsentChange(BaseModel):
-    customer_id: int = Field(gt=0)
+    customer_id: int = Field(gt=0, le=BIGINT_MAX)
     purpose: Literal["analytics", "ml_training", "marketing", "sale"] = Field(
         description="sale: granted false is the do-not-sell opt-out"
     )
@@ -68,7 +69,7 @@ class ConsentChange(BaseModel):
 
 
 class OptOut(BaseModel):
-    customer_id: int = Field(gt=0)
+    customer_id: int = Field(gt=0, le=BIGINT_MAX)
 
 
 class Recorded(BaseModel):

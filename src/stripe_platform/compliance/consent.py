@@ -128,7 +128,10 @@ def _aware(when: dt.datetime | None) -> dt.datetime:
 
 
 def _require_customer(conn: psycopg.Connection, customer_id: int) -> None:
-    if conn.execute("SELECT 1 FROM Customer WHERE ID = %s", (customer_id,)).fetchone() is None:
+    if (
+        not 0 < customer_id < 2**63
+        or conn.execute("SELECT 1 FROM Customer WHERE ID = %s", (customer_id,)).fetchone() is None
+    ):
         raise UnknownSubject(f"customer {customer_id}: no such customer in {conn.info.dbname}")
 
 
