@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from pydantic import SecretStr
@@ -16,6 +17,9 @@ from stripe_platform.ml.split import SplitSpec
 from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import Dataset, build
 from stripe_platform.seed.spec import make_spec
+
+if TYPE_CHECKING:
+    from seed_templates import SeedTemplates
 
 SPLIT = SplitSpec(test_days=180)  # the small seed's test period needs room for a few frauds
 ROUNDS = 40  # boosting rounds: enough to beat the rules on the seed, quick to train
@@ -48,7 +52,10 @@ def seeded_platform(
     *,
     scale: float = 0.01,
     max_documents: int = 300,
+    templates: SeedTemplates | None = None,
 ) -> Platform:
+    """``templates`` (the ``seed_templates`` fixture): the stores cloned from a template seeded
+    once per session, not seeded again."""
     s = ml_settings(
         settings,
         tmp_path,
@@ -59,7 +66,7 @@ def seeded_platform(
     data = build(
         make_spec(scale=scale, seed=5, end=dt.date(2026, 1, 1), max_documents=max_documents)
     )
-    seed_load.seed(s, data, docdb)
+    (templates or seed_load).seed(s, data, docdb)
     return Platform(s, data, docdb)
 
 

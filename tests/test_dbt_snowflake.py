@@ -34,7 +34,6 @@ from stripe_platform.ingestion.catalog import load_catalog
 from stripe_platform.ingestion.engine import open_writer, run_sync
 from stripe_platform.ingestion.postgres import cdc
 from stripe_platform.oltp import db
-from stripe_platform.seed import load as seed_load
 from stripe_platform.seed.dataset import build
 from stripe_platform.seed.spec import make_spec
 from stripe_platform.transform.analyses import available, run_analysis
@@ -108,11 +107,11 @@ def answers(settings: Any) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def test_dbt_build_on_snowflake_full_then_incremental_matches_duckdb(
-    snowflake_server, settings, database, docdb, tmp_path
+    snowflake_server, settings, database, docdb, tmp_path, seed_templates
 ):
     started = time.monotonic()
     s = settings.model_copy(update={"pg_database": database, "mongodb_database": docdb.name})
-    seed_load.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
+    seed_templates.seed(s, build(make_spec(scale=0.003, seed=4, end=END, max_documents=300)), docdb)
     catalog = load_catalog()
     sf_home, duck_home = tmp_path / "snowflake", tmp_path / "duckdb"
     sf_home.mkdir()

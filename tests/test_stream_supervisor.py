@@ -126,9 +126,9 @@ def test_the_child_gets_exactly_the_settings_it_was_started_with(bare, monkeypat
 
 # -- the real service -------------------------------------------------------------------------------
 @pytest.fixture
-def platform(settings, database, docdb, tmp_path, monkeypatch) -> Iterator[Any]:
+def platform(settings, database, docdb, tmp_path, monkeypatch, seed_templates) -> Iterator[Any]:
     """A seeded platform with a champion; the stream is stopped and its slot dropped after."""
-    p = seeded_platform(settings, database, docdb, tmp_path, monkeypatch)
+    p = seeded_platform(settings, database, docdb, tmp_path, monkeypatch, templates=seed_templates)
     train_champion(p.settings)
     # Files of an earlier test's stream under the session home say nothing about this one.
     supervisor.stop(p.settings)
@@ -244,11 +244,13 @@ def cli(s, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_stream_start_without_a_champion_fails_with_the_services_own_words(
-    settings, database, docdb, tmp_path, monkeypatch
+    settings, database, docdb, tmp_path, monkeypatch, seed_templates
 ):
     """`stream start` waits for the service to run: one that exits at start (no champion yet)
     fails the command with the end of its log, in one message, no traceback of the command's."""
-    s = seeded_platform(settings, database, docdb, tmp_path, monkeypatch).settings
+    s = seeded_platform(
+        settings, database, docdb, tmp_path, monkeypatch, templates=seed_templates
+    ).settings
     supervisor.stop(s)
     try:
         done = cli(s, "start", "--wait", str(WAIT_S))
