@@ -112,6 +112,10 @@ def test_all_controls_pass_on_the_clean_platform_and_are_recorded(s, webhook):
         "postgres-to-s3 -> lake",
         "postgres-to-snowflake -> warehouse_raw",
     ]
+    # The marts a partner receives: flagged in dbt (compliance/consent.py), non-personal columns.
+    assert by["unauthorised_transfers"].evidence["shared_with_third_parties"] == [
+        "MKT_MarketingAudience"
+    ]
     assert [x for x in webhook.bodies if x.get("rule", "").startswith("control:")] == []
     assert len(controls.history(s, 1, now=now)) == 6
     assert controls.history(s, 1, now=now - dt.timedelta(days=2)) == []
@@ -224,29 +228,42 @@ def test_records_past_retention_fail(s):
     assert run(s, "retention", now=now).passed
 
 
-def test_a_pan_in_a_mart_fails_pci_scope(s, webhook):
-    # A card number (Luhn-valid, the brief's test Visa) written into a mart's text column.
+def test_a_pan_in_a_mart_fails_pci_scope_and_an_email_in_a_shared_mart_is_a_transfer(s, webhook):
+    # A card number (Luhn-valid, the brief's test Visa) written into a mart's text column, and an
+    # e-mail into the mart a partner receives (MKT_MarketingAudience, shared with third parties).
+    # One run of the two controls (they share one sampling of the stores).
     path = str(s.warehouse_file)
+    pan, email = "4111111111111111", "jane.roe@example.com"
     with duckdb.connect(path) as conn:
-        (before,) = conn.execute(
+        (user,) = conn.execute(
             f"SELECT UserName FROM {MARTS_SCHEMA}.dim_customer LIMIT 1"
         ).fetchone()
+        (key, segment) = conn.execute(
+            f"SELECT CustomerKey, CustomerSegment FROM {MARTS_SCHEMA}.mkt_marketingaudience LIMIT 1"
+        ).fetchone()
         conn.execute(
-            f"UPDATE {MARTS_SCHEMA}.dim_customer SET UserName = '4111111111111111' "
-            "WHERE UserName = ?",
-            [before],
+            f"UPDATE {MARTS_SCHEMA}.dim_customer SET UserName = ? WHERE UserName = ?", [pan, user]
+        )
+        conn.execute(
+            f"UPDATE {MARTS_SCHEMA}.mkt_marketingaudience SET CustomerSegment = ? "
+            "WHERE CustomerKey = ?",
+            [email, key],
         )
     try:
-        result = run(s, "pci_scope")
+        pci, transfers = controls.run_controls(s, only=["pci_scope", "unauthorised_transfers"])
     finally:
         with duckdb.connect(path) as conn:
             conn.execute(
-                f"UPDATE {MARTS_SCHEMA}.dim_customer SET UserName = ? "
-                "WHERE UserName = '4111111111111111'",
-                [before],
+                f"UPDATE {MARTS_SCHEMA}.dim_customer SET UserName = ? WHERE UserName = ?",
+                [user, pan],
             )
-    assert not result.passed
-    (v,) = result.evidence["violations"]
+            conn.execute(
+                f"UPDATE {MARTS_SCHEMA}.mkt_marketingaudience SET CustomerSegment = ? "
+                "WHERE CustomerKey = ?",
+                [segment, key],
+            )
+    assert not pci.passed
+    (v,) = pci.evidence["violations"]
     assert v["where"] == "marts DIM_Customer.UserName" and "card_number" in v["why"]
     (incident,) = [
         i for i in incidents.list_incidents(s, status="open") if i.rule == "control:pci_scope"
@@ -255,6 +272,13 @@ def test_a_pan_in_a_mart_fails_pci_scope(s, webhook):
     assert [x["incident_id"] for x in webhook.bodies if x.get("rule") == "control:pci_scope"] == [
         incident.id
     ]
+    assert not transfers.passed
+    shared = [v for v in transfers.evidence["violations"] if v["to"] == "third_parties"]
+    assert [(v["field"], v["class"]) for v in shared] == [
+        ("MKT_MarketingAudience.CustomerSegment", "pii")
+    ]
+    # The PAN in DIM_Customer: card data may go to no mart at all.
+    assert any(v["to"] == "marts" and v["class"] == "pci" for v in transfers.evidence["violations"])
 
 
 def test_cli_check_exit_code_and_history(s, monkeypatch, request):

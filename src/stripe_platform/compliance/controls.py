@@ -528,6 +528,8 @@ def _unauthorised_transfers(settings: Settings, now: dt.datetime, shared: _Share
       `none` is allowed, e.g. PII in clear in the exploration lake;
     - files in the lake outside the declared streams' directories (an export or sync to an
       undeclared destination);
+    - marts shared with third parties: the classes their columns carry, and what the recognizers
+      find in them, must be allowed for `third_parties`;
     - API exports (the access log, the last day): a class read in clear that `api_export` does
       not allow."""
     destinations: dict[str, dict[str, str]] = shared.declarations["destinations"]
@@ -595,6 +597,42 @@ def _unauthorised_transfers(settings: Settings, now: dt.datetime, shared: _Share
                     f"sampled values of a {f.declared} field",
                 }
             )
+    # Marts shared with third parties (meta shared_with_third_parties, compliance/consent.py):
+    # the partner receives what their columns carry, so each class must be allowed there.
+    from stripe_platform.compliance.consent import shared_marts
+
+    third_party = sorted(shared_marts())
+    for mart in third_party:
+        for entry in shared.catalog.dataset("marts", mart):
+            cls = entry.data_class.value
+            if cls != "non_personal" and allowed("third_parties", cls) != "clear":
+                violations.append(
+                    {
+                        "transfer": f"shared mart {mart}",
+                        "to": "third_parties",
+                        "field": f"{mart}.{entry.field}",
+                        "class": cls,
+                        "why": f"{cls} shared with third parties",
+                    }
+                )
+    for f in shared.scan.findings:
+        implied = _RECOGNIZED_CLASS.get(f.found)
+        if (
+            f.store == "marts"
+            and f.dataset in third_party
+            and implied
+            and allowed("third_parties", implied) != "clear"
+        ):
+            violations.append(
+                {
+                    "transfer": f"shared mart {f.dataset}",
+                    "to": "third_parties",
+                    "field": f"{f.dataset}.{f.field}",
+                    "class": implied,
+                    "why": f"{f.found} in {f.matches} of {f.sampled} sampled "
+                    "values shared with third parties",
+                }
+            )
     # Files in the lake no declared stream explains.
     stray = _stray_lake_files(settings, shared.catalog)
     violations.extend(
@@ -624,6 +662,7 @@ def _unauthorised_transfers(settings: Settings, now: dt.datetime, shared: _Share
     evidence = {
         "violations": violations,
         "syncs": syncs,
+        "shared_with_third_parties": third_party,
         "api_exports": len(exports),
         "destinations": sorted(destinations),
     }
