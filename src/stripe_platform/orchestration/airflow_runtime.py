@@ -95,20 +95,38 @@ def airflow_env(
     return env
 
 
-def _run(args: list[str], env: Mapping[str, str], what: str) -> None:
+def _run(commands: list[list[str]], env: Mapping[str, str], what: str) -> None:
+    """Airflow CLI commands, in order, in ONE process (``python -m`` this module ``cli``): each
+    Airflow process pays seconds of imports before it does anything."""
     done = subprocess.run(
-        [*AIRFLOW, *args], env=dict(env), capture_output=True, text=True, check=False
+        [sys.executable, "-m", __name__, "cli", json.dumps(commands)],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise AirflowSetupError(f"`airflow {' '.join(args)}` ({what}) failed:\n{tail}")
+        shown = " && ".join(f"airflow {' '.join(c)}" for c in commands)
+        raise AirflowSetupError(f"`{shown}` ({what}) failed:\n{tail}")
+
+
+def _cli(commands: list[list[str]]) -> None:
+    """What ``airflow <command>`` does (airflow/__main__.py), for each command in one process."""
+    from airflow.cli import cli_parser
+    from airflow.configuration import write_default_airflow_configuration_if_needed
+
+    write_default_airflow_configuration_if_needed()
+    parser = cli_parser.get_parser()
+    for command in commands:
+        args = parser.parse_args(command)
+        args.func(args)
 
 
 def _setup(settings: Settings, env: Mapping[str, str], workdir: Path) -> None:
-    _run(["db", "migrate"], env, "metadata schema")
     pools = workdir / "pools.json"
     pools.write_text(json.dumps(pools_file(settings), indent=2))
-    _run(["pools", "import", str(pools)], env, "pools")
+    _run([["db", "migrate"], ["pools", "import", str(pools)]], env, "metadata schema and pools")
 
 
 def migrate_airflow_db(
@@ -195,6 +213,9 @@ def init_from_environment() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] != ["init"]:
+    if sys.argv[1:] == ["init"]:
+        init_from_environment()
+    elif sys.argv[1:2] == ["cli"] and len(sys.argv) == 3:
+        _cli(json.loads(sys.argv[2]))
+    else:
         sys.exit("usage: python -m stripe_platform.orchestration.airflow_runtime init")
-    init_from_environment()
