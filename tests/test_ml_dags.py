@@ -97,9 +97,11 @@ def test_on_prod_the_training_runs_in_a_kubernetes_pod(monkeypatch, tmp_path):
 
 # -- end to end on the embedded profile --------------------------------------------------------------
 @pytest.fixture
-def ml_env(settings, database, docdb, tmp_path, monkeypatch):
+def ml_env(settings, database, docdb, tmp_path, monkeypatch, seed_templates):
     """A seeded platform and the environment a task sees (settings from the environment)."""
-    platform = seeded_platform(settings, database, docdb, tmp_path, monkeypatch)
+    platform = seeded_platform(
+        settings, database, docdb, tmp_path, monkeypatch, templates=seed_templates
+    )
     s = platform.settings
     clear_platform_env(monkeypatch)
     for key, value in {

@@ -120,8 +120,10 @@ def test_report_and_verdict_are_written_whole(windows, tmp_path):
 
 # -- the platform ------------------------------------------------------------------------------------
 @pytest.fixture
-def platform(settings, database, docdb, tmp_path, monkeypatch):
-    return seeded_platform(settings, database, docdb, tmp_path, monkeypatch)
+def platform(settings, database, docdb, tmp_path, monkeypatch, seed_templates):
+    return seeded_platform(
+        settings, database, docdb, tmp_path, monkeypatch, templates=seed_templates
+    )
 
 
 def test_the_platforms_latest_window_against_the_champions_training(platform):

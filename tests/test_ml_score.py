@@ -30,8 +30,10 @@ from stripe_platform.seed.spec import make_spec
 
 
 @pytest.fixture
-def platform(settings, database, docdb, tmp_path, monkeypatch):
-    return seeded_platform(settings, database, docdb, tmp_path, monkeypatch)
+def platform(settings, database, docdb, tmp_path, monkeypatch, seed_templates):
+    return seeded_platform(
+        settings, database, docdb, tmp_path, monkeypatch, templates=seed_templates
+    )
 
 
 def fraud_scores(s) -> dict[tuple[int, int], tuple]:
