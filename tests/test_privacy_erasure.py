@@ -328,7 +328,8 @@ def test_the_subject_is_findable_before_the_erasure(platform):
     # The downstream stores answered too, each item saying where it came from.
     stores_seen = {i["store"] for i in requests.read_export(s, request.id)["items"]}
     assert {"warehouse_raw", "marts", "lake", "logs", "keys"} <= stores_seen
-    Path(request.export_path).unlink()  # the export is personal data too: not left behind
+    # The export is personal data too: left here, the erasure must remove it (checked there).
+    assert Path(request.export_path).exists()
 
 
 def test_after_erasure_nothing_of_the_subject_is_readable_anywhere(platform):
@@ -358,6 +359,8 @@ def test_after_erasure_nothing_of_the_subject_is_readable_anywhere(platform):
 
     rows, reader = _everything(s)
     assert _found(rows, _flat(needles)) == []
+    # The earlier access request's export (the test before) went with the rest.
+    assert list(requests.export_dir(s).glob(f"request-*-customer-{subject}.json")) == []
     # In the copy, the subject's protected values (e-mail, name, phone, street: pii, pci,
     # credentials) no longer decrypt, their key is gone; everyone else's still do. What the raw
     # layer keeps in clear (pii_quasi: IP addresses, user names, log lines) stays readable in a

@@ -526,6 +526,18 @@ def _write_export(settings: Settings, request: PrivacyRequest, items, now) -> Pa
     return path
 
 
+def _remove_exports(settings: Settings, customer_id: int) -> int:
+    """An erased subject's earlier access exports are their personal data in clear, held by the
+    platform: they go with the rest (idempotent: none left, none removed)."""
+    removed = 0
+    for path in export_dir(settings).glob(f"request-*-customer-{customer_id}.json"):
+        path.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("privacy: %d earlier export(s) of customer %s removed", removed, customer_id)
+    return removed
+
+
 def read_export(settings: Settings, request_id: int) -> dict[str, Any]:
     """The JSON export of a done access request."""
     request = get_request(settings, request_id)
@@ -669,6 +681,8 @@ def _execute(
         steps[i] = StepState(step.store, "done", detail, counts, dt.datetime.now(dt.UTC))
         _update(conn, request.id, steps=[s.to_json() for s in steps])
     export = None
+    if request.kind == "erase":
+        _remove_exports(settings, request.customer_id)
     if request.kind == "access":
         try:
             export = str(_write_export(settings, request, items, now))
