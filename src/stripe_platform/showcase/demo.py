@@ -144,6 +144,13 @@ def run(settings: Settings, console: Console, *, scale: float = DEFAULT_SCALE) -
     audit(settings, console, step)
     stage_done("audit")
 
+    console.rule(
+        "[bold]Privacy and compliance: an access and an erasure request, the daily controls, "
+        "the dashboard"
+    )
+    privacy(settings, console, step)
+    stage_done("privacy")
+
     console.rule("[bold]The brief's OLAP queries, answered from the marts")
     answer_brief_queries(settings, console)
     stage_done("queries")
@@ -500,6 +507,96 @@ def audit(settings: Settings, console: Console, step: Callable[[str], None]) -> 
     )
 
 
+def privacy(settings: Settings, console: Console, step: Callable[[str], None]) -> None:
+    """Issue 23 (docs/compliance.md): one access request (a JSON export of everything held about
+    a customer, with where each item came from) and one erasure (every store the catalog lists,
+    the subject's key shredded last), each on a customer no earlier run erased; then the daily
+    controls and the compliance dashboard's KPIs, and where the dashboard is."""
+    from stripe_platform.compliance import consent, requests
+    from stripe_platform.compliance.kpis import kpis
+    from stripe_platform.orchestration.compliance import daily
+
+    with db.connect(settings) as conn:
+        # Two customers with payments, neither erased nor held: a re-run picks the next ones.
+        picked = [
+            cid
+            for (cid,) in conn.execute(
+                "SELECT c.id FROM customer c"
+                " WHERE NOT EXISTS (SELECT FROM privacy.erased_subject e WHERE e.customer_id = c.id)"
+                " AND NOT EXISTS (SELECT FROM privacy.legal_hold h WHERE h.customer_id = c.id)"
+                " AND EXISTS (SELECT FROM transaction t WHERE t.customerid = c.id)"
+                " ORDER BY c.id LIMIT 2"
+            )
+        ]
+    if len(picked) < 2:
+        step("privacy: fewer than two customers left to show a request on; skipped")
+        return
+    reader, erased = picked
+    for kind, customer in (("access", reader), ("erase", erased)):
+        started = time.monotonic()
+        request = requests.submit(
+            settings,
+            kind,
+            customer,
+            law="gdpr",
+            requested_by="demo",
+            source="cli",
+            identity="demo: the account's login and a document check",
+        )
+        request = requests.run(settings, request.id)
+        seconds = time.monotonic() - started
+        per_step = ", ".join(
+            f"{s.store} {sum(s.counts.values()) if s.counts else 0:,}" for s in request.steps
+        )
+        if kind == "access" and request.state == "done":
+            step(
+                f"`privacy request access --customer {customer}`: {request.state} in {seconds:.1f}s"
+                f" (due {request.due_at:%Y-%m-%d}), items by store: {per_step}; export "
+                f"{request.export_path}"
+            )
+        else:
+            step(
+                f"`privacy request {kind} --customer {customer}`: {request.state} in "
+                f"{seconds:.1f}s; changed by step: {per_step}"
+                + (f"; {request.error}" if request.error else "")
+            )
+    rates = consent.rates(settings)
+    step(
+        f"consent: {rates['subjects']:,} subjects; "
+        + ", ".join(
+            f"{purpose} {share['rate']:.0%}" for purpose, share in rates["by_purpose"].items()
+        )
+        + f"; opted out of sale {rates['opt_out_rate']:.0%}"
+    )
+    summary = daily(settings)
+    step(
+        "daily controls (`compliance check`): "
+        + ", ".join(
+            f"{name} {'pass' if c['passed'] else 'FAIL'}" for name, c in summary["controls"].items()
+        )
+    )
+    figures = kpis(settings)
+    console.print(
+        table(
+            "Compliance dashboard KPIs (`stripe-platform compliance kpis`)",
+            ["KPI", "value", "status", "why"],
+            [
+                [
+                    k.title,
+                    "-" if k.value is None else f"{k.value:,.4g} {k.unit}".strip(),
+                    k.status,
+                    k.detail,
+                ]
+                for k in figures.kpis
+            ],
+        )
+    )
+    step(
+        f"the compliance dashboard: {settings.api_url}/compliance (`stripe-platform api`, then "
+        "an SSO login as an admin)"
+    )
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -666,6 +763,11 @@ def where_things_are(settings: Settings, console: Console) -> None:
         (
             "Airflow",
             f"`stripe-platform airflow` → https://127.0.0.1:8080 (home {airflow_home(settings)})",
+        ),
+        (
+            "compliance",
+            f"`stripe-platform api` → {settings.api_url}/compliance (SSO, admin); `privacy "
+            "requests`, `compliance check`, `compliance kpis` (docs/compliance.md)",
         ),
     ]
     console.print(table("", ["what", "where"], lines))
