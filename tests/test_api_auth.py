@@ -15,9 +15,6 @@ import datetime as dt
 import json
 import os
 import secrets
-import socket
-import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -27,12 +24,12 @@ from typing import Annotated
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import APIRouter, Depends
 from psycopg import sql
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from api_server import served_over_tls
 from conftest import TEMPLATE_DB
 from stripe_platform.api.app import create_app
 from stripe_platform.api.auth import Principal, principal, require_clear
@@ -41,7 +38,6 @@ from stripe_platform.audit import access_log
 from stripe_platform.cli import app as cli_app
 from stripe_platform.config import Settings, get_settings
 from stripe_platform.oltp import db
-from stripe_platform.runtime.tls import ensure_certificates
 from stripe_platform.security import sessions
 from stripe_platform.security.access import expired_all, plan_all, revoke_expired_all
 from stripe_platform.security.access_api import apply as apply_api
@@ -181,37 +177,10 @@ def server(settings, tmp_path_factory) -> Iterator[Server]:
     )
     app = create_app(s)
     app.include_router(probe)
-    tls = ensure_certificates(s.home_dir / "tls")
-    with socket.socket() as probe_port:
-        probe_port.bind(("127.0.0.1", 0))
-        port = probe_port.getsockname()[1]
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        ssl_certfile=str(tls.server_cert),
-        ssl_keyfile=str(tls.server_key),
-        log_level="warning",
-        timeout_graceful_shutdown=5,
-    )
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, name="api-auth-uvicorn", daemon=True)
-    thread.start()
-    client = httpx.Client(
-        base_url=f"https://127.0.0.1:{port}",
-        verify=ssl.create_default_context(cafile=str(tls.ca_cert)),
-        timeout=10,
-    )
     try:
-        deadline = time.monotonic() + 30
-        while not uv.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
-        yield Server(s, policy, client)
+        with served_over_tls(app, s, name="api-auth", timeout=10) as client:
+            yield Server(s, policy, client)
     finally:
-        client.close()
-        uv.should_exit = True
-        thread.join(30)
         with db.connect(settings, database="postgres", autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 

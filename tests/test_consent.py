@@ -14,20 +14,16 @@ import datetime as dt
 import hashlib
 import json
 import os
-import socket
-import ssl
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 from psycopg import sql
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from api_server import served_over_tls
 from conftest import TEMPLATE_DB
 from stripe_platform.audit import access_log
 from stripe_platform.cli import app as cli_app
@@ -370,34 +366,11 @@ class Api:
 @pytest.fixture(scope="module")
 def api(platform, tmp_path_factory) -> Iterator[Api]:
     from stripe_platform.api.app import create_app
-    from stripe_platform.runtime.tls import ensure_certificates
     from stripe_platform.security import sessions
 
     policy = tmp_path_factory.mktemp("consent-policy") / "policy.yaml"
     policy.write_text(POLICY)
     s = platform.settings.model_copy(update={"access_policy": policy})
-    tls = ensure_certificates(s.home_dir / "tls")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(s),
-            host="127.0.0.1",
-            port=port,
-            ssl_certfile=str(tls.server_cert),
-            ssl_keyfile=str(tls.server_key),
-            log_level="warning",
-            timeout_graceful_shutdown=5,
-        )
-    )
-    thread = threading.Thread(target=server.run, name="consent-uvicorn", daemon=True)
-    thread.start()
-    client = httpx.Client(
-        base_url=f"https://127.0.0.1:{port}",
-        verify=ssl.create_default_context(cafile=str(tls.ca_cert)),
-        timeout=20,
-    )
 
     def token(user: str, roles: list[str]) -> str:
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
@@ -405,16 +378,8 @@ def api(platform, tmp_path_factory) -> Iterator[Api]:
             s, user=user, roles=roles, expires_at=expires, created_by="tests"
         )[1]
 
-    try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+    with served_over_tls(create_app(s), s, name="consent") as client:
         yield Api(s, client, token("front-end", ["privacy_front"]), token("reader", ["viewer"]))
-    finally:
-        client.close()
-        server.should_exit = True
-        thread.join(30)
 
 
 def records(conn, customer_id: int, purpose: str) -> list[tuple]:

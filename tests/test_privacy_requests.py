@@ -14,11 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
-import ssl
 import stat
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +23,10 @@ import httpx
 import psycopg
 import pyotp
 import pytest
-import uvicorn
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
+from api_server import served_over_tls
 from privacy_fixtures import NOW, seeded_platform
 from stripe_platform.api.app import create_app
 from stripe_platform.audit import access_log
@@ -40,7 +36,6 @@ from stripe_platform.config import Settings, get_settings
 from stripe_platform.docstore.fields import DocumentFields
 from stripe_platform.governance.classification import DataClass, load_catalog
 from stripe_platform.oltp import db
-from stripe_platform.runtime.tls import ensure_certificates
 from stripe_platform.security import mfa, sessions
 
 
@@ -523,38 +518,8 @@ def api(seeded, tmp_path_factory) -> Iterator[Api]:
             "mlflow_tracking_uri": SecretStr(f"sqlite:///{tmp}/mlflow.db"),  # no champion
         }
     )
-    tls = ensure_certificates(s.home_dir / "tls")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(s),
-            host="127.0.0.1",
-            port=port,
-            ssl_certfile=str(tls.server_cert),
-            ssl_keyfile=str(tls.server_key),
-            log_level="warning",
-            timeout_graceful_shutdown=5,
-        )
-    )
-    thread = threading.Thread(target=server.run, name="privacy-api", daemon=True)
-    thread.start()
-    client = httpx.Client(
-        base_url=f"https://127.0.0.1:{port}",
-        verify=ssl.create_default_context(cafile=str(tls.ca_cert)),
-        timeout=60,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.05)
+    with served_over_tls(create_app(s), s, name="privacy-api", timeout=60) as client:
         yield Api(s, client)
-    finally:
-        client.close()
-        server.should_exit = True
-        thread.join(30)
 
 
 def enrolled_now(s: Settings, user: str) -> str:
