@@ -373,12 +373,23 @@ def test_quality_floor_on_seeded_logs(settings) -> None:
     assert report["false_alerts"]["max_in_a_day"] <= 1
 
 
+def drop_roles(conn, *names: str) -> None:
+    from psycopg import sql
+
+    for name in names:
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
 def test_temporary_grant_past_valid_until_from_postgres(settings, conn) -> None:
     from stripe_platform.oltp import access
 
     start = dt.datetime.now(dt.UTC) - dt.timedelta(days=3)
     access.grant_temporary(conn, "contractor_zed", "readonlyuser", days=1, now=start)
-    context = load_context(settings, conn=conn)
+    try:
+        context = load_context(settings, conn=conn)
+    finally:  # roles belong to the whole cluster: an expired login left here is later tests' drift
+        drop_roles(conn, "contractor_zed")
     assert context.notes == ()
     assert context.ends["contractor_zed"] == start + dt.timedelta(days=1)
     assert "readonlyuser" in context.roles["contractor_zed"]
@@ -505,6 +516,7 @@ def test_rules_on_real_postgres_logs_through_the_collector(settings, database, d
     docs = list(docdb["Log"].find({}))
     with db.connect(s, autocommit=True) as c:
         context = load_context(s, conn=c)
+        drop_roles(c, "rules_dev", "rules_contractor")  # cluster-wide: not left to later tests
     assert context.roles["rules_dev"] >= {"developer"}
     findings = detect(s, docs, now=dt.datetime.now(dt.UTC), rules=RULES, context=context)
     found = {(f.rule, f.user) for f in findings}

@@ -12,7 +12,9 @@ with spend as (
 
 select
     c.customer_id as CustomerKey,
-    c.user_name as UserName,
+    -- The source's UserName is never null; an erased customer's is nulled in the raw layer
+    -- (docs/compliance.md): the mart shows the OLTP tombstone's name instead.
+    coalesce(c.user_name, 'erased-' || cast(c.customer_id as varchar)) as UserName,
     c.country_code as CountryCode,
     c.preferred_device as PreferredDevice,
     pm.payment_method_name as PreferredPaymentMethod,
