@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
@@ -97,17 +96,9 @@ def _incident(row: dict[str, Any], change: str | None = None) -> Incident:
 def _connect(settings: Settings) -> psycopg.Connection:
     from stripe_platform.oltp import db
 
-    conn = db.connect(settings, with_key=False, autocommit=True)
-    conn.row_factory = dict_row
-    present = conn.execute("SELECT to_regclass('audit.incident') IS NOT NULL AS p").fetchone()
-    if not present["p"]:
-        database = conn.info.dbname
-        conn.close()
-        raise IncidentError(
-            f"database {database} has no incident table (migration 0022): run `stripe-platform db "
-            "migrate` first"
-        )
-    return conn
+    return db.connect_to_table(
+        settings, "audit.incident", what="incident table", migration=22, error=IncidentError
+    )
 
 
 def _check_severity(severity: str, where: str) -> str:

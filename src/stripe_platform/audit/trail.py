@@ -168,16 +168,14 @@ def _check_stream(stream: str) -> str:
 def _connect(settings: Settings) -> psycopg.Connection:
     from stripe_platform.oltp import db
 
-    conn = db.connect(settings, with_key=False, autocommit=True)
-    (present,) = conn.execute("SELECT to_regclass('audit.trail_record') IS NOT NULL").fetchone()
-    if not present:
-        database = conn.info.dbname
-        conn.close()
-        raise TrailError(
-            f"database {database} has no audit trail (migration 0020): run `stripe-platform db "
-            "migrate` first"
-        )
-    return conn
+    return db.connect_to_table(
+        settings,
+        "audit.trail_record",
+        what="audit trail",
+        migration=20,
+        error=TrailError,
+        rows=False,
+    )
 
 
 # -- signing ---------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
@@ -99,17 +98,9 @@ _COLUMNS = """id, incident_id, declared_at, declared_by, deadline, state, affect
 def _connect(settings: Settings) -> psycopg.Connection:
     from stripe_platform.oltp import db
 
-    conn = db.connect(settings, with_key=False, autocommit=True)
-    conn.row_factory = dict_row
-    present = conn.execute("SELECT to_regclass('privacy.breach') IS NOT NULL AS p").fetchone()
-    if not present["p"]:
-        database = conn.info.dbname
-        conn.close()
-        raise BreachError(
-            f"database {database} has no breach table (migration 0026): run `stripe-platform db "
-            "migrate` first"
-        )
-    return conn
+    return db.connect_to_table(
+        settings, "privacy.breach", what="breach table", migration=26, error=BreachError
+    )
 
 
 def _now(now: dt.datetime | None) -> dt.datetime:

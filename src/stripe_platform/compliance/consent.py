@@ -32,7 +32,6 @@ from typing import Any, Literal, get_args
 import psycopg
 import yaml
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
@@ -101,17 +100,9 @@ OPTED_OUT = f"SELECT customer_id FROM {CURRENT} k WHERE purpose = 'sale' AND NOT
 def _connect(settings: Settings) -> psycopg.Connection:
     from stripe_platform.oltp import db
 
-    conn = db.connect(settings, with_key=False, autocommit=True)
-    conn.row_factory = dict_row
-    present = conn.execute("SELECT to_regclass('public.consent') IS NOT NULL AS p").fetchone()
-    if not present["p"]:
-        database = conn.info.dbname
-        conn.close()
-        raise ConsentError(
-            f"database {database} has no consent registry (migration 0025): run `stripe-platform "
-            "db migrate` first"
-        )
-    return conn
+    return db.connect_to_table(
+        settings, "public.consent", what="consent registry", migration=25, error=ConsentError
+    )
 
 
 def _check(value: str, allowed: Iterable[str], what: str) -> str:

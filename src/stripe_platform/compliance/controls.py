@@ -19,7 +19,6 @@ from typing import Any
 
 import psycopg
 import yaml
-from psycopg.rows import dict_row
 
 from stripe_platform.config import Settings
 from stripe_platform.errors import PlatformError
@@ -90,19 +89,13 @@ class ControlResult:
 def _connect(settings: Settings) -> psycopg.Connection:
     from stripe_platform.oltp import db
 
-    conn = db.connect(settings, with_key=False, autocommit=True)
-    conn.row_factory = dict_row
-    present = conn.execute(
-        "SELECT to_regclass('privacy.control_result') IS NOT NULL AS p"
-    ).fetchone()
-    if not present["p"]:
-        database = conn.info.dbname
-        conn.close()
-        raise ControlError(
-            f"database {database} has no control results table (migration 0026): run "
-            "`stripe-platform db migrate` first"
-        )
-    return conn
+    return db.connect_to_table(
+        settings,
+        "privacy.control_result",
+        what="control results table",
+        migration=26,
+        error=ControlError,
+    )
 
 
 def _result(row: dict[str, Any]) -> ControlResult:

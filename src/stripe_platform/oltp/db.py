@@ -192,6 +192,34 @@ def connect(
 COPY_CHUNK_ROWS = 65_536  # rows per CSV chunk handed to COPY: bounds the memory of one write
 
 
+def connect_to_table(
+    settings: Settings,
+    table: str,
+    *,
+    what: str,
+    migration: int,
+    error: type[Exception],
+    rows: bool = True,
+) -> psycopg.Connection:
+    """A keyless autocommit connection to a database that has ``table`` (dict rows unless
+    ``rows=False``), or ``error`` saying which migration makes it: one check for every part of
+    the platform that keeps its state in its own table."""
+    from psycopg.rows import dict_row
+
+    conn = connect(settings, with_key=False, autocommit=True)
+    (present,) = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
+    if not present:
+        database = conn.info.dbname
+        conn.close()
+        raise error(
+            f"database {database} has no {what} (migration {migration:04d}): run "
+            "`stripe-platform db migrate` first"
+        )
+    if rows:
+        conn.row_factory = dict_row
+    return conn
+
+
 def _copy_ready(table: pa.Table) -> pa.Table:
     """Columns as PostgreSQL's CSV input reads them, whatever the session's time zone."""
     for i, column in enumerate(table.columns):
